@@ -1,0 +1,263 @@
+#include "aggregate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "binarize.h"
+#include "common.h"
+
+namespace d2r {
+namespace {
+
+constexpr double kWordThreshold = 1e-6;  // a word is kept when ||v[k]|| > 1e-6
+constexpr double kNormFloor = 1e-12;     // l2n(v) = v / sqrt(max(||v||^2, 1e-12))
+
+// Residual sums per word of one region: words ascending, sums (n_words_in_region x dim, double).
+struct WordSums {
+  std::vector<int32_t> words;
+  std::vector<double> sums;
+  std::vector<uint64_t> keys;  // scratch
+  size_t size() const { return words.size(); }
+  const double* row(size_t i, int dim) const { return sums.data() + i * dim; }
+};
+
+void residual_sums(const AggInput& in, const RegionLayout& lay, int64_t region, WordSums& ws) {
+  const int64_t b = lay.region_members[region], e = lay.region_members[region + 1];
+  const int dim = in.dim, m = in.m;
+  ws.keys.clear();
+  ws.words.clear();
+  ws.sums.clear();
+  for (int64_t j = b; j < e; ++j) {
+    const int64_t d = lay.members ? lay.members[j] : j;
+    for (int a = 0; a < m; ++a) {
+      const uint64_t w = static_cast<uint32_t>(in.assign[d * m + a]);
+      ws.keys.push_back((w << 32) | static_cast<uint64_t>(j - b));
+    }
+  }
+  std::sort(ws.keys.begin(), ws.keys.end());
+  for (size_t i = 0; i < ws.keys.size();) {
+    const int32_t w = static_cast<int32_t>(ws.keys[i] >> 32);
+    const float* c = in.centroids + static_cast<int64_t>(w) * dim;
+    ws.words.push_back(w);
+    ws.sums.resize(ws.words.size() * dim, 0.0);
+    double* v = ws.sums.data() + (ws.words.size() - 1) * dim;
+    for (; i < ws.keys.size() && static_cast<int32_t>(ws.keys[i] >> 32) == w; ++i) {
+      const int64_t j = b + static_cast<int64_t>(ws.keys[i] & 0xffffffffu);
+      const float* xr = in.x + (lay.members ? lay.members[j] : j) * dim;
+      for (int t = 0; t < dim; ++t) v[t] += static_cast<double>(xr[t]) - static_cast<double>(c[t]);
+    }
+  }
+}
+
+double squared_norm(const double* v, int dim) {
+  double s = 0.0;
+  for (int t = 0; t < dim; ++t) s += v[t] * v[t];
+  return s;
+}
+
+double total_squared_norm(const WordSums& ws, int dim) {
+  double s = 0.0;
+  for (size_t i = 0; i < ws.size(); ++i) s += squared_norm(ws.row(i, dim), dim);
+  return s;
+}
+
+// One image's words and float codes before packing.
+struct ImageCodes {
+  std::vector<int32_t> words;
+  std::vector<float> codes;
+  void emit_unit(int32_t w, const double* v, int dim, double ss) {
+    const double norm = std::sqrt(std::max(ss, kNormFloor));
+    words.push_back(w);
+    for (int t = 0; t < dim; ++t) codes.push_back(static_cast<float>(v[t] / norm));
+  }
+};
+
+// Sum of weighted per-region vectors, per word, regions in ascending order.
+struct WordAccumulator {
+  std::vector<std::pair<int32_t, int64_t>> entries;  // (word, row in rows)
+  std::vector<double> rows;
+  void add(int32_t w, const double* v, double scale, int dim) {
+    entries.emplace_back(w, static_cast<int64_t>(entries.size()));
+    for (int t = 0; t < dim; ++t) rows.push_back(v[t] * scale);
+  }
+  // Calls f(word, summed vector) for each word ascending.
+  template <class F>
+  void reduce(int dim, std::vector<double>& acc, F f) {
+    std::stable_sort(entries.begin(), entries.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    acc.assign(dim, 0.0);
+    for (size_t i = 0; i < entries.size();) {
+      const int32_t w = entries[i].first;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (; i < entries.size() && entries[i].first == w; ++i) {
+        const double* r = rows.data() + entries[i].second * dim;
+        for (int t = 0; t < dim; ++t) acc[t] += r[t];
+      }
+      f(w, acc.data());
+    }
+  }
+};
+
+void aggregate_image(const AggInput& in, const RegionLayout& lay, int64_t img, AggKind kind,
+                     WordSums& ws, ImageCodes& out) {
+  const int dim = in.dim;
+  const int64_t r0 = lay.image_regions[img], r1 = lay.image_regions[img + 1];
+  const int64_t n_regions = r1 - r0;
+  out.words.clear();
+  out.codes.clear();
+  if (n_regions == 0) return;
+  if (kind == AggKind::kAsmk && n_regions == 1) {
+    // ASMK: per-word l2n of the residual sum.
+    residual_sums(in, lay, r0, ws);
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const double ss = squared_norm(ws.row(i, dim), dim);
+      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(ws.words[i], ws.row(i, dim), dim, ss);
+    }
+    return;
+  }
+  WordAccumulator accum;
+  std::vector<double> acc;
+  for (int64_t r = r0; r < r1; ++r) {
+    residual_sums(in, lay, r, ws);
+    if (kind == AggKind::kAsmk) {
+      // R-ASMK: the region's whole VLAD is l2-normalised, then divided by R.
+      const double scale = 1.0 / std::sqrt(std::max(total_squared_norm(ws, dim), kNormFloor)) /
+                           static_cast<double>(n_regions);
+      for (size_t i = 0; i < ws.size(); ++i) accum.add(ws.words[i], ws.row(i, dim), scale, dim);
+    } else {
+      // Naive-R-ASMK: the region's ASMK codes weighted by gamma_r = |W_r|^-1/2.
+      std::vector<size_t> kept;
+      std::vector<double> norms;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        const double ss = squared_norm(ws.row(i, dim), dim);
+        if (std::sqrt(ss) > kWordThreshold) {
+          kept.push_back(i);
+          norms.push_back(std::sqrt(std::max(ss, kNormFloor)));
+        }
+      }
+      if (kept.empty()) continue;
+      const double gamma = 1.0 / std::sqrt(static_cast<double>(kept.size()));
+      for (size_t j = 0; j < kept.size(); ++j) {
+        // gamma_r * l2n(v_r[k]), with the code rounded to float as a stored ASMK code would be.
+        const double* v = ws.row(kept[j], dim);
+        std::vector<double> unit(dim);
+        for (int t = 0; t < dim; ++t) unit[t] = static_cast<double>(static_cast<float>(v[t] / norms[j]));
+        accum.add(ws.words[kept[j]], unit.data(), gamma, dim);
+      }
+    }
+  }
+  if (kind == AggKind::kAsmk) {
+    accum.reduce(dim, acc, [&](int32_t w, const double* u) {
+      const double ss = squared_norm(u, dim);
+      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(w, u, dim, ss);
+    });
+  } else {
+    accum.reduce(dim, acc, [&](int32_t w, const double* u) {
+      out.words.push_back(w);
+      for (int t = 0; t < dim; ++t) out.codes.push_back(static_cast<float>(u[t]));
+    });
+  }
+}
+
+void check_layout(const AggInput& in, const RegionLayout& lay) {
+  D2R_CHECK(in.dim > 0, "descriptor dimension must be positive");
+  D2R_CHECK(in.m >= 1, "multiple assignment m must be >= 1");
+  D2R_CHECK(lay.n_images >= 0, "negative number of images");
+  D2R_CHECK(lay.image_regions[0] == 0, "image region offsets must start at 0");
+  for (int64_t i = 0; i < lay.n_images; ++i)
+    D2R_CHECK(lay.image_regions[i + 1] >= lay.image_regions[i], "image region offsets must be non-decreasing");
+  const int64_t n_regions = lay.image_regions[lay.n_images];
+  D2R_CHECK(lay.region_members[0] == 0, "region offsets must start at 0");
+  for (int64_t r = 0; r < n_regions; ++r) {
+    D2R_CHECK(lay.region_members[r + 1] >= lay.region_members[r], "region offsets must be non-decreasing");
+    D2R_CHECK(lay.region_members[r + 1] - lay.region_members[r] <= 0xffffffffLL, "region too large");
+  }
+  const int64_t n_members = lay.region_members[n_regions];
+  if (lay.members) {
+    for (int64_t j = 0; j < n_members; ++j)
+      D2R_CHECK(lay.members[j] >= 0 && lay.members[j] < in.n_desc, "region member index out of range");
+  } else {
+    D2R_CHECK(n_members <= in.n_desc, "region offsets exceed the number of descriptors");
+  }
+  check_assignments(in);
+}
+
+}  // namespace
+
+void check_assignments(const AggInput& in) {
+  for (int64_t i = 0; i < in.n_desc * in.m; ++i)
+    D2R_CHECK(in.assign[i] >= 0 && in.assign[i] < in.n_words, "word assignment out of range [0, n_words)");
+}
+
+void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool binary, Aggregated* out) {
+  check_layout(in, lay);
+  D2R_CHECK(!(binary && kind == AggKind::kNaiveRegional), "Naive-R-ASMK has float codes only");
+  const int dim = in.dim;
+  const int n_bytes = packed_bytes(dim);
+  const int64_t n_img = lay.n_images;
+  std::vector<ImageCodes> per_image(n_img);
+#pragma omp parallel
+  {
+    WordSums ws;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < n_img; ++i) aggregate_image(in, lay, i, kind, ws, per_image[i]);
+  }
+  out->word_offsets.assign(n_img + 1, 0);
+  for (int64_t i = 0; i < n_img; ++i)
+    out->word_offsets[i + 1] = out->word_offsets[i] + static_cast<int64_t>(per_image[i].words.size());
+  const int64_t total = out->word_offsets[n_img];
+  out->words.resize(total);
+  out->codes.clear();
+  out->bits.clear();
+  if (binary) out->bits.resize(total * n_bytes);
+  else out->codes.resize(total * dim);
+#pragma omp parallel for schedule(dynamic, 64)
+  for (int64_t i = 0; i < n_img; ++i) {
+    const ImageCodes& ic = per_image[i];
+    const int64_t o = out->word_offsets[i];
+    std::copy(ic.words.begin(), ic.words.end(), out->words.begin() + o);
+    for (size_t k = 0; k < ic.words.size(); ++k) {
+      const float* code = ic.codes.data() + k * dim;
+      if (binary) pack_signs(code, dim, out->bits.data() + (o + k) * n_bytes);
+      else std::copy(code, code + dim, out->codes.begin() + (o + k) * dim);
+    }
+  }
+}
+
+void vlad(const AggInput& in, const RegionLayout& lay, bool l2, float* out) {
+  check_layout(in, lay);
+  const int dim = in.dim;
+  const int64_t len = in.n_words * dim;
+#pragma omp parallel
+  {
+    WordSums ws;
+    std::vector<double> dense;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t i = 0; i < lay.n_images; ++i) {
+      dense.assign(len, 0.0);
+      const int64_t r0 = lay.image_regions[i], r1 = lay.image_regions[i + 1];
+      const int64_t n_regions = r1 - r0;
+      for (int64_t r = r0; r < r1; ++r) {
+        residual_sums(in, lay, r, ws);
+        const double scale =
+            n_regions > 1 ? 1.0 / std::sqrt(std::max(total_squared_norm(ws, dim), kNormFloor)) / n_regions : 1.0;
+        for (size_t k = 0; k < ws.size(); ++k) {
+          double* dst = dense.data() + static_cast<int64_t>(ws.words[k]) * dim;
+          const double* v = ws.row(k, dim);
+          for (int t = 0; t < dim; ++t) dst[t] += v[t] * scale;
+        }
+      }
+      double scale = 1.0;
+      if (l2) {
+        double ss = 0.0;
+        for (double v : dense) ss += v * v;
+        scale = 1.0 / std::sqrt(std::max(ss, kNormFloor));
+      }
+      float* o = out + i * len;
+      for (int64_t t = 0; t < len; ++t) o[t] = static_cast<float>(dense[t] * scale);
+    }
+  }
+}
+
+}  // namespace d2r

@@ -1,0 +1,327 @@
+// pybind11 bindings of the d2r core: this file only binds; csrc/ (and cuda/) compute.
+// Every long call releases the GIL. Errors in the core (d2r::InvalidArgument) become ValueError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "aggregate.h"
+#include "common.h"
+#include "ivf.h"
+#include "quantize.h"
+
+namespace py = pybind11;
+using namespace d2r;
+
+template <class T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+template <class T>
+carray<T> require(const py::handle& obj, const char* name) {
+  // Refuses silent dtype conversions: the Python layer converts explicitly.
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
+                         std::string(py::str(py::dtype::of<T>())));
+  return carray<T>::ensure(a);
+}
+
+void check_2d(const py::array& a, const char* name) {
+  if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D");
+}
+
+struct AggArrays {
+  carray<float> x, centroids;
+  carray<int32_t> assign;
+  carray<int64_t> image_regions, region_members;
+  py::object members_obj;
+  carray<int64_t> members;
+  AggInput in;
+  RegionLayout lay;
+};
+
+void fill_agg(AggArrays& a, const py::handle& x, const py::handle& assign, const py::handle& centroids,
+              const py::handle& image_regions, const py::handle& region_members, const py::handle& members) {
+  a.x = require<float>(x, "descriptors");
+  a.assign = require<int32_t>(assign, "assignments");
+  a.centroids = require<float>(centroids, "centroids");
+  a.image_regions = require<int64_t>(image_regions, "image_regions");
+  a.region_members = require<int64_t>(region_members, "region_members");
+  check_2d(a.x, "descriptors");
+  check_2d(a.assign, "assignments");
+  check_2d(a.centroids, "centroids");
+  if (a.x.shape(1) != a.centroids.shape(1)) throw py::value_error("descriptor and codebook dimensions differ");
+  if (a.assign.shape(0) != a.x.shape(0)) throw py::value_error("one row of assignments per descriptor is required");
+  if (a.image_regions.ndim() != 1 || a.image_regions.size() < 1) throw py::value_error("image_regions must be 1-D, non-empty");
+  if (a.region_members.ndim() != 1 || a.region_members.size() < 1) throw py::value_error("region_members must be 1-D, non-empty");
+  const int64_t n_regions = a.region_members.size() - 1;
+  if (a.image_regions.at(a.image_regions.size() - 1) != n_regions)
+    throw py::value_error("image_regions must end at the number of regions");
+  a.in.x = a.x.data();
+  a.in.n_desc = a.x.shape(0);
+  a.in.dim = static_cast<int>(a.x.shape(1));
+  a.in.assign = a.assign.data();
+  a.in.m = static_cast<int>(a.assign.shape(1));
+  a.in.centroids = a.centroids.data();
+  a.in.n_words = a.centroids.shape(0);
+  a.lay.image_regions = a.image_regions.data();
+  a.lay.n_images = a.image_regions.size() - 1;
+  a.lay.region_members = a.region_members.data();
+  a.lay.members = nullptr;
+  if (!members.is_none()) {
+    a.members = require<int64_t>(members, "members");
+    if (a.members.ndim() != 1 || a.members.size() != a.region_members.at(n_regions))
+      throw py::value_error("members must be 1-D with region_members[-1] entries");
+    a.lay.members = a.members.data();
+  }
+}
+
+struct CodesArrays {
+  carray<int64_t> offsets;
+  carray<int32_t> words;
+  carray<uint8_t> codes;
+  CodesView view;
+};
+
+void fill_codes(CodesArrays& c, const InvertedFile& ivf, const py::handle& offsets, const py::handle& words,
+                const py::handle& codes) {
+  c.offsets = require<int64_t>(offsets, "word_offsets");
+  c.words = require<int32_t>(words, "words");
+  c.codes = require<uint8_t>(codes, "codes");
+  if (c.offsets.ndim() != 1 || c.offsets.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
+  if (c.words.ndim() != 1) throw py::value_error("words must be 1-D");
+  const int64_t n = c.offsets.size() - 1;
+  const int64_t total = c.offsets.at(n);
+  if (total != c.words.size()) throw py::value_error("word_offsets[-1] must equal the number of words");
+  if (c.codes.size() != total * ivf.code_bytes())
+    throw py::value_error("codes must hold " + std::to_string(ivf.code_bytes()) + " bytes per word");
+  c.view.n = n;
+  c.view.offsets = c.offsets.data();
+  c.view.words = c.words.data();
+  c.view.codes = c.codes.data();
+}
+
+py::tuple aggregated_to_python(Aggregated& out, bool binary, int dim) {
+  const int64_t n = static_cast<int64_t>(out.words.size());
+  auto offs = py::array_t<int64_t>(out.word_offsets.size(), out.word_offsets.data());
+  auto words = py::array_t<int32_t>(n, out.words.data());
+  if (binary) {
+    const int nb = packed_bytes(dim);
+    auto bits = py::array_t<uint8_t>({n, static_cast<int64_t>(nb)}, out.bits.data());
+    return py::make_tuple(offs, words, bits);
+  }
+  auto codes = py::array_t<float>({n, static_cast<int64_t>(dim)}, out.codes.data());
+  return py::make_tuple(offs, words, codes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "d2r native core (csrc/ CPU kernels, cuda/ GPU kernels)";
+
+  m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &d2r::num_threads);
+  m.def("build_info", []() {
+    py::dict d;
+    d["compiler"] = D2R_COMPILER;
+    d["flags"] = D2R_FLAGS;
+#ifdef _OPENMP
+    d["openmp"] = _OPENMP;
+#else
+    d["openmp"] = py::none();
+#endif
+    d["max_threads"] = d2r::num_threads();
+#ifdef D2R_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+#if defined(__AVX512F__)
+    d["simd"] = "avx512";
+#elif defined(__AVX2__)
+    d["simd"] = "avx2";
+#else
+    d["simd"] = "generic";
+#endif
+    return d;
+  });
+
+  py::class_<Quantizer>(m, "Quantizer")
+      .def(py::init([](const py::handle& c) {
+             auto a = require<float>(c, "centroids");
+             check_2d(a, "centroids");
+             return std::make_unique<Quantizer>(a.data(), a.shape(0), static_cast<int>(a.shape(1)));
+           }),
+           py::arg("centroids"))
+      .def_property_readonly("n_words", &Quantizer::n_words)
+      .def_property_readonly("dim", &Quantizer::dim)
+      .def(
+          "search",
+          [](const Quantizer& q, const py::handle& xo, int m) {
+            auto x = require<float>(xo, "descriptors");
+            check_2d(x, "descriptors");
+            if (x.shape(1) != q.dim()) throw py::value_error("descriptor dimension differs from the codebook's");
+            if (m < 1 || m > q.n_words()) throw py::value_error("m must be in [1, n_words]");
+            const int64_t n = x.shape(0);
+            py::array_t<int32_t> ids({n, static_cast<int64_t>(m)});
+            py::array_t<float> dists({n, static_cast<int64_t>(m)});
+            {
+              py::gil_scoped_release release;
+              q.search(x.data(), n, m, ids.mutable_data(), dists.mutable_data());
+            }
+            return py::make_tuple(ids, dists);
+          },
+          py::arg("descriptors"), py::arg("m") = 1);
+
+  m.def(
+      "aggregate",
+      [](const py::handle& x, const py::handle& assign, const py::handle& centroids, const py::handle& image_regions,
+         const py::handle& region_members, const py::handle& members, int kind, bool binary) {
+        AggArrays a;
+        fill_agg(a, x, assign, centroids, image_regions, region_members, members);
+        if (kind != 0 && kind != 1) throw py::value_error("unknown aggregation kind");
+        Aggregated out;
+        {
+          py::gil_scoped_release release;
+          aggregate(a.in, a.lay, static_cast<AggKind>(kind), binary, &out);
+        }
+        return aggregated_to_python(out, binary, a.in.dim);
+      },
+      py::arg("descriptors"), py::arg("assignments"), py::arg("centroids"), py::arg("image_regions"),
+      py::arg("region_members"), py::arg("members") = py::none(), py::arg("kind") = 0, py::arg("binary") = false);
+
+  m.def(
+      "vlad",
+      [](const py::handle& x, const py::handle& assign, const py::handle& centroids, const py::handle& image_regions,
+         const py::handle& region_members, const py::handle& members, bool l2) {
+        AggArrays a;
+        fill_agg(a, x, assign, centroids, image_regions, region_members, members);
+        py::array_t<float> out({a.lay.n_images, a.in.n_words * a.in.dim});
+        {
+          py::gil_scoped_release release;
+          vlad(a.in, a.lay, l2, out.mutable_data());
+        }
+        return out;
+      },
+      py::arg("descriptors"), py::arg("assignments"), py::arg("centroids"), py::arg("image_regions"),
+      py::arg("region_members"), py::arg("members") = py::none(), py::arg("l2") = false);
+
+  py::class_<InvertedFile>(m, "InvertedFile")
+      .def(py::init<int64_t, int, bool>(), py::arg("n_words"), py::arg("dim"), py::arg("binary"))
+      .def_property_readonly("n_words", &InvertedFile::n_words)
+      .def_property_readonly("dim", &InvertedFile::dim)
+      .def_property_readonly("binary", &InvertedFile::binary)
+      .def_property_readonly("code_bytes", &InvertedFile::code_bytes)
+      .def_property_readonly("n_images", &InvertedFile::n_images)
+      .def_property_readonly("n_entries", &InvertedFile::n_entries)
+      .def_property_readonly("memory_bytes", &InvertedFile::memory_bytes)
+      .def("contains", &InvertedFile::contains)
+      .def(
+          "add",
+          [](InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
+             const py::handle& ids_obj) {
+            CodesArrays c;
+            fill_codes(c, ivf, offsets, words, codes);
+            auto ids = require<int64_t>(ids_obj, "image_ids");
+            if (ids.ndim() != 1 || ids.size() != c.view.n) throw py::value_error("one image id per image is required");
+            py::gil_scoped_release release;
+            ivf.add(c.view, ids.data());
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("image_ids"))
+      .def(
+          "remove",
+          [](InvertedFile& ivf, const py::handle& ids_obj) {
+            auto ids = require<int64_t>(ids_obj, "image_ids");
+            py::gil_scoped_release release;
+            return ivf.remove(ids.size(), ids.data());
+          },
+          py::arg("image_ids"))
+      .def(
+          "search",
+          [](const InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
+             int64_t k, float alpha, float tau, bool normalize) {
+            CodesArrays c;
+            fill_codes(c, ivf, offsets, words, codes);
+            const int64_t kk = ivf.result_k(k);
+            py::array_t<float> scores({c.view.n, kk});
+            py::array_t<int64_t> ids({c.view.n, kk});
+            ScoreParams p{alpha, tau, normalize};
+            {
+              py::gil_scoped_release release;
+              ivf.search(c.view, kk, p, scores.mutable_data(), ids.mutable_data());
+            }
+            return py::make_tuple(scores, ids);
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("k"), py::arg("alpha") = 3.0f,
+          py::arg("tau") = 0.0f, py::arg("normalize") = true)
+      .def(
+          "score_all",
+          [](const InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
+             float alpha, float tau, bool normalize) {
+            CodesArrays c;
+            fill_codes(c, ivf, offsets, words, codes);
+            py::array_t<float> scores({c.view.n, ivf.n_images()});
+            ScoreParams p{alpha, tau, normalize};
+            {
+              py::gil_scoped_release release;
+              ivf.score_all(c.view, p, scores.mutable_data());
+            }
+            return scores;
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("alpha") = 3.0f,
+          py::arg("tau") = 0.0f, py::arg("normalize") = true)
+      .def("merge",
+           [](InvertedFile& ivf) {
+             py::gil_scoped_release release;
+             ivf.merge();
+           })
+      .def(
+          "export",
+          [](py::object self) {
+            // Views (no copies) of the merged content; `self` stays alive as their base.
+            InvertedFile& ivf = self.cast<InvertedFile&>();
+            {
+              py::gil_scoped_release release;
+              ivf.merge();
+            }
+            const int64_t n = ivf.n_images();
+            const int64_t e = ivf.main_offsets()[ivf.n_words()];
+            py::dict d;
+            d["offsets"] = py::array_t<int64_t>({ivf.n_words() + 1}, {sizeof(int64_t)}, ivf.main_offsets(), self);
+            d["slots"] = py::array_t<uint32_t>({e}, {sizeof(uint32_t)}, ivf.main_slots(), self);
+            d["codes"] = py::array_t<uint8_t>({e, static_cast<int64_t>(ivf.code_bytes())},
+                                              {static_cast<int64_t>(ivf.code_bytes()), int64_t{1}}, ivf.main_codes(), self);
+            d["image_ids"] = py::array_t<int64_t>({n}, {sizeof(int64_t)}, ivf.slot_ids(), self);
+            d["word_counts"] = py::array_t<int32_t>({n}, {sizeof(int32_t)}, ivf.slot_word_counts(), self);
+            return d;
+          })
+      .def(
+          "set_content",
+          [](InvertedFile& ivf, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
+             const py::handle& ids_o, const py::handle& counts_o) {
+            auto off = require<int64_t>(off_o, "offsets");
+            auto slots = require<uint32_t>(slots_o, "slots");
+            auto codes = require<uint8_t>(codes_o, "codes");
+            auto ids = require<int64_t>(ids_o, "image_ids");
+            auto counts = require<int32_t>(counts_o, "word_counts");
+            if (off.ndim() != 1 || off.size() != ivf.n_words() + 1) throw py::value_error("corrupt index: offsets size");
+            const int64_t e = off.at(ivf.n_words());
+            if (e < 0 || slots.size() != e || codes.size() != e * ivf.code_bytes())
+              throw py::value_error("corrupt index: posting arrays size");
+            if (ids.size() != counts.size()) throw py::value_error("corrupt index: image arrays size");
+            auto* holder = new py::object(py::make_tuple(off, slots, codes));
+            std::shared_ptr<const void> owner(holder, [](const void* p) {
+              py::gil_scoped_acquire gil;
+              delete static_cast<const py::object*>(p);
+            });
+            py::gil_scoped_release release;
+            ivf.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data(),
+                            std::move(owner));
+          },
+          py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"));
+}

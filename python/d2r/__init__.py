@@ -1,0 +1,38 @@
+"""d2r: Detect-to-Retrieve image retrieval (ASMK, ASMK*, R-ASMK, R-ASMK*) with a native C++ core.
+
+Quick start::
+
+    import d2r
+    cb = d2r.Codebook.train(sample_descriptors, n_words=1024, seed=0)
+    index = d2r.Index(cb, kernel="asmk*")
+    index.add([desc_img0, desc_img1, ...])
+    scores, ids = index.search(query_descriptors, k=10)
+"""
+from ._version import __version__
+from . import _native
+from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
+from .codebook import Codebook
+from .index import Index, RegionalSearchIndex
+from .index_io import IndexFileError
+
+__all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "Index", "IndexFileError", "KERNELS",
+           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "get_num_threads", "set_num_threads",
+           "vlad"]
+
+
+def build_info() -> dict:
+    """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
+    info = dict(_native.build_info())
+    info["version"] = __version__
+    return info
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the native core (results do not depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of threads must be a positive integer, got {n!r}")
+    _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return int(_native.get_num_threads())

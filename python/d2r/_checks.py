@@ -1,0 +1,74 @@
+"""Input validation shared by the Python API: every public entry point turns bad input into a clear
+TypeError / ValueError before it reaches the native core."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_descriptors(x, dim: int | None = None, name: str = "descriptors") -> np.ndarray:
+    """Return x as a C-contiguous float32 (n, dim) array. float64 is converted; other dtypes raise
+    TypeError; wrong rank or dimension, NaN and Inf raise ValueError. Zero rows are allowed."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__cuda_array_interface__"):
+            raise TypeError(f"{name} is a GPU array; the CPU path takes host arrays (numpy)")
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # pragma: no cover - exotic objects
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}") from exc
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)
+    elif x.dtype != np.float32:
+        raise TypeError(f"{name} must be float32 (or float64), got dtype {x.dtype}")
+    if x.ndim == 1 and x.size == 0 and dim is not None:
+        x = x.reshape(0, dim)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, dim), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {x.shape[1]}, expected {dim}")
+    if x.size and not np.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or Inf")
+    return np.ascontiguousarray(x)
+
+
+def as_ids(ids, n: int | None = None, name: str = "image_ids") -> np.ndarray:
+    """int64 1-D ids, non-negative and unique."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.size == 0:
+        arr = arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name}: {arr.shape[0]} ids given for {n} images")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{name} contain duplicates")
+    return arr
+
+
+def as_offsets(offsets, n_rows: int, name: str = "offsets") -> np.ndarray:
+    """CSR offsets: int64, 1-D, starting at 0, non-decreasing, ending at n_rows."""
+    arr = np.asarray(offsets)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.ndim != 1 or arr.size < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D array")
+    if arr[0] != 0 or arr[-1] != n_rows:
+        raise ValueError(f"{name} must start at 0 and end at {n_rows}, got {arr[0]} .. {arr[-1]}")
+    if np.any(np.diff(arr) < 0):
+        raise ValueError(f"{name} must be non-decreasing")
+    return arr
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

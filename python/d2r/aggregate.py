@@ -1,0 +1,269 @@
+"""Aggregation of local descriptors into (visual word, code) sets: ASMK, ASMK*, R-ASMK, R-ASMK*,
+Naive-R-ASMK, and dense VLAD / R-VLAD (METHOD.md section 3). The arithmetic runs in the native core."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _native
+from ._checks import as_descriptors, as_offsets, check_positive_int
+from .codebook import Codebook
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    binary: bool      # codes are packed sign bits (Hamming similarity)
+    regional: bool    # database images are aggregated from several regions
+    native_kind: int  # 0: ASMK / R-ASMK, 1: Naive-R-ASMK
+    query_kernel: str  # how queries (one region) are aggregated
+
+
+KERNELS = {
+    "asmk": KernelSpec("asmk", False, False, 0, "asmk"),
+    "asmk*": KernelSpec("asmk*", True, False, 0, "asmk*"),
+    "rasmk": KernelSpec("rasmk", False, True, 0, "asmk"),
+    "rasmk*": KernelSpec("rasmk*", True, True, 0, "asmk*"),
+    "naive-rasmk": KernelSpec("naive-rasmk", False, True, 1, "asmk"),
+}
+
+
+def kernel_spec(kernel: str) -> KernelSpec:
+    if not isinstance(kernel, str) or kernel.lower() not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}")
+    return KERNELS[kernel.lower()]
+
+
+class Aggregated:
+    """One image's aggregated representation: ascending word ids (int32) and their codes, float32
+    (n, D) unit vectors for ASMK-type kernels, or packed sign bits uint8 (n, ceil(D/8)) for the
+    binary (*) kernels."""
+
+    __slots__ = ("words", "codes")
+
+    def __init__(self, words, codes):
+        words = np.ascontiguousarray(words, dtype=np.int32)
+        codes = np.ascontiguousarray(codes)
+        if words.ndim != 1 or codes.ndim != 2 or codes.shape[0] != words.shape[0]:
+            raise ValueError("Aggregated needs 1-D words and 2-D codes with one row per word")
+        if codes.dtype not in (np.float32, np.uint8):
+            raise TypeError(f"codes must be float32 or uint8 (packed bits), got {codes.dtype}")
+        if words.size and np.any(np.diff(words) <= 0):
+            raise ValueError("words must be strictly ascending")
+        if codes.dtype == np.float32 and codes.size and not np.isfinite(codes).all():
+            raise ValueError("codes contain NaN or Inf")
+        self.words = words
+        self.codes = codes
+
+    @property
+    def binary(self) -> bool:
+        return self.codes.dtype == np.uint8
+
+    def __len__(self) -> int:
+        return int(self.words.shape[0])
+
+    def __repr__(self) -> str:
+        kind = "binary" if self.binary else "float"
+        return f"Aggregated({len(self)} words, {kind} codes {self.codes.shape[1:]})"
+
+
+class AggregatedBatch:
+    """Many aggregated images in CSR form: image i owns rows offsets[i]:offsets[i+1]."""
+
+    __slots__ = ("offsets", "words", "codes")
+
+    def __init__(self, offsets, words, codes):
+        self.offsets = offsets
+        self.words = words
+        self.codes = codes
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    def __getitem__(self, i: int) -> Aggregated:
+        b, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return Aggregated(self.words[b:e], self.codes[b:e])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @classmethod
+    def from_list(cls, items) -> "AggregatedBatch":
+        items = list(items)
+        if not items:
+            raise ValueError("no aggregated images given")
+        for a in items:
+            if not isinstance(a, Aggregated):
+                raise TypeError(f"expected Aggregated, got {type(a).__name__}")
+        kinds = {(a.codes.dtype, a.codes.shape[1]) for a in items}
+        if len(kinds) != 1:
+            raise ValueError("aggregated images mix code types or dimensions")
+        offsets = np.zeros(len(items) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(a) for a in items])
+        words = np.concatenate([a.words for a in items]).astype(np.int32, copy=False)
+        codes = np.concatenate([a.codes for a in items], axis=0)
+        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Regions
+
+
+class Regions:
+    """The regions of one image as descriptors plus a CSR membership: region r holds
+    descriptors[members[offsets[r]:offsets[r+1]]] (members None: the contiguous rows
+    offsets[r]:offsets[r+1]). Region 0 is the whole image by convention; empty regions are allowed
+    and count in R."""
+
+    __slots__ = ("descriptors", "offsets", "members")
+
+    def __init__(self, descriptors, offsets, members=None, dim: int | None = None):
+        self.descriptors = as_descriptors(descriptors, dim)
+        n = self.descriptors.shape[0]
+        if members is None:
+            self.offsets = as_offsets(offsets, n, "region offsets")
+            self.members = None
+        else:
+            mem = np.asarray(members)
+            if not np.issubdtype(mem.dtype, np.integer) or mem.ndim != 1:
+                raise TypeError("region members must be a 1-D integer array")
+            mem = np.ascontiguousarray(mem, dtype=np.int64)
+            if mem.size and (mem.min() < 0 or mem.max() >= n):
+                raise ValueError(f"region member index out of range [0, {n})")
+            self.offsets = as_offsets(offsets, mem.shape[0], "region offsets")
+            self.members = mem
+        if self.n_regions < 1:
+            raise ValueError("an image needs at least one region (region 0: the whole image)")
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @classmethod
+    def from_list(cls, arrays, dim: int | None = None) -> "Regions":
+        arrays = [as_descriptors(a, dim, name=f"region {i} descriptors") for i, a in enumerate(arrays)]
+        if not arrays:
+            raise ValueError("an image needs at least one region (region 0: the whole image)")
+        dims = {a.shape[1] for a in arrays}
+        if len(dims) != 1:
+            raise ValueError(f"regions have different descriptor dimensions {sorted(dims)}")
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([a.shape[0] for a in arrays])
+        return cls(np.concatenate(arrays, axis=0), offsets)
+
+    @classmethod
+    def from_labels(cls, descriptors, region_ids, n_regions: int) -> "Regions":
+        """One region id per descriptor (each descriptor in exactly one region)."""
+        n_regions = check_positive_int(n_regions, "n_regions")
+        x = as_descriptors(descriptors)
+        rid = np.asarray(region_ids)
+        if not np.issubdtype(rid.dtype, np.integer) or rid.shape != (x.shape[0],):
+            raise ValueError("region_ids must be integers, one per descriptor")
+        if rid.size and (rid.min() < 0 or rid.max() >= n_regions):
+            raise ValueError(f"region id out of range [0, {n_regions})")
+        order = np.argsort(rid, kind="stable").astype(np.int64)
+        offsets = np.zeros(n_regions + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(np.bincount(rid, minlength=n_regions))
+        return cls(x, offsets, order)
+
+    @classmethod
+    def coerce(cls, regions, dim: int | None = None) -> "Regions":
+        """Accepts Regions, a list of arrays, (descriptors, offsets, n_regions) with contiguous regions,
+        or (descriptors, offsets, members) with a CSR membership."""
+        if isinstance(regions, Regions):
+            if dim is not None and regions.descriptors.shape[1] != dim:
+                raise ValueError(f"region descriptors have dimension {regions.descriptors.shape[1]}, expected {dim}")
+            return regions
+        if isinstance(regions, tuple) and len(regions) == 3:
+            desc, offsets, third = regions
+            if isinstance(third, (int, np.integer)) and not isinstance(third, bool):
+                r = cls(desc, offsets, None, dim)
+                if r.n_regions != int(third):
+                    raise ValueError(f"n_regions={third} but offsets describe {r.n_regions} regions")
+                return r
+            return cls(desc, offsets, third, dim)
+        if isinstance(regions, (list, tuple)):
+            return cls.from_list(regions, dim)
+        raise TypeError("regions must be a list of arrays, (descriptors, offsets, n_regions), "
+                        "(descriptors, offsets, members) or d2r.Regions")
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched native calls
+
+
+def _concat_images(images, dim):
+    """List of (n_i, D) arrays -> (descriptors, image offsets)."""
+    arrays = [as_descriptors(a, dim, name=f"image {i} descriptors") for i, a in enumerate(images)]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.shape[0] for a in arrays])
+    x = np.concatenate(arrays, axis=0) if arrays else np.zeros((0, dim), np.float32)
+    return np.ascontiguousarray(x), offsets
+
+
+def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets: np.ndarray, kernel: str,
+                     m: int = 1) -> AggregatedBatch:
+    """Plain (one region per image) aggregation of many images given concatenated descriptors."""
+    spec = kernel_spec(kernel)
+    assign, _ = codebook.quantize(descriptors, m)
+    n_img = image_offsets.shape[0] - 1
+    image_regions = np.arange(n_img + 1, dtype=np.int64)
+    offs, words, codes = _native.aggregate(descriptors, assign, codebook.centroids, image_regions,
+                                           image_offsets, None, kind=0, binary=spec.binary)
+    return AggregatedBatch(offs, words, codes)
+
+
+def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1) -> AggregatedBatch:
+    """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes)."""
+    spec = kernel_spec(kernel)
+    regs = [Regions.coerce(r, codebook.dim) for r in regions_list]
+    desc_off = np.cumsum([0] + [r.descriptors.shape[0] for r in regs]).astype(np.int64)
+    x = (np.concatenate([r.descriptors for r in regs], axis=0) if regs
+         else np.zeros((0, codebook.dim), np.float32))
+    image_regions = np.zeros(len(regs) + 1, dtype=np.int64)
+    image_regions[1:] = np.cumsum([r.n_regions for r in regs])
+    member_parts, region_sizes = [], []
+    for r, base in zip(regs, desc_off[:-1]):
+        if r.members is None:
+            member_parts.append(np.arange(r.descriptors.shape[0], dtype=np.int64) + base)
+        else:
+            member_parts.append(r.members + base)
+        region_sizes.append(np.diff(r.offsets))
+    members = np.concatenate(member_parts) if member_parts else np.zeros(0, np.int64)
+    region_members = np.zeros(int(image_regions[-1]) + 1, dtype=np.int64)
+    if region_sizes:
+        region_members[1:] = np.cumsum(np.concatenate(region_sizes))
+    assign, _ = codebook.quantize(np.ascontiguousarray(x), m)
+    kind = spec.native_kind if spec.regional else 0
+    offs, words, codes = _native.aggregate(np.ascontiguousarray(x), assign, codebook.centroids, image_regions,
+                                           region_members, np.ascontiguousarray(members), kind=kind,
+                                           binary=spec.binary)
+    return AggregatedBatch(offs, words, codes)
+
+
+def aggregate(descriptors, codebook: Codebook, kernel: str = "asmk*", m: int = 1) -> Aggregated:
+    """Aggregate one image. For the regional kernels, `descriptors` is a region list (see Regions);
+    for ASMK / ASMK* an (n, D) array."""
+    spec = kernel_spec(kernel)
+    m = check_positive_int(m, "m")
+    if spec.regional:
+        return aggregate_regions_batch(codebook, [descriptors], kernel, m)[0]
+    x = as_descriptors(descriptors, codebook.dim)
+    offsets = np.array([0, x.shape[0]], dtype=np.int64)
+    return aggregate_images(codebook, x, offsets, kernel, m)[0]
+
+
+def vlad(descriptors, codebook: Codebook, m: int = 1, l2: bool = True) -> np.ndarray:
+    """Dense VLAD (C*D floats) of one image; with a region list, R-VLAD: each region's VLAD
+    l2-normalised, summed, divided by R (or l2-normalised when l2=True)."""
+    m = check_positive_int(m, "m")
+    if isinstance(descriptors, np.ndarray):
+        regs = Regions(as_descriptors(descriptors, codebook.dim), np.array([0, len(descriptors)], np.int64))
+    else:
+        regs = Regions.coerce(descriptors, codebook.dim)
+    assign, _ = codebook.quantize(regs.descriptors, m)
+    members = regs.members if regs.members is not None else np.arange(regs.descriptors.shape[0], dtype=np.int64)
+    out = _native.vlad(regs.descriptors, assign, codebook.centroids, np.array([0, regs.n_regions], np.int64),
+                       regs.offsets, members, l2=bool(l2))
+    return out[0]

@@ -1,0 +1,100 @@
+"""Visual-word codebooks: training (faiss k-means), storage (.npy) and exact quantisation (native)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import _native
+from ._checks import as_descriptors, check_positive_int
+
+
+class Codebook:
+    """C visual words of dimension D (float32). Quantisation is exact: the m nearest words in squared
+    L2 distance, ties broken by the lower word id, computed by the native fused kernel."""
+
+    def __init__(self, centroids):
+        c = as_descriptors(centroids, name="centroids")
+        if c.shape[0] < 1:
+            raise ValueError("a codebook needs at least one word")
+        if c.shape[1] < 1:
+            raise ValueError("a codebook needs dimension >= 1")
+        c = c.copy()
+        c.setflags(write=False)
+        self._centroids = c
+        self._quantizer = _native.Quantizer(c)
+
+    @classmethod
+    def from_array(cls, centroids) -> "Codebook":
+        return cls(centroids)
+
+    @classmethod
+    def train(cls, descriptors, n_words: int, niter: int = 20, seed: int = 0, verbose: bool = False,
+              max_points_per_centroid: int = 256, device: str = "cpu") -> "Codebook":
+        """k-means (faiss, CPU) on a descriptor sample. Seedable; faiss samples at most
+        `max_points_per_centroid * n_words` points."""
+        if device != "cpu":
+            raise ValueError(f"device={device!r}: only 'cpu' k-means is available in this build")
+        x = as_descriptors(descriptors)
+        n_words = check_positive_int(n_words, "n_words")
+        if x.shape[0] < n_words:
+            raise ValueError(f"k-means needs at least n_words={n_words} descriptors, got {x.shape[0]}")
+        try:
+            import faiss
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("Codebook.train needs faiss: pip install faiss-cpu") from exc
+        km = faiss.Kmeans(x.shape[1], n_words, niter=int(niter), seed=int(seed), verbose=verbose,
+                          max_points_per_centroid=int(max_points_per_centroid))
+        km.train(x)
+        return cls(km.centroids)
+
+    @classmethod
+    def load(cls, path) -> "Codebook":
+        path = Path(path)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable .npy codebook ({exc})") from exc
+        return cls(arr)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, self._centroids)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self._centroids
+
+    @property
+    def n_words(self) -> int:
+        return self._centroids.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._centroids.shape[1]
+
+    def __len__(self) -> int:
+        return self.n_words
+
+    def __repr__(self) -> str:
+        return f"Codebook(n_words={self.n_words}, dim={self.dim})"
+
+    def quantize(self, descriptors, m: int = 1):
+        """Returns (ids int32 (n, m), squared distances float32 (n, m)), nearest first."""
+        x = as_descriptors(descriptors, self.dim)
+        m = check_positive_int(m, "m")
+        if m > self.n_words:
+            raise ValueError(f"m={m} exceeds the number of words ({self.n_words})")
+        return self._quantizer.search(x, m)

@@ -1,0 +1,423 @@
+"""RootSIFT local features (OpenCV SIFT + Hellinger mapping).
+
+RootSIFT (Arandjelovic & Zisserman, 2012): each SIFT descriptor is
+L1-normalised and then square-rooted element-wise, so that the dot product of
+two RootSIFT vectors is the Hellinger kernel of the original SIFT histograms.
+After the mapping every row has unit L2 norm (it is re-normalised explicitly to
+remove float rounding).
+
+Conventions
+-----------
+* ``locations`` are ``(y, x)`` in pixels of the *original* image (before any
+  ``max_image_size`` downscaling), OpenCV pixel-centre convention (the centre of
+  the top-left pixel is ``(0, 0)``), clipped to ``[0, H-1] x [0, W-1]``.
+* ``scales`` are the OpenCV keypoint ``size`` (diameter of the meaningful
+  neighbourhood), in original-image pixels.
+* ``scores`` are the keypoint ``response`` (DoG contrast).
+* Features are sorted by decreasing score, ties broken by ``y``, ``x``,
+  ``scale`` and orientation, so the output is deterministic and the first ``k``
+  rows are always the ``k`` strongest.
+* Keypoints whose SIFT descriptor is all-zero (cannot be normalised) are dropped.
+
+Only ``cv2`` and ``numpy`` are needed; ``PIL`` is imported lazily when a PIL
+image is passed, and ``tqdm`` lazily by :func:`extract_many`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Optional, Union
+
+import numpy as np
+
+__all__ = [
+    "Features",
+    "RootSIFT",
+    "SIFTResult",
+    "ImageLoadError",
+    "ImageNotFoundError",
+    "load_image_gray",
+    "rootsift_from_sift",
+    "extract_many",
+    "MIN_IMAGE_SIDE",
+    "SIFT_DIM",
+]
+
+#: Images whose height or width is below this (after optional downscaling)
+#: yield zero features.
+MIN_IMAGE_SIDE = 10
+SIFT_DIM = 128
+
+ImageInput = Union[str, "os.PathLike[str]", np.ndarray, Any]
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read or decoded."""
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """The image file does not exist (both a ValueError and a FileNotFoundError)."""
+
+
+# --------------------------------------------------------------------------- #
+# Features container
+# --------------------------------------------------------------------------- #
+@dataclass
+class Features:
+    """Local features of one image.
+
+    Attributes
+    ----------
+    descriptors : (N, D) float32, rows of unit L2 norm.
+    locations : (N, 2) float32, ``(y, x)`` in original-image pixels.
+    scales : (N,) float32, keypoint size in original-image pixels.
+    scores : (N,) float32, keypoint response.
+    """
+
+    descriptors: np.ndarray
+    locations: np.ndarray
+    scales: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.descriptors = np.ascontiguousarray(self.descriptors, dtype=np.float32)
+        self.locations = np.ascontiguousarray(self.locations, dtype=np.float32)
+        self.scales = np.ascontiguousarray(self.scales, dtype=np.float32)
+        self.scores = np.ascontiguousarray(self.scores, dtype=np.float32)
+        if self.descriptors.ndim != 2:
+            raise ValueError(
+                f"descriptors must be 2-D (N, D), got shape {self.descriptors.shape}")
+        n = self.descriptors.shape[0]
+        if self.locations.shape != (n, 2):
+            raise ValueError(
+                f"locations must have shape ({n}, 2), got {self.locations.shape}")
+        if self.scales.shape != (n,):
+            raise ValueError(f"scales must have shape ({n},), got {self.scales.shape}")
+        if self.scores.shape != (n,):
+            raise ValueError(f"scores must have shape ({n},), got {self.scores.shape}")
+
+    def __len__(self) -> int:
+        return int(self.descriptors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.descriptors.shape[1])
+
+    @classmethod
+    def empty(cls, dim: int = SIFT_DIM) -> "Features":
+        return cls(
+            descriptors=np.zeros((0, dim), np.float32),
+            locations=np.zeros((0, 2), np.float32),
+            scales=np.zeros((0,), np.float32),
+            scores=np.zeros((0,), np.float32),
+        )
+
+    def subset(self, index) -> "Features":
+        """Rows selected by an index array / slice / boolean mask."""
+        return Features(self.descriptors[index], self.locations[index],
+                        self.scales[index], self.scores[index])
+
+
+# --------------------------------------------------------------------------- #
+# Image loading
+# --------------------------------------------------------------------------- #
+def _cv2():
+    import cv2  # noqa: WPS433 (deferred so that the module imports without cv2)
+
+    return cv2
+
+
+def _is_pil_image(obj: Any) -> bool:
+    # Avoid importing PIL unless the object plausibly is a PIL image.
+    mod = type(obj).__module__ or ""
+    if not mod.startswith("PIL"):
+        return False
+    try:
+        from PIL import Image  # noqa: WPS433
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(obj, Image.Image)
+
+
+def _array_to_gray(arr: np.ndarray, what: str = "image array") -> np.ndarray:
+    cv2 = _cv2()
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{what} must be uint8, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return np.ascontiguousarray(arr)
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGBA2GRAY)
+    raise ValueError(
+        f"{what} must be HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA), got shape {arr.shape}")
+
+
+def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
+    cv2 = _cv2()
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ImageNotFoundError(f"image file not found: {p!r}")
+    if os.path.isdir(p):
+        raise ImageLoadError(f"cannot read image {p!r}: it is a directory")
+    try:
+        buf = np.fromfile(p, dtype=np.uint8)
+    except OSError as exc:
+        raise ImageLoadError(f"cannot read image file {p!r}: {exc}") from exc
+    if buf.size == 0:
+        raise ImageLoadError(f"cannot decode image file {p!r}: file is empty")
+    # Decode to colour then convert, so that a path gives exactly the same
+    # grayscale image as the equivalent RGB array (libjpeg's direct-to-gray
+    # decoding differs by rounding).
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # pragma: no cover - depends on codec
+        raise ImageLoadError(f"cannot decode image file {p!r}: {exc}") from exc
+    if bgr is None or bgr.size == 0:
+        raise ImageLoadError(
+            f"cannot decode image file {p!r}: not a supported/valid image (corrupt?)")
+    if bgr.ndim == 2:
+        return bgr
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+
+
+def load_image_gray(image: ImageInput) -> np.ndarray:
+    """Return an HxW uint8 grayscale image from a path, PIL image or array.
+
+    Arrays are interpreted as RGB (HxWx3), RGBA (HxWx4) or grayscale (HxW).
+    Colour is converted with the ITU-R BT.601 luma weights (``cv2.COLOR_RGB2GRAY``).
+    """
+    if isinstance(image, (str, bytes)) or isinstance(image, os.PathLike):
+        if isinstance(image, bytes):
+            image = os.fsdecode(image)
+        return _read_file_gray(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_gray(image)
+    if _is_pil_image(image):
+        im = image
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        return _array_to_gray(np.asarray(im), what="PIL image")
+    raise TypeError(
+        "image must be a path (str / os.PathLike), a PIL image or a numpy uint8 "
+        f"array, got {type(image).__name__}")
+
+
+# --------------------------------------------------------------------------- #
+# RootSIFT
+# --------------------------------------------------------------------------- #
+def rootsift_from_sift(desc: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Map SIFT descriptors (N x D, non-negative) to RootSIFT (unit L2 rows).
+
+    L1-normalise, element-wise sqrt, then L2-normalise (a no-op up to rounding).
+    All-zero rows stay all-zero (callers should drop them).
+    """
+    d = np.asarray(desc, dtype=np.float32)
+    if d.ndim != 2:
+        raise ValueError(f"descriptors must be 2-D, got shape {d.shape}")
+    d = np.maximum(d, 0.0)
+    l1 = d.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    d = np.sqrt(d / np.maximum(l1, np.float32(eps)))
+    l2 = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64)).astype(np.float32)
+    d /= np.maximum(l2, np.float32(eps))[:, None]
+    return np.ascontiguousarray(d, dtype=np.float32)
+
+
+@dataclass
+class SIFTResult:
+    """Raw (pre-RootSIFT) output of :meth:`RootSIFT.extract_sift`.
+
+    ``sift`` holds OpenCV's float SIFT descriptors (integer-valued, 0..255);
+    the other fields follow :class:`Features`.
+    """
+
+    sift: np.ndarray
+    locations: np.ndarray
+    scales: np.ndarray
+    scores: np.ndarray
+
+    def to_features(self) -> Features:
+        return Features(rootsift_from_sift(self.sift), self.locations,
+                        self.scales, self.scores)
+
+
+class RootSIFT:
+    """Callable RootSIFT extractor: ``RootSIFT(...)(image) -> Features``.
+
+    Parameters
+    ----------
+    max_features : int or None
+        Keep at most this many keypoints (the strongest by response).
+        ``None`` or ``0`` means no limit.
+    max_image_size : int or None
+        If given, images whose longer side exceeds it are downscaled
+        (``cv2.INTER_AREA``) so that the longer side equals it; locations and
+        scales are mapped back to original pixels.
+    n_octave_layers, contrast_threshold, edge_threshold, sigma :
+        Passed to ``cv2.SIFT_create`` (OpenCV defaults).
+
+    The object is picklable (the OpenCV detector is created per call), so it can
+    be used with :func:`extract_many` and ``workers > 1``.
+    """
+
+    def __init__(self, max_features: Optional[int] = 1000,
+                 max_image_size: Optional[int] = None, *,
+                 n_octave_layers: int = 3, contrast_threshold: float = 0.04,
+                 edge_threshold: float = 10.0, sigma: float = 1.6) -> None:
+        if max_features is not None:
+            max_features = int(max_features)
+            if max_features < 0:
+                raise ValueError(f"max_features must be >= 0 or None, got {max_features}")
+            if max_features == 0:
+                max_features = None
+        if max_image_size is not None:
+            max_image_size = int(max_image_size)
+            if max_image_size < 1:
+                raise ValueError(f"max_image_size must be >= 1 or None, got {max_image_size}")
+        self.max_features = max_features
+        self.max_image_size = max_image_size
+        self.n_octave_layers = int(n_octave_layers)
+        self.contrast_threshold = float(contrast_threshold)
+        self.edge_threshold = float(edge_threshold)
+        self.sigma = float(sigma)
+
+    dim = SIFT_DIM
+
+    def __repr__(self) -> str:
+        return (f"RootSIFT(max_features={self.max_features}, "
+                f"max_image_size={self.max_image_size})")
+
+    def _make_sift(self):
+        cv2 = _cv2()
+        return cv2.SIFT_create(
+            nfeatures=self.max_features or 0,
+            nOctaveLayers=self.n_octave_layers,
+            contrastThreshold=self.contrast_threshold,
+            edgeThreshold=self.edge_threshold,
+            sigma=self.sigma,
+        )
+
+    def _empty_raw(self) -> SIFTResult:
+        return SIFTResult(np.zeros((0, SIFT_DIM), np.float32), np.zeros((0, 2), np.float32),
+                          np.zeros((0,), np.float32), np.zeros((0,), np.float32))
+
+    def extract_sift(self, image: ImageInput) -> SIFTResult:
+        """Detect keypoints and return raw SIFT descriptors (before RootSIFT)."""
+        cv2 = _cv2()
+        gray = load_image_gray(image)
+        H, W = gray.shape[:2]
+        if H < MIN_IMAGE_SIDE or W < MIN_IMAGE_SIDE:
+            return self._empty_raw()
+        if self.max_image_size is not None and max(H, W) > self.max_image_size:
+            s = self.max_image_size / float(max(H, W))
+            w = max(1, int(round(W * s)))
+            h = max(1, int(round(H * s)))
+            gray = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
+        h, w = gray.shape[:2]
+        if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+            return self._empty_raw()
+
+        kps, desc = self._make_sift().detectAndCompute(gray, None)
+        if desc is None or len(kps) == 0:
+            return self._empty_raw()
+        desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), -1)
+
+        n = len(kps)
+        arr = np.empty((n, 5), np.float64)
+        for i, kp in enumerate(kps):
+            arr[i, 0] = kp.pt[1]
+            arr[i, 1] = kp.pt[0]
+            arr[i, 2] = kp.size
+            arr[i, 3] = kp.response
+            arr[i, 4] = kp.angle
+        # Drop keypoints whose descriptor cannot be normalised.
+        keep = desc.sum(axis=1) > 0
+        if not keep.all():
+            desc, arr = desc[keep], arr[keep]
+        # Deterministic order: response desc, then y, x, size, angle (stable sort).
+        order = np.lexsort((arr[:, 4], arr[:, 2], arr[:, 1], arr[:, 0], -arr[:, 3]))
+        if self.max_features is not None:
+            order = order[: self.max_features]
+        desc = desc[order]
+        arr = arr[order]
+
+        # Map back to original pixels (pixel-centre convention).
+        sy = H / float(h)
+        sx = W / float(w)
+        ys = (arr[:, 0] + 0.5) * sy - 0.5
+        xs = (arr[:, 1] + 0.5) * sx - 0.5
+        ys = np.clip(ys, 0.0, H - 1.0)
+        xs = np.clip(xs, 0.0, W - 1.0)
+        loc = np.stack([ys, xs], axis=1).astype(np.float32)
+        scales = (arr[:, 2] * np.sqrt(sx * sy)).astype(np.float32)
+        scores = arr[:, 3].astype(np.float32)
+        return SIFTResult(np.ascontiguousarray(desc), loc, scales, scores)
+
+    def __call__(self, image: ImageInput) -> Features:
+        return self.extract_sift(image).to_features()
+
+
+# --------------------------------------------------------------------------- #
+# Batch extraction
+# --------------------------------------------------------------------------- #
+_WORKER_FN = None
+
+
+def _worker_init(fn, cv_threads: int) -> None:
+    global _WORKER_FN
+    _WORKER_FN = fn
+    try:
+        _cv2().setNumThreads(cv_threads)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _worker_call(item):
+    return _WORKER_FN(item)
+
+
+def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
+                 progress: bool = True, desc: str = "extract",
+                 mp_context: Optional[str] = None) -> List[Features]:
+    """Apply ``extractor`` to every image, in order, with a tqdm progress bar.
+
+    Parameters
+    ----------
+    extractor : callable ``image -> Features`` (e.g. :class:`RootSIFT`); must be
+        picklable when ``workers > 1``.
+    images : iterable of paths / arrays / PIL images.
+    workers : number of processes; ``1`` runs in this process. Each worker runs
+        OpenCV single-threaded.
+    progress : show a tqdm bar.
+    mp_context : multiprocessing start method (``"fork"``, ``"spawn"``,
+        ``"forkserver"``); default is the platform default. With ``"spawn"`` /
+        ``"forkserver"`` the extractor's module must be importable by name.
+
+    Returns the list of results in input order. Errors (e.g. an unreadable file)
+    propagate.
+    """
+    images = list(images)
+    workers = max(1, int(workers or 1))
+    try:
+        from tqdm.auto import tqdm  # noqa: WPS433
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    def bar(it):
+        if progress and tqdm is not None:
+            return tqdm(it, total=len(images), desc=desc, unit="img")
+        return it
+
+    if workers == 1 or len(images) <= 1:
+        return [extractor(im) for im in bar(images)]
+
+    import multiprocessing as mp  # noqa: WPS433
+
+    ctx = mp.get_context(mp_context)
+    workers = min(workers, len(images))
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(extractor, 1)) as pool:
+        out = list(bar(pool.imap(_worker_call, images, chunksize=1)))
+    return out

@@ -1,0 +1,485 @@
+"""The inverted-file index over aggregated images (ASMK, ASMK*, R-ASMK, R-ASMK*, Naive-R-ASMK), and
+regional search (one entry per region, pooled per image)."""
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import numpy as np
+
+from . import _native
+from ._checks import as_descriptors, as_ids, as_offsets, check_positive_int
+from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
+                        kernel_spec, _concat_images)
+from .codebook import Codebook
+from .index_io import FORMAT_VERSION, IndexFileError, read_index_file, write_index_file
+
+# Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
+_CHUNK_DESCRIPTORS = 1 << 20
+
+
+def _progress(total, enabled, desc):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+class Index:
+    """Inverted-file index of aggregated images.
+
+    kernel: "asmk*" (binary codes, Hamming similarity; the default), "asmk" (float codes, dot
+    product), "rasmk*" / "rasmk" (database images aggregated from regions, METHOD.md section 3),
+    "naive-rasmk" (the paper's strawman). Queries are always aggregated as one region (ASMK or ASMK*).
+    alpha, tau: the selectivity sigma(u) = sign(u)|u|^alpha if u > tau else 0.
+    normalize: gamma normalisation, S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|) (on by default, as the
+    paper writes the kernel; the official D2R run uses normalize=False).
+    m_db, m_query: multiple assignment (the m nearest words) for database images and queries.
+    """
+
+    def __init__(self, codebook: Codebook, kernel: str = "asmk*", alpha: float = 3.0, tau: float = 0.0,
+                 normalize: bool = True, m_db: int = 1, m_query: int = 1):
+        if not isinstance(codebook, Codebook):
+            codebook = Codebook(codebook)
+        self.codebook = codebook
+        self.spec = kernel_spec(kernel)
+        self.kernel = self.spec.name
+        for name, v in (("alpha", alpha), ("tau", tau)):
+            if not isinstance(v, numbers.Real) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        self.alpha = float(alpha)
+        self.tau = float(tau)
+        self.normalize = bool(normalize)
+        self.m_db = check_positive_int(m_db, "m_db")
+        self.m_query = check_positive_int(m_query, "m_query")
+        for m in (self.m_db, self.m_query):
+            if m > codebook.n_words:
+                raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
+        self._ivf = _native.InvertedFile(codebook.n_words, codebook.dim, self.spec.binary)
+        self._next_id = 0
+
+    # ---- properties ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._ivf.n_images
+
+    def __repr__(self) -> str:
+        return (f"Index(kernel={self.kernel!r}, images={len(self)}, n_words={self.codebook.n_words}, "
+                f"dim={self.codebook.dim}, alpha={self.alpha}, tau={self.tau}, normalize={self.normalize})")
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The indexed image ids, in insertion order."""
+        return np.array(self._ivf.export()["image_ids"])
+
+    def __contains__(self, image_id) -> bool:
+        return self._ivf.contains(int(image_id))
+
+    def stats(self) -> dict:
+        n = len(self)
+        entries = self._ivf.n_entries
+        b = self._ivf.memory_bytes
+        return {
+            "kernel": self.kernel,
+            "images": n,
+            "entries": n,  # one inverted-file entry (a set of words) per image
+            "postings": entries,
+            "words_per_image": entries / n if n else 0.0,
+            "code_bytes": self._ivf.code_bytes,
+            "bytes": b,
+            "bytes_per_image": b / n if n else 0.0,
+        }
+
+    # ---- aggregation --------------------------------------------------------------------------
+    def _kernel_for(self, query: bool) -> str:
+        return self.spec.query_kernel if (query or not self.spec.regional) else self.kernel
+
+    def aggregate(self, descriptors, query: bool = False) -> Aggregated:
+        """Aggregate one image as this index stores it (query=True: as a query is aggregated). For a
+        regional kernel a database image may be given as a region list."""
+        m = self.m_query if query else self.m_db
+        if not query and self.spec.regional and not isinstance(descriptors, np.ndarray):
+            return aggregate_regions_batch(self.codebook, [descriptors], self.kernel, m)[0]
+        x = as_descriptors(descriptors, self.codebook.dim)
+        return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64),
+                                self._kernel_for(query), m)[0]
+
+    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, query: bool, progress):
+        """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
+        n_img = offsets.shape[0] - 1
+        m = self.m_query if query else self.m_db
+        kern = self._kernel_for(query)
+        bar = _progress(n_img, progress if progress is not None else n_img >= 2000, "aggregate")
+        i = 0
+        while i < n_img:
+            j = int(np.searchsorted(offsets, offsets[i] + _CHUNK_DESCRIPTORS, side="right")) - 1
+            j = min(max(j, i + 1), n_img)
+            sub = offsets[i:j + 1] - offsets[i]
+            yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m)
+            if bar is not None:
+                bar.update(j - i)
+            i = j
+        if bar is not None:
+            bar.close()
+
+    def _as_images(self, descriptors, offsets):
+        """(concatenated descriptors, offsets, single) from an array, an array + offsets or a list."""
+        if isinstance(descriptors, (list, tuple)):
+            if offsets is not None:
+                raise ValueError("offsets are only used with one concatenated descriptor array")
+            if len(descriptors) == 0:
+                raise ValueError("no images given (empty list)")
+            x, offs = _concat_images(descriptors, self.codebook.dim)
+            return x, offs, False
+        x = as_descriptors(descriptors, self.codebook.dim)
+        if offsets is None:
+            return x, np.array([0, x.shape[0]], np.int64), True
+        return x, as_offsets(offsets, x.shape[0], "offsets"), False
+
+    # ---- adding and removing ------------------------------------------------------------------
+    def _new_ids(self, image_ids, n: int) -> np.ndarray:
+        if image_ids is None:
+            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        else:
+            ids = as_ids(image_ids, n)
+        present = [int(i) for i in ids[:1000] if self._ivf.contains(int(i))]
+        if present or any(self._ivf.contains(int(i)) for i in ids[1000:]):
+            raise ValueError(f"image id {present[0] if present else '?'} is already in the index")
+        return ids
+
+    def _add_batch(self, batch: AggregatedBatch, ids: np.ndarray) -> None:
+        codes = batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1)
+        self._ivf.add(batch.offsets, batch.words, np.ascontiguousarray(codes), ids)
+        if ids.size:
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
+        """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
+        `offsets`). Returns the image ids (default: consecutive after the largest id so far)."""
+        x, offs, single = self._as_images(descriptors, offsets)
+        n_img = offs.shape[0] - 1
+        ids = self._new_ids(image_ids, n_img)
+        for first, batch in self._aggregate_chunks(x, offs, False, progress):
+            self._add_batch(batch, ids[first:first + len(batch)])
+        return ids
+
+    def add_regions(self, regions, image_id=None) -> int:
+        """Index one database image given by its regions (a list of arrays with region 0 the whole
+        image, (descriptors, offsets, n_regions), (descriptors, offsets, members) or d2r.Regions)."""
+        ids = self.add_regions_many([regions], None if image_id is None else [image_id])
+        return int(ids[0])
+
+    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512) -> np.ndarray:
+        """Index many images, each given by its regions, in batched native calls."""
+        regions_list = list(regions_list)
+        if not regions_list:
+            raise ValueError("no images given (empty list)")
+        ids = self._new_ids(image_ids, len(regions_list))
+        kern = self.kernel if self.spec.regional else self.spec.query_kernel
+        bar = _progress(len(regions_list), progress if progress is not None else len(regions_list) >= 2000,
+                        "aggregate regions")
+        for s in range(0, len(regions_list), batch_size):
+            chunk = regions_list[s:s + batch_size]
+            if self.spec.regional:
+                batch = aggregate_regions_batch(self.codebook, chunk, kern, self.m_db)
+            else:
+                raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
+                                 "'naive-rasmk', or RegionalSearchIndex")
+            self._add_batch(batch, ids[s:s + len(chunk)])
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return ids
+
+    def _check_aggregated(self, batch: AggregatedBatch, what: str) -> None:
+        want = np.uint8 if self.spec.binary else np.float32
+        width = (self.codebook.dim + 7) // 8 if self.spec.binary else self.codebook.dim
+        if batch.codes.dtype != want or batch.codes.shape[1] != width:
+            raise ValueError(f"{what} codes are {batch.codes.dtype} x {batch.codes.shape[1]}, the {self.kernel!r} "
+                             f"index needs {np.dtype(want)} x {width}")
+        if batch.words.size and (batch.words.min() < 0 or batch.words.max() >= self.codebook.n_words):
+            raise ValueError(f"{what} word ids out of range [0, {self.codebook.n_words})")
+
+    def _as_batch(self, aggregated) -> tuple[AggregatedBatch, bool]:
+        if isinstance(aggregated, AggregatedBatch):
+            return aggregated, False
+        if isinstance(aggregated, Aggregated):
+            return AggregatedBatch.from_list([aggregated]), True
+        return AggregatedBatch.from_list(aggregated), False
+
+    def add_aggregated(self, aggregated, image_ids=None) -> np.ndarray:
+        """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
+        batch, _ = self._as_batch(aggregated)
+        self._check_aggregated(batch, "aggregated")
+        ids = self._new_ids(image_ids, len(batch))
+        self._add_batch(batch, ids)
+        return ids
+
+    def remove(self, image_ids) -> int:
+        """Remove images by id (every id must be indexed). Returns the number removed. Each call
+        compacts the posting lists (O(index size)): remove in batches."""
+        ids = as_ids(image_ids)
+        missing = [int(i) for i in ids if not self._ivf.contains(int(i))]
+        if missing:
+            raise KeyError(f"image id {missing[0]} is not in the index")
+        return int(self._ivf.remove(ids)) if ids.size else 0
+
+    # ---- search -------------------------------------------------------------------------------
+    def _check_k(self, k):
+        if k is None:
+            return -1
+        return check_positive_int(k, "k")
+
+    def search(self, queries, k: int | None = 10, progress=None):
+        """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
+        (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
+        ascending; k=None gives the full ranking. k larger than the index gives every image."""
+        kk = self._check_k(k)
+        single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
+        x, offs, _ = self._as_images([queries] if single else list(queries), None)
+        parts_s, parts_i = [], []
+        for _, batch in self._aggregate_chunks(x, offs, True, progress):
+            s, i = self._search_batch(batch, kk)
+            parts_s.append(s)
+            parts_i.append(i)
+        scores, ids = np.concatenate(parts_s), np.concatenate(parts_i)
+        return (scores[0], ids[0]) if single else (scores, ids)
+
+    def _search_batch(self, batch: AggregatedBatch, kk: int):
+        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
+        return self._ivf.search(batch.offsets, batch.words, codes, kk, self.alpha, self.tau, self.normalize)
+
+    def search_aggregated(self, aggregated, k: int | None = 10):
+        """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D)."""
+        kk = self._check_k(k)
+        batch, single = self._as_batch(aggregated)
+        self._check_aggregated(batch, "query")
+        s, i = self._search_batch(batch, kk)
+        return (s[0], i[0]) if single else (s, i)
+
+    def score_all(self, queries) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of every indexed image for each query: (scores (n_queries, n_images), ids (n_images,))
+        in insertion order."""
+        single = isinstance(queries, np.ndarray)
+        x, offs, _ = self._as_images([queries] if single else list(queries), None)
+        batch = aggregate_images(self.codebook, x, offs, self._kernel_for(True), self.m_query)
+        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
+        s = self._ivf.score_all(batch.offsets, batch.words, codes, self.alpha, self.tau, self.normalize)
+        return (s[0] if single else s), self.ids
+
+    # ---- persistence --------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"kind": "Index", "kernel": self.kernel, "alpha": self.alpha, "tau": self.tau,
+                "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
+                "dim": self.codebook.dim, "n_words": self.codebook.n_words, "next_id": self._next_id,
+                "d2r_format": FORMAT_VERSION}
+
+    def save(self, path) -> None:
+        """Write the index (with its codebook) to one file, atomically."""
+        ex = self._ivf.export()
+        sections = {"centroids": self.codebook.centroids, "image_ids": ex["image_ids"],
+                    "word_counts": ex["word_counts"], "offsets": ex["offsets"], "slots": ex["slots"],
+                    "codes": ex["codes"]}
+        sections.update(self._extra_sections())
+        write_index_file(path, self._meta(), sections)
+
+    def _extra_sections(self) -> dict:
+        return {}
+
+    @classmethod
+    def load(cls, path, mmap: bool = False, verify: bool = True):
+        """Load an index saved by `save`. mmap=True maps the posting lists instead of reading them
+        (verify=False then skips the checksums, so nothing is read up front)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such index file")
+        meta, sec = read_index_file(path, mmap=mmap, verify=verify)
+        try:
+            kind = meta.get("kind", "Index")
+            target = RegionalSearchIndex if kind == "RegionalSearchIndex" else Index
+            if cls is not Index and target is not cls:
+                raise IndexFileError(f"{path}: holds a {kind}, not a {cls.__name__}")
+            idx = target._from_meta(meta, Codebook(np.array(sec["centroids"])))
+            idx._ivf.set_content(sec["offsets"], sec["slots"], sec["codes"], np.array(sec["image_ids"]),
+                                 np.array(sec["word_counts"]))
+            idx._next_id = int(meta["next_id"])
+            idx._load_extra(sec)
+        except IndexFileError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
+        return idx
+
+    @classmethod
+    def _from_meta(cls, meta, codebook):
+        if int(meta["dim"]) != codebook.dim or int(meta["n_words"]) != codebook.n_words:
+            raise IndexFileError("codebook shape does not match the header")
+        return cls(codebook, kernel=meta["kernel"], alpha=meta["alpha"], tau=meta["tau"],
+                   normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])
+
+    def _load_extra(self, sections) -> None:
+        pass
+
+
+class RegionalSearchIndex(Index):
+    """Regional search (paper section 4.2): every region of a database image is indexed as its own
+    ASMK / ASMK* entry; an image's score is the max (or the mean over all its regions) of its regions'
+    scores, and top-k runs over images. The index grows with the number of regions."""
+
+    def __init__(self, codebook: Codebook, kernel: str = "asmk*", pooling: str = "max", alpha: float = 3.0,
+                 tau: float = 0.0, normalize: bool = True, m_db: int = 1, m_query: int = 1):
+        spec = kernel_spec(kernel)
+        if spec.regional:
+            raise ValueError("RegionalSearchIndex indexes each region with a plain kernel: use 'asmk*' or 'asmk'")
+        if pooling not in ("max", "mean"):
+            raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
+        super().__init__(codebook, kernel, alpha, tau, normalize, m_db, m_query)
+        self.pooling = pooling
+        self._region_image = np.zeros(0, np.int64)   # image id of each region entry (entry ids 0..)
+        self._next_region = 0
+
+    def __len__(self) -> int:
+        return int(np.unique(self._region_image).size)
+
+    @property
+    def ids(self) -> np.ndarray:
+        _, first = np.unique(self._region_image, return_index=True)
+        return self._region_image[np.sort(first)]
+
+    def __contains__(self, image_id) -> bool:
+        return bool(np.any(self._region_image == int(image_id)))
+
+    def stats(self) -> dict:
+        st = super().stats()
+        n = len(self)
+        st.update({"kernel": f"regional-{self.kernel}-{self.pooling}", "images": n,
+                   "entries": self._ivf.n_images, "words_per_image": st["postings"] / n if n else 0.0,
+                   "bytes": st["bytes"] + self._region_image.nbytes})
+        st["bytes_per_image"] = st["bytes"] / n if n else 0.0
+        return st
+
+    def _new_ids(self, image_ids, n):
+        if image_ids is None:
+            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        ids = as_ids(image_ids, n)
+        dup = np.intersect1d(ids, self._region_image)
+        if dup.size:
+            raise ValueError(f"image id {int(dup[0])} is already in the index")
+        return ids
+
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
+        """Plain images: each image is one region (equals Index.search with the same kernel)."""
+        x, offs, _ = self._as_images(descriptors, offsets)
+        regions = [Regions(x[offs[i]:offs[i + 1]], np.array([0, offs[i + 1] - offs[i]], np.int64))
+                   for i in range(offs.shape[0] - 1)]
+        return self.add_regions_many(regions, image_ids, progress)
+
+    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512) -> np.ndarray:
+        regions_list = [Regions.coerce(r, self.codebook.dim) for r in regions_list]
+        if not regions_list:
+            raise ValueError("no images given (empty list)")
+        ids = self._new_ids(image_ids, len(regions_list))
+        # Every region becomes one entry: a plain image made of that region's descriptors.
+        flat = []
+        owners = []
+        for r, img in zip(regions_list, ids):
+            for j in range(r.n_regions):
+                rows = (r.members[r.offsets[j]:r.offsets[j + 1]] if r.members is not None
+                        else np.arange(r.offsets[j], r.offsets[j + 1]))
+                flat.append(r.descriptors[rows])
+                owners.append(img)
+        x, offs = _concat_images(flat, self.codebook.dim)
+        entry_ids = np.arange(self._next_region, self._next_region + len(flat), dtype=np.int64)
+        for first, batch in self._aggregate_chunks(x, offs, False, progress):
+            Index._add_batch(self, batch, entry_ids[first:first + len(batch)])
+        self._next_region += len(flat)
+        self._region_image = np.concatenate([self._region_image, np.asarray(owners, np.int64)])
+        self._next_id = max(self._next_id, int(ids.max()) + 1)
+        return ids
+
+    def add_aggregated(self, aggregated, image_ids=None):
+        raise NotImplementedError("RegionalSearchIndex indexes regions: use add_regions / add_regions_many")
+
+    def remove(self, image_ids) -> int:
+        ids = as_ids(image_ids)
+        missing = [int(i) for i in ids if not np.any(self._region_image == i)]
+        if missing:
+            raise KeyError(f"image id {missing[0]} is not in the index")
+        export_ids = np.array(self._ivf.export()["image_ids"])
+        drop = np.isin(self._region_image[export_ids], ids)
+        if drop.any():
+            self._ivf.remove(np.ascontiguousarray(export_ids[drop]))
+        self._region_image_keep(~np.isin(self._region_image, ids))
+        return int(ids.size)
+
+    def _region_image_keep(self, keep: np.ndarray) -> None:
+        # Entry ids are positions in _region_image; keep them stable by marking removed with -1.
+        self._region_image = np.where(keep, self._region_image, -1)
+
+    def _pool(self, scores: np.ndarray, entry_ids: np.ndarray):
+        """(n_queries, n_entries) region scores -> (n_queries, n_images) image scores, image ids."""
+        owners = self._region_image[entry_ids]
+        images, inv = np.unique(owners, return_inverse=True)
+        nq = scores.shape[0]
+        if self.pooling == "max":
+            out = np.full((nq, images.size), -np.inf, np.float32)
+            for q in range(nq):
+                np.maximum.at(out[q], inv, scores[q])
+        else:
+            out = np.zeros((nq, images.size), np.float64)
+            counts = np.bincount(inv, minlength=images.size)
+            for q in range(nq):
+                np.add.at(out[q], inv, scores[q])
+            out = (out / counts).astype(np.float32)
+        return out, images
+
+    def search(self, queries, k: int | None = 10, progress=None):
+        kk = self._check_k(k)
+        single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
+        x, offs, _ = self._as_images([queries] if single else list(queries), None)
+        batch = aggregate_images(self.codebook, x, offs, self.kernel, self.m_query)
+        return self._search_pooled(batch, kk, single)
+
+    def search_aggregated(self, aggregated, k: int | None = 10):
+        kk = self._check_k(k)
+        batch, single = self._as_batch(aggregated)
+        self._check_aggregated(batch, "query")
+        return self._search_pooled(batch, kk, single)
+
+    def _search_pooled(self, batch, kk, single):
+        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
+        region_scores = self._ivf.score_all(batch.offsets, batch.words, codes, self.alpha, self.tau, self.normalize)
+        entry_ids = np.array(self._ivf.export()["image_ids"])
+        img_scores, images = self._pool(region_scores, entry_ids)
+        n = images.size
+        kk = n if kk < 0 else min(kk, n)
+        out_s = np.empty((img_scores.shape[0], kk), np.float32)
+        out_i = np.empty((img_scores.shape[0], kk), np.int64)
+        for q in range(img_scores.shape[0]):
+            order = np.lexsort((images, -img_scores[q]))[:kk]
+            out_s[q], out_i[q] = img_scores[q, order], images[order]
+        return (out_s[0], out_i[0]) if single else (out_s, out_i)
+
+    def score_all(self, queries):
+        raise NotImplementedError("use search(queries, k=None) for the full pooled ranking")
+
+    def _meta(self) -> dict:
+        meta = super()._meta()
+        meta.update({"kind": "RegionalSearchIndex", "pooling": self.pooling, "next_region": self._next_region})
+        return meta
+
+    def _extra_sections(self) -> dict:
+        return {"region_image": self._region_image}
+
+    @classmethod
+    def _from_meta(cls, meta, codebook):
+        idx = cls(codebook, kernel=meta["kernel"], pooling=meta["pooling"], alpha=meta["alpha"], tau=meta["tau"],
+                  normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])
+        idx._next_region = int(meta["next_region"])
+        return idx
+
+    def _load_extra(self, sections) -> None:
+        self._region_image = np.array(sections["region_image"], dtype=np.int64)
