@@ -56,6 +56,11 @@ What cannot be matched (asmk behaviour that is hard-wired)
 * Ranking: ``np.argsort(-scores)`` (quicksort, not stable), so ties are not ordered by id.
 * Quantisation: faiss ``IndexFlatL2`` in float32 (d2r: its own nearest-word search); near ties
   may pick other words.  Pass ``assignments`` to share one quantisation between both.
+* No VLAD, R-ASMK or regions in asmk: it is a baseline for ASMK / ASMK* only.
+
+Timing notes: faiss uses all OpenMP threads (2 here); on the 2-core VM identical runs varied up
+to ~5x, so repeat and report medians.  ``search_asmk`` per-query 'total' excludes 'quantize' when
+``assignments`` is given.
 """
 
 from __future__ import annotations

@@ -1,0 +1,259 @@
+// C++ unit tests of the d2r core (no Python). Built with -DD2R_BUILD_TESTS=ON and run by CI under
+// AddressSanitizer + UBSan. Prints "N passed, M failed".
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "aggregate.h"
+#include "binarize.h"
+#include "common.h"
+#include "ivf.h"
+#include "quantize.h"
+#include "selectivity.h"
+#include "topk.h"
+
+using namespace d2r;
+
+static int g_pass = 0, g_fail = 0;
+#define EXPECT(cond)                                                     \
+  do {                                                                   \
+    if (cond) {                                                          \
+      ++g_pass;                                                          \
+    } else {                                                             \
+      ++g_fail;                                                          \
+      std::printf("FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond);      \
+    }                                                                    \
+  } while (0)
+#define EXPECT_NEAR(a, b, tol) EXPECT(std::fabs((a) - (b)) <= (tol))
+
+static const float kCodebook[] = {.5f, .5f, 0, 0, 1, 0, -.5f, -.5f, 0, 1};
+static const float kFeatures[] = {1, 0, -1, 0, 1, 2, 0, 2};
+
+static void test_quantize_golden() {
+  Quantizer q(kCodebook, 5, 2);
+  std::vector<int32_t> ids(4 * 3);
+  std::vector<float> d(4 * 3);
+  q.search(kFeatures, 4, 3, ids.data(), d.data());
+  EXPECT(ids[0] == 2 && ids[1] == 0 && ids[2] == 1);  // [1,0]: dist 0, .5, 1
+  EXPECT_NEAR(d[0], 0.0f, 1e-7);
+  EXPECT(ids[3] == 3 && ids[4] == 1);                 // [-1,0]: word 3 (.5) then word 1 (1)
+  EXPECT(ids[6] == 4);                                // [1,2] -> word 4
+}
+
+static void test_quantize_random() {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> g;
+  const int C = 300, D = 37, n = 101, m = 4;
+  std::vector<float> cb(C * D), x(n * D);
+  for (auto& v : cb) v = g(rng);
+  for (auto& v : x) v = g(rng);
+  Quantizer q(cb.data(), C, D);
+  std::vector<int32_t> ids(n * m);
+  std::vector<float> dist(n * m);
+  q.search(x.data(), n, m, ids.data(), dist.data());
+  int bad = 0;
+  for (int i = 0; i < n; ++i) {
+    std::vector<std::pair<double, int>> all;
+    for (int c = 0; c < C; ++c) {
+      double s = 0;
+      for (int t = 0; t < D; ++t) {
+        double diff = double(x[i * D + t]) - cb[c * D + t];
+        s += diff * diff;
+      }
+      all.push_back({s, c});
+    }
+    std::sort(all.begin(), all.end());
+    for (int j = 0; j < m; ++j) bad += all[j].second != ids[i * m + j];
+  }
+  EXPECT(bad == 0);
+}
+
+static void test_aggregate_golden() {
+  std::vector<int32_t> assign(4);
+  Quantizer q(kCodebook, 5, 2);
+  std::vector<float> dist(4);
+  q.search(kFeatures, 4, 1, assign.data(), dist.data());
+  AggInput in;
+  in.x = kFeatures;
+  in.n_desc = 4;
+  in.assign = assign.data();
+  in.m = 1;
+  in.centroids = kCodebook;
+  in.n_words = 5;
+  in.dim = 2;
+  // ASMK of the first three features
+  int64_t img[] = {0, 1}, reg[] = {0, 3};
+  RegionLayout lay{img, 1, reg, nullptr};
+  Aggregated out;
+  aggregate(in, lay, AggKind::kAsmk, false, &out);
+  EXPECT(out.words.size() == 2 && out.words[0] == 3 && out.words[1] == 4);
+  EXPECT_NEAR(out.codes[0], -0.707107f, 1e-5);
+  EXPECT_NEAR(out.codes[3], 0.707107f, 1e-5);
+  aggregate(in, lay, AggKind::kAsmk, true, &out);
+  EXPECT(out.bits.size() == 2 && out.bits[0] == 64 && out.bits[1] == 192);
+  // R-ASMK, regions [3, 1]
+  int64_t reg2[] = {0, 3, 4}, img2[] = {0, 2};
+  RegionLayout lay2{img2, 1, reg2, nullptr};
+  aggregate(in, lay2, AggKind::kAsmk, false, &out);
+  EXPECT(out.words.size() == 2);
+  EXPECT_NEAR(out.codes[2], 0.361261f, 1e-5);
+  EXPECT_NEAR(out.codes[3], 0.932465f, 1e-5);
+  aggregate(in, lay2, AggKind::kNaiveRegional, false, &out);
+  EXPECT_NEAR(out.codes[0], -0.5f, 1e-5);
+  EXPECT_NEAR(out.codes[3], 1.5f, 1e-5);
+  // R-VLAD, regions [0, 3, 0, 1] (members given explicitly), no l2
+  int64_t reg4[] = {0, 0, 3, 3, 4}, img4[] = {0, 4}, mem[] = {0, 1, 2, 3};
+  RegionLayout lay4{img4, 1, reg4, mem};
+  std::vector<float> v(10);
+  vlad(in, lay4, false, v.data());
+  EXPECT_NEAR(v[6], -0.079057f, 1e-5);
+  EXPECT_NEAR(v[9], 0.408114f, 1e-5);
+  // out-of-range assignment is rejected
+  std::vector<int32_t> badassign = {0, 1, 7, 2};
+  in.assign = badassign.data();
+  bool threw = false;
+  try {
+    aggregate(in, lay, AggKind::kAsmk, false, &out);
+  } catch (const InvalidArgument&) {
+    threw = true;
+  }
+  EXPECT(threw);
+}
+
+static void test_similarity_golden() {
+  // ASMK* case of METHOD.md: D = 2, one byte per word, with gamma: 0.258199
+  InvertedFile ivf(5, 2, true);
+  int64_t yoff[] = {0, 3};
+  int32_t yw[] = {1, 2, 4};
+  uint8_t yc[] = {1, 2, 3};
+  int64_t yid = 7;
+  ivf.add(CodesView{1, yoff, yw, yc}, &yid);
+  int64_t xoff[] = {0, 5};
+  int32_t xw[] = {0, 1, 2, 3, 4};
+  uint8_t xc[] = {0, 0, 3, 3, 3};
+  float s;
+  int64_t id;
+  ivf.search(CodesView{1, xoff, xw, xc}, 1, ScoreParams{3.0f, 0.0f, true}, &s, &id);
+  EXPECT_NEAR(s, 0.258199f, 1e-5);
+  EXPECT(id == 7);
+  // ASMK float case: 0.478554 without gamma
+  InvertedFile f(5, 2, false);
+  float ycodes[] = {0, 1, 1, 0, 0.707107f, 0.707107f};
+  f.add(CodesView{1, yoff, yw, reinterpret_cast<uint8_t*>(ycodes)}, &yid);
+  float xcodes[] = {0, 0, -0.707107f, -0.707107f, 0.5f, 0.866025f, 0.816497f, 0.577350f, 1, 0};
+  f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, false}, &s, &id);
+  EXPECT_NEAR(s, 0.478554f, 1e-5);
+  f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, true}, &s, &id);
+  EXPECT_NEAR(s, 0.123562f, 1e-5);
+}
+
+static void test_ivf_add_remove() {
+  std::mt19937 rng(3);
+  const int C = 50, nb = 16, n_img = 40;
+  auto make = [&](int64_t n, std::vector<int64_t>& off, std::vector<int32_t>& words, std::vector<uint8_t>& codes) {
+    off.assign(1, 0);
+    words.clear();
+    codes.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      int cnt = 0;
+      for (int w = 0; w < C; ++w)
+        if (rng() % 3 == 0) {
+          words.push_back(w);
+          for (int b = 0; b < nb; ++b) codes.push_back(static_cast<uint8_t>(rng()));
+          ++cnt;
+        }
+      off.push_back(off.back() + cnt);
+    }
+  };
+  std::vector<int64_t> off, qoff;
+  std::vector<int32_t> words, qw;
+  std::vector<uint8_t> codes, qc;
+  make(n_img, off, words, codes);
+  make(3, qoff, qw, qc);
+  std::vector<int64_t> ids(n_img);
+  for (int i = 0; i < n_img; ++i) ids[i] = 1000 + i;
+  // incremental: add in 4 batches, remove the even ids; fresh: add only the odd ones
+  InvertedFile inc(C, 128, true), fresh(C, 128, true);
+  for (int b = 0; b < 4; ++b) {
+    const int s = b * 10;
+    std::vector<int64_t> o(off.begin() + s, off.begin() + s + 11);
+    for (auto& v : o) v -= off[s];
+    inc.add(CodesView{10, o.data(), words.data() + off[s], codes.data() + off[s] * nb}, ids.data() + s);
+  }
+  std::vector<int64_t> even;
+  for (int i = 0; i < n_img; i += 2) even.push_back(ids[i]);
+  EXPECT(inc.remove(static_cast<int64_t>(even.size()), even.data()) == 20);
+  std::vector<int64_t> fo(1, 0), fid;
+  std::vector<int32_t> fw;
+  std::vector<uint8_t> fc;
+  for (int i = 1; i < n_img; i += 2) {
+    fw.insert(fw.end(), words.begin() + off[i], words.begin() + off[i + 1]);
+    fc.insert(fc.end(), codes.begin() + off[i] * nb, codes.begin() + off[i + 1] * nb);
+    fo.push_back(fo.back() + off[i + 1] - off[i]);
+    fid.push_back(ids[i]);
+  }
+  fresh.add(CodesView{20, fo.data(), fw.data(), fc.data()}, fid.data());
+  EXPECT(inc.n_images() == 20 && fresh.n_images() == 20);
+  EXPECT(inc.n_entries() == fresh.n_entries());
+  std::vector<float> s1(3 * 20), s2(3 * 20);
+  std::vector<int64_t> i1(3 * 20), i2(3 * 20);
+  ScoreParams p;
+  inc.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p, s1.data(), i1.data());
+  fresh.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p, s2.data(), i2.data());
+  EXPECT(s1 == s2 && i1 == i2);
+  // removing an absent id throws and changes nothing
+  bool threw = false;
+  try {
+    inc.remove(1, even.data());
+  } catch (const InvalidArgument&) {
+    threw = true;
+  }
+  EXPECT(threw && inc.n_images() == 20);
+  // adding a duplicate id throws
+  threw = false;
+  try {
+    inc.add(CodesView{1, fo.data(), fw.data(), fc.data()}, fid.data());
+  } catch (const InvalidArgument&) {
+    threw = true;
+  }
+  EXPECT(threw);
+}
+
+static void test_topk_ties() {
+  const float scores[] = {0.5f, 0.9f, 0.5f, -1.0f, 0.9f};
+  const int64_t ids[] = {10, 4, 2, 1, 3};
+  float os[5];
+  int64_t oi[5];
+  topk(scores, ids, 5, 3, os, oi);
+  EXPECT(oi[0] == 3 && oi[1] == 4 && oi[2] == 2);
+  topk(scores, ids, 5, -1, os, oi);
+  EXPECT(oi[3] == 10 && oi[4] == 1);
+}
+
+static void test_shared_helpers() {
+  EXPECT(selectivity(0.5f, 3.0f, 0.0f) == 0.125f);
+  EXPECT(selectivity(-0.5f, 3.0f, -0.6f) == -0.125f);
+  EXPECT(selectivity(0.0f, 3.0f, 0.0f) == 0.0f);
+  EXPECT(hamming_denominator(2, 1) == 2 && hamming_denominator(128, 16) == 128);
+  const float code[] = {1, -1, 0, 2, 3, -4, 5, 6, 7, 0.1f};
+  uint8_t out[2];
+  pack_signs(code, 10, out);
+  EXPECT(out[0] == 0x9B && out[1] == 0xC0);
+  const uint8_t a[] = {0xFF, 0, 1, 2, 3, 4, 5, 6, 7, 8};
+  const uint8_t b[] = {0, 0, 1, 2, 3, 4, 5, 6, 7, 9};
+  EXPECT(hamming(a, b, 10) == 9);
+}
+
+int main() {
+  test_quantize_golden();
+  test_quantize_random();
+  test_aggregate_golden();
+  test_similarity_golden();
+  test_ivf_add_remove();
+  test_topk_ties();
+  test_shared_helpers();
+  std::printf("%d passed, %d failed\n", g_pass, g_fail);
+  return g_fail == 0 ? 0 : 1;
+}
