@@ -19,7 +19,7 @@ typedef float vf __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int kGroup = 2 * kLanes;  // words per packed group (two vectors)
 constexpr int kRows = 8;            // descriptors per register tile
-constexpr int kBlockRows = 48;      // descriptors per cache block (a multiple of kRows)
+constexpr int kMaxBlockRows = 96;   // descriptors per cache block at most (a multiple of kRows)
 
 inline vf load(const float* p) {
   vf v;
@@ -108,19 +108,27 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
   if (n <= 0) return;
   const int dim = dim_;
   const int cap = static_cast<int>(std::min<int64_t>(m + kMargin, n_words_));
-  const int64_t n_blocks = (n + kBlockRows - 1) / kBlockRows;
+  // Blocks of at most kMaxBlockRows descriptors (each block streams the whole packed codebook once),
+  // as many blocks as a multiple of the thread count so the threads finish together.
+  const int64_t T = num_threads();
+  int64_t n_blocks = (n + kMaxBlockRows - 1) / kMaxBlockRows;
+  n_blocks = (n_blocks + T - 1) / T * T;
+  int64_t block_rows = (n + n_blocks - 1) / n_blocks;
+  block_rows = (block_rows + kRows - 1) / kRows * kRows;
+  n_blocks = (n + block_rows - 1) / block_rows;
+  const int block = static_cast<int>(block_rows);
 
 #pragma omp parallel
   {
-    std::vector<float> xb(static_cast<size_t>(kBlockRows) * dim);
-    std::vector<float> top_d(static_cast<size_t>(kBlockRows) * cap);
-    std::vector<int32_t> top_i(static_cast<size_t>(kBlockRows) * cap);
+    std::vector<float> xb(static_cast<size_t>(block) * dim);  // this block's descriptors, zero-padded
+    std::vector<float> top_d(static_cast<size_t>(block) * cap);
+    std::vector<int32_t> top_i(static_cast<size_t>(block) * cap);
     std::vector<std::pair<double, int32_t>> exact(cap);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t blk = 0; blk < n_blocks; ++blk) {
-      const int64_t r0 = blk * kBlockRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, n - r0));
+      const int64_t r0 = blk * block;
+      const int rows = static_cast<int>(std::min<int64_t>(block, n - r0));
       const int tiles = (rows + kRows - 1) / kRows;
       std::fill(xb.begin(), xb.end(), 0.0f);
       std::memcpy(xb.data(), x + r0 * dim, sizeof(float) * rows * dim);

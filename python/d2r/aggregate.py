@@ -68,6 +68,12 @@ class Aggregated:
         return f"Aggregated({len(self)} words, {kind} codes {self.codes.shape[1:]})"
 
 
+def code_bytes(codes: np.ndarray) -> np.ndarray:
+    """float32 (n, D) or uint8 (n, B) codes viewed as C-contiguous bytes (n, bytes per code)."""
+    codes = np.ascontiguousarray(codes)
+    return codes.view(np.uint8).reshape(codes.shape[0], codes.shape[1] * codes.itemsize)
+
+
 class AggregatedBatch:
     """Many aggregated images in CSR form: image i owns rows offsets[i]:offsets[i+1]."""
 
@@ -80,6 +86,11 @@ class AggregatedBatch:
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
+
+    @property
+    def code_bytes(self) -> np.ndarray:
+        """The codes as raw bytes (n, bytes per code), the form the native inverted file takes."""
+        return code_bytes(self.codes)
 
     def __getitem__(self, i: int) -> Aggregated:
         b, e = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -202,11 +213,29 @@ def _concat_images(images, dim):
     return np.ascontiguousarray(x), offsets
 
 
+def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
+    """Precomputed word assignments: int (n, m) with ids in [0, n_words)."""
+    a = np.asarray(assignments)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"assignments must be integers, got dtype {a.dtype}")
+    if a.ndim == 1:
+        a = a.reshape(-1, 1)
+    if a.shape != (n, m):
+        raise ValueError(f"assignments must have shape ({n}, {m}) (one row of m words per descriptor), got {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n_words):
+        raise ValueError(f"assignments out of range [0, {n_words})")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
 def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets: np.ndarray, kernel: str,
-                     m: int = 1) -> AggregatedBatch:
-    """Plain (one region per image) aggregation of many images given concatenated descriptors."""
+                     m: int = 1, assignments=None) -> AggregatedBatch:
+    """Plain (one region per image) aggregation of many images given concatenated descriptors
+    (and, optionally, their precomputed word assignments)."""
     spec = kernel_spec(kernel)
-    assign, _ = codebook.quantize(descriptors, m)
+    if assignments is None:
+        assign, _ = codebook.quantize(descriptors, m)
+    else:
+        assign = as_assignments(assignments, descriptors.shape[0], m, codebook.n_words)
     n_img = image_offsets.shape[0] - 1
     image_regions = np.arange(n_img + 1, dtype=np.int64)
     offs, words, codes = _native.aggregate(descriptors, assign, codebook.centroids, image_regions,

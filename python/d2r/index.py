@@ -10,7 +10,7 @@ import numpy as np
 from . import _native
 from ._checks import as_descriptors, as_ids, as_offsets, check_positive_int
 from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
-                        kernel_spec, _concat_images)
+                        as_assignments, kernel_spec, _concat_images)
 from .codebook import Codebook
 from .index_io import FORMAT_VERSION, IndexFileError, read_index_file, write_index_file
 
@@ -106,10 +106,12 @@ class Index:
         return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64),
                                 self._kernel_for(query), m)[0]
 
-    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, query: bool, progress):
+    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, query: bool, progress, assignments=None):
         """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
         n_img = offsets.shape[0] - 1
         m = self.m_query if query else self.m_db
+        if assignments is not None:
+            assignments = as_assignments(assignments, x.shape[0], m, self.codebook.n_words)
         kern = self._kernel_for(query)
         bar = _progress(n_img, progress if progress is not None else n_img >= 2000, "aggregate")
         i = 0
@@ -117,7 +119,8 @@ class Index:
             j = int(np.searchsorted(offsets, offsets[i] + _CHUNK_DESCRIPTORS, side="right")) - 1
             j = min(max(j, i + 1), n_img)
             sub = offsets[i:j + 1] - offsets[i]
-            yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m)
+            a = None if assignments is None else assignments[offsets[i]:offsets[j]]
+            yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a)
             if bar is not None:
                 bar.update(j - i)
             i = j
@@ -150,19 +153,24 @@ class Index:
         return ids
 
     def _add_batch(self, batch: AggregatedBatch, ids: np.ndarray) -> None:
-        codes = batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1)
-        self._ivf.add(batch.offsets, batch.words, np.ascontiguousarray(codes), ids)
+        """Inserts aggregated entries under the given inverted-file ids."""
+        self._ivf.add(batch.offsets, batch.words, batch.code_bytes, ids)
+
+    def _bump_next_id(self, ids: np.ndarray) -> None:
         if ids.size:
             self._next_id = max(self._next_id, int(ids.max()) + 1)
 
-    def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None) -> np.ndarray:
         """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
-        `offsets`). Returns the image ids (default: consecutive after the largest id so far)."""
+        `offsets`). Returns the image ids (default: consecutive after the largest id so far).
+        `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
+        descriptors (e.g. from codebook.quantize), to quantise once and index many times."""
         x, offs, single = self._as_images(descriptors, offsets)
         n_img = offs.shape[0] - 1
         ids = self._new_ids(image_ids, n_img)
-        for first, batch in self._aggregate_chunks(x, offs, False, progress):
+        for first, batch in self._aggregate_chunks(x, offs, False, progress, assignments):
             self._add_batch(batch, ids[first:first + len(batch)])
+        self._bump_next_id(ids)
         return ids
 
     def add_regions(self, regions, image_id=None) -> int:
@@ -192,6 +200,7 @@ class Index:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
+        self._bump_next_id(ids)
         return ids
 
     def _check_aggregated(self, batch: AggregatedBatch, what: str) -> None:
@@ -216,6 +225,7 @@ class Index:
         self._check_aggregated(batch, "aggregated")
         ids = self._new_ids(image_ids, len(batch))
         self._add_batch(batch, ids)
+        self._bump_next_id(ids)
         return ids
 
     def remove(self, image_ids) -> int:
@@ -233,15 +243,17 @@ class Index:
             return -1
         return check_positive_int(k, "k")
 
-    def search(self, queries, k: int | None = 10, progress=None):
+    def search(self, queries, k: int | None = 10, progress=None, assignments=None):
         """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
         (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
-        ascending; k=None gives the full ranking. k larger than the index gives every image."""
+        ascending; k=None gives the full ranking. k larger than the index gives every image.
+        `assignments`: optional precomputed word ids (n_descriptors, m_query) of the queries'
+        concatenated descriptors."""
         kk = self._check_k(k)
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
         parts_s, parts_i = [], []
-        for _, batch in self._aggregate_chunks(x, offs, True, progress):
+        for _, batch in self._aggregate_chunks(x, offs, True, progress, assignments):
             s, i = self._search_batch(batch, kk)
             parts_s.append(s)
             parts_i.append(i)
@@ -249,8 +261,8 @@ class Index:
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def _search_batch(self, batch: AggregatedBatch, kk: int):
-        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
-        return self._ivf.search(batch.offsets, batch.words, codes, kk, self.alpha, self.tau, self.normalize)
+        return self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha, self.tau,
+                                self.normalize)
 
     def search_aggregated(self, aggregated, k: int | None = 10):
         """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D)."""
@@ -266,8 +278,7 @@ class Index:
         single = isinstance(queries, np.ndarray)
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
         batch = aggregate_images(self.codebook, x, offs, self._kernel_for(True), self.m_query)
-        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
-        s = self._ivf.score_all(batch.offsets, batch.words, codes, self.alpha, self.tau, self.normalize)
+        s = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau, self.normalize)
         return (s[0] if single else s), self.ids
 
     # ---- persistence --------------------------------------------------------------------------
@@ -341,16 +352,20 @@ class RegionalSearchIndex(Index):
         self._region_image = np.zeros(0, np.int64)   # image id of each region entry (entry ids 0..)
         self._next_region = 0
 
+    def _live_owners(self) -> np.ndarray:
+        return self._region_image[self._region_image >= 0]
+
     def __len__(self) -> int:
-        return int(np.unique(self._region_image).size)
+        return int(np.unique(self._live_owners()).size)
 
     @property
     def ids(self) -> np.ndarray:
-        _, first = np.unique(self._region_image, return_index=True)
-        return self._region_image[np.sort(first)]
+        owners = self._live_owners()
+        _, first = np.unique(owners, return_index=True)
+        return owners[np.sort(first)]
 
     def __contains__(self, image_id) -> bool:
-        return bool(np.any(self._region_image == int(image_id)))
+        return int(image_id) >= 0 and bool(np.any(self._region_image == int(image_id)))
 
     def stats(self) -> dict:
         st = super().stats()
@@ -394,10 +409,10 @@ class RegionalSearchIndex(Index):
         x, offs = _concat_images(flat, self.codebook.dim)
         entry_ids = np.arange(self._next_region, self._next_region + len(flat), dtype=np.int64)
         for first, batch in self._aggregate_chunks(x, offs, False, progress):
-            Index._add_batch(self, batch, entry_ids[first:first + len(batch)])
+            self._add_batch(batch, entry_ids[first:first + len(batch)])
         self._next_region += len(flat)
         self._region_image = np.concatenate([self._region_image, np.asarray(owners, np.int64)])
-        self._next_id = max(self._next_id, int(ids.max()) + 1)
+        self._bump_next_id(ids)
         return ids
 
     def add_aggregated(self, aggregated, image_ids=None):
@@ -450,8 +465,8 @@ class RegionalSearchIndex(Index):
         return self._search_pooled(batch, kk, single)
 
     def _search_pooled(self, batch, kk, single):
-        codes = np.ascontiguousarray(batch.codes.view(np.uint8).reshape(batch.codes.shape[0], -1))
-        region_scores = self._ivf.score_all(batch.offsets, batch.words, codes, self.alpha, self.tau, self.normalize)
+        region_scores = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
+                                            self.normalize)
         entry_ids = np.array(self._ivf.export()["image_ids"])
         img_scores, images = self._pool(region_scores, entry_ids)
         n = images.size

@@ -25,6 +25,8 @@ image is passed, and ``tqdm`` lazily by :func:`extract_many`.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Union
 
@@ -366,13 +368,14 @@ class RootSIFT:
 _WORKER_FN = None
 
 
-def _worker_init(fn, cv_threads: int) -> None:
+def _worker_init(fn, cv_threads: Optional[int]) -> None:
     global _WORKER_FN
     _WORKER_FN = fn
-    try:
-        _cv2().setNumThreads(cv_threads)
-    except Exception:  # pragma: no cover
-        pass
+    if cv_threads is not None:
+        try:
+            _cv2().setNumThreads(cv_threads)
+        except Exception:  # pragma: no cover
+            pass
 
 
 def _worker_call(item):
@@ -392,9 +395,11 @@ def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
     workers : number of processes; ``1`` runs in this process. Each worker runs
         OpenCV single-threaded.
     progress : show a tqdm bar.
-    mp_context : multiprocessing start method (``"fork"``, ``"spawn"``,
-        ``"forkserver"``); default is the platform default. With ``"spawn"`` /
-        ``"forkserver"`` the extractor's module must be importable by name.
+    mp_context : multiprocessing start method; default ``"spawn"``, so the
+        extractor (and its module) must be importable by name in a fresh
+        interpreter. ``"fork"`` is NOT safe once OpenCV has run multi-threaded
+        code in the parent (inherited thread-pool state can deadlock the
+        children); with ``"fork"`` OpenCV's thread count is left untouched.
 
     Returns the list of results in input order. Errors (e.g. an unreadable file)
     propagate.
@@ -411,13 +416,39 @@ def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
             return tqdm(it, total=len(images), desc=desc, unit="img")
         return it
 
+    method = mp_context or "spawn"
+    if workers > 1 and method != "fork" and not _main_is_spawnable():
+        warnings.warn(
+            "extract_many: the __main__ script is not a file (e.g. read from stdin), so "
+            "worker processes cannot be spawned; extracting in this process instead",
+            RuntimeWarning, stacklevel=2)
+        workers = 1
+
     if workers == 1 or len(images) <= 1:
         return [extractor(im) for im in bar(images)]
 
     import multiprocessing as mp  # noqa: WPS433
+    from concurrent.futures import ProcessPoolExecutor  # noqa: WPS433
+    from concurrent.futures.process import BrokenProcessPool  # noqa: WPS433
 
-    ctx = mp.get_context(mp_context)
+    ctx = mp.get_context(method)
     workers = min(workers, len(images))
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(extractor, 1)) as pool:
-        out = list(bar(pool.imap(_worker_call, images, chunksize=1)))
+    cv_threads = None if method == "fork" else 1
+    # ProcessPoolExecutor (unlike multiprocessing.Pool) raises BrokenProcessPool
+    # instead of hanging when a worker cannot start (e.g. import failure).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(extractor, cv_threads)) as pool:
+        try:
+            out = list(bar(pool.map(_worker_call, images, chunksize=1)))
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"extract_many: worker processes ({method!r}) died; with 'spawn' the "
+                "extractor's module must be importable in a fresh interpreter and the "
+                "main script must be guarded by `if __name__ == '__main__':`") from exc
     return out
+
+
+def _main_is_spawnable() -> bool:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.isfile(path)
