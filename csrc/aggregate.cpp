@@ -6,12 +6,14 @@
 
 #include "binarize.h"
 #include "common.h"
+#include "reduce.h"
 
 namespace d2r {
 namespace {
 
 constexpr double kWordThreshold = 1e-6;  // a word is kept when ||v[k]|| > 1e-6
 constexpr double kNormFloor = 1e-12;     // l2n(v) = v / sqrt(max(||v||^2, 1e-12))
+constexpr size_t kPrefetch = 4;          // descriptors fetched ahead in residual_sums
 
 // Residual sums per word of one region: words ascending, sums (n_words_in_region x dim, double).
 struct WordSums {
@@ -43,6 +45,17 @@ void residual_sums(const AggInput& in, const RegionLayout& lay, int64_t region, 
     ws.sums.resize(ws.words.size() * dim, 0.0);
     double* v = ws.sums.data() + (ws.words.size() - 1) * dim;
     for (; i < ws.keys.size() && static_cast<int32_t>(ws.keys[i] >> 32) == w; ++i) {
+      if (i + kPrefetch < ws.keys.size()) {
+        // The descriptors are visited in word order (scattered): fetch ahead the row and centroid.
+        const uint64_t key = ws.keys[i + kPrefetch];
+        const int64_t jn = b + static_cast<int64_t>(key & 0xffffffffu);
+        const char* xn = reinterpret_cast<const char*>(in.x + (lay.members ? lay.members[jn] : jn) * dim);
+        const char* cn = reinterpret_cast<const char*>(in.centroids + static_cast<int64_t>(key >> 32) * dim);
+        for (int o = 0; o < dim * 4; o += 64) {
+          __builtin_prefetch(xn + o);
+          __builtin_prefetch(cn + o);
+        }
+      }
       const int64_t j = b + static_cast<int64_t>(ws.keys[i] & 0xffffffffu);
       const float* xr = in.x + (lay.members ? lay.members[j] : j) * dim;
       for (int t = 0; t < dim; ++t) v[t] += static_cast<double>(xr[t]) - static_cast<double>(c[t]);
@@ -50,11 +63,7 @@ void residual_sums(const AggInput& in, const RegionLayout& lay, int64_t region, 
   }
 }
 
-double squared_norm(const double* v, int dim) {
-  double s = 0.0;
-  for (int t = 0; t < dim; ++t) s += v[t] * v[t];
-  return s;
-}
+double squared_norm(const double* v, int dim) { return sum_squares(v, dim); }
 
 double total_squared_norm(const WordSums& ws, int dim) {
   double s = 0.0;
@@ -62,14 +71,47 @@ double total_squared_norm(const WordSums& ws, int dim) {
   return s;
 }
 
-// One image's words and float codes before packing.
+// One image's words and codes: float codes, or (binary) packed sign bits only.
 struct ImageCodes {
+  bool binary = false;
+  int dim = 0;
   std::vector<int32_t> words;
-  std::vector<float> codes;
-  void emit_unit(int32_t w, const double* v, int dim, double ss) {
-    const double norm = std::sqrt(std::max(ss, kNormFloor));
+  std::vector<float> codes;   // float kernels
+  std::vector<uint8_t> bits;  // binary kernels
+  std::vector<float> scratch;
+
+  void swap_out(ImageCodes& other) {  // frees other's buffers
+    std::swap(words, other.words);
+    std::swap(codes, other.codes);
+    std::swap(bits, other.bits);
+    std::swap(scratch, other.scratch);
+  }
+  void reset(bool bin, int d) {
+    binary = bin;
+    dim = d;
+    words.clear();
+    codes.clear();
+    bits.clear();
+    scratch.resize(d);
+  }
+  // Appends word w; returns where its dim float code values go (packed later when binary).
+  float* emit(int32_t w) {
     words.push_back(w);
-    for (int t = 0; t < dim; ++t) codes.push_back(static_cast<float>(v[t] / norm));
+    if (binary) return scratch.data();
+    codes.resize(codes.size() + dim);
+    return codes.data() + codes.size() - dim;
+  }
+  void finish_word() {
+    if (!binary) return;
+    const int nb = packed_bytes(dim);
+    bits.resize(bits.size() + nb);
+    pack_signs(scratch.data(), dim, bits.data() + bits.size() - nb);
+  }
+  void emit_unit(int32_t w, const double* v, double ss) {
+    const double norm = std::sqrt(std::max(ss, kNormFloor));
+    float* c = emit(w);
+    for (int t = 0; t < dim; ++t) c[t] = static_cast<float>(v[t] / norm);
+    finish_word();
   }
 };
 
@@ -104,15 +146,13 @@ void aggregate_image(const AggInput& in, const RegionLayout& lay, int64_t img, A
   const int dim = in.dim;
   const int64_t r0 = lay.image_regions[img], r1 = lay.image_regions[img + 1];
   const int64_t n_regions = r1 - r0;
-  out.words.clear();
-  out.codes.clear();
   if (n_regions == 0) return;
   if (kind == AggKind::kAsmk && n_regions == 1) {
     // ASMK: per-word l2n of the residual sum.
     residual_sums(in, lay, r0, ws);
     for (size_t i = 0; i < ws.size(); ++i) {
       const double ss = squared_norm(ws.row(i, dim), dim);
-      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(ws.words[i], ws.row(i, dim), dim, ss);
+      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(ws.words[i], ws.row(i, dim), ss);
     }
     return;
   }
@@ -150,12 +190,13 @@ void aggregate_image(const AggInput& in, const RegionLayout& lay, int64_t img, A
   if (kind == AggKind::kAsmk) {
     accum.reduce(dim, acc, [&](int32_t w, const double* u) {
       const double ss = squared_norm(u, dim);
-      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(w, u, dim, ss);
+      if (std::sqrt(ss) > kWordThreshold) out.emit_unit(w, u, ss);
     });
   } else {
     accum.reduce(dim, acc, [&](int32_t w, const double* u) {
-      out.words.push_back(w);
-      for (int t = 0; t < dim; ++t) out.codes.push_back(static_cast<float>(u[t]));
+      float* c = out.emit(w);
+      for (int t = 0; t < dim; ++t) c[t] = static_cast<float>(u[t]);
+      out.finish_word();
     });
   }
 }
@@ -201,7 +242,10 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
   {
     WordSums ws;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t i = 0; i < n_img; ++i) aggregate_image(in, lay, i, kind, ws, per_image[i]);
+    for (int64_t i = 0; i < n_img; ++i) {
+      per_image[i].reset(binary, dim);
+      aggregate_image(in, lay, i, kind, ws, per_image[i]);
+    }
   }
   out->word_offsets.assign(n_img + 1, 0);
   for (int64_t i = 0; i < n_img; ++i)
@@ -214,14 +258,12 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
   else out->codes.resize(total * dim);
 #pragma omp parallel for schedule(dynamic, 64)
   for (int64_t i = 0; i < n_img; ++i) {
-    const ImageCodes& ic = per_image[i];
+    ImageCodes& ic = per_image[i];
     const int64_t o = out->word_offsets[i];
     std::copy(ic.words.begin(), ic.words.end(), out->words.begin() + o);
-    for (size_t k = 0; k < ic.words.size(); ++k) {
-      const float* code = ic.codes.data() + k * dim;
-      if (binary) pack_signs(code, dim, out->bits.data() + (o + k) * n_bytes);
-      else std::copy(code, code + dim, out->codes.begin() + (o + k) * dim);
-    }
+    if (binary) std::copy(ic.bits.begin(), ic.bits.end(), out->bits.begin() + o * n_bytes);
+    else std::copy(ic.codes.begin(), ic.codes.end(), out->codes.begin() + o * dim);
+    ImageCodes().swap_out(ic);
   }
 }
 

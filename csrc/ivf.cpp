@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <string>
 
@@ -390,6 +391,59 @@ void InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
       cand_n[t] = 0;
     }
     topk(cs.data(), ci.data(), static_cast<int64_t>(cs.size()), kk, out_scores + qi * kk, out_ids + qi * kk);
+  }
+}
+
+void InvertedFile::search_pooled(const CodesView& queries, const int64_t* slot_group, int64_t n_groups,
+                                 const int64_t* group_ids, bool mean, int64_t k, const ScoreParams& p,
+                                 float* out_scores, int64_t* out_ids) const {
+  check_codes(queries);
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  const int64_t n = static_cast<int64_t>(slot_ids_.size());
+  D2R_CHECK(n_groups >= 0, "negative number of groups");
+  std::vector<int64_t> count(n_groups, 0);
+  for (int64_t s = 0; s < n; ++s) {
+    D2R_CHECK(slot_group[s] >= 0 && slot_group[s] < n_groups, "region group out of range");
+    count[slot_group[s]]++;
+  }
+  for (int64_t g = 0; g < n_groups; ++g) D2R_CHECK(count[g] > 0, "a group without regions");
+  const int64_t kk = (k < 0 || k > n_groups) ? n_groups : k;
+  if (kk == 0) return;
+  const std::vector<float> table = binary_ ? hamming_table(p) : std::vector<float>();
+  auto pool_and_rank = [&](const float* scores, std::vector<double>& acc, std::vector<float>& pooled, int64_t qi) {
+    if (mean) {
+      acc.assign(n_groups, 0.0);
+      for (int64_t s = 0; s < n; ++s) acc[slot_group[s]] += scores[s];
+      for (int64_t g = 0; g < n_groups; ++g) pooled[g] = static_cast<float>(acc[g] / static_cast<double>(count[g]));
+    } else {
+      std::fill(pooled.begin(), pooled.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t s = 0; s < n; ++s) pooled[slot_group[s]] = std::max(pooled[slot_group[s]], scores[s]);
+    }
+    topk(pooled.data(), group_ids, n_groups, kk, out_scores + qi * kk, out_ids + qi * kk);
+  };
+  if (queries.n >= num_threads()) {
+#pragma omp parallel
+    {
+      std::vector<float> scores(n), pooled(n_groups);
+      std::vector<double> acc;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t qi = 0; qi < queries.n; ++qi) {
+        score_query(queries, qi, p, table.data(), 0, n, scores.data());
+        pool_and_rank(scores.data(), acc, pooled, qi);
+      }
+    }
+    return;
+  }
+  std::vector<float> scores(n), pooled(n_groups);
+  std::vector<double> acc;
+  for (int64_t qi = 0; qi < queries.n; ++qi) {
+#pragma omp parallel
+    {
+      const int64_t T = num_threads(), t = thread_id();
+      const int64_t lo = n * t / T, hi = n * (t + 1) / T;
+      score_query(queries, qi, p, table.data(), lo, hi, scores.data() + lo);
+    }
+    pool_and_rank(scores.data(), acc, pooled, qi);
   }
 }
 

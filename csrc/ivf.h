@@ -54,6 +54,14 @@ class InvertedFile {
               int64_t* out_ids) const;
   int64_t result_k(int64_t k) const;
 
+  // Regional search (paper section 4.2): slot s belongs to group slot_group[s] in [0, n_groups) (an
+  // image made of several region entries); a group's score is the max, or the mean, of its slots'
+  // scores; top-k (k < 0: all) over the groups, reported with group_ids. Outputs n_queries x kk with
+  // kk = min(k, n_groups).
+  void search_pooled(const CodesView& queries, const int64_t* slot_group, int64_t n_groups,
+                     const int64_t* group_ids, bool mean, int64_t k, const ScoreParams& p,
+                     float* out_scores, int64_t* out_ids) const;
+
   // Merges the delta part into the main CSR part (done before export).
   void merge();
   // Main CSR arrays and per-slot data (valid after merge(); delta must be empty).

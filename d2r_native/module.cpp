@@ -275,6 +275,32 @@ PYBIND11_MODULE(_native, m) {
           },
           py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("alpha") = 3.0f,
           py::arg("tau") = 0.0f, py::arg("normalize") = true)
+      .def(
+          "search_pooled",
+          [](const InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
+             const py::handle& group_o, const py::handle& gids_o, bool mean, int64_t k, float alpha, float tau,
+             bool normalize) {
+            CodesArrays c;
+            fill_codes(c, ivf, offsets, words, codes);
+            auto group = require<int64_t>(group_o, "slot_group");
+            auto gids = require<int64_t>(gids_o, "group_ids");
+            if (group.ndim() != 1 || group.size() != ivf.n_images())
+              throw py::value_error("slot_group needs one group per indexed entry");
+            if (gids.ndim() != 1) throw py::value_error("group_ids must be 1-D");
+            const int64_t G = gids.size();
+            const int64_t kk = (k < 0 || k > G) ? G : k;
+            py::array_t<float> scores({c.view.n, kk});
+            py::array_t<int64_t> ids({c.view.n, kk});
+            ScoreParams p{alpha, tau, normalize};
+            {
+              py::gil_scoped_release release;
+              ivf.search_pooled(c.view, group.data(), G, gids.data(), mean, kk, p, scores.mutable_data(),
+                                ids.mutable_data());
+            }
+            return py::make_tuple(scores, ids);
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("slot_group"), py::arg("group_ids"),
+          py::arg("mean"), py::arg("k"), py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
       .def("merge",
            [](InvertedFile& ivf) {
              py::gil_scoped_release release;

@@ -434,23 +434,6 @@ class RegionalSearchIndex(Index):
         # Entry ids are positions in _region_image; keep them stable by marking removed with -1.
         self._region_image = np.where(keep, self._region_image, -1)
 
-    def _pool(self, scores: np.ndarray, entry_ids: np.ndarray):
-        """(n_queries, n_entries) region scores -> (n_queries, n_images) image scores, image ids."""
-        owners = self._region_image[entry_ids]
-        images, inv = np.unique(owners, return_inverse=True)
-        nq = scores.shape[0]
-        if self.pooling == "max":
-            out = np.full((nq, images.size), -np.inf, np.float32)
-            for q in range(nq):
-                np.maximum.at(out[q], inv, scores[q])
-        else:
-            out = np.zeros((nq, images.size), np.float64)
-            counts = np.bincount(inv, minlength=images.size)
-            for q in range(nq):
-                np.add.at(out[q], inv, scores[q])
-            out = (out / counts).astype(np.float32)
-        return out, images
-
     def search(self, queries, k: int | None = 10, progress=None):
         kk = self._check_k(k)
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
@@ -465,18 +448,14 @@ class RegionalSearchIndex(Index):
         return self._search_pooled(batch, kk, single)
 
     def _search_pooled(self, batch, kk, single):
-        region_scores = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
-                                            self.normalize)
-        entry_ids = np.array(self._ivf.export()["image_ids"])
-        img_scores, images = self._pool(region_scores, entry_ids)
-        n = images.size
-        kk = n if kk < 0 else min(kk, n)
-        out_s = np.empty((img_scores.shape[0], kk), np.float32)
-        out_i = np.empty((img_scores.shape[0], kk), np.int64)
-        for q in range(img_scores.shape[0]):
-            order = np.lexsort((images, -img_scores[q]))[:kk]
-            out_s[q], out_i[q] = img_scores[q, order], images[order]
-        return (out_s[0], out_i[0]) if single else (out_s, out_i)
+        """Scores every region entry and pools them per image (max or mean) in the native core."""
+        entry_ids = np.asarray(self._ivf.export()["image_ids"])
+        images, group = np.unique(self._region_image[entry_ids], return_inverse=True)
+        s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes,
+                                       np.ascontiguousarray(group, dtype=np.int64),
+                                       np.ascontiguousarray(images, dtype=np.int64), self.pooling == "mean", kk,
+                                       self.alpha, self.tau, self.normalize)
+        return (s[0], i[0]) if single else (s, i)
 
     def score_all(self, queries):
         raise NotImplementedError("use search(queries, k=None) for the full pooled ranking")
