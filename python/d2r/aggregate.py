@@ -243,8 +243,11 @@ def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets:
     return AggregatedBatch(offs, words, codes)
 
 
-def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1) -> AggregatedBatch:
-    """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes)."""
+def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1,
+                            assignments=None) -> AggregatedBatch:
+    """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes).
+    `assignments`: optional list of precomputed word ids, one (n_i, m) array per image aligned with
+    its Regions.descriptors."""
     spec = kernel_spec(kernel)
     regs = [Regions.coerce(r, codebook.dim) for r in regions_list]
     desc_off = np.cumsum([0] + [r.descriptors.shape[0] for r in regs]).astype(np.int64)
@@ -263,7 +266,14 @@ def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: in
     region_members = np.zeros(int(image_regions[-1]) + 1, dtype=np.int64)
     if region_sizes:
         region_members[1:] = np.cumsum(np.concatenate(region_sizes))
-    assign, _ = codebook.quantize(np.ascontiguousarray(x), m)
+    if assignments is None:
+        assign, _ = codebook.quantize(np.ascontiguousarray(x), m)
+    else:
+        assignments = list(assignments)
+        if len(assignments) != len(regs):
+            raise ValueError(f"{len(assignments)} assignment arrays given for {len(regs)} images")
+        assign = np.concatenate([as_assignments(a, r.descriptors.shape[0], m, codebook.n_words)
+                                 for a, r in zip(assignments, regs)]) if regs else np.zeros((0, m), np.int32)
     kind = spec.native_kind if spec.regional else 0
     offs, words, codes = _native.aggregate(np.ascontiguousarray(x), assign, codebook.centroids, image_regions,
                                            region_members, np.ascontiguousarray(members), kind=kind,

@@ -179,9 +179,14 @@ class Index:
         ids = self.add_regions_many([regions], None if image_id is None else [image_id])
         return int(ids[0])
 
-    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512) -> np.ndarray:
-        """Index many images, each given by its regions, in batched native calls."""
+    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
+                         assignments=None) -> np.ndarray:
+        """Index many images, each given by its regions, in batched native calls. `assignments`:
+        optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
+        (for a region list: the regions' arrays concatenated in order)."""
         regions_list = list(regions_list)
+        if assignments is not None and len(assignments) != len(regions_list):
+            raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
         if not regions_list:
             raise ValueError("no images given (empty list)")
         ids = self._new_ids(image_ids, len(regions_list))
@@ -191,7 +196,8 @@ class Index:
         for s in range(0, len(regions_list), batch_size):
             chunk = regions_list[s:s + batch_size]
             if self.spec.regional:
-                batch = aggregate_regions_batch(self.codebook, chunk, kern, self.m_db)
+                batch = aggregate_regions_batch(self.codebook, chunk, kern, self.m_db,
+                                                None if assignments is None else assignments[s:s + batch_size])
             else:
                 raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
                                  "'naive-rasmk', or RegionalSearchIndex")
@@ -392,23 +398,30 @@ class RegionalSearchIndex(Index):
                    for i in range(offs.shape[0] - 1)]
         return self.add_regions_many(regions, image_ids, progress)
 
-    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512) -> np.ndarray:
+    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
+                         assignments=None) -> np.ndarray:
         regions_list = [Regions.coerce(r, self.codebook.dim) for r in regions_list]
         if not regions_list:
             raise ValueError("no images given (empty list)")
+        if assignments is not None and len(assignments) != len(regions_list):
+            raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
         ids = self._new_ids(image_ids, len(regions_list))
         # Every region becomes one entry: a plain image made of that region's descriptors.
-        flat = []
-        owners = []
-        for r, img in zip(regions_list, ids):
+        flat, flat_assign, owners = [], [], []
+        for k, (r, img) in enumerate(zip(regions_list, ids)):
+            a = None if assignments is None else as_assignments(assignments[k], r.descriptors.shape[0], self.m_db,
+                                                                self.codebook.n_words)
             for j in range(r.n_regions):
                 rows = (r.members[r.offsets[j]:r.offsets[j + 1]] if r.members is not None
                         else np.arange(r.offsets[j], r.offsets[j + 1]))
                 flat.append(r.descriptors[rows])
+                if a is not None:
+                    flat_assign.append(a[rows])
                 owners.append(img)
         x, offs = _concat_images(flat, self.codebook.dim)
+        flat_assign = np.concatenate(flat_assign) if assignments is not None else None
         entry_ids = np.arange(self._next_region, self._next_region + len(flat), dtype=np.int64)
-        for first, batch in self._aggregate_chunks(x, offs, False, progress):
+        for first, batch in self._aggregate_chunks(x, offs, False, progress, flat_assign):
             self._add_batch(batch, entry_ids[first:first + len(batch)])
         self._next_region += len(flat)
         self._region_image = np.concatenate([self._region_image, np.asarray(owners, np.int64)])
@@ -434,11 +447,11 @@ class RegionalSearchIndex(Index):
         # Entry ids are positions in _region_image; keep them stable by marking removed with -1.
         self._region_image = np.where(keep, self._region_image, -1)
 
-    def search(self, queries, k: int | None = 10, progress=None):
+    def search(self, queries, k: int | None = 10, progress=None, assignments=None):
         kk = self._check_k(k)
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
-        batch = aggregate_images(self.codebook, x, offs, self.kernel, self.m_query)
+        batch = aggregate_images(self.codebook, x, offs, self.kernel, self.m_query, assignments)
         return self._search_pooled(batch, kk, single)
 
     def search_aggregated(self, aggregated, k: int | None = 10):
