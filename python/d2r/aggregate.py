@@ -186,7 +186,8 @@ class Regions:
             if dim is not None and regions.descriptors.shape[1] != dim:
                 raise ValueError(f"region descriptors have dimension {regions.descriptors.shape[1]}, expected {dim}")
             return regions
-        if isinstance(regions, tuple) and len(regions) == 3:
+        if (isinstance(regions, tuple) and len(regions) == 3 and np.ndim(regions[1]) == 1
+                and np.asarray(regions[1]).dtype.kind in "iu"):
             desc, offsets, third = regions
             if isinstance(third, (int, np.integer)) and not isinstance(third, bool):
                 r = cls(desc, offsets, None, dim)
