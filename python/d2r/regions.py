@@ -47,6 +47,7 @@ __all__ = [
     "RegionStats",
     "boxes_from_normalized",
     "crop_bounds",
+    "grid_proposals",
     "regions_by_reextraction",
     "regions_by_selection",
     "select_boxes",
@@ -350,3 +351,22 @@ def regions_by_reextraction(image, extractor: Callable, boxes, scores=None, whol
         crops.append(f)
         regions.append(np.asarray(f.descriptors))
     return regions, stats, crops
+
+
+def grid_proposals(image_size, levels: int = 2, overlap: float = 0.4) -> np.ndarray:
+    """Weight-free region proposals: the R-MAC multi-scale grid (Tolias et al.). At level l = 1..levels,
+    square regions of side 2 * min(H, W) / (l + 1), laid out with about `overlap` overlap along the
+    longer side. Returns (k, 4) boxes x1, y1, x2, y2 in pixels (the whole image is not included; it is
+    region 0 anyway)."""
+    h, w = _as_image_size(image_size)
+    out = []
+    for level in range(1, int(levels) + 1):
+        side = 2.0 * min(h, w) / (level + 1)
+        nx = max(1, int(math.ceil((w - side) / (side * (1 - overlap)))) + 1) if w > side else 1
+        ny = max(1, int(math.ceil((h - side) / (side * (1 - overlap)))) + 1) if h > side else 1
+        xs = np.linspace(0, max(w - side, 0), nx)
+        ys = np.linspace(0, max(h - side, 0), ny)
+        for y in ys:
+            for x in xs:
+                out.append((x, y, min(x + side, w), min(y + side, h)))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)

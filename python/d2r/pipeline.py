@@ -1,0 +1,215 @@
+"""The whole Detect-to-Retrieve pipeline on a dataset: features, regions, codebook, ASMK* / R-ASMK* /
+regional-search indexes, search, optional spatial re-ranking, Revisited evaluation, a visual report.
+
+    from d2r.pipeline import run
+    from d2r.datasets import load_realmix
+    result = run(load_realmix(), n_words=1024, rerank=True, report_dir="report")
+
+A dataset is any object with `imlist` (database image paths), `qimlist` (query paths), `gnd` (per
+query: easy / hard / junk database indices, optional bbx x1, y1, x2, y2 that the query is cropped to)
+and, optionally, `db_boxes` (per database image an (n, 4) array of detected boxes, x1, y1, x2, y2
+pixels) and `query_families` (a label per query, for per-family results).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codebook import Codebook
+from .evaluate import revisited
+from .index import Index, RegionalSearchIndex
+
+
+@dataclass
+class MethodResult:
+    name: str
+    results: dict                      # d2r.evaluate.revisited output
+    ranks: np.ndarray                  # (n_queries, n_database) full rankings
+    scores: np.ndarray                 # matching scores
+    entries: int
+    bytes_per_image: float
+    build_s: float
+    query_ms: float                    # median search latency per query (aggregation + scoring)
+    per_family: dict = field(default_factory=dict)
+    reranked: dict | None = None       # protocol-aware re-ranked results, when asked
+
+
+def _bar(it, total, desc, progress):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="img", leave=False)
+
+
+def _crop(image, box):
+    from .regions import crop_bounds
+
+    x1, y1, x2, y2 = crop_bounds(box)
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    return image[y1:y2, x1:x2], (y1, x1)
+
+
+def extract_queries(dataset, extractor, progress=True):
+    """Query features; a query with a bbx is cropped to it (the Revisited protocol), its locations
+    mapped back to the full image."""
+    from .regions import _load_image_rgb, _shift_features
+
+    out = []
+    for i, path in _bar(enumerate(dataset.qimlist), len(dataset.qimlist), "query features", progress):
+        bbx = dataset.gnd[i].get("bbx") if isinstance(dataset.gnd[i], dict) else None
+        if bbx is None:
+            out.append(extractor(path))
+        else:
+            img = _load_image_rgb(path)
+            crop, (dy, dx) = _crop(img, bbx)
+            out.append(_shift_features(extractor(crop), dy, dx))
+    return out
+
+
+def database_regions(dataset, extractor, db_features, proposals="dataset", max_boxes=8, progress=True):
+    """Per database image: (region descriptor list with region 0 the whole image, boxes used)."""
+    from .regions import _load_image_rgb, grid_proposals, regions_by_reextraction
+
+    regions, boxes_used = [], []
+    for i, path in _bar(enumerate(dataset.imlist), len(dataset.imlist), "region features", progress):
+        if proposals == "none":
+            regions.append([db_features[i].descriptors])
+            boxes_used.append(np.zeros((0, 4)))
+            continue
+        img = _load_image_rgb(path)
+        if proposals == "dataset":
+            boxes = np.asarray(getattr(dataset, "db_boxes")[i], dtype=np.float64).reshape(-1, 4)
+        elif proposals == "grid":
+            boxes = grid_proposals(img.shape[:2], levels=1)
+        elif callable(proposals):
+            boxes, scores = proposals(img)
+        else:
+            raise ValueError(f"unknown proposals {proposals!r}: 'dataset', 'grid', 'none' or a callable")
+        regs, _, _ = regions_by_reextraction(img, extractor, boxes, None, whole_features=db_features[i],
+                                             max_boxes=max_boxes)
+        regions.append(regs)
+        boxes_used.append(boxes[:max_boxes])
+    return regions, boxes_used
+
+
+def _evaluate(ranks, gnd, families=None):
+    res = revisited(ranks, gnd)
+    per_family = {}
+    if families is not None:
+        fam = np.asarray(families)
+        for f in sorted(set(fam.tolist())):
+            sel = np.flatnonzero(fam == f)
+            per_family[f] = revisited(ranks[sel], [gnd[i] for i in sel])
+    return res, per_family
+
+
+def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8, rerank=False,
+        rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
+        codebook_sample=200_000):
+    """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}."""
+    t_start = time.perf_counter()
+    if extractor is None:
+        from .extract import RootSIFT
+
+        extractor = RootSIFT(max_features=1000)
+    if proposals == "dataset" and getattr(dataset, "db_boxes", None) is None:
+        proposals = "grid"
+    db_paths = list(dataset.imlist)
+    t = time.perf_counter()
+    db_feat = [extractor(p) for p in _bar(db_paths, len(db_paths), "database features", progress)]
+    q_feat = extract_queries(dataset, extractor, progress)
+    t_extract = time.perf_counter() - t
+    t = time.perf_counter()
+    regions, boxes = database_regions(dataset, extractor, db_feat, proposals, max_boxes, progress)
+    t_regions = time.perf_counter() - t
+    print(f"features: {len(db_paths)} database images, {len(q_feat)} queries, "
+          f"{np.mean([len(f.descriptors) for f in db_feat]):.0f} descriptors/image ({t_extract:.1f} s); "
+          f"regions ({proposals}): {np.mean([len(r) for r in regions]):.1f}/image ({t_regions:.1f} s)", file=out)
+
+    rng = np.random.default_rng(seed)
+    sample = np.vstack([f.descriptors for f in db_feat])
+    if len(sample) > codebook_sample:
+        sample = sample[rng.choice(len(sample), codebook_sample, replace=False)]
+    n_words = min(n_words, len(sample))
+    t = time.perf_counter()
+    codebook = Codebook.train(sample, n_words, niter=10, seed=seed)
+    print(f"codebook: {n_words} words, k-means on {len(sample)} descriptors ({time.perf_counter() - t:.1f} s)",
+          file=out)
+
+    if methods is None:
+        methods = [
+            ("ASMK*", lambda: Index(codebook, "asmk*"), "whole"),
+            ("R-ASMK* (gamma on)", lambda: Index(codebook, "rasmk*"), "regions"),
+            ("R-ASMK* (gamma off, official)", lambda: Index(codebook, "rasmk*", normalize=False), "regions"),
+            ("Regional search, max", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="max"), "regions"),
+            ("Regional search, mean", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="mean"), "regions"),
+        ]
+    families = getattr(dataset, "query_families", None)
+    results = []
+    n_db = len(db_paths)
+    for name, make, form in methods:
+        index = make()
+        t = time.perf_counter()
+        if form == "whole":
+            index.add([f.descriptors for f in db_feat], progress=False)
+        else:
+            index.add_regions_many(regions, progress=False)
+        build = time.perf_counter() - t
+        ranks = np.empty((len(q_feat), n_db), np.int64)
+        scores = np.empty((len(q_feat), n_db), np.float32)
+        lat = []
+        for qi, f in enumerate(q_feat):
+            t = time.perf_counter()
+            s, ids = index.search(f.descriptors, k=None)
+            lat.append(time.perf_counter() - t)
+            ranks[qi], scores[qi] = ids, s
+        res, per_family = _evaluate(ranks, dataset.gnd, families)
+        st = index.stats()
+        mr = MethodResult(name, res, ranks, scores, st["entries"], st["bytes_per_image"], build,
+                          1e3 * float(np.median(lat)), per_family)
+        if rerank:
+            from .verify import rerank_protocol
+
+            mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat, dataset.gnd, top=rerank_top, seed=seed)
+        results.append(mr)
+
+    _print_table(results, out, rerank)
+    if families is not None:
+        _print_families(results, out)
+    report = None
+    if report_dir is not None:
+        from .report import write_report
+
+        report = write_report(report_dir, dataset, results, q_feat, db_feat, boxes, seed=seed)
+        print(f"report: {report}", file=out)
+    print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
+    return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
+            "boxes": boxes, "report": report}
+
+
+def _print_table(results, out, rerank):
+    head = (f"{'method':31s} {'mAP E':>6s} {'mAP M':>6s} {'mAP H':>6s} {'mP@10 M':>8s} {'entries':>8s} "
+            f"{'bytes/img':>10s} {'query ms':>9s}")
+    print("\n" + head, file=out)
+    for r in results:
+        e, m, h = (100 * r.results[p]["map"] for p in ("easy", "medium", "hard"))
+        print(f"{r.name:31s} {e:6.1f} {m:6.1f} {h:6.1f} {100 * r.results['medium']['mp'][-1]:8.1f} "
+              f"{r.entries:8d} {r.bytes_per_image:10.0f} {r.query_ms:9.2f}", file=out)
+        if rerank and r.reranked is not None:
+            rr = r.reranked
+            print(f"{'  + spatial verification':31s} {'':6s} {100 * rr['medium']['map']:6.1f} "
+                  f"{100 * rr['hard']['map']:6.1f} {100 * rr['medium']['mp'][-1]:8.1f} {'':8s} {'':10s} "
+                  f"{1e3 * rr['seconds_per_query']:9.1f}", file=out)
+
+
+def _print_families(results, out):
+    fams = sorted(results[0].per_family)
+    print("\nmAP Medium per query family: " + ", ".join(
+        f"{f} ({results[0].per_family[f]['medium']['n_queries']} q)" for f in fams), file=out)
+    for r in results:
+        print(f"{r.name:31s} " + " ".join(f"{100 * r.per_family[f]['medium']['map']:7.1f}" for f in fams), file=out)
