@@ -29,13 +29,12 @@ constexpr int kGroup = 2 * kLanes;  // database rows per packed group (two vecto
 constexpr int kBlockRows = 64;      // query rows per cache block (a multiple of kRows)
 static_assert(kBlockRows % kRows == 0, "block must hold whole tiles");
 
-inline void vload(vf& v, const float* p) { std::memcpy(&v, p, sizeof(vf)); }
-inline void vsplat(vf& v, float x) {
-  for (int l = 0; l < kLanes; ++l) v[l] = x;
-}
-inline void vsplat(vi& v, int32_t x) {
-  for (int l = 0; l < kLanes; ++l) v[l] = x;
-}
+// Unaligned, aliasing-safe view of float data as a vector (the pattern of the intrinsics headers).
+typedef float vf_u __attribute__((vector_size(D2R_RS_LANES * 4), aligned(4), may_alias));
+#define D2R_RS_LOAD(p) (*reinterpret_cast<const vf_u*>(p))
+inline void vload(vf& v, const float* p) { v = D2R_RS_LOAD(p); }
+inline void vsplat(vf& v, float x) { v = x - vf{}; }  // x - 0 == x, also for -0
+inline void vsplat(vi& v, int32_t x) { v = x - vi{}; }
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -74,9 +73,8 @@ inline void dot_tile(const float* __restrict x, const float* __restrict group, i
     vsplat(acc[i][1], 0.0f);
   }
   for (int k = 0; k < dim; ++k) {
-    vf b0, b1;
-    vload(b0, group + k * kGroup);
-    vload(b1, group + k * kGroup + kLanes);
+    const vf b0 = D2R_RS_LOAD(group + k * kGroup);
+    const vf b1 = D2R_RS_LOAD(group + k * kGroup + kLanes);
 #pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
       const float a = x[i * dim + k];
@@ -108,6 +106,7 @@ void nn_block(const float* q, int64_t r0, int rows, const PackedDb& db, float* x
   vsplat(inf, kInf);
   vi none, lane;
   vsplat(none, -1);
+  vsplat(lane, 0);
   for (int l = 0; l < kLanes; ++l) lane[l] = l;
   for (int r = 0; r < padded; ++r) {
     best[r][0] = best[r][1] = inf;
@@ -325,6 +324,7 @@ int score_model(const float m[6], const Points& P, float t2, float* sum) {
   }
   if (full < P.n) {
     vi valid;
+    vsplat(valid, 0);
     for (int l = 0; l < kLanes; ++l) valid[l] = (full + l < P.n) ? -1 : 0;
     residual2(m, P, full, r2);
     cnt -= (r2 < thr) & valid;
@@ -340,7 +340,7 @@ int score_model(const float m[6], const Points& P, float t2, float* sum) {
   return c;
 }
 
-int inlier_mask(const float m[6], const Points& P, float t2, uint8_t* mask) {
+int classify(const float m[6], const Points& P, float t2, uint8_t* mask) {
   vf thr, r2;
   vsplat(thr, t2);
   int c = 0;
@@ -449,7 +449,7 @@ int ransac_points(const Points& P, const RansacParams& p, float* best_model, uin
     own.assign(static_cast<size_t>(P.n), 0);
     mask = own.data();
   }
-  inlier_mask(bm, P, t2, mask);
+  classify(bm, P, t2, mask);
   if (best_model) {
     double m[6];
     if (refit(P, mask, m)) {
@@ -476,7 +476,7 @@ int verify_one(const ImageFeatures& Q, const ImageFeatures& D, int dim, const Ve
   ws.db.pack(D.descriptors, D.n, dim);
   ws.nn.resize(static_cast<size_t>(Q.n));
   nn_search(Q.descriptors, Q.n, ws.db, ws.nn.data(), parallel, ws.xb);
-  const double max_sq = static_cast<double>(p.max_distance) * p.max_distance;
+  const double max_sq = p.max_distance * p.max_distance;
   ws.src.clear();
   ws.dst.clear();
   for (int64_t i = 0; i < Q.n; ++i) {
@@ -522,7 +522,7 @@ void nearest_neighbors(const float* q, int64_t nq, const float* db, int64_t ndb,
   }
 }
 
-int64_t match_descriptors(const float* q, int64_t nq, const float* db, int64_t ndb, int dim, float max_distance,
+int64_t match_descriptors(const float* q, int64_t nq, const float* db, int64_t ndb, int dim, double max_distance,
                           std::vector<int32_t>* q_idx, std::vector<int32_t>* db_idx, std::vector<float>* dist,
                           bool parallel) {
   check_match_args(nq, ndb, dim);
@@ -534,7 +534,7 @@ int64_t match_descriptors(const float* q, int64_t nq, const float* db, int64_t n
   std::vector<int32_t> nn(static_cast<size_t>(nq));
   std::vector<double> d2(static_cast<size_t>(nq));
   nearest_neighbors(q, nq, db, ndb, dim, nn.data(), d2.data(), parallel);
-  const double max_sq = static_cast<double>(max_distance) * max_distance;
+  const double max_sq = max_distance * max_distance;
   int64_t m = 0;
   for (int64_t i = 0; i < nq; ++i) {
     if (nn[i] < 0 || !(d2[i] < max_sq)) continue;

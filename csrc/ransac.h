@@ -50,7 +50,7 @@ void nearest_neighbors(const float* q, int64_t nq, const float* db, int64_t ndb,
 
 // DELF putative matches: pairs (i, nn(i)) whose distance is < max_distance, in increasing query
 // index i. Returns the number of matches; fills q_idx, db_idx and dist (each may be null).
-int64_t match_descriptors(const float* q, int64_t nq, const float* db, int64_t ndb, int dim, float max_distance,
+int64_t match_descriptors(const float* q, int64_t nq, const float* db, int64_t ndb, int dim, double max_distance,
                           std::vector<int32_t>* q_idx, std::vector<int32_t>* db_idx, std::vector<float>* dist,
                           bool parallel = true);
 
@@ -84,7 +84,7 @@ struct ImageFeatures {
 };
 
 struct VerifyParams {
-  float max_distance = 0.9f;  // descriptor distance threshold for a putative match (strict)
+  double max_distance = 0.9;  // descriptor distance threshold for a putative match (strict)
   int min_matches = 4;        // fewer putative matches -> 0 inliers (official: "<= 3 matches -> 0")
   RansacParams ransac;        // every pair uses ransac.seed, as the official code uses one seed
 };

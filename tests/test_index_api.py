@@ -384,22 +384,24 @@ def test_failed_save_keeps_old_file(tmp_path, world, data, monkeypatch, failure)
     old.save(path)
     old_bytes = path.read_bytes()
     new = _build(world, data)
-    if failure == "write":
-        real_open = open
+    import d2r._atomic as atomic  # every file d2r writes goes through atomic_write
 
-        def failing_open(file, mode="r", *a, **k):
-            f = real_open(file, mode, *a, **k)
+    if failure == "write":
+        real_fdopen = atomic.os.fdopen
+
+        def failing_fdopen(fd, mode="r", *a, **k):
+            f = real_fdopen(fd, mode, *a, **k)
             return _FailingWrites(f) if "w" in mode else f
 
-        monkeypatch.setattr(d2r.index_io, "open", failing_open, raising=False)
+        monkeypatch.setattr(atomic.os, "fdopen", failing_fdopen)
     elif failure == "fsync":
         def boom(fd):
             raise OSError(5, "I/O error (simulated)")
-        monkeypatch.setattr(d2r.index_io.os, "fsync", boom)
+        monkeypatch.setattr(atomic.os, "fsync", boom)
     else:
         def boom(src, dst):
             raise OSError(5, "rename failed (simulated)")
-        monkeypatch.setattr(d2r.index_io.os, "replace", boom)
+        monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
         new.save(path)
     monkeypatch.undo()

@@ -1,12 +1,12 @@
 """Visual-word codebooks: training (faiss k-means), storage (.npy) and exact quantisation (native)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import _native
+from ._atomic import atomic_write
 from ._checks import as_descriptors, check_positive_int
 
 
@@ -61,17 +61,8 @@ class Codebook:
         return cls(arr)
 
     def save(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, self._centroids)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_write(path) as f:
+            np.save(f, self._centroids)
 
     @property
     def centroids(self) -> np.ndarray:

@@ -2,10 +2,11 @@
 scales, scores concatenated, per-image offsets and names), written atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 
 def save_features(path, names, features) -> None:
@@ -20,15 +21,9 @@ def save_features(path, names, features) -> None:
         parts = [np.asarray(getattr(f, attr), np.float32).reshape((-1,) + shape) for f in features]
         return np.concatenate(parts) if parts else np.zeros((0,) + shape, np.float32)
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, names=np.asarray(names, dtype=str), offsets=offsets, descriptors=cat("descriptors", (dim,)),
+    with atomic_write(path) as f:
+        np.savez(f, names=np.asarray(names, dtype=str), offsets=offsets, descriptors=cat("descriptors", (dim,)),
                  locations=cat("locations", (2,)), scales=cat("scales", ()), scores=cat("scores", ()))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_features(path):

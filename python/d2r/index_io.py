@@ -17,12 +17,13 @@ every section's bounds and (unless verify=False) every section's CRC-32.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 MAGIC = b"D2RINDEX"
 FORMAT_VERSION = 1
@@ -68,20 +69,12 @@ def write_index_file(path, meta: dict, sections: dict) -> None:
         if new == offsets:
             break
         offsets = new
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header) & 0xFFFFFFFF))
-            f.write(header)
-            for e, arr in zip(entries, arrays):
-                f.write(b"\0" * (e["offset"] - f.tell()))
-                f.write(memoryview(arr).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header) & 0xFFFFFFFF))
+        f.write(header)
+        for e, arr in zip(entries, arrays):
+            f.write(b"\0" * (e["offset"] - f.tell()))
+            f.write(memoryview(arr).cast("B"))
 
 
 def read_index_file(path, mmap: bool = False, verify: bool = True):

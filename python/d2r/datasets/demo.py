@@ -298,11 +298,16 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def _canvas_size(rng: np.random.Generator, size: int) -> Tuple[int, int]:
-    """(W, H) with long side ``size`` and a random aspect / orientation."""
+def _canvas_size(rng: np.random.Generator, size: int,
+                 landscape: Optional[bool] = None) -> Tuple[int, int]:
+    """(W, H) with long side ``size``, a random aspect, and the given (else a
+    random, 70 % landscape) orientation."""
     aspect = float(rng.choice([4 / 3, 3 / 2, 1.0, 16 / 10]))
     short = int(round(size / aspect))
-    return (size, short) if rng.random() < 0.7 else (short, size)
+    land = rng.random() < 0.7
+    if landscape is not None:
+        land = landscape
+    return (size, short) if land else (short, size)
 
 
 def _quad(rng, w: int, h: int, center, area: float, rot_deg: float, persp: float,
@@ -323,6 +328,26 @@ def _quad_area(q: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
+def _clip_poly(poly: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """Sutherland-Hodgman clipping of a polygon (N, 2) to a rectangle."""
+    pts = [tuple(p) for p in np.asarray(poly, np.float64)]
+    for axis, bound, keep_greater in ((0, x0, True), (0, x1, False), (1, y0, True), (1, y1, False)):
+        if not pts:
+            break
+        out = []
+        for i, cur in enumerate(pts):
+            prev = pts[i - 1]
+            cin = cur[axis] >= bound if keep_greater else cur[axis] <= bound
+            pin = prev[axis] >= bound if keep_greater else prev[axis] <= bound
+            if cin != pin:
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                out.append((prev[0] + t * (cur[0] - prev[0]), prev[1] + t * (cur[1] - prev[1])))
+            if cin:
+                out.append(cur)
+        pts = out
+    return np.array(pts, np.float64).reshape(-1, 2)
+
+
 def _paste(canvas: np.ndarray, img: np.ndarray, quad: np.ndarray) -> np.ndarray:
     """Warp ``img`` onto ``quad`` of ``canvas`` (in place); return the uint8 mask."""
     import cv2
@@ -335,15 +360,30 @@ def _paste(canvas: np.ndarray, img: np.ndarray, quad: np.ndarray) -> np.ndarray:
         nw, nh = max(2, int(round(w * f))), max(2, int(round(h * f)))
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
         h, w = nh, nw
+    mask = np.zeros((H, W), np.uint8)
+    # work only inside the quad's bounding box (clipped to the canvas)
+    x0 = max(0, int(np.floor(quad[:, 0].min())) - 1)
+    y0 = max(0, int(np.floor(quad[:, 1].min())) - 1)
+    x1 = min(W, int(np.ceil(quad[:, 0].max())) + 1)
+    y1 = min(H, int(np.ceil(quad[:, 1].max())) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return mask
     src = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
-    M = cv2.getPerspectiveTransform(src, quad.astype(np.float32))
-    warped = cv2.warpPerspective(img, M, (W, H), flags=cv2.INTER_LINEAR,
+    dst = (quad - np.array([x0, y0], np.float64)).astype(np.float32)
+    M = cv2.getPerspectiveTransform(src, dst)
+    dsize = (x1 - x0, y1 - y0)
+    warped = cv2.warpPerspective(img, M, dsize, flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_CONSTANT)
-    mask = cv2.warpPerspective(np.full((h, w), 255, np.uint8), M, (W, H),
-                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    a = mask.astype(np.float32)[:, :, None] * (1.0 / 255.0)
-    blended = canvas.astype(np.float32) * (1.0 - a) + warped.astype(np.float32) * a
-    canvas[...] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    m = cv2.warpPerspective(np.full((h, w), 255, np.uint8), M, dsize,
+                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    mask[y0:y1, x0:x1] = m
+    roi = canvas[y0:y1, x0:x1]
+    a = m.astype(np.float32)[:, :, None] * np.float32(1.0 / 255.0)
+    blended = roi.astype(np.float32)
+    blended += (warped.astype(np.float32) - blended) * a
+    blended += 0.5
+    np.clip(blended, 0, 255, out=blended)
+    roi[...] = blended.astype(np.uint8)
     return mask
 
 
@@ -425,37 +465,44 @@ def _clutter(rng, bgs: List[np.ndarray], W: int, H: int, n_patches: Tuple[int, i
 
 def _place(rng, obj: np.ndarray, W: int, H: int, *, area: Tuple[float, float],
            rot: float, persp: float, vis: Tuple[float, float], min_cover: float = 0.0,
-           spread: float = 1.0, tries: int = 60) -> np.ndarray:
+           spread: float = 1.0, margin: float = 0.0, tries: int = 60) -> np.ndarray:
     """Sample a quad for ``obj`` whose visible fraction lies in ``vis``.
 
     ``spread``: the centre is drawn in a box ``spread`` times the frame size,
     centred on the frame. ``min_cover``: minimum fraction of the frame covered.
-    The last sample is returned if none satisfies the constraints.
+    ``margin``: the visible part is counted inside the frame inset by this
+    fraction of its short side.
+    If ``vis[0] >= 0.9`` (object meant to be whole) the area is capped so that
+    the object's extent fits the frame. The sample closest to the constraints is
+    returned if none satisfies them.
     """
-    import cv2
-
     h, w = obj.shape[:2]
-    best = None
+    m_px = int(round(margin * min(W, H)))
+    fit = float(w * h) * min((W - 2 * m_px) / (1.3 * w), (H - 2 * m_px) / (1.3 * h)) ** 2
+    best, best_err = None, np.inf
     for _ in range(tries):
         a = rng.uniform(*area) * W * H
+        if vis[0] >= 0.9:
+            a = min(a, fit)
         cx = W * (0.5 + spread * rng.uniform(-0.5, 0.5))
         cy = H * (0.5 + spread * rng.uniform(-0.5, 0.5))
         q = _quad(rng, w, h, (cx, cy), a, rot, persp)
         qa = _quad_area(q)
-        m = np.zeros((H, W), np.uint8)
-        cv2.fillConvexPoly(m, np.round(q * 16).astype(np.int32), 255, cv2.LINE_8, 4)
-        inside = float(np.count_nonzero(m)) / max(qa, 1.0)
-        cover = float(np.count_nonzero(m)) / float(W * H)
-        best = q
-        if vis[0] <= inside <= vis[1] and cover >= min_cover:
-            return q
+        inside = _quad_area(_clip_poly(q, m_px, m_px, W - m_px, H - m_px)) / max(qa, 1e-9)
+        cover = _quad_area(_clip_poly(q, 0, 0, W, H)) / float(W * H)
+        err = max(0.0, vis[0] - inside) + max(0.0, inside - vis[1]) + max(0.0, min_cover - cover)
+        if err < best_err:
+            best, best_err = q, err
+        if err == 0.0:
+            break
     return best
 
 
 def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
           ) -> Tuple[np.ndarray, List[float]]:
     """One database view of ``obj``; returns (BGR image, gt box)."""
-    W, H = _canvas_size(rng, size)
+    h, w = obj.shape[:2]
+    W, H = _canvas_size(rng, size, landscape=(w >= h) if kind == "easy" else None)
     canvas = _clutter(rng, bgs, W, H)
     if kind == "easy":
         q = _place(rng, obj, W, H, area=(0.5, 1.1), rot=15.0, persp=0.08,
@@ -494,10 +541,11 @@ def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
 
 def _query(rng, obj: np.ndarray, bgs: List[np.ndarray], size: int
            ) -> Tuple[np.ndarray, List[float]]:
-    W, H = _canvas_size(rng, size)
+    h, w = obj.shape[:2]
+    W, H = _canvas_size(rng, size, landscape=w >= h)
     canvas = _clutter(rng, bgs, W, H)
     q = _place(rng, obj, W, H, area=(0.35, 0.55), rot=4.0, persp=0.04,
-               vis=(0.995, 1.0), spread=0.3)
+               vis=(0.995, 1.0), spread=0.3, margin=0.02)
     mask = _paste(canvas, _illumination(rng, obj, 0.2), q)
     return canvas, _mask_box(mask)
 
