@@ -66,8 +66,22 @@ struct PackedDb {
   }
 };
 
-// acc[i][0..1] = x_i . (the kGroup rows of one packed group), for kRows rows of x (stride dim).
-inline void dot_tile(const float* __restrict x, const float* __restrict group, int dim, vf (&acc)[kRows][2]) {
+// Keeps, per lane, the first (lowest index) strict minimum.
+inline void keep_min(vf& best, vi& best_idx, const vf& v, const vi& idx) {
+  const vi better = v < best;
+  best = (vf)(((vi)v & better) | ((vi)best & ~better));
+  best_idx = (idx & better) | (best_idx & ~better);
+}
+
+// For kRows query rows x (stride dim) and one packed group g: v = 0.5 ||d||^2 - x_i . d for the
+// group's kGroup rows d, folded into the per-lane running minima best / best_idx ([kRows][2]).
+// Not inlined: its own small register set (16 accumulators, 2 B vectors, 1 broadcast) keeps the
+// product loop free of spills.
+__attribute__((noinline)) void tile_min(const float* __restrict x, const PackedDb& db, int64_t g,
+                                        vf* __restrict best, vi* __restrict best_idx) {
+  const int dim = db.dim;
+  const float* __restrict group = db.packed.data() + g * dim * kGroup;
+  vf acc[kRows][2];
   for (int i = 0; i < kRows; ++i) {
     vsplat(acc[i][0], 0.0f);
     vsplat(acc[i][1], 0.0f);
@@ -82,13 +96,16 @@ inline void dot_tile(const float* __restrict x, const float* __restrict group, i
       acc[i][1] += a * b1;
     }
   }
-}
-
-// Keeps, per lane, the first (lowest index) strict minimum.
-inline void keep_min(vf& best, vi& best_idx, const vf& v, const vi& idx) {
-  const vi better = v < best;
-  best = (vf)(((vi)v & better) | ((vi)best & ~better));
-  best_idx = (idx & better) | (best_idx & ~better);
+  const vf h0 = D2R_RS_LOAD(db.half_norm.data() + g * kGroup);
+  const vf h1 = D2R_RS_LOAD(db.half_norm.data() + g * kGroup + kLanes);
+  vi j0;
+  vsplat(j0, static_cast<int32_t>(g * kGroup));
+  for (int l = 0; l < kLanes; ++l) j0[l] += l;
+  const vi j1 = j0 + kLanes;
+  for (int i = 0; i < kRows; ++i) {
+    keep_min(best[2 * i], best_idx[2 * i], h0 - acc[i][0], j0);
+    keep_min(best[2 * i + 1], best_idx[2 * i + 1], h1 - acc[i][1], j1);
+  }
 }
 
 // Nearest database row of the query rows [r0, r0 + rows), rows <= kBlockRows; xb: scratch of
@@ -100,43 +117,23 @@ void nn_block(const float* q, int64_t r0, int rows, const PackedDb& db, float* x
   std::memset(xb, 0, sizeof(float) * static_cast<size_t>(padded) * dim);
   std::memcpy(xb, q + r0 * dim, sizeof(float) * static_cast<size_t>(rows) * dim);
 
-  vf best[kBlockRows][2];
-  vi best_idx[kBlockRows][2];
-  vf inf;
-  vsplat(inf, kInf);
-  vi none, lane;
-  vsplat(none, -1);
-  vsplat(lane, 0);
-  for (int l = 0; l < kLanes; ++l) lane[l] = l;
-  for (int r = 0; r < padded; ++r) {
-    best[r][0] = best[r][1] = inf;
-    best_idx[r][0] = best_idx[r][1] = none;
+  vf best[2 * kBlockRows];
+  vi best_idx[2 * kBlockRows];
+  for (int r = 0; r < 2 * padded; ++r) {
+    vsplat(best[r], kInf);
+    vsplat(best_idx[r], -1);
   }
+  for (int64_t g = 0; g < db.n_groups; ++g)
+    for (int t = 0; t < tiles; ++t)
+      tile_min(xb + static_cast<size_t>(t) * kRows * dim, db, g, best + 2 * t * kRows, best_idx + 2 * t * kRows);
 
-  vf acc[kRows][2];
-  for (int64_t g = 0; g < db.n_groups; ++g) {
-    const float* group = db.packed.data() + g * dim * kGroup;
-    vf h0, h1;
-    vload(h0, db.half_norm.data() + g * kGroup);
-    vload(h1, db.half_norm.data() + g * kGroup + kLanes);
-    const vi j0 = lane + static_cast<int32_t>(g * kGroup);
-    const vi j1 = j0 + kLanes;
-    for (int t = 0; t < tiles; ++t) {
-      dot_tile(xb + static_cast<size_t>(t) * kRows * dim, group, dim, acc);
-      for (int i = 0; i < kRows; ++i) {
-        const int r = t * kRows + i;
-        keep_min(best[r][0], best_idx[r][0], h0 - acc[i][0], j0);
-        keep_min(best[r][1], best_idx[r][1], h1 - acc[i][1], j1);
-      }
-    }
-  }
   for (int r = 0; r < rows; ++r) {
     float bv = kInf;
     int32_t bi = -1;
     for (int h = 0; h < 2; ++h) {
       for (int l = 0; l < kLanes; ++l) {
-        const int32_t idx = best_idx[r][h][l];
-        const float v = best[r][h][l];
+        const int32_t idx = best_idx[2 * r + h][l];
+        const float v = best[2 * r + h][l];
         if (idx >= 0 && (bi < 0 || v < bv || (v == bv && idx < bi))) {
           bv = v;
           bi = idx;

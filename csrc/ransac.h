@@ -8,7 +8,9 @@
 //      1000 trials; the score is the inlier count of the best hypothesis.
 //
 // Everything is deterministic: a fixed pseudo-random generator (xoshiro256** seeded by splitmix64)
-// whose stream depends only on `seed`, and results that do not depend on the number of threads.
+// whose stream depends only on `seed` (the same on every platform), and results that do not depend
+// on the number of threads. Builds for different instruction sets (FMA contraction, vector width)
+// can only differ for points or descriptors within float rounding of a threshold or a tie.
 //
 // Relation to the official code (tensorflow/models research/delf/.../image_reranking.py, which
 // calls scipy's cKDTree and skimage.measure.ransac(AffineTransform, min_samples=3,

@@ -32,7 +32,7 @@ def _dataset(spec: str):
 
 def _demo(args) -> int:
     if args.dataset == "synthetic":
-        from .demo import run_synthetic_demo
+        from .synthetic import run_synthetic_demo
 
         run_synthetic_demo(seed=args.seed, out=sys.stdout)
         return 0

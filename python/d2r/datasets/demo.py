@@ -74,36 +74,36 @@ Licences of the source photos
 -----------------------------
 From the docstrings of ``skimage/data/__init__.py`` (scikit-image 0.26; the
 ``README.txt`` of that folder names no licences). Photos whose docstring states
-nothing are distributed as part of scikit-image (BSD-3-Clause). See
-:data:`LICENCES`.
+nothing ("not stated") are distributed as part of scikit-image
+(BSD-3-Clause). Full texts and links: :data:`LICENCES`.
 
-=====================  ==========  ============================================  ==================================================
-photo (file)           role        licence / copyright                           source
-=====================  ==========  ============================================  ==================================================
-astronaut.png          object      public domain (no known copyright)            NASA Great Images (Eileen Collins), flic.kr/p/r9qvLn
-chelsea.png            object      CC0 (photographer Stefan van der Walt)        scikit-image
-coffee.png             object      CC0 (photographer Rachel Michetti)            courtesy of Pikolo Espresso Bar
-motorcycle_left.png    object      not stated (skimage, BSD-3-Clause)            Middlebury 2014 stereo benchmark (Scharstein et al.)
-motorcycle_right.png   real view   not stated (skimage, BSD-3-Clause)            Middlebury 2014 stereo benchmark (Scharstein et al.)
-rocket.jpg             object      public domain (released by SpaceX)            SpaceX Photos on Flickr (DSCOVR launch)
-camera.png             object      CC0 (photographer Lav Varshney)               scikit-image (replaced in 0.18, issue #3927)
-coins.png              object      no known copyright restrictions               Brooklyn Museum Collection
-page.png               object      not stated (skimage, BSD-3-Clause)            scikit-image
-text.png               object      public domain (no known copyright)            Wikipedia, File:Corner.png
-logo.png               object      not stated (skimage, BSD-3-Clause)            scikit-image logo
-hubble_deep_field.jpg  object      public domain (NASA)                          HubbleSite, 2012 release 37
-ihc.png                object      no known copyright restrictions               Center for Microscopy And Molecular Imaging (CMMI)
-brick.png              background  CC0                                           CC0Textures (Bricks25), transformed by skimage
-grass.png              background  CC0                                           DeviantArt (linolafett, Grass-01)
-gravel.png             background  CC0                                           CC0Textures (Gravel04)
-moon.png               background  not stated (skimage, BSD-3-Clause)            scikit-image
-cell.png               background  CC0                                           Mueller et al., Optics Express 2018 (qpformat)
-clock_motion.png       background  public domain (Stefan van der Walt)           scikit-image
-retina.jpg             background  CC0 1.0                                       Wikimedia Commons (Mikael Haggstrom)
-color.png              background  not stated (skimage, BSD-3-Clause)            scikit-image colour wheel
-horse.png              background  CC0 (Andreas Preuss, marauder)                openclipart
-microaneurysms.png     background  CC0 (Andreas Maier)                           HRF fundus image database, 07_dr.JPG
-=====================  ==========  ============================================  ==================================================
+=====================  ==========  ==================================  ===================================
+photo (file)           role        licence / copyright                 source
+=====================  ==========  ==================================  ===================================
+astronaut.png          object      public domain (no known copyright)  NASA Great Images, flic.kr/p/r9qvLn
+chelsea.png            object      CC0 (Stefan van der Walt)           scikit-image
+coffee.png             object      CC0 (Rachel Michetti)               courtesy of Pikolo Espresso Bar
+motorcycle_left.png    object      not stated (skimage BSD-3)          Middlebury 2014 stereo (Scharstein)
+motorcycle_right.png   real view   not stated (skimage BSD-3)          Middlebury 2014 stereo (Scharstein)
+rocket.jpg             object      public domain (SpaceX)              SpaceX Photos on Flickr (DSCOVR)
+camera.png             object      CC0 (Lav Varshney)                  scikit-image (since 0.18, #3927)
+coins.png              object      no known copyright restrictions     Brooklyn Museum Collection
+page.png               object      not stated (skimage BSD-3)          scikit-image
+text.png               object      public domain (no known copyright)  Wikipedia, File:Corner.png
+logo.png               object      not stated (skimage BSD-3)          scikit-image logo
+hubble_deep_field.jpg  object      public domain (NASA)                HubbleSite, 2012 release 37
+ihc.png                object      no known copyright restrictions     CMMI (immunohistochemistry)
+brick.png              background  CC0                                 CC0Textures Bricks25 (transformed)
+grass.png              background  CC0                                 DeviantArt, linolafett Grass-01
+gravel.png             background  CC0                                 CC0Textures Gravel04
+moon.png               background  not stated (skimage BSD-3)          scikit-image
+cell.png               background  CC0                                 Mueller et al., Opt. Express 2018
+clock_motion.png       background  public domain (S. van der Walt)     scikit-image
+retina.jpg             background  CC0 1.0                             Wikimedia Commons (M. Haggstrom)
+color.png              background  not stated (skimage BSD-3)          scikit-image colour wheel
+horse.png              background  CC0 (Andreas Preuss)                openclipart
+microaneurysms.png     background  CC0 (Andreas Maier)                 HRF fundus database, 07_dr.JPG
+=====================  ==========  ==================================  ===================================
 
 The generated images are derivative works of these photos and carry the same
 terms.
@@ -141,7 +141,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_VERSION = 1
+_VERSION = 1  # bump whenever the generated images or gnd.json change (part of the cache key)
 _JPEG_QUALITY = 92
 
 #: Object photos, in canonical order (an object's random stream depends on its
@@ -264,11 +264,27 @@ def _available(data_dir: Path, names: Sequence[str]) -> List[str]:
     return [n for n in names if (data_dir / _FILES[n]).is_file()]
 
 
+def _strip_png_iccp(data: bytes) -> bytes:
+    """Drop ``iCCP`` chunks from PNG bytes (libpng warns about page.png's; the
+    pixels do not depend on it, OpenCV ignores colour profiles)."""
+    sig = b"\x89PNG\r\n\x1a\n"
+    if not data.startswith(sig):
+        return data
+    out, pos = [sig], len(sig)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if data[pos + 4:pos + 8] != b"iCCP":
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)
+
+
 def _read_photo(path: Path) -> np.ndarray:
     """A photo as HxWx3 uint8 BGR; alpha composited on white."""
     import cv2
 
-    buf = np.fromfile(str(path), dtype=np.uint8)
+    buf = np.frombuffer(_strip_png_iccp(Path(path).read_bytes()), dtype=np.uint8)
     im = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if im is None:
         raise ValueError(f"cannot decode {path}")
@@ -510,7 +526,7 @@ def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
         strength = 0.6
     elif kind == "hard":
         q = _place(rng, obj, W, H, area=(0.05, 0.20), rot=30.0, persp=0.15,
-                   vis=(0.98, 1.0), spread=0.9)
+                   vis=(0.9999, 1.0), spread=0.9, margin=0.01)
         strength = 1.0
     elif kind == "junk":
         if rng.random() < 0.5:  # mostly off the frame
@@ -518,7 +534,7 @@ def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
                        vis=(0.05, 0.20), spread=2.0)
         else:  # tiny, strong viewpoint change
             q = _place(rng, obj, W, H, area=(0.004, 0.012), rot=60.0, persp=0.2,
-                       vis=(0.98, 1.0), spread=0.9)
+                       vis=(0.9999, 1.0), spread=0.9, margin=0.01)
         strength = 1.0
     else:  # pragma: no cover - internal
         raise ValueError(kind)
@@ -545,7 +561,7 @@ def _query(rng, obj: np.ndarray, bgs: List[np.ndarray], size: int
     W, H = _canvas_size(rng, size, landscape=w >= h)
     canvas = _clutter(rng, bgs, W, H)
     q = _place(rng, obj, W, H, area=(0.35, 0.55), rot=4.0, persp=0.04,
-               vis=(0.995, 1.0), spread=0.3, margin=0.02)
+               vis=(0.9999, 1.0), spread=0.3, margin=0.02)
     mask = _paste(canvas, _illumination(rng, obj, 0.2), q)
     return canvas, _mask_box(mask)
 

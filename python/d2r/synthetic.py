@@ -1,4 +1,4 @@
-"""`d2r demo`: the whole indexing pipeline on built-in synthetic scenes.
+"""`d2r demo --dataset synthetic`: the indexing pipeline on synthetic descriptor scenes (no images).
 
 Each object is a set of local "parts" (unit 128-D descriptors); a view of an object draws some of its
 parts with noise. A database image shows an object small, inside clutter: its whole-image features
