@@ -28,7 +28,7 @@ Content
   ==========  ==================================================================
   ``easy``    the object fills most of the frame (>= 40 % of it; up to 35 % of
               the object may be cropped away)
-  ``hard``    the object pasted small (5-20 % of the frame area), fully inside,
+  ``hard``    the object pasted small (3-10 % of the frame area), fully inside,
               with a stronger viewpoint change, into a cluttered scene; a third
               of them are partly occluded by a clutter patch
   ``junk``    barely visible: pushed off the frame so that 5-20 % of it remains,
@@ -141,7 +141,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_VERSION = 1  # bump whenever the generated images or gnd.json change (part of the cache key)
+_VERSION = 2  # bump whenever the generated images or gnd.json change (part of the cache key)
 _JPEG_QUALITY = 92
 
 #: Object photos, in canonical order (an object's random stream depends on its
@@ -525,7 +525,7 @@ def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
                    vis=(0.65, 1.0), min_cover=0.4, spread=0.3)
         strength = 0.6
     elif kind == "hard":
-        q = _place(rng, obj, W, H, area=(0.05, 0.20), rot=30.0, persp=0.15,
+        q = _place(rng, obj, W, H, area=(0.03, 0.10), rot=30.0, persp=0.15,
                    vis=(0.9999, 1.0), spread=0.9, margin=0.01)
         strength = 1.0
     elif kind == "junk":
@@ -731,7 +731,7 @@ def _generate(out: Path, params, data_dir: Path, set_hash: str) -> None:
         "licences": {n: LICENCES[n] for n in sources},
         "notes": ("d2r demo set generated from scikit-image sample photos "
                   "(see d2r.datasets.demo; licences in 'licences'). Synthetic views: "
-                  "easy = object fills the frame, hard = small (5-20% of the frame) in "
+                  "easy = object fills the frame, hard = small (3-10% of the frame) in "
                   "clutter, junk = barely visible; boxes are x1,y1,x2,y2 pixels."),
     }
     with open(out / "gnd.json", "w", encoding="utf-8") as f:
@@ -774,7 +774,7 @@ def load_demo_set(folder: PathLike) -> DemoSet:
 
 
 def make_demo_set(root: Optional[PathLike] = None, seed: int = 0, n_views: int = 8,
-                  n_distractors: int = 20, size: int = 800, *,
+                  n_distractors: int = 40, size: int = 1024, *,
                   objects: Optional[Sequence[str]] = None, force: bool = False,
                   verbose: bool = False) -> DemoSet:
     """Build (or reuse) the demo set and return it as a :class:`DemoSet`.
