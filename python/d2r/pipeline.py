@@ -72,14 +72,17 @@ def extract_queries(dataset, extractor, progress=True):
 
 
 def database_regions(dataset, extractor, db_features, proposals="dataset", max_boxes=8, progress=True):
-    """Per database image: (region descriptor list with region 0 the whole image, boxes used)."""
+    """Per database image: (region descriptor list with region 0 the whole image, boxes used, all
+    the image's features: the whole image's and the crops' with locations in whole-image pixels)."""
+    from .extract import Features
     from .regions import _load_image_rgb, grid_proposals, regions_by_reextraction
 
-    regions, boxes_used = [], []
+    regions, boxes_used, region_feats = [], [], []
     for i, path in _bar(enumerate(dataset.imlist), len(dataset.imlist), "region features", progress):
         if proposals == "none":
             regions.append([db_features[i].descriptors])
             boxes_used.append(np.zeros((0, 4)))
+            region_feats.append(db_features[i])
             continue
         img = _load_image_rgb(path)
         if proposals == "dataset":
@@ -90,11 +93,14 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
             boxes, scores = proposals(img)
         else:
             raise ValueError(f"unknown proposals {proposals!r}: 'dataset', 'grid', 'none' or a callable")
-        regs, _, _ = regions_by_reextraction(img, extractor, boxes, None, whole_features=db_features[i],
-                                             max_boxes=max_boxes)
+        regs, _, crops = regions_by_reextraction(img, extractor, boxes, None, whole_features=db_features[i],
+                                                 max_boxes=max_boxes)
         regions.append(regs)
         boxes_used.append(boxes[:max_boxes])
-    return regions, boxes_used
+        parts = [db_features[i]] + list(crops)
+        region_feats.append(Features(*(np.concatenate([np.asarray(getattr(f, a)) for f in parts])
+                                       for a in ("descriptors", "locations", "scales", "scores"))))
+    return regions, boxes_used, region_feats
 
 
 def _evaluate(ranks, gnd, families=None):
@@ -110,8 +116,11 @@ def _evaluate(ranks, gnd, families=None):
 
 def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8, rerank=False,
         rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
-        codebook_sample=200_000):
-    """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}."""
+        codebook_sample=200_000, match_distance=None):
+    """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}.
+    Spatial verification uses the official settings (top 100, affine RANSAC, 1,000 trials, 10 px)
+    with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
+    attribute, else the official 0.9 for DELF)."""
     t_start = time.perf_counter()
     if extractor is None:
         from .extract import RootSIFT
@@ -125,7 +134,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
     q_feat = extract_queries(dataset, extractor, progress)
     t_extract = time.perf_counter() - t
     t = time.perf_counter()
-    regions, boxes = database_regions(dataset, extractor, db_feat, proposals, max_boxes, progress)
+    regions, boxes, region_feat = database_regions(dataset, extractor, db_feat, proposals, max_boxes, progress)
     t_regions = time.perf_counter() - t
     print(f"features: {len(db_paths)} database images, {len(q_feat)} queries, "
           f"{np.mean([len(f.descriptors) for f in db_feat]):.0f} descriptors/image ({t_extract:.1f} s); "
@@ -175,7 +184,10 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         if rerank:
             from .verify import rerank_protocol
 
-            mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat, dataset.gnd, top=rerank_top, seed=seed)
+            md = match_distance if match_distance is not None else getattr(extractor, "match_distance", 0.9)
+            # regional methods verify against all the image's features (whole image + re-extracted crops)
+            mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat if form == "whole" else region_feat,
+                                          dataset.gnd, top=rerank_top, seed=seed, max_distance=md)
         results.append(mr)
 
     _print_table(results, out, rerank)

@@ -90,24 +90,21 @@ def ranking_strip(dataset, qi, ranks, gnd, boxes, height=140, top=10):
 def matches_figure(dataset, qi, dbi, q_feat, db_feat, height=320, seed=0):
     """Side by side query / database image with the inlier matches of spatial verification."""
     cv2 = _cv2()
-    from .verify import match_descriptors, verify_pair
+    from .verify import verify_pair
 
     qa, da = _load(dataset.qimlist[qi]), _load(dataset.imlist[dbi])
     qt, sq = _thumb(qa, height)
     dt, sd = _thumb(da, height)
     canvas = _hstack([qt, dt], gap=10)
     res = verify_pair(q_feat, db_feat, seed=seed)
-    inliers, mask = res[0], res[2] if len(res) > 2 else None
-    pairs = match_descriptors(q_feat.descriptors, db_feat.descriptors)
-    pairs = np.asarray(pairs).reshape(-1, 2) if not isinstance(pairs, tuple) else np.stack(pairs, 1)
     off = qt.shape[1] + 10
-    for k, (a, b) in enumerate(pairs):
-        good = mask is not None and k < len(mask) and bool(mask[k])
+    for (a, b), good in zip(res.matches, res.inlier_mask):
         if not good:
             continue
         ya, xa = q_feat.locations[a]
         yb, xb = db_feat.locations[b]
         cv2.line(canvas, (int(xa * sq), int(ya * sq)), (int(xb * sd) + off, int(yb * sd)), GREEN, 1, cv2.LINE_AA)
+    inliers = res.inliers
     return canvas, int(inliers)
 
 

@@ -265,6 +265,12 @@ class RootSIFT:
     be used with :func:`extract_many` and ``workers > 1``.
     """
 
+    #: Descriptor distance below which two features match in spatial verification. The official
+    #: 0.9 is set for DELF descriptors; RootSIFT descriptors are non-negative, so unrelated ones are
+    #: close too (0.9 admits mostly false matches and RANSAC then finds 10-25 chance inliers between
+    #: unrelated images). d2r.pipeline uses this value when it verifies RootSIFT features.
+    match_distance = 0.4
+
     def __init__(self, max_features: Optional[int] = 1000,
                  max_image_size: Optional[int] = None, *,
                  n_octave_layers: int = 3, contrast_threshold: float = 0.04,
