@@ -232,7 +232,7 @@ def run(args, C, pool, book, rng, realmix_arrays=None):
     q_nw = np.array([len(index.aggregate(q, query=True)) for q in qs])
     scores_d2r, _ = index.score_all(qs)  # insertion order = asmk's image order
     asmk_scores = np.vstack([r[0] for r in res_asmk])
-    db_nw = np.array([len(index.aggregate(d)) for d in db])
+    db_nw = index.word_counts  # insertion order = asmk's order
     conv = asmk_baseline.asmk_scores_to_d2r(asmk_scores, tm["q_nwords"], built.db_nwords, gamma=True,
                                             q_nwords_d2r=q_nw, db_nwords_d2r=db_nw)
     diff = np.abs(conv - scores_d2r)

@@ -13,7 +13,7 @@ namespace {
 
 constexpr double kWordThreshold = 1e-6;  // a word is kept when ||v[k]|| > 1e-6
 constexpr double kNormFloor = 1e-12;     // l2n(v) = v / sqrt(max(||v||^2, 1e-12))
-constexpr size_t kPrefetch = 4;          // descriptors fetched ahead in residual_sums
+constexpr size_t kPrefetch = 8;          // descriptors fetched ahead in residual_sums
 
 // Residual sums per word of one region: words ascending, sums (n_words_in_region x dim, double).
 struct WordSums {
@@ -108,9 +108,9 @@ struct ImageCodes {
     pack_signs(scratch.data(), dim, bits.data() + bits.size() - nb);
   }
   void emit_unit(int32_t w, const double* v, double ss) {
-    const double norm = std::sqrt(std::max(ss, kNormFloor));
+    const double inv = 1.0 / std::sqrt(std::max(ss, kNormFloor));  // l2n as v * (1 / norm)
     float* c = emit(w);
-    for (int t = 0; t < dim; ++t) c[t] = static_cast<float>(v[t] / norm);
+    for (int t = 0; t < dim; ++t) c[t] = static_cast<float>(v[t] * inv);
     finish_word();
   }
 };
@@ -201,6 +201,46 @@ void aggregate_image(const AggInput& in, const RegionLayout& lay, int64_t img, A
   }
 }
 
+// ASMK of one single-region image with the work split across threads by word (used when a call
+// holds fewer images than threads, e.g. one query): the same sums in the same order as residual_sums,
+// so the result is identical to the serial path.
+void aggregate_one_parallel(const AggInput& in, const RegionLayout& lay, int64_t img, ImageCodes& out) {
+  const int dim = in.dim, m = in.m;
+  const int64_t region = lay.image_regions[img];
+  const int64_t b = lay.region_members[region], e = lay.region_members[region + 1];
+  std::vector<uint64_t> keys;
+  keys.reserve((e - b) * m);
+  for (int64_t j = b; j < e; ++j) {
+    const int64_t d = lay.members ? lay.members[j] : j;
+    for (int a = 0; a < m; ++a)
+      keys.push_back((static_cast<uint64_t>(static_cast<uint32_t>(in.assign[d * m + a])) << 32) |
+                     static_cast<uint64_t>(j - b));
+  }
+  std::sort(keys.begin(), keys.end());
+  std::vector<size_t> run_start;
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (i == 0 || (keys[i] >> 32) != (keys[i - 1] >> 32)) run_start.push_back(i);
+  const int64_t n_runs = static_cast<int64_t>(run_start.size());
+  run_start.push_back(keys.size());
+  std::vector<double> sums(static_cast<size_t>(n_runs) * dim, 0.0);
+  std::vector<double> ss(n_runs, 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const int32_t w = static_cast<int32_t>(keys[run_start[r]] >> 32);
+    const float* c = in.centroids + static_cast<int64_t>(w) * dim;
+    double* v = sums.data() + r * dim;
+    for (size_t i = run_start[r]; i < run_start[r + 1]; ++i) {
+      const int64_t j = b + static_cast<int64_t>(keys[i] & 0xffffffffu);
+      const float* xr = in.x + (lay.members ? lay.members[j] : j) * dim;
+      for (int t = 0; t < dim; ++t) v[t] += static_cast<double>(xr[t]) - static_cast<double>(c[t]);
+    }
+    ss[r] = squared_norm(v, dim);
+  }
+  for (int64_t r = 0; r < n_runs; ++r)
+    if (std::sqrt(ss[r]) > kWordThreshold)
+      out.emit_unit(static_cast<int32_t>(keys[run_start[r]] >> 32), sums.data() + r * dim, ss[r]);
+}
+
 void check_layout(const AggInput& in, const RegionLayout& lay) {
   D2R_CHECK(in.dim > 0, "descriptor dimension must be positive");
   D2R_CHECK(in.m >= 1, "multiple assignment m must be >= 1");
@@ -238,13 +278,25 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
   const int n_bytes = packed_bytes(dim);
   const int64_t n_img = lay.n_images;
   std::vector<ImageCodes> per_image(n_img);
-#pragma omp parallel
-  {
+  if (n_img < num_threads()) {
+    // Few images (a query): split each image's words across the threads instead.
     WordSums ws;
-#pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < n_img; ++i) {
       per_image[i].reset(binary, dim);
-      aggregate_image(in, lay, i, kind, ws, per_image[i]);
+      if (kind == AggKind::kAsmk && lay.image_regions[i + 1] - lay.image_regions[i] == 1)
+        aggregate_one_parallel(in, lay, i, per_image[i]);
+      else
+        aggregate_image(in, lay, i, kind, ws, per_image[i]);
+    }
+  } else {
+#pragma omp parallel
+    {
+      WordSums ws;
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t i = 0; i < n_img; ++i) {
+        per_image[i].reset(binary, dim);
+        aggregate_image(in, lay, i, kind, ws, per_image[i]);
+      }
     }
   }
   out->word_offsets.assign(n_img + 1, 0);

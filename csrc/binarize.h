@@ -11,7 +11,13 @@ namespace d2r {
 
 D2R_HD void pack_signs(const float* code, int dim, uint8_t* out) {
   const int n_bytes = (dim + 7) / 8;
-  for (int b = 0; b < n_bytes; ++b) {
+  const int full = dim / 8;
+  for (int b = 0; b < full; ++b) {  // branch-free for whole bytes
+    unsigned byte = 0;
+    for (int j = 0; j < 8; ++j) byte |= static_cast<unsigned>(code[8 * b + j] > 0.0f) << (7 - j);
+    out[b] = static_cast<uint8_t>(byte);
+  }
+  for (int b = full; b < n_bytes; ++b) {
     uint8_t byte = 0;
     for (int j = 0; j < 8; ++j) {
       const int d = 8 * b + j;

@@ -77,6 +77,11 @@ class Index:
     def __contains__(self, image_id) -> bool:
         return self._ivf.contains(int(image_id))
 
+    @property
+    def word_counts(self) -> np.ndarray:
+        """Number of stored words of each indexed entry, in insertion order (as `ids`)."""
+        return np.array(self._ivf.export()["word_counts"])
+
     def stats(self) -> dict:
         n = len(self)
         entries = self._ivf.n_entries
@@ -257,7 +262,7 @@ class Index:
         concatenated descriptors."""
         kk = self._check_k(k)
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
-        x, offs, _ = self._as_images([queries] if single else list(queries), None)
+        x, offs, _ = self._as_images(queries if single else list(queries), None)
         parts_s, parts_i = [], []
         for _, batch in self._aggregate_chunks(x, offs, True, progress, assignments):
             s, i = self._search_batch(batch, kk)

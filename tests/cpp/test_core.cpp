@@ -11,6 +11,7 @@
 #include "common.h"
 #include "ivf.h"
 #include "quantize.h"
+#include "ransac.h"
 #include "selectivity.h"
 #include "topk.h"
 
@@ -246,6 +247,39 @@ static void test_shared_helpers() {
   EXPECT(hamming(a, b, 10) == 9);
 }
 
+static void test_ransac_known_affine() {
+  // 60 points mapped by a known affine map, 20 of them replaced by outliers.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(0.0f, 500.0f);
+  const int n = 60;
+  std::vector<float> src(2 * n), dst(2 * n);
+  for (int i = 0; i < n; ++i) {
+    const float x = u(rng), y = u(rng);
+    src[2 * i] = x;
+    src[2 * i + 1] = y;
+    dst[2 * i] = 0.9f * x - 0.2f * y + 30.0f;
+    dst[2 * i + 1] = 0.1f * x + 1.1f * y - 12.0f;
+    if (i % 3 == 0) {
+      dst[2 * i] = u(rng);
+      dst[2 * i + 1] = u(rng);
+    }
+  }
+  float model[6];
+  std::vector<uint8_t> mask(n);
+  RansacParams p;
+  const int inl = affine_ransac(src.data(), dst.data(), n, p, model, mask.data());
+  EXPECT(inl >= 40 && inl <= 42);
+  EXPECT_NEAR(model[0], 0.9f, 1e-3);
+  EXPECT_NEAR(model[2], 30.0f, 0.1f);
+  EXPECT_NEAR(model[5], -12.0f, 0.1f);
+  int counted = 0;
+  for (uint8_t m : mask) counted += m;
+  EXPECT(counted == inl);
+  // same seed, same answer; fewer than 3 points: no model, no crash
+  EXPECT(affine_ransac(src.data(), dst.data(), n, p, nullptr, nullptr) == inl);
+  EXPECT(affine_ransac(src.data(), dst.data(), 2, p, model, mask.data()) == 0);
+}
+
 int main() {
   test_quantize_golden();
   test_quantize_random();
@@ -254,6 +288,7 @@ int main() {
   test_ivf_add_remove();
   test_topk_ties();
   test_shared_helpers();
+  test_ransac_known_affine();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;
 }
