@@ -141,6 +141,9 @@ def run(args, C, pool, book, rng, realmix_arrays=None):
         n_db = 146
         qpool = np.vstack(realmix_arrays[n_db:])
         centroids = qpool[rng.choice(len(qpool), min(C, len(qpool)), replace=False)]
+        # jittered so that no descriptor equals a centroid: asmk keeps a word whose residual is zero,
+        # d2r drops it (METHOD.md section 3), and the agreement check compares like with like
+        centroids = (centroids + 1e-3 * rng.standard_normal(centroids.shape)).astype(np.float32)
         C = len(centroids)
         out["C"] = C
     cb = d2r.Codebook(centroids)

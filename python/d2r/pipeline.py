@@ -116,11 +116,12 @@ def _evaluate(ranks, gnd, families=None):
 
 def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8, rerank=False,
         rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
-        codebook_sample=200_000, match_distance=None):
+        codebook_sample=200_000, match_distance=None, codebook=None):
     """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}.
     Spatial verification uses the official settings (top 100, affine RANSAC, 1,000 trials, 10 px)
     with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
-    attribute, else the official 0.9 for DELF)."""
+    attribute, else the official 0.9 for DELF). `codebook`: a d2r.Codebook to use instead of training
+    one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it)."""
     t_start = time.perf_counter()
     if extractor is None:
         from .extract import RootSIFT
@@ -140,15 +141,18 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
           f"{np.mean([len(f.descriptors) for f in db_feat]):.0f} descriptors/image ({t_extract:.1f} s); "
           f"regions ({proposals}): {np.mean([len(r) for r in regions]):.1f}/image ({t_regions:.1f} s)", file=out)
 
-    rng = np.random.default_rng(seed)
-    sample = np.vstack([f.descriptors for f in db_feat])
-    if len(sample) > codebook_sample:
-        sample = sample[rng.choice(len(sample), codebook_sample, replace=False)]
-    n_words = min(n_words, len(sample))
-    t = time.perf_counter()
-    codebook = Codebook.train(sample, n_words, niter=10, seed=seed)
-    print(f"codebook: {n_words} words, k-means on {len(sample)} descriptors ({time.perf_counter() - t:.1f} s)",
-          file=out)
+    if codebook is None:
+        rng = np.random.default_rng(seed)
+        sample = np.vstack([f.descriptors for f in db_feat])
+        if len(sample) > codebook_sample:
+            sample = sample[rng.choice(len(sample), codebook_sample, replace=False)]
+        n_words = min(n_words, len(sample))
+        t = time.perf_counter()
+        codebook = Codebook.train(sample, n_words, niter=10, seed=seed)
+        print(f"codebook: {n_words} words, k-means on {len(sample)} descriptors "
+              f"({time.perf_counter() - t:.1f} s)", file=out)
+    else:
+        print(f"codebook: given, {codebook.n_words} words", file=out)
 
     if methods is None:
         methods = [
