@@ -79,19 +79,20 @@ def find_shared_data() -> Optional[Path]:
     """Return the shared ``data`` folder, or ``None`` if it cannot be found.
 
     Checks ``$D2R_SHARED_DATA`` first, then ``shared/data`` in every ancestor
-    folder of this source file (covers ``<repo>/shared/data`` and
-    ``<repo>/../shared/data``).
+    folder of this source file and of the working directory (covers
+    ``<repo>/shared/data`` and ``<repo>/../shared/data`` for an in-place build
+    or a command run inside the repository).
     """
     env = os.environ.get(ENV_SHARED_DATA)
     if env:
         p = Path(env).expanduser()
         if p.is_dir():
             return p.resolve()
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
+    for start in (Path(__file__).resolve(), Path.cwd().resolve() / "_"):
+        for parent in start.parents:
+            cand = parent / "shared" / "data"
+            if cand.is_dir():
+                return cand
     return None
 
 
