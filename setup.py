@@ -41,11 +41,16 @@ class CMakeBuild(build_ext):
             "-DD2R_BUILD_PYTHON=ON",
         ]
         try:
-            import ninja  # noqa: F401
+            import ninja
 
-            args.append("-GNinja")
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}"]
         except ImportError:
             pass
+        # pip builds in a fresh temporary environment each time: a cache left by an earlier build
+        # points at tools that no longer exist, so configure from scratch (objects are still reused).
+        cache = build_temp / "CMakeCache.txt"
+        if cache.exists():
+            cache.unlink()
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--target", "_native", "-j", jobs], cwd=build_temp, check=True)
