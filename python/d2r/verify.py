@@ -61,6 +61,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._checks import as_descriptors
 from . import _native
 
 __all__ = [
@@ -90,22 +91,12 @@ _UINT64_MAX = (1 << 64) - 1
 # validation
 # --------------------------------------------------------------------------- #
 def _as_float32_2d(x: Any, name: str, cols: Optional[int] = None) -> np.ndarray:
-    if hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} is a GPU array; spatial verification takes host (numpy) arrays")
-    arr = np.asarray(x)
-    if arr.dtype == np.float64 or arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    elif arr.dtype != np.float32:
-        raise TypeError(f"{name} must be float32 (or float64), got dtype {arr.dtype}")
-    if arr.ndim == 1 and arr.size == 0:
-        arr = arr.reshape(0, cols if cols is not None else 0)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
-    if cols is not None and arr.shape[1] != cols:
-        raise ValueError(f"{name} must have {cols} columns, got shape {arr.shape}")
-    if arr.size and not np.isfinite(arr).all():
-        raise ValueError(f"{name} contain NaN or Inf")
-    return np.ascontiguousarray(arr)
+    """d2r's descriptor check (`_checks.as_descriptors`), also accepting float16 and an empty 1-D array."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float16:
+        x = x.astype(np.float32)
+    if isinstance(x, np.ndarray) and x.ndim == 1 and x.size == 0:
+        x = x.reshape(0, cols if cols is not None else 0)
+    return as_descriptors(x, cols, name)
 
 
 def _unpack(features: Any, name: str, dim: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
