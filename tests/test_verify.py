@@ -478,3 +478,33 @@ def test_real_photos_graffiti_vs_unrelated():
     order, inliers = rerank(f1, [fu, f2], [1.0, 0.5])
     assert order.tolist() == [1, 0]
     assert inliers[1] == same.inliers and inliers[0] == other.inliers
+
+
+def test_search_and_rerank_puts_the_verified_match_first():
+    """The search-API entry point: a database image that is a true geometric match of the query rises
+    above one that only shares visual words; unverified tail keeps its order."""
+    import d2r
+    from d2r.extract import Features
+    from d2r.verify import search_and_rerank
+
+    rng = np.random.default_rng(3)
+    n, dim = 300, 32
+    desc = rng.random((n, dim)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    xy = rng.uniform(0, 400, (n, 2)).astype(np.float32)
+    q = Features(desc, xy, np.ones(n, np.float32), np.ones(n, np.float32))
+    # image 0: same descriptors, locations permuted (no geometric consistency)
+    perm = rng.permutation(n)
+    bad = Features(desc, xy[perm], np.ones(n, np.float32), np.ones(n, np.float32))
+    # image 1: same descriptors, locations under an affine map
+    A = np.array([[0.9, 0.1], [-0.1, 1.05]], np.float32)
+    good = Features(desc, xy @ A.T + 20, np.ones(n, np.float32), np.ones(n, np.float32))
+    others = [Features(rng.random((50, dim)).astype(np.float32) / 4, rng.uniform(0, 400, (50, 2)).astype(np.float32),
+                       np.ones(50, np.float32), np.ones(50, np.float32)) for _ in range(5)]
+    feats = [bad, good] + others
+    cb = d2r.Codebook(desc[:16])
+    index = d2r.Index(cb, "asmk*")
+    index.add([f.descriptors for f in feats])
+    ids, inliers, scores = search_and_rerank(index, q, feats, k=5, top=3)
+    assert ids[0] == 1 and inliers[0] > inliers[1]
+    assert len(ids) == 5 and np.all(inliers[3:] == -1)

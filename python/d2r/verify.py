@@ -342,3 +342,25 @@ def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = 
     result["ranks"] = out_ranks
     result["seconds_per_query"] = seconds
     return result
+
+
+def search_and_rerank(index, query_features, db_features, k: int = 100, top: int = NUM_TO_RERANK, seed: int = 0,
+                      **verify_kw):
+    """Search, then spatially verify the plain top `top` results (the search-API entry point; the
+    evaluation uses :func:`rerank_protocol`).
+
+    index: a d2r.Index (or RegionalSearchIndex); query_features: the query's Features;
+    db_features: image id -> Features (a dict, or a sequence indexed by id). Returns
+    (ids, inliers, scores): the first max(k, top) results re-sorted by (inliers desc, initial score
+    desc, initial rank asc) for the verified head, the rest in their initial order, cut to k;
+    inliers is -1 for results that were not verified; scores are the initial similarity scores.
+    """
+    n = max(int(k), int(top))
+    scores, ids = index.search(_unpack(query_features, "query_features")[0], k=n)
+    head = min(int(top), len(ids))
+    order, inl = rerank(query_features, [db_features[int(i)] for i in ids[:head]], scores[:head], top=head,
+                        seed=seed, **verify_kw)
+    new_ids = np.concatenate([ids[:head][order], ids[head:]])[:k]
+    new_scores = np.concatenate([scores[:head][order], scores[head:]])[:k]
+    new_inl = np.concatenate([inl[order], np.full(len(ids) - head, -1, np.int64)])[:k]
+    return new_ids, new_inl, new_scores
