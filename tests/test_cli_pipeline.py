@@ -91,3 +91,45 @@ def test_pipeline_on_small_demo_set_writes_report(tmp_path):
     assert "data:image/png;base64," in html and "<table>" in html
     assert len(list((tmp_path / "report").glob("*.png"))) >= 2
     assert "mAP E" in buf.getvalue()
+
+
+def test_feature_store_is_resumable_and_skips_bad_images(tmp_path):
+    from d2r.extract import RootSIFT
+    from d2r.features import extract_dataset, load_features
+
+    paths = _images(tmp_path, n=5)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    good = cv2.imencode(".jpg", cv2.imread(str(paths[0])))[1].tobytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    bad = [tmp_path / "empty.jpg", tmp_path / "garbage.jpg", tmp_path / "truncated.jpg"]
+    sift = RootSIFT(max_features=200)
+    calls = []
+
+    class Interrupting:
+        def __call__(self, image):
+            calls.append(str(image))
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # a crash mid-run
+            return sift(image)
+
+    store = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extract_dataset(paths, store, Interrupting(), shard_size=2, progress=False)
+    assert len(list(store.glob("shard-*.npz"))) == 1          # the complete shard survived, nothing half-written
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]
+    calls.clear()
+    stored, errors = extract_dataset(paths + bad, store, lambda im: (calls.append(str(im)), sift(im))[1],
+                                     shard_size=2, progress=False)
+    assert str(paths[0]) not in calls and str(paths[1]) not in calls   # already stored: skipped
+    assert sorted(e[0] for e in errors) == sorted(str(b) for b in bad) # reported, run not aborted
+    assert sorted(stored) == sorted(str(p) for p in paths)
+    names, feats = load_features(store)
+    assert sorted(names) == sorted(str(p) for p in paths)
+    direct = sift(paths[3])
+    got = feats[names.index(str(paths[3]))]
+    np.testing.assert_array_equal(got.descriptors, direct.descriptors)
+    import json
+    assert len(json.loads((store / "errors.json").read_text())) == 3
+    # the CLI takes the folder too
+    assert main(["train-codebook", str(store), "--words", "16", "--iters", "3", "--out", str(tmp_path / "cb.npy")]) == 0

@@ -63,12 +63,19 @@ def _images(paths):
 
 def _extract(args) -> int:
     from .extract import RootSIFT, extract_many
-    from .features import save_features
+    from .features import extract_dataset, save_features
 
     paths = _images(args.images)
-    feats = extract_many(RootSIFT(max_features=args.max_features), [str(p) for p in paths], workers=args.workers)
-    save_features(args.out, [str(p) for p in paths], feats)
-    print(f"{len(paths)} images, {sum(len(f.descriptors) for f in feats)} descriptors -> {args.out}")
+    sift = RootSIFT(max_features=args.max_features)
+    if str(args.out).endswith(".npz"):
+        feats = extract_many(sift, [str(p) for p in paths], workers=args.workers)
+        save_features(args.out, [str(p) for p in paths], feats)
+        print(f"{len(paths)} images, {sum(len(f.descriptors) for f in feats)} descriptors -> {args.out}")
+        return 0
+    stored, errors = extract_dataset(paths, args.out, sift)
+    for name, err in errors:
+        print(f"skipped {name}: {err}", file=sys.stderr)
+    print(f"{len(stored)} images stored in {args.out} ({len(errors)} unreadable, listed in errors.json)")
     return 0
 
 
@@ -156,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="skip spatial verification")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("extract", help="RootSIFT features of images (files, folders or .txt lists) into a .npz store")
+    p = sub.add_parser("extract", help="RootSIFT features of images (files, folders or .txt lists) into a "
+                                       "feature store: a resumable folder of shards, or one .npz file")
     p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a folder (resumable; unreadable images are skipped and "
+                                                "listed in errors.json) or a file ending in .npz")
     p.add_argument("--max-features", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_extract)
