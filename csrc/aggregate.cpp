@@ -80,12 +80,6 @@ struct ImageCodes {
   std::vector<uint8_t> bits;  // binary kernels
   std::vector<float> scratch;
 
-  void swap_out(ImageCodes& other) {  // frees other's buffers
-    std::swap(words, other.words);
-    std::swap(codes, other.codes);
-    std::swap(bits, other.bits);
-    std::swap(scratch, other.scratch);
-  }
   void reset(bool bin, int d) {
     binary = bin;
     dim = d;
@@ -315,7 +309,7 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
     std::copy(ic.words.begin(), ic.words.end(), out->words.begin() + o);
     if (binary) std::copy(ic.bits.begin(), ic.bits.end(), out->bits.begin() + o * n_bytes);
     else std::copy(ic.codes.begin(), ic.codes.end(), out->codes.begin() + o * dim);
-    ImageCodes().swap_out(ic);
+    ic = ImageCodes();  // free this image's buffers
   }
 }
 

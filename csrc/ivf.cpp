@@ -206,7 +206,6 @@ void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, co
   D2R_CHECK(offsets[0] == 0, "corrupt index: posting offsets must start at 0");
   for (int64_t w = 0; w < n_words_; ++w)
     D2R_CHECK(offsets[w + 1] >= offsets[w], "corrupt index: posting offsets must be non-decreasing");
-  const int64_t total = offsets[n_words_];
   std::vector<int64_t> counted(n_images, 0);
   for (int64_t w = 0; w < n_words_; ++w) {
     for (int64_t j = offsets[w]; j < offsets[w + 1]; ++j) {
@@ -221,7 +220,6 @@ void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, co
     D2R_CHECK(image_ids[s] >= 0 && map.emplace(image_ids[s], static_cast<uint32_t>(s)).second,
               "corrupt index: negative or duplicate image id");
   }
-  (void)total;
   std::unique_lock<std::shared_mutex> lock(mutex_);
   for (int64_t w = 0; w < n_words_; ++w) {
     std::vector<uint32_t>().swap(dslot_[w]);

@@ -103,6 +103,17 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
     return regions, boxes_used, region_feats
 
 
+def default_methods(codebook):
+    """The compared methods: (name, index factory, "whole" or "regions" database input)."""
+    return [
+        ("ASMK*", lambda: Index(codebook, "asmk*"), "whole"),
+        ("R-ASMK* (gamma on)", lambda: Index(codebook, "rasmk*"), "regions"),
+        ("R-ASMK* (gamma off, official)", lambda: Index(codebook, "rasmk*", normalize=False), "regions"),
+        ("Regional search, max", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="max"), "regions"),
+        ("Regional search, mean", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="mean"), "regions"),
+    ]
+
+
 def _evaluate(ranks, gnd, families=None):
     res = revisited(ranks, gnd)
     per_family = {}
@@ -155,13 +166,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         print(f"codebook: given, {codebook.n_words} words", file=out)
 
     if methods is None:
-        methods = [
-            ("ASMK*", lambda: Index(codebook, "asmk*"), "whole"),
-            ("R-ASMK* (gamma on)", lambda: Index(codebook, "rasmk*"), "regions"),
-            ("R-ASMK* (gamma off, official)", lambda: Index(codebook, "rasmk*", normalize=False), "regions"),
-            ("Regional search, max", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="max"), "regions"),
-            ("Regional search, mean", lambda: RegionalSearchIndex(codebook, "asmk*", pooling="mean"), "regions"),
-        ]
+        methods = default_methods(codebook)
     families = getattr(dataset, "query_families", None)
     results = []
     n_db = len(db_paths)

@@ -250,26 +250,20 @@ def regions_by_selection(features, boxes, scores=None, image_size=None, **select
 
 
 def _load_image_rgb(path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB (colour decode as d2r.extract.load_image_gray does)."""
-    from .extract.rootsift import ImageLoadError, ImageNotFoundError
-
-    p = os.fspath(path)
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    if not os.path.exists(p):
-        raise ImageNotFoundError(f"image file not found: {p!r}")
-    if os.path.isdir(p):
-        raise ImageLoadError(f"cannot read image {p!r}: it is a directory")
+    """An image file as HxWx3 uint8 RGB: OpenCV (d2r.extract.read_image_rgb), Pillow without it."""
     try:
-        import cv2
+        import cv2  # noqa: F401
     except ImportError:
         cv2 = None
     if cv2 is not None:
-        buf = np.fromfile(p, dtype=np.uint8)
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-        if bgr is None or bgr.size == 0:
-            raise ImageLoadError(f"cannot decode image file {p!r}: not a supported/valid image (corrupt?)")
-        return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        from .extract.rootsift import read_image_rgb
+
+        return read_image_rgb(path)
+    from .extract.rootsift import ImageLoadError, ImageNotFoundError
+
+    p = os.fsdecode(os.fspath(path))
+    if not os.path.exists(p):
+        raise ImageNotFoundError(f"image file not found: {p!r}")
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .codebook import Codebook
-from .index import Index, RegionalSearchIndex
+from .pipeline import default_methods
 
 
 def _views(rng, parts, n, noise):
@@ -77,13 +77,7 @@ def run_synthetic_demo(n_objects=60, n_clutter=600, n_words=1024, seed=0, out=sy
         cb = Codebook(sample[rng.choice(sample.shape[0], n_words, replace=False)])
         how = "random sample (faiss not installed)"
     print(f"codebook: {how}, {time.perf_counter() - t0:.1f} s", file=out)
-    methods = [
-        ("ASMK* (whole image)", lambda: Index(cb, "asmk*"), "whole"),
-        ("R-ASMK* (gamma on)", lambda: Index(cb, "rasmk*"), "regions"),
-        ("R-ASMK* (gamma off, official)", lambda: Index(cb, "rasmk*", normalize=False), "regions"),
-        ("Regional search, max", lambda: RegionalSearchIndex(cb, "asmk*", pooling="max"), "regions"),
-        ("Regional search, mean", lambda: RegionalSearchIndex(cb, "asmk*", pooling="mean"), "regions"),
-    ]
+    methods = default_methods(cb)
     rows = []
     for name, make, form in methods:
         idx = make()
@@ -106,5 +100,5 @@ def run_synthetic_demo(n_objects=60, n_clutter=600, n_words=1024, seed=0, out=sy
     for r in rows:
         print(f"{r[0]:32s} {r[1]:7.1f} {r[2]:8d} {r[3]:10.0f} {r[4]:8.2f} {r[5]:9.2f}", file=out)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s. Synthetic descriptors: see `d2r demo --help`; "
-          "the real-photo pipeline needs the extractor and dataset modules.", file=out)
+          "`d2r demo` (without --dataset synthetic) runs the real-photo pipeline.", file=out)
     return rows

@@ -158,9 +158,13 @@ def _array_to_gray(arr: np.ndarray, what: str = "image array") -> np.ndarray:
         f"{what} must be HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA), got shape {arr.shape}")
 
 
-def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
+def read_image_rgb(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
+    """An image file decoded to HxWx3 uint8 RGB with OpenCV; clear errors for a missing, empty,
+    directory or undecodable file."""
     cv2 = _cv2()
     p = os.fspath(path)
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
     if not os.path.exists(p):
         raise ImageNotFoundError(f"image file not found: {p!r}")
     if os.path.isdir(p):
@@ -171,9 +175,6 @@ def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
         raise ImageLoadError(f"cannot read image file {p!r}: {exc}") from exc
     if buf.size == 0:
         raise ImageLoadError(f"cannot decode image file {p!r}: file is empty")
-    # Decode to colour then convert, so that a path gives exactly the same
-    # grayscale image as the equivalent RGB array (libjpeg's direct-to-gray
-    # decoding differs by rounding).
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:  # pragma: no cover - depends on codec
@@ -181,9 +182,14 @@ def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
     if bgr is None or bgr.size == 0:
         raise ImageLoadError(
             f"cannot decode image file {p!r}: not a supported/valid image (corrupt?)")
-    if bgr.ndim == 2:
-        return bgr
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
+    # Decode to colour then convert, so that a path gives exactly the same
+    # grayscale image as the equivalent RGB array (libjpeg's direct-to-gray
+    # decoding differs by rounding).
+    return _cv2().cvtColor(read_image_rgb(path), _cv2().COLOR_RGB2GRAY)
 
 
 def load_image_gray(image: ImageInput) -> np.ndarray:
