@@ -9,6 +9,7 @@
 
 #include "binarize.h"
 #include "common.h"
+#include "fixed_point.h"
 #include "selectivity.h"
 #include "topk.h"
 
@@ -238,12 +239,16 @@ void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, co
   slot_of_id_.swap(map);
 }
 
-std::vector<float> InvertedFile::hamming_table(const ScoreParams& p) const {
-  const int bits = 8 * code_bytes_;
-  const int denom = hamming_denominator(dim_, code_bytes_);
-  std::vector<float> t(bits + 1);
-  for (int h = 0; h <= bits; ++h) t[h] = selectivity(hamming_similarity(h, denom), p.alpha, p.tau);
+std::vector<int64_t> fixed_hamming_table(int dim, int code_bytes, float alpha, float tau) {
+  const int bits = 8 * code_bytes;
+  const int denom = hamming_denominator(dim, code_bytes);
+  std::vector<int64_t> t(bits + 1);
+  for (int h = 0; h <= bits; ++h) t[h] = score_to_fixed(selectivity(hamming_similarity(h, denom), alpha, tau));
   return t;
+}
+
+std::vector<int64_t> InvertedFile::hamming_table(const ScoreParams& p) const {
+  return fixed_hamming_table(dim_, code_bytes_, p.alpha, p.tau);
 }
 
 namespace {
@@ -272,17 +277,20 @@ inline float dot(const float* a, const uint8_t* braw, int dim) {
 
 }  // namespace
 
-void InvertedFile::score_query(const CodesView& q, int64_t qi, const ScoreParams& p, const float* table,
+void InvertedFile::score_query(const CodesView& q, int64_t qi, const ScoreParams& p, const int64_t* table,
                                int64_t slot_lo, int64_t slot_hi, float* scores) const {
-  // scores covers slots [slot_lo, slot_hi).
+  // scores covers slots [slot_lo, slot_hi). Contributions are summed in 64-bit fixed point
+  // (fixed_point.h), exactly as the CUDA path sums them.
   const int64_t n_slots = slot_hi - slot_lo;
   const int64_t qb = q.offsets[qi], qe = q.offsets[qi + 1];
   const int64_t nq_words = qe - qb;
-  for (int64_t s = 0; s < n_slots; ++s) scores[s] = slot_nwords_[slot_lo + s] == 0 ? -1.0f : 0.0f;
   if (nq_words == 0) {
     std::fill(scores, scores + n_slots, -1.0f);
     return;
   }
+  thread_local std::vector<int64_t> acc_buf;
+  acc_buf.assign(static_cast<size_t>(n_slots), 0);
+  int64_t* acc = acc_buf.data();
   const int cb = code_bytes_;
   const int dim = dim_;
   const bool full = slot_lo == 0 && slot_hi == static_cast<int64_t>(slot_ids_.size());
@@ -293,9 +301,9 @@ void InvertedFile::score_query(const CodesView& q, int64_t qi, const ScoreParams
     }
     if (binary_) {
       if (cb == 16) {
-        for (int64_t j = b; j < e; ++j) scores[slots[j] - slot_lo] += table[hamming16(qc, codes + j * 16)];
+        for (int64_t j = b; j < e; ++j) acc[slots[j] - slot_lo] += table[hamming16(qc, codes + j * 16)];
       } else {
-        for (int64_t j = b; j < e; ++j) scores[slots[j] - slot_lo] += table[hamming(qc, codes + j * cb, cb)];
+        for (int64_t j = b; j < e; ++j) acc[slots[j] - slot_lo] += table[hamming(qc, codes + j * cb, cb)];
       }
     } else {
       float qv[1024];
@@ -305,7 +313,7 @@ void InvertedFile::score_query(const CodesView& q, int64_t qi, const ScoreParams
         qf = qv;
       }
       for (int64_t j = b; j < e; ++j)
-        scores[slots[j] - slot_lo] += selectivity(dot(qf, codes + j * cb, dim), p.alpha, p.tau);
+        acc[slots[j] - slot_lo] += score_to_fixed(selectivity(dot(qf, codes + j * cb, dim), p.alpha, p.tau));
     }
   };
   for (int64_t e = qb; e < qe; ++e) {
@@ -315,11 +323,14 @@ void InvertedFile::score_query(const CodesView& q, int64_t qi, const ScoreParams
     if (!dslot_[w].empty())
       scan(dslot_[w].data(), dcode_[w].data(), 0, static_cast<int64_t>(dslot_[w].size()), qc);
   }
-  if (p.normalize) {
-    for (int64_t s = 0; s < n_slots; ++s) {
-      const int32_t nw = slot_nwords_[slot_lo + s];
-      if (nw > 0) scores[s] *= gamma_pair(nq_words, nw);
+  for (int64_t s = 0; s < n_slots; ++s) {
+    const int32_t nw = slot_nwords_[slot_lo + s];
+    if (nw == 0) {
+      scores[s] = -1.0f;
+      continue;
     }
+    scores[s] = score_from_fixed(acc[s]);
+    if (p.normalize) scores[s] *= gamma_pair(nq_words, nw);
   }
 }
 
@@ -327,7 +338,7 @@ void InvertedFile::score_all(const CodesView& queries, const ScoreParams& p, flo
   check_codes(queries);
   std::shared_lock<std::shared_mutex> lock(mutex_);
   const int64_t n = static_cast<int64_t>(slot_ids_.size());
-  const std::vector<float> table = binary_ ? hamming_table(p) : std::vector<float>();
+  const std::vector<int64_t> table = binary_ ? hamming_table(p) : std::vector<int64_t>();
   if (queries.n >= num_threads()) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t qi = 0; qi < queries.n; ++qi) score_query(queries, qi, p, table.data(), 0, n, out + qi * n);
@@ -350,7 +361,7 @@ void InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   const int64_t n = static_cast<int64_t>(slot_ids_.size());
   const int64_t kk = (k < 0 || k > n) ? n : k;
   if (kk == 0) return;
-  const std::vector<float> table = binary_ ? hamming_table(p) : std::vector<float>();
+  const std::vector<int64_t> table = binary_ ? hamming_table(p) : std::vector<int64_t>();
   const int T = num_threads();
   if (queries.n >= T) {
 #pragma omp parallel
@@ -407,7 +418,7 @@ void InvertedFile::search_pooled(const CodesView& queries, const int64_t* slot_g
   for (int64_t g = 0; g < n_groups; ++g) D2R_CHECK(count[g] > 0, "a group without regions");
   const int64_t kk = (k < 0 || k > n_groups) ? n_groups : k;
   if (kk == 0) return;
-  const std::vector<float> table = binary_ ? hamming_table(p) : std::vector<float>();
+  const std::vector<int64_t> table = binary_ ? hamming_table(p) : std::vector<int64_t>();
   auto pool_and_rank = [&](const float* scores, std::vector<double>& acc, std::vector<float>& pooled, int64_t qi) {
     if (mean) {
       acc.assign(n_groups, 0.0);

@@ -29,6 +29,10 @@ struct CodesView {
   const uint8_t* codes = nullptr;  // code_bytes per entry
 };
 
+// sigma(similarity(h)) in fixed point for every Hamming distance h in [0, 8 * code_bytes] (shared with
+// the CUDA scoring).
+std::vector<int64_t> fixed_hamming_table(int dim, int code_bytes, float alpha, float tau);
+
 class InvertedFile {
  public:
   InvertedFile(int64_t n_words, int dim, bool binary);
@@ -78,9 +82,9 @@ class InvertedFile {
  private:
   void check_codes(const CodesView& v) const;
   void rebuild(const std::vector<int64_t>* new_slot_of_old);
-  void score_query(const CodesView& q, int64_t qi, const ScoreParams& p, const float* table,
+  void score_query(const CodesView& q, int64_t qi, const ScoreParams& p, const int64_t* table,
                    int64_t slot_lo, int64_t slot_hi, float* scores) const;
-  std::vector<float> hamming_table(const ScoreParams& p) const;
+  std::vector<int64_t> hamming_table(const ScoreParams& p) const;
 
   int64_t n_words_;
   int dim_;
