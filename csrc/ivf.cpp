@@ -10,6 +10,7 @@
 #include "binarize.h"
 #include "common.h"
 #include "fixed_point.h"
+#include "reduce.h"
 #include "selectivity.h"
 #include "topk.h"
 
@@ -271,7 +272,7 @@ inline int hamming16(const uint8_t* a, const uint8_t* b) {
 inline float dot(const float* a, const uint8_t* braw, int dim) {
   float s = 0.0f;
   const float* b = reinterpret_cast<const float*>(braw);
-  for (int t = 0; t < dim; ++t) s += a[t] * b[t];
+  for (int t = 0; t < dim; ++t) s = fmaf_if_fused(a[t], b[t], s);  // as the GPU scoring rounds
   return s;
 }
 

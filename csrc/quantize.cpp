@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "common.h"
+#include "reduce.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -166,7 +167,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
           double s = 0.0;
           for (int d = 0; d < dim; ++d) {
             const double diff = static_cast<double>(xr[d]) - static_cast<double>(cw[d]);
-            s += diff * diff;
+            s = fma_if_fused(diff, diff, s);  // the same rounding as the GPU re-check
           }
           exact[nc++] = {s, top.id[c]};
         }

@@ -122,9 +122,11 @@ py::tuple aggregated_to_python(Aggregated& out, bool binary, int dim) {
 }  // namespace
 
 void bind_ransac(pybind11::module_& m);
+void bind_cuda(pybind11::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   bind_ransac(m);
+  bind_cuda(m);
   m.doc() = "d2r native core (csrc/ CPU kernels, cuda/ GPU kernels)";
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
