@@ -5,6 +5,7 @@ Environment switches:
   D2R_CUDA=OFF        never compile cuda/, even where nvcc exists
   D2R_BUILD_TYPE      CMake build type (default Release)
   D2R_SANITIZE=1      build with AddressSanitizer + UBSan (for the C++ tests)
+  D2R_CUDA_ARCH       CUDA architectures (CMake list, default "80;90")
 """
 import os
 import subprocess
@@ -40,6 +41,8 @@ class CMakeBuild(build_ext):
             f"-DD2R_SANITIZE={'ON' if os.environ.get('D2R_SANITIZE', '0') in ('1', 'ON', 'on') else 'OFF'}",
             "-DD2R_BUILD_PYTHON=ON",
         ]
+        if os.environ.get("D2R_CUDA_ARCH"):
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['D2R_CUDA_ARCH']}")
         try:
             import ninja
 

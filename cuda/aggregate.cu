@@ -218,7 +218,7 @@ DeviceAggregated aggregate(const float* x, int64_t n_desc, const int32_t* assign
                            int64_t n_words, int dim, const int64_t* image_regions, int64_t n_images,
                            const int64_t* region_members, const int64_t* members, bool binary) {
   require_device();
-  if (dim < 1 || dim > 4096) throw std::invalid_argument("GPU aggregation supports dimensions 1..4096");
+  if (dim < 1 || dim > 1024) throw std::invalid_argument("GPU aggregation supports dimensions 1..1024");
   if (m < 1) throw std::invalid_argument("multiple assignment m must be >= 1");
   DeviceAggregated out;
   out.n_images = n_images;

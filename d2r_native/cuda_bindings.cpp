@@ -92,6 +92,10 @@ void bind_cuda(py::module_& m) {
     gpu::memory_info(&f, &t);
     return py::make_tuple(f, t);
   });
+  m.def("cuda_alloc_test", [](size_t bytes) {  // the out-of-memory path, for the tests
+    gpu::Buffer b(bytes, "test allocation");
+    return b.bytes();
+  });
   static py::exception<gpu::DeviceError> cuda_error(m, "CudaError", PyExc_RuntimeError);
   static py::exception<gpu::DeviceOutOfMemory> cuda_oom(m, "CudaMemoryError", PyExc_MemoryError);
   py::register_exception_translator([](std::exception_ptr p) {
@@ -196,6 +200,11 @@ void bind_cuda(py::module_& m) {
       .def_property_readonly("memory_bytes", &gpu::InvertedFile::memory_bytes)
       .def_property_readonly("n_parts", &gpu::InvertedFile::n_parts)
       .def("contains", &gpu::InvertedFile::contains)
+      .def_property_readonly("image_ids",
+                             [](const gpu::InvertedFile& f) {
+                               return py::array_t<int64_t>(static_cast<py::ssize_t>(f.slot_ids().size()),
+                                                           f.slot_ids().data());
+                             })
       .def(
           "add",
           [](gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,

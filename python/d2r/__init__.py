@@ -14,9 +14,10 @@ from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KE
 from .codebook import Codebook
 from .index import Index, RegionalSearchIndex
 from .index_io import IndexFileError
+from . import cuda
 
 __all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "Index", "IndexFileError", "KERNELS",
-           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "get_num_threads", "set_num_threads",
+           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "cuda", "get_num_threads", "set_num_threads",
            "vlad"]
 
 
@@ -24,6 +25,7 @@ def build_info() -> dict:
     """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
     info = dict(_native.build_info())
     info["version"] = __version__
+    info["cuda_devices"] = _native.cuda_device_count()
     return info
 
 

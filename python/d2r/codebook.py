@@ -32,12 +32,30 @@ class Codebook:
     @classmethod
     def train(cls, descriptors, n_words: int, niter: int = 20, seed: int = 0, verbose: bool = False,
               max_points_per_centroid: int = 256, device: str = "cpu") -> "Codebook":
-        """k-means (faiss, CPU) on a descriptor sample. Seedable; faiss samples at most
-        `max_points_per_centroid * n_words` points."""
-        if device != "cpu":
-            raise ValueError(f"device={device!r}: only 'cpu' k-means is available in this build")
-        x = as_descriptors(descriptors)
+        """k-means on a descriptor sample, seedable. device="cpu": faiss, which samples at most
+        `max_points_per_centroid * n_words` points. device="cuda": d2r's GPU Lloyd iterations
+        (d2r.cuda.kmeans: random initialisation, exact assignment, deterministic update) on the same
+        sample size; descriptors may then be a CuPy / PyTorch CUDA array (used whole)."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         n_words = check_positive_int(n_words, "n_words")
+        if device == "cuda":
+            from . import cuda
+
+            cuda.require()
+            if not cuda.is_device_array(descriptors):
+                x = as_descriptors(descriptors)
+                cap = int(max_points_per_centroid) * n_words
+                if x.shape[0] > cap:
+                    rows = np.sort(np.random.RandomState(seed).choice(x.shape[0], cap, replace=False))
+                    x = x[rows]
+                descriptors = x
+            c, obj = cuda.kmeans(descriptors, n_words, niter=niter, seed=seed)
+            if verbose:
+                for i, o in enumerate(obj):
+                    print(f"k-means iteration {i}: objective {o:.6g}")
+            return cls(c)
+        x = as_descriptors(descriptors)
         if x.shape[0] < n_words:
             raise ValueError(f"k-means needs at least n_words={n_words} descriptors, got {x.shape[0]}")
         try:
@@ -82,8 +100,16 @@ class Codebook:
     def __repr__(self) -> str:
         return f"Codebook(n_words={self.n_words}, dim={self.dim})"
 
-    def quantize(self, descriptors, m: int = 1):
-        """Returns (ids int32 (n, m), squared distances float32 (n, m)), nearest first."""
+    def quantize(self, descriptors, m: int = 1, device: str = "cpu", output: str = "numpy"):
+        """Returns (ids int32 (n, m), squared distances float32 (n, m)), nearest first, ties by the
+        lower word id. device="cuda" runs on the GPU (same answers; descriptors may be CuPy / PyTorch
+        CUDA arrays; output="device" keeps the results there)."""
+        if device == "cuda":
+            from . import cuda
+
+            return cuda.quantize(self, descriptors, m, output)
+        if device != "cpu":
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         x = as_descriptors(descriptors, self.dim)
         m = check_positive_int(m, "m")
         if m > self.n_words:

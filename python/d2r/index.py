@@ -18,6 +18,31 @@ from .index_io import FORMAT_VERSION, IndexFileError, read_index_file, write_ind
 _CHUNK_DESCRIPTORS = 1 << 20
 
 
+def _is_device_array(x) -> bool:
+    from .cuda import is_device_array
+
+    return is_device_array(x)
+
+
+def _concat_device(arrays, dim):
+    """Concatenate a list of CUDA arrays (CuPy or PyTorch) on the device; (x, offsets, single=False)."""
+    from .cuda import _framework, as_input_matrix
+
+    mats = [as_input_matrix(a, dim).keep for a in arrays]
+    offs = np.zeros(len(mats) + 1, np.int64)
+    offs[1:] = np.cumsum([m.shape[0] for m in mats])
+    fw = _framework(mats[0])
+    if fw == "torch":
+        import torch
+
+        return torch.cat(mats, 0), offs, False
+    if fw == "cupy":
+        import cupy
+
+        return cupy.concatenate(mats, 0), offs, False
+    raise TypeError("a list of CUDA arrays must be CuPy or PyTorch arrays (or pass one array with offsets)")
+
+
 def _progress(total, enabled, desc):
     if not enabled:
         return None
@@ -36,10 +61,13 @@ class Index:
     normalize: gamma normalisation, S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|) (on by default, as the
     paper writes the kernel; the official D2R run uses normalize=False).
     m_db, m_query: multiple assignment (the m nearest words) for database images and queries.
+    device: "cpu" (the default) or "cuda": the inverted file lives in GPU memory, and adding and searching
+    with descriptors quantise, aggregate, score and select the top k on the GPU (same results as the
+    CPU; descriptors may be numpy, CuPy or PyTorch CUDA arrays). `to(device)` moves an index.
     """
 
     def __init__(self, codebook: Codebook, kernel: str = "asmk*", alpha: float = 3.0, tau: float = 0.0,
-                 normalize: bool = True, m_db: int = 1, m_query: int = 1):
+                 normalize: bool = True, m_db: int = 1, m_query: int = 1, device: str = "cpu"):
         if not isinstance(codebook, Codebook):
             codebook = Codebook(codebook)
         self.codebook = codebook
@@ -58,8 +86,37 @@ class Index:
         for m in (self.m_db, self.m_query):
             if m > codebook.n_words:
                 raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
-        self._ivf = _native.InvertedFile(codebook.n_words, codebook.dim, self.spec.binary)
+        self.device = self._check_device(device)
+        self._ivf = self._new_ivf(self.device)
         self._next_id = 0
+
+    def _check_device(self, device) -> str:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from . import cuda
+
+            cuda.require()
+        return device
+
+    def _new_ivf(self, device: str):
+        if device == "cuda":
+            from .cuda import GpuInvertedFile
+
+            return GpuInvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+        return _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+
+    def to(self, device: str) -> "Index":
+        """Move the index to "cuda" (GPU memory) or "cpu", in place; returns the index."""
+        device = self._check_device(device)
+        if device == self.device:
+            return self
+        ex = self._ivf.export()
+        new = self._new_ivf(device)
+        new.set_content(ex["offsets"], ex["slots"], ex["codes"], np.array(ex["image_ids"]),
+                        np.array(ex["word_counts"]))
+        self._ivf, self.device = new, device
+        return self
 
     # ---- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -72,6 +129,8 @@ class Index:
     @property
     def ids(self) -> np.ndarray:
         """The indexed image ids, in insertion order."""
+        if self.device == "cuda":
+            return self._ivf.image_ids()
         return np.array(self._ivf.export()["image_ids"])
 
     def __contains__(self, image_id) -> bool:
@@ -115,7 +174,8 @@ class Index:
         """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
         n_img = offsets.shape[0] - 1
         m = self.m_query if query else self.m_db
-        if assignments is not None:
+        gpu = self.device == "cuda"
+        if assignments is not None and not (gpu and _is_device_array(assignments)):
             assignments = as_assignments(assignments, x.shape[0], m, self.codebook.n_words)
         kern = self._kernel_for(query)
         bar = _progress(n_img, progress if progress is not None else n_img >= 2000, "aggregate")
@@ -125,7 +185,13 @@ class Index:
             j = min(max(j, i + 1), n_img)
             sub = offsets[i:j + 1] - offsets[i]
             a = None if assignments is None else assignments[offsets[i]:offsets[j]]
-            yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a)
+            if gpu:
+                from . import cuda
+
+                yield i, cuda.aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a,
+                                               output="device")
+            else:
+                yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a)
             if bar is not None:
                 bar.update(j - i)
             i = j
@@ -139,8 +205,18 @@ class Index:
                 raise ValueError("offsets are only used with one concatenated descriptor array")
             if len(descriptors) == 0:
                 raise ValueError("no images given (empty list)")
+            if self.device == "cuda" and _is_device_array(descriptors[0]):
+                return _concat_device(descriptors, self.codebook.dim)
             x, offs = _concat_images(descriptors, self.codebook.dim)
             return x, offs, False
+        if self.device == "cuda" and _is_device_array(descriptors):
+            from .cuda import as_input_matrix
+
+            x = as_input_matrix(descriptors, self.codebook.dim).keep
+            n = x.shape[0]
+            if offsets is None:
+                return x, np.array([0, n], np.int64), True
+            return x, as_offsets(offsets, n, "offsets"), False
         x = as_descriptors(descriptors, self.codebook.dim)
         if offsets is None:
             return x, np.array([0, x.shape[0]], np.int64), True
@@ -312,9 +388,10 @@ class Index:
         return {}
 
     @classmethod
-    def load(cls, path, mmap: bool = False, verify: bool = True):
+    def load(cls, path, mmap: bool = False, verify: bool = True, device: str = "cpu"):
         """Load an index saved by `save`. mmap=True maps the posting lists instead of reading them
-        (verify=False then skips the checksums, so nothing is read up front)."""
+        (verify=False then skips the checksums, so nothing is read up front). device="cuda" then
+        moves it to the GPU."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
@@ -333,7 +410,7 @@ class Index:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
-        return idx
+        return idx.to(device) if device != "cpu" else idx
 
     @classmethod
     def _from_meta(cls, meta, codebook):
@@ -362,6 +439,12 @@ class RegionalSearchIndex(Index):
         self.pooling = pooling
         self._region_image = np.zeros(0, np.int64)   # image id of each region entry (entry ids 0..)
         self._next_region = 0
+
+    def _check_device(self, device) -> str:
+        if device != "cpu":
+            raise ValueError("RegionalSearchIndex (pooled regional search) runs on the CPU; use Index with "
+                             "kernel='rasmk*' for GPU regional aggregation")
+        return device
 
     def _live_owners(self) -> np.ndarray:
         return self._region_image[self._region_image >= 0]

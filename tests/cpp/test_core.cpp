@@ -9,6 +9,8 @@
 #include "aggregate.h"
 #include "binarize.h"
 #include "common.h"
+#include "fixed_point.h"
+#include "reduce.h"
 #include "ivf.h"
 #include "quantize.h"
 #include "ransac.h"
@@ -247,6 +249,37 @@ static void test_shared_helpers() {
   EXPECT(hamming(a, b, 10) == 9);
 }
 
+// Logic the CUDA kernels share with the CPU path (fixed_point.h, reduce.h).
+static void test_fixed_point_and_keys() {
+  EXPECT(score_to_fixed(1.0f) == (int64_t{1} << 32));
+  EXPECT(score_to_fixed(-0.125f) == -(int64_t{1} << 29));
+  EXPECT(score_from_fixed(score_to_fixed(0.3f)) == 0.3f);
+  // order independence: the same contributions in any order give the same sum
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> c(1000);
+  for (float& v : c) v = u(rng) * u(rng) * u(rng);
+  int64_t a = 0, b = 0;
+  for (float v : c) a += score_to_fixed(v);
+  std::shuffle(c.begin(), c.end(), rng);
+  for (float v : c) b += score_to_fixed(v);
+  EXPECT(a == b);
+  // order keys: strictly monotone, and invertible
+  const float vals[] = {-3.5f, -1.0f, -1e-30f, 0.0f, 1e-30f, 0.25f, 1.0f, 7.0f};
+  for (int i = 0; i + 1 < 8; ++i) EXPECT(score_order_key(vals[i]) < score_order_key(vals[i + 1]));
+  for (float v : vals) EXPECT(score_from_order_key(score_order_key(v)) == v);
+  // fixed Hamming table: sigma(1 - 2h/D) in fixed point
+  const std::vector<int64_t> t = fixed_hamming_table(128, 16, 3.0f, 0.0f);
+  EXPECT(t.size() == 129 && t[0] == (int64_t{1} << 32) && t[64] == 0 && t[128] == 0);
+  EXPECT(t[32] == score_to_fixed(0.125f));
+  // fixed-order sum of squares over 8 lanes
+  double v[11];
+  for (int i = 0; i < 11; ++i) v[i] = 0.5 * (i + 1);
+  double ref = 0;
+  for (int i = 0; i < 11; ++i) ref += v[i] * v[i];
+  EXPECT_NEAR(sum_squares(v, 11), ref, 1e-12);
+}
+
 static void test_ransac_known_affine() {
   // 60 points mapped by a known affine map, 20 of them replaced by outliers.
   std::mt19937 rng(5);
@@ -363,6 +396,7 @@ int main() {
   test_ivf_add_remove();
   test_topk_ties();
   test_shared_helpers();
+  test_fixed_point_and_keys();
   test_ransac_known_affine();
   test_pooled_search_and_many_images();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
