@@ -13,7 +13,9 @@ namespace d2r {
 D2R_HD float selectivity(float u, float alpha, float tau) {
   if (!(u > tau)) return 0.0f;
   float a = fabsf(u);
-  float p = (alpha == 3.0f) ? a * a * a : powf(a, alpha);
+  // alpha = 3 (the default) exactly by products; otherwise pow in double, rounded once to float, so
+  // the CPU's and CUDA's pow (both well under a float ulp in double) give the same float.
+  float p = (alpha == 3.0f) ? a * a * a : static_cast<float>(pow(static_cast<double>(a), static_cast<double>(alpha)));
   return u < 0.0f ? -p : p;
 }
 

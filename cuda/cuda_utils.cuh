@@ -27,7 +27,7 @@ inline void sync(const char* what) { D2R_CUDA_CHECK(cudaDeviceSynchronize(), wha
 // Makes sure a device is present; raises DeviceError otherwise.
 void require_device();
 
-inline unsigned grid_for(int64_t n, int block, int64_t max_blocks = 1 << 20) {
+inline unsigned grid_for(int64_t n, int block, int64_t max_blocks = 0x7fffffff) {
   int64_t g = (n + block - 1) / block;
   if (g < 1) g = 1;
   if (g > max_blocks) g = max_blocks;

@@ -85,7 +85,7 @@ class Quantizer {
   // Rows recomputed exhaustively by the last search (the bound could not certify them).
   int64_t last_fallback_rows() const;
 
-  static constexpr int kMaxM = 32;
+  static constexpr int kMaxM = 24;
   static constexpr int kMaxDim = 512;
 
  private:

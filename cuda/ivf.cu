@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
 #include <numeric>
 #include <unordered_map>
 #include <utility>
@@ -401,6 +402,7 @@ struct InvertedFile::Impl {
   std::vector<int32_t> slot_nwords;
   std::unordered_map<int64_t, uint32_t> slot_of_id;
   Buffer d_nwords;
+  mutable std::mutex mu;  // one operation at a time (the bindings release the GIL)
   mutable bool ranks_dirty = true;
   mutable Buffer d_rank, d_rank_to_id;
 
@@ -476,7 +478,7 @@ void prepare_args(ScoreArgs& a, const QueryUpload& u, const ScoreParams& p, cons
   a.table = f.binary ? table.as<int64_t>() : nullptr;
   a.table_len = f.binary ? 8 * f.cb + 1 : 0;
   a.slot_nwords = f.d_nwords.as<int32_t>();
-  a.qbatch = f.binary ? 128 : std::max(1, std::min(128, 16384 / f.cb));
+  a.qbatch = std::max(1, std::min(128, 16384 / f.cb));
   a.n_ranges = static_cast<int>((a.n_slots + kSlotsPerBlock - 1) / kSlotsPerBlock);
 }
 
@@ -520,6 +522,7 @@ size_t InvertedFile::memory_bytes() const {
 void InvertedFile::add(int64_t n, const int64_t* offsets, const int32_t* words, const uint8_t* codes, bool on_device,
                        const int64_t* ids) {
   Impl& f = *impl_;
+  std::lock_guard<std::mutex> lock(f.mu);
   if (n <= 0) return;
   const int64_t E = offsets[n];
   if (offsets[0] != 0) throw std::invalid_argument("word_offsets must start at 0");
@@ -596,8 +599,8 @@ void upload_queries(QueryUpload& u, int64_t nq, const int64_t* offsets, const in
     u.w = words;
     u.c = codes;
   } else {
-    u.words = upload_array(words, std::max<int64_t>(E, 1), what);
-    u.codes = upload_array(codes, static_cast<size_t>(std::max<int64_t>(E, 1)) * cb, what);
+    u.words = upload_array(words, E, what);
+    u.codes = upload_array(codes, static_cast<size_t>(E) * cb, what);
     u.w = u.words.as<int32_t>();
     u.c = u.codes.as<uint8_t>();
   }
@@ -621,6 +624,7 @@ size_t score_smem(const ScoreArgs& a) {
 void InvertedFile::search(int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes,
                           bool on_device, int64_t k, const ScoreParams& p, float* out_scores, int64_t* out_ids) const {
   const Impl& f = *impl_;
+  std::lock_guard<std::mutex> lock(f.mu);
   const int64_t n = n_images();
   if (k < 1 || k > kMaxK) throw std::invalid_argument("GPU search needs 1 <= k <= " + std::to_string(kMaxK));
   if (k > n) throw std::invalid_argument("k exceeds the number of indexed images");
@@ -662,6 +666,7 @@ void InvertedFile::search(int64_t nq, const int64_t* offsets, const int32_t* wor
 void InvertedFile::score_all(int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes,
                              bool on_device, const ScoreParams& p, float* out) const {
   const Impl& f = *impl_;
+  std::lock_guard<std::mutex> lock(f.mu);
   const int64_t n = n_images();
   if (nq <= 0 || n == 0) return;
   QueryUpload u;
@@ -690,6 +695,7 @@ void InvertedFile::score_all(int64_t nq, const int64_t* offsets, const int32_t* 
 
 void InvertedFile::export_csr(std::vector<int64_t>* offsets, std::vector<uint32_t>* slots, std::vector<uint8_t>* codes) {
   Impl& f = *impl_;
+  std::lock_guard<std::mutex> lock(f.mu);
   f.merge_tail(0);
   offsets->assign(f.n_words + 1, 0);
   slots->clear();
@@ -709,12 +715,13 @@ void InvertedFile::export_csr(std::vector<int64_t>* offsets, std::vector<uint32_
 void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_images,
                                const int64_t* ids, const int32_t* word_counts) {
   Impl& f = *impl_;
+  std::lock_guard<std::mutex> lock(f.mu);
   const int64_t E = offsets[f.n_words];
   Part p;
   p.n = E;
   p.off = upload_array(offsets, f.n_words + 1, "inverted-file offsets");
-  p.slot = upload_array(slots, std::max<int64_t>(E, 1), "inverted-file slots");
-  p.code = upload_array(codes, static_cast<size_t>(std::max<int64_t>(E, 1)) * f.cb, "inverted-file codes");
+  p.slot = upload_array(slots, E, "inverted-file slots");
+  p.code = upload_array(codes, static_cast<size_t>(E) * f.cb, "inverted-file codes");
   f.parts.clear();
   f.parts.push_back(std::move(p));
   f.slot_ids.assign(ids, ids + n_images);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <unordered_set>
 #include <vector>
 
 #include "cuda_utils.cuh"
@@ -67,13 +68,19 @@ std::vector<double> kmeans(const float* x, int64_t n, int dim, int64_t k, int ni
   if (n >= (int64_t{1} << 32)) throw std::invalid_argument("too many points for GPU k-means (sample them)");
   std::mt19937_64 rng(seed);
   // k distinct points (partial Fisher-Yates)
-  std::vector<int64_t> idx(n);
-  std::iota(idx.begin(), idx.end(), int64_t{0});
-  for (int64_t i = 0; i < k; ++i) {
-    std::uniform_int_distribution<int64_t> u(i, n - 1);
-    std::swap(idx[i], idx[u(rng)]);
+  // k distinct points (Floyd's sampling: O(k) memory), in the order drawn
+  std::vector<int64_t> idx;
+  idx.reserve(k);
+  {
+    std::unordered_set<int64_t> taken;
+    for (int64_t j = n - k; j < n; ++j) {
+      std::uniform_int_distribution<int64_t> u(0, j);
+      const int64_t t = u(rng);
+      const int64_t pick = taken.count(t) ? j : t;
+      taken.insert(pick);
+      idx.push_back(pick);
+    }
   }
-  idx.resize(k);
   const char* what = "k-means buffers";
   Buffer rows = upload_array(idx.data(), k, what);
   Buffer C(sizeof(float) * k * dim, "k-means centroids");

@@ -16,6 +16,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -346,7 +347,7 @@ struct Quantizer::Impl {
   int64_t k = 0;
   int dim = 0, dp = 0;
   Buffer c, cpad, norms, cmax;
-  mutable int64_t fallback = 0;
+  mutable std::atomic<int64_t> fallback{0};
 };
 
 Quantizer::Quantizer(const float* centroids, bool on_device, int64_t n_words, int dim) : impl_(new Impl) {
@@ -387,6 +388,13 @@ template <int T>
 void launch_approx(const float* x, int64_t n, int dim, int dp, const float* cpad, const float* norms, int64_t k,
                    int64_t wps, int splits, float* pd, int32_t* pi, float* pt) {
   const size_t sm = approx_smem_bytes<T>(dp);
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (sm > static_cast<size_t>(optin))
+    throw std::invalid_argument("descriptor dimension " + std::to_string(dim) + " with this m needs " +
+                                std::to_string(sm) + " bytes of shared memory per block; this GPU has " +
+                                std::to_string(optin) + " (use a smaller dimension or m)");
   D2R_CUDA_CHECK(cudaFuncSetAttribute(approx_topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(sm)),
                  "cudaFuncSetAttribute (quantizer shared memory)");
@@ -403,7 +411,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
   if (m > q.k) throw std::invalid_argument("multiple assignment m exceeds the number of visual words");
   q.fallback = 0;
   if (n <= 0) return;
-  const int T = m <= 8 ? 16 : 32;
+  const int T = m <= 8 ? 16 : 32;  // T >= m + 8 keeps the certified fraction high
   // Rows in chunks so the candidate buffers stay small.
   const int64_t chunk = int64_t{1} << 18;
   const int64_t row_blocks_full = (std::min(n, chunk) + kBM - 1) / kBM;

@@ -329,11 +329,11 @@ def test_gpu_kmeans_is_deterministic_and_descends():
     assert o1 == o2
     assert o1[-1] < o1[0]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(o1, o1[1:]))
-    cb = d2r.Codebook.train(x, 64, niter=10, seed=3, device="cuda")
+    cb = d2r.Codebook.train(x, 64, niter=10, seed=3, device="cuda", max_points_per_centroid=1000)
     np.testing.assert_array_equal(cb.centroids, c1)
-    # every true centre is close to a learned centroid
-    d = ((centers[:, None, :] - c1[None]) ** 2).sum(-1).min(1)
-    assert np.median(d) < 0.05
+    # most true centres have a learned centroid in their direction
+    d = ((centers[:, None, :] - _unit(c1)[None]) ** 2).sum(-1).min(1)
+    assert np.median(d) < 0.01
 
 
 @needs_gpu

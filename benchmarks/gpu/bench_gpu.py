@@ -17,8 +17,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
-import d2r  # noqa: E402
+import d2r  # noqa: E402  (the installed package: the device check installs it)
 from d2r import cuda  # noqa: E402
 
 
