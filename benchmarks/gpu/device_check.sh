@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run on the lent device machine in one call (see BENCHMARKS.md):
 #   device run: bash benchmarks/gpu/device_check.sh      (carry: .device_data)
-# 1. builds d2r for this GPU (no internet there: --no-build-isolation --no-deps),
+# 1. builds d2r's extension for this GPU with CMake (no internet there),
 # 2. runs the GPU tests (pytest -m gpu) against the CPU path, real photos from .device_data,
 # 3. runs the GPU benchmark (benchmarks/gpu/bench_gpu.py),
 # 4. runs compute-sanitizer memcheck on the small GPU tests when time is left.
@@ -16,25 +16,29 @@ echo "== $(date -u) on $(nvidia-smi --query-gpu=name,memory.total,driver_version
 nproc; python3 --version; nvcc --version | tail -1
 
 echo "== build"
-export D2R_CUDA=ON D2R_CUDA_ARCH="${D2R_CUDA_ARCH:-90}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-python3 -m pip install -q --no-build-isolation --no-deps --no-cache-dir --target /tmp/d2rsite . > "$OUT/build.txt" 2>&1 \
+# CMake directly (what setup.py runs), so the machine's setuptools version does not matter.
+B=/tmp/d2rbuild
+cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DD2R_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${D2R_CUDA_ARCH:-90}" \
+  -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/python/d2r" > "$OUT/build.txt" 2>&1 \
+  && cmake --build $B --target _native -j "$(nproc)" >> "$OUT/build.txt" 2>&1 \
   || { echo "BUILD FAILED"; tail -60 "$OUT/build.txt"; exit 1; }
-export PYTHONPATH=/tmp/d2rsite PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/python" PYTHONUNBUFFERED=1
 python3 -c "import d2r, json; print(json.dumps(d2r.build_info())); print(d2r.cuda.device_name())"
 echo "build done at +$(( $(date +%s) - T0 )) s"
 
 echo "== GPU tests"
 export D2R_DEVICE_DATA="$PWD/.device_data/realmix.npz"
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py -x -rs > "$OUT/tests.txt" 2>&1
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py -x -rs > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at +$(( $(date +%s) - T0 )) s"; tail -30 "$OUT/tests.txt"
 
 echo "== GPU benchmark"
-timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu/bench_gpu.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/gpu/bench_gpu.py --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 echo "bench rc=$? at +$(( $(date +%s) - T0 )) s"
 
-if [ "$(( $(date +%s) - T0 ))" -lt "${MEMCHECK_BEFORE:-420}" ] && command -v compute-sanitizer >/dev/null; then
+if [ "$(( $(date +%s) - T0 ))" -lt "${MEMCHECK_BEFORE:-300}" ] && command -v compute-sanitizer >/dev/null; then
   echo "== compute-sanitizer memcheck (small GPU tests)"
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_cuda.py -x -k "ties or aggregate_images_equals_cpu or save_load or bad_input" > "$OUT/memcheck.txt" 2>&1
   echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/memcheck.txt" | head -20
 fi
