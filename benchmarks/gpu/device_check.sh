@@ -29,7 +29,7 @@ echo "build done at +$(( $(date +%s) - T0 )) s"
 
 echo "== GPU tests"
 export D2R_DEVICE_DATA="$PWD/.device_data/realmix.npz"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py -x -rs > "$OUT/tests.txt" 2>&1
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py -rs > "$OUT/tests.txt" 2>&1
 echo "tests rc=$? at +$(( $(date +%s) - T0 )) s"; tail -30 "$OUT/tests.txt"
 
 echo "== GPU benchmark"
