@@ -76,9 +76,9 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
   const int ldx = dp + 8;
   const int ldc = kBK + 8;
   const int lds = kBN + 8;
-  float* xs = smem;              // kBM x ldx
-  float* cs = xs + kBM * ldx;    // kBN x ldc
-  float* ss = cs + kBN * ldc;    // kBM x lds (scores); reused for the list merge
+  float* xs = smem;                    // kBM x ldx
+  float* cs0 = xs + kBM * ldx;         // two kBN x ldc centroid chunks (double buffer)
+  float* ss = cs0 + 2 * kBN * ldc;     // kBM x lds (scores); reused for the list merge
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int split = blockIdx.y;
@@ -103,54 +103,90 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
   const int wr = warp >> 1;        // row fragment 0..3
   const int wc = (warp & 1) * 4;   // first of 4 column fragments
 
-  for (int64_t w0 = w_begin; w0 < w_end; w0 += kBN) {
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4];
+  // The centroid chunks (tile t, dimensions k0..k0+kBK) are streamed in order; chunk c+1 is fetched
+  // into registers (float4) while the tensor cores work on chunk c, then stored into the other buffer.
+  const int kchunks = (dp + kBK - 1) / kBK;
+  const int64_t n_tiles = (w_end - w_begin + kBN - 1) / kBN;
+  const int64_t n_chunks = n_tiles * kchunks;
+  constexpr int kVec = kBN * kBK / 4 / kThreads;  // float4 per thread per chunk (4)
+  float4 pre[kVec];
+  auto fetch = [&](int64_t c) {
+    const int64_t w0 = w_begin + (c / kchunks) * kBN;
+    const int k0 = static_cast<int>(c % kchunks) * kBK;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
-    for (int k0 = 0; k0 < dp; k0 += kBK) {
-      const int kw = min(kBK, dp - k0);
-      __syncthreads();
-      for (int i = tid; i < kBN * kBK; i += kThreads) {
-        const int r = i / kBK, c = i % kBK;
-        const int64_t w = w0 + r;
-        cs[r * ldc + c] = (w < w_end && c < kw) ? cpad[w * dp + k0 + c] : 0.0f;
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kw; kk += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
-        wmma::load_matrix_sync(a, xs + wr * 16 * ldx + k0 + kk, ldx);
+    for (int j = 0; j < kVec; ++j) {
+      const int i = tid + j * kThreads;
+      const int r = i / (kBK / 4), c4 = i % (kBK / 4);
+      const int64_t w = w0 + r;
+      pre[j] = (w < w_end && k0 + 4 * c4 < dp)
+                   ? __ldg(reinterpret_cast<const float4*>(cpad + w * dp + k0) + c4)
+                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  auto stash = [&](float* cs) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
-          wmma::load_matrix_sync(b, cs + (wc + j) * 16 * ldc + kk, ldc);
-          wmma::mma_sync(acc[j], a, b, acc[j]);
-        }
+    for (int j = 0; j < kVec; ++j) {
+      const int i = tid + j * kThreads;
+      const int r = i / (kBK / 4), c4 = i % (kBK / 4);
+      *reinterpret_cast<float4*>(cs + r * ldc + 4 * c4) = pre[j];
+    }
+  };
+  if (n_chunks > 0) {
+    fetch(0);
+    stash(cs0);
+  }
+  __syncthreads();
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4];
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int kc = static_cast<int>(c % kchunks);
+    const int k0 = kc * kBK;
+    if (kc == 0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+    }
+    if (c + 1 < n_chunks) fetch(c + 1);
+    const float* cs = cs0 + (c & 1) * kBN * ldc;
+    const int kw = min(kBK, dp - k0);
+    for (int kk = 0; kk < kw; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+      wmma::load_matrix_sync(a, xs + wr * 16 * ldx + k0 + kk, ldx);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b;
+        wmma::load_matrix_sync(b, cs + (wc + j) * 16 * ldc + kk, ldc);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
       }
     }
+    if (kc == kchunks - 1) {
+      // tile complete: scores to shared memory, then into the per-thread top-T lists
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      wmma::store_matrix_sync(ss + wr * 16 * lds + (wc + j) * 16, acc[j], lds, wmma::mem_row_major);
-    __syncthreads();
-    for (int j = 0; j < kBN / 4; ++j) {
-      const int c = sub + 4 * j;
-      const int64_t w = w0 + c;
-      if (w >= w_end) break;
-      float d = norms[w] - 2.0f * ss[my_row * lds + c];
-      if (d < td[T - 1]) {
-        int32_t id = static_cast<int32_t>(w);
+      for (int j = 0; j < 4; ++j)
+        wmma::store_matrix_sync(ss + wr * 16 * lds + (wc + j) * 16, acc[j], lds, wmma::mem_row_major);
+      __syncthreads();
+      const int64_t w0 = w_begin + (c / kchunks) * kBN;
+      for (int j = 0; j < kBN / 4; ++j) {
+        const int cc = sub + 4 * j;
+        const int64_t w = w0 + cc;
+        if (w >= w_end) break;
+        float d = norms[w] - 2.0f * ss[my_row * lds + cc];
+        if (d < td[T - 1]) {
+          int32_t id = static_cast<int32_t>(w);
 #pragma unroll
-        for (int i = 0; i < T; ++i) {
-          if (d < td[i]) {
-            const float t = td[i];
-            td[i] = d;
-            d = t;
-            const int32_t u = ti[i];
-            ti[i] = id;
-            id = u;
+          for (int i = 0; i < T; ++i) {
+            if (d < td[i]) {
+              const float t = td[i];
+              td[i] = d;
+              d = t;
+              const int32_t u = ti[i];
+              ti[i] = id;
+              id = u;
+            }
           }
         }
       }
     }
+    if (c + 1 < n_chunks) stash(cs0 + ((c + 1) & 1) * kBN * ldc);
+    __syncthreads();
   }
   // Merge the 4 lists of each row (sorted by distance, then id) into the block's top T.
   __syncthreads();
@@ -338,7 +374,7 @@ __global__ void exact_rows_kernel(const float* __restrict__ x, int dim, const fl
 template <int T>
 size_t approx_smem_bytes(int dp) {
   const size_t ss = std::max<size_t>(static_cast<size_t>(kBM) * (kBN + 8), static_cast<size_t>(kBM) * 4 * T * 2);
-  return sizeof(float) * (static_cast<size_t>(kBM) * (dp + 8) + static_cast<size_t>(kBN) * (kBK + 8) + ss);
+  return sizeof(float) * (static_cast<size_t>(kBM) * (dp + 8) + 2 * static_cast<size_t>(kBN) * (kBK + 8) + ss);
 }
 
 }  // namespace
