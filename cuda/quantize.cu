@@ -68,7 +68,7 @@ __global__ void prepare_codebook_kernel(const float* __restrict__ c, int64_t k, 
 }
 
 template <int T>
-__global__ void __launch_bounds__(kThreads) approx_topk_kernel(
+__global__ void __launch_bounds__(kThreads, T == 16 ? 2 : 1) approx_topk_kernel(
     const float* __restrict__ x, int64_t n, int dim, int dp, const float* __restrict__ cpad,
     const float* __restrict__ norms, int64_t k, int64_t words_per_split, int splits, float* __restrict__ part_d,
     int32_t* __restrict__ part_i, float* __restrict__ part_thr) {
@@ -105,14 +105,15 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
 
   // The centroid chunks (tile t, dimensions k0..k0+kBK) are streamed in order; chunk c+1 is fetched
   // into registers (float4) while the tensor cores work on chunk c, then stored into the other buffer.
+  // (No 64-bit divisions in the loop: they are long software sequences on the GPU.)
   const int kchunks = (dp + kBK - 1) / kBK;
-  const int64_t n_tiles = (w_end - w_begin + kBN - 1) / kBN;
-  const int64_t n_chunks = n_tiles * kchunks;
+  const int n_tiles = static_cast<int>((w_end - w_begin + kBN - 1) / kBN);
+  const int n_chunks = n_tiles * kchunks;
   constexpr int kVec = kBN * kBK / 4 / kThreads;  // float4 per thread per chunk (4)
   float4 pre[kVec];
-  auto fetch = [&](int64_t c) {
-    const int64_t w0 = w_begin + (c / kchunks) * kBN;
-    const int k0 = static_cast<int>(c % kchunks) * kBK;
+  auto fetch = [&](int t, int kc) {
+    const int64_t w0 = w_begin + static_cast<int64_t>(t) * kBN;
+    const int k0 = kc * kBK;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const int i = tid + j * kThreads;
@@ -132,19 +133,21 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
     }
   };
   if (n_chunks > 0) {
-    fetch(0);
+    fetch(0, 0);
     stash(cs0);
   }
   __syncthreads();
   wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4];
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int kc = static_cast<int>(c % kchunks);
+  int tile = 0, kc = 0;  // chunk c = tile * kchunks + kc
+  for (int c = 0; c < n_chunks; ++c) {
     const int k0 = kc * kBK;
     if (kc == 0) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
     }
-    if (c + 1 < n_chunks) fetch(c + 1);
+    const int next_tile = kc + 1 == kchunks ? tile + 1 : tile;
+    const int next_kc = kc + 1 == kchunks ? 0 : kc + 1;
+    if (c + 1 < n_chunks) fetch(next_tile, next_kc);
     const float* cs = cs0 + (c & 1) * kBN * ldc;
     const int kw = min(kBK, dp - k0);
     for (int kk = 0; kk < kw; kk += 8) {
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
       for (int j = 0; j < 4; ++j)
         wmma::store_matrix_sync(ss + wr * 16 * lds + (wc + j) * 16, acc[j], lds, wmma::mem_row_major);
       __syncthreads();
-      const int64_t w0 = w_begin + (c / kchunks) * kBN;
+      const int64_t w0 = w_begin + static_cast<int64_t>(tile) * kBN;
       for (int j = 0; j < kBN / 4; ++j) {
         const int cc = sub + 4 * j;
         const int64_t w = w0 + cc;
@@ -187,6 +190,8 @@ __global__ void __launch_bounds__(kThreads) approx_topk_kernel(
     }
     if (c + 1 < n_chunks) stash(cs0 + ((c + 1) & 1) * kBN * ldc);
     __syncthreads();
+    tile = next_tile;
+    kc = next_kc;
   }
   // Merge the 4 lists of each row (sorted by distance, then id) into the block's top T.
   __syncthreads();
