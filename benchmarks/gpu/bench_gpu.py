@@ -50,7 +50,7 @@ def bench_quantize(res, torch):
     t_batch = timeit(lambda: cb.quantize(xd, 1, device="cuda", output="device"), 3, sync)
     fb = q.last_fallback_rows
     t_one = timeit(lambda: cb.quantize(xd[:per_img], 1, device="cuda", output="device"), 5, sync)
-    cd = torch.as_tensor(cb.centroids, device="cuda")
+    cd = torch.as_tensor(np.array(cb.centroids), device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     t_sgemm = timeit(lambda: torch.matmul(xd, cd.T), 5, sync)
     torch.backends.cuda.matmul.allow_tf32 = True
