@@ -185,6 +185,24 @@ def read_image_rgb(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
     return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
+def load_image_rgb(image: ImageInput) -> np.ndarray:
+    """An HxWx3 uint8 RGB image from a path, a PIL image or an array (HxWx3 RGB, HxWx4 RGBA, HxW gray)."""
+    if isinstance(image, (str, bytes)) or isinstance(image, os.PathLike):
+        return read_image_rgb(os.fsdecode(image) if isinstance(image, bytes) else image)
+    if _is_pil_image(image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError("image must be a path (str / os.PathLike), a PIL image or a numpy uint8 "
+                        f"array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2))
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return np.ascontiguousarray(image[:, :, :3])
+    raise ValueError(f"image must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+
+
 def _read_file_gray(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
     # Decode to colour then convert, so that a path gives exactly the same
     # grayscale image as the equivalent RGB array (libjpeg's direct-to-gray

@@ -1,0 +1,181 @@
+"""DELF (d2r.extract.delf): geometry by hand-computed cases, the .datum reader on generated files, and
+parity with the official structure built by tf-slim at test time (random weights, converted to the
+PyTorch DELF): same feature maps, attention, descriptors and locations. The TensorFlow tests need
+`tensorflow` and `tf-slim` (marker `tf`) and skip without them."""
+import numpy as np
+import pytest
+
+from d2r.extract import delf
+
+
+def test_receptive_boxes_and_centres_by_hand():
+    b = delf.receptive_boxes(2, 3)
+    assert b.shape == (6, 4)
+    # cell (0, 0): [-145, -145, 145, 145]; cell (1, 2): 32*[1, 2, 1, 2] + bias
+    np.testing.assert_array_equal(b[0], [-145, -145, 145, 145])
+    np.testing.assert_array_equal(b[5], [32 - 145, 64 - 145, 32 + 145, 64 + 145])
+    c = delf.keypoint_centers(b)
+    np.testing.assert_array_equal(c, [[0, 0], [0, 32], [0, 64], [32, 0], [32, 32], [32, 64]])
+    # at scale 0.5 the boxes (and centres) are divided by the scale: cell (1, 1) -> (64, 64)
+    np.testing.assert_array_equal(delf.keypoint_centers(b / np.float32(0.5))[4], [64, 64])
+
+
+def test_scaled_size_rounds_half_to_even_like_tensorflow():
+    assert delf.scaled_size(10, 14, 0.25) == (2, 4)   # 2.5 -> 2, 3.5 -> 4
+    assert delf.scaled_size(100, 200, 1.4142) == (141, 283)
+    assert delf.scaled_size(7, 9, 2.0) == (14, 18)
+
+
+def test_datum_roundtrip_and_hand_made_bytes(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    p = tmp_path / "m.datum"
+    p.write_bytes(delf.serialize_datum(a))
+    np.testing.assert_array_equal(delf.read_datum(p), a)
+    u = np.array([[1, 300], [70000, 5]], np.uint32)
+    np.testing.assert_array_equal(delf.parse_datum(delf.serialize_datum(u)), u)
+    # shape [2] (packed), float_list {value: [1.5, -2.0]} written by hand as protobuf
+    raw = bytes([0x0A, 0x01, 0x02, 0x12, 0x0A, 0x0A, 0x08]) + np.array([1.5, -2.0], "<f4").tobytes()
+    np.testing.assert_array_equal(delf.parse_datum(raw), [1.5, -2.0])
+    with pytest.raises(ValueError):
+        delf.parse_datum(raw[:-3])
+    with pytest.raises(FileNotFoundError, match="delf_gld_20190411"):
+        delf.read_datum(tmp_path / "missing.datum")
+
+
+def test_postprocess_and_selection():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((5, 8)).astype(np.float32)
+    mean = rng.standard_normal(8).astype(np.float32) * 0.1
+    mat = np.linalg.qr(rng.standard_normal((8, 8)))[0].astype(np.float32)
+    d = delf.postprocess_descriptors(f, mean, mat, 3)
+    ref = f / np.linalg.norm(f, axis=1, keepdims=True)
+    ref = (ref - mean) @ mat[:3].T
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(d, ref, atol=1e-6)
+    scores = np.array([1, 5, 5, 3], np.float32)
+    _, _, _, s = delf.select_top(np.zeros((4, 4)), np.zeros((4, 2)), np.zeros(4), scores, 3)
+    np.testing.assert_array_equal(s, [5, 5, 3])
+
+
+def test_missing_weights_name_the_official_archive(tmp_path):
+    pytest.importorskip("torch")
+    with pytest.raises(FileNotFoundError, match="convert-delf"):
+        delf.DELF(tmp_path / "nope.npz")
+
+
+# ---- parity with the official structure (tf-slim) ----------------------------------------------------
+def _legacy_layers_alias():
+    """TensorFlow >= 2.16 loads tf.layers from `tf_keras.legacy_tf_layers`, which recent tf-keras keeps
+    under `tf_keras.src`: alias it so tf-slim builds its layers (test-only shim)."""
+    import importlib
+    import sys
+
+    try:
+        importlib.import_module("tf_keras.legacy_tf_layers.normalization")
+    except ImportError:
+        try:
+            pkg = importlib.import_module("tf_keras.src.legacy_tf_layers")
+        except ImportError:
+            return
+        sys.modules["tf_keras.legacy_tf_layers"] = pkg
+        for sub in ("base", "convolutional", "core", "normalization", "pooling"):
+            sys.modules[f"tf_keras.legacy_tf_layers.{sub}"] = importlib.import_module(f"tf_keras.src.legacy_tf_layers.{sub}")
+
+
+def _tf_slim_model(seed=0):
+    tf = pytest.importorskip("tensorflow")
+    slim = pytest.importorskip("tf_slim")
+    _legacy_layers_alias()
+    from tf_slim.nets import resnet_v1
+
+    g = tf.Graph()
+    with g.as_default():
+        img = tf.compat.v1.placeholder(tf.float32, [None, None, 3])
+        size = tf.compat.v1.placeholder(tf.int32, [2])
+        x = (img - 128.0) / 128.0
+        x = tf.compat.v1.image.resize_bilinear(x[None], size, align_corners=False, half_pixel_centers=False)
+        blocks = [resnet_v1.resnet_v1_block("block1", base_depth=64, num_units=3, stride=2),
+                  resnet_v1.resnet_v1_block("block2", base_depth=128, num_units=4, stride=2),
+                  resnet_v1.resnet_v1_block("block3", base_depth=256, num_units=6, stride=2)]
+        with slim.arg_scope(resnet_v1.resnet_arg_scope()):
+            net, _ = resnet_v1.resnet_v1(x, blocks, num_classes=None, is_training=False, global_pool=False,
+                                         scope="resnet_v1_50")
+            with tf.compat.v1.variable_scope("attention_block"), slim.arg_scope([slim.batch_norm], is_training=False):
+                c1 = slim.conv2d(net, 512, 1, scope="conv1")
+                score = slim.conv2d(c1, 1, 1, activation_fn=None, normalizer_fn=None, scope="conv2")
+        prob = tf.nn.softplus(score)
+        sess = tf.compat.v1.Session(graph=g)
+        tf.compat.v1.random.set_random_seed(seed)
+        sess.run(tf.compat.v1.global_variables_initializer())
+        rng = np.random.default_rng(seed)
+        for v in tf.compat.v1.global_variables():  # non-trivial batch-norm statistics
+            n = v.name
+            shape = v.shape.as_list()
+            if n.endswith("moving_mean:0") or n.endswith("beta:0"):
+                v.load(rng.normal(0, 0.1, shape).astype(np.float32), sess)
+            elif n.endswith("moving_variance:0") or n.endswith("gamma:0"):
+                v.load(rng.uniform(0.5, 1.5, shape).astype(np.float32), sess)
+            elif n.endswith("conv2/biases:0") and "attention" in n:
+                v.load(np.full(shape, 0.5, np.float32), sess)
+        variables = {v.name[:-2]: val for v, val in zip(tf.compat.v1.global_variables(),
+                                                        sess.run(tf.compat.v1.global_variables()))}
+
+    def run(image, scale):
+        h, w = delf.scaled_size(image.shape[0], image.shape[1], scale)
+        f, a = sess.run([net, prob], {img: image.astype(np.float32), size: [h, w]})
+        return f[0], a[0, :, :, 0]
+
+    return variables, run
+
+
+@pytest.mark.tf
+def test_pytorch_delf_equals_tf_slim_structure():
+    pytest.importorskip("torch")
+    variables, run_tf = _tf_slim_model()
+    state = delf.convert_tf_variables(variables)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (97, 131, 3)).astype(np.uint8)
+    scales = (0.7071, 1.0, 1.4142)
+    # feature maps and attention, per scale
+    ext = delf.DELF(state=state, scales=scales, device="cpu", score_threshold=0.0, max_features=10_000)
+    maps_tf = {s: run_tf(image, s) for s in scales}
+    for s in scales:
+        f_pt, a_pt = ext.feature_maps(image, s)
+        f_tf, a_tf = maps_tf[s]
+        assert f_pt.shape == f_tf.shape
+        np.testing.assert_allclose(f_pt, f_tf, rtol=1e-4, atol=1e-4 * np.abs(f_tf).max())
+        np.testing.assert_allclose(a_pt, a_tf, rtol=1e-4, atol=1e-5)
+    # the whole extraction: threshold at the median attention, PCA to 32
+    thr = float(np.median(np.concatenate([maps_tf[s][1].ravel() for s in scales])))
+    mean = rng.normal(0, 0.01, 1024).astype(np.float32)
+    mat = np.linalg.qr(rng.standard_normal((1024, 64)))[0].T.astype(np.float32)
+    pca = {"mean": mean, "matrix": mat}
+    ext = delf.DELF(state=state, pca=pca, pca_dim=32, scales=scales, device="cpu", score_threshold=thr,
+                    max_features=20)
+    got = ext(image)
+    B, F, S, A = [], [], [], []
+    for s in scales:
+        f, a = maps_tf[s]
+        boxes = delf.receptive_boxes(*a.shape) / np.float32(s)
+        keep = np.nonzero(a.ravel() >= thr)[0]
+        B.append(boxes[keep]), F.append(f.reshape(-1, 1024)[keep]), S.append(np.full(keep.size, s)),
+        A.append(a.ravel()[keep])
+    b, f, s_, a = delf.select_top(np.concatenate(B), np.concatenate(F), np.concatenate(S), np.concatenate(A), 20)
+    ref = delf.postprocess_descriptors(f, mean, mat, 32)
+    assert got.descriptors.shape == (20, 32)
+    np.testing.assert_allclose(got.descriptors, ref, atol=1e-4)
+    np.testing.assert_allclose(got.locations, delf.keypoint_centers(b), atol=1e-3)
+    np.testing.assert_allclose(got.scores, a, rtol=1e-4)
+
+
+@pytest.mark.tf
+def test_tf_resize_bilinear_matches_tensorflow():
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(2)
+    img = rng.standard_normal((13, 17, 3)).astype(np.float32)
+    for h, w in ((3, 4), (9, 24), (26, 34), (13, 17)):
+        ref = tf.compat.v1.image.resize_bilinear(img[None], [h, w], align_corners=False,
+                                                 half_pixel_centers=False).numpy()[0]
+        got = delf.tf_resize_bilinear(torch.as_tensor(img).permute(2, 0, 1), h, w).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
