@@ -82,7 +82,7 @@ def _legacy_layers_alias():
             sys.modules[f"tf_keras.legacy_tf_layers.{sub}"] = importlib.import_module(f"tf_keras.src.legacy_tf_layers.{sub}")
 
 
-def _tf_slim_model(seed=0):
+def _tf_slim_model(seed=0, save_prefix=None):
     tf = pytest.importorskip("tensorflow")
     slim = pytest.importorskip("tf_slim")
     _legacy_layers_alias()
@@ -119,6 +119,9 @@ def _tf_slim_model(seed=0):
                 v.load(np.full(shape, 0.5, np.float32), sess)
         variables = {v.name[:-2]: val for v, val in zip(tf.compat.v1.global_variables(),
                                                         sess.run(tf.compat.v1.global_variables()))}
+        if save_prefix is not None:  # the layout of the official SavedModel's variables
+            tf.compat.v1.train.Saver(tf.compat.v1.global_variables()).save(sess, str(save_prefix),
+                                                                          write_meta_graph=False)
 
     def run(image, scale):
         h, w = delf.scaled_size(image.shape[0], image.shape[1], scale)
@@ -165,7 +168,7 @@ def test_pytorch_delf_equals_tf_slim_structure():
     assert got.descriptors.shape == (20, 32)
     np.testing.assert_allclose(got.descriptors, ref, atol=1e-4)
     np.testing.assert_allclose(got.locations, delf.keypoint_centers(b), atol=1e-3)
-    np.testing.assert_allclose(got.scores, a, rtol=1e-4)
+    np.testing.assert_allclose(got.scores, a, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.tf
@@ -179,3 +182,60 @@ def test_tf_resize_bilinear_matches_tensorflow():
                                                  half_pixel_centers=False).numpy()[0]
         got = delf.tf_resize_bilinear(torch.as_tensor(img).permute(2, 0, 1), h, w).permute(1, 2, 0).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.tf
+def test_convert_delf_cli_then_pytorch_delf_equals_tf(tmp_path):
+    pytest.importorskip("torch")
+    from d2r import cli
+
+    model_dir = tmp_path / "delf_gld_20190411"
+    (model_dir / "model" / "variables").mkdir(parents=True)
+    (model_dir / "pca").mkdir()
+    variables, run_tf = _tf_slim_model(seed=3, save_prefix=model_dir / "model" / "variables" / "variables")
+    rng = np.random.default_rng(4)
+    mean = rng.normal(0, 0.01, 1024).astype(np.float32)
+    mat = np.linalg.qr(rng.standard_normal((1024, 256)))[0].T.astype(np.float32)
+    (model_dir / "pca" / "mean.datum").write_bytes(delf.serialize_datum(mean))
+    (model_dir / "pca" / "pca_proj_mat.datum").write_bytes(delf.serialize_datum(mat))
+    out = tmp_path / "delf.npz"
+    assert cli.main(["convert-delf", str(model_dir), str(out)]) == 0
+    image = rng.integers(0, 256, (80, 112, 3)).astype(np.uint8)
+    f_tf, a_tf = run_tf(image, 1.0)
+    thr = float(np.median(a_tf))
+    ext = delf.DELF(out, scales=(1.0,), device="cpu", score_threshold=thr, max_features=1000)
+    got = ext(image)
+    keep = np.nonzero(a_tf.ravel() >= thr)[0]
+    b, f, _, a = delf.select_top(delf.receptive_boxes(*a_tf.shape)[keep], f_tf.reshape(-1, 1024)[keep],
+                                 np.ones(keep.size), a_tf.ravel()[keep], 1000)
+    # every cell above the threshold is kept (no cap reached): compare in location order, since cells
+    # with equal attention (a saturated head) may be listed in either order
+    ref_loc, ref_desc = delf.keypoint_centers(b), delf.postprocess_descriptors(f, mean, mat, 128)
+    o1, o2 = np.lexsort(got.locations.T[::-1]), np.lexsort(ref_loc.T[::-1])
+    np.testing.assert_allclose(got.locations[o1], ref_loc[o2], atol=1e-3)
+    np.testing.assert_allclose(got.descriptors[o1], ref_desc[o2], atol=1e-4)
+    assert got.descriptors.shape[1] == 128
+    # a folder that is not the official archive: one line, exit status 2
+    assert cli.main(["convert-delf", str(tmp_path / "nothing"), str(out)]) == 2
+
+
+@pytest.mark.tf
+def test_convert_codebook_cli(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from d2r import cli
+
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((64, 128)).astype(np.float32)
+    g = tf.Graph()
+    with g.as_default():
+        v = tf.compat.v1.get_variable("clusters", initializer=c)
+        sess = tf.compat.v1.Session(graph=g)
+        sess.run(v.initializer)
+        tf.compat.v1.train.Saver([v]).save(sess, str(tmp_path / "k65536" / "codebook"), write_meta_graph=False)
+    out = tmp_path / "cb.npy"
+    assert cli.main(["convert-codebook", str(tmp_path / "k65536"), str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), c)
+    import d2r
+
+    assert d2r.Codebook.load(out).n_words == 64
+    assert cli.main(["convert-codebook", str(tmp_path / "absent"), str(out)]) == 2

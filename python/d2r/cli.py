@@ -1,4 +1,5 @@
-"""The `d2r` command: demo (the main job), extract, train-codebook, index, search, evaluate."""
+"""The `d2r` command: demo (the main job), extract, train-codebook, index, search, evaluate, convert-delf,
+convert-codebook, info."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +145,22 @@ def _info(args) -> int:
     return 0
 
 
+def _convert_delf(args) -> int:
+    from .convert import convert_delf
+
+    info = convert_delf(args.model_dir, args.out, args.pca_dir)
+    print(f"wrote {args.out}: {info['tensors']} tensors, PCA {info['pca'] or 'none'}")
+    return 0
+
+
+def _convert_codebook(args) -> int:
+    from .convert import convert_codebook
+
+    c = convert_codebook(args.checkpoint, args.out)
+    print(f"wrote {args.out}: {c.shape[0]} words x {c.shape[1]} dimensions")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve image retrieval (ASMK*, R-ASMK*)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -200,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_options(p, False)
     p.add_argument("--rerank", action="store_true", help="spatial verification of the top 100")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("convert-delf", help="official DELF model (delf_gld_20190411, needs TensorFlow once) -> "
+                                            "a weights file for d2r.extract.DELF (PyTorch)")
+    p.add_argument("model_dir", help="the unpacked archive (model/variables, pca/*.datum)")
+    p.add_argument("out", help="output .npz")
+    p.add_argument("--pca-dir", default=None, help="folder of mean.datum / pca_proj_mat.datum (default MODEL_DIR/pca)")
+    p.set_defaults(func=_convert_delf)
+
+    p = sub.add_parser("convert-codebook", help="official codebook checkpoint (variable 'clusters') -> .npy")
+    p.add_argument("checkpoint", help="checkpoint prefix (or a folder holding one)")
+    p.add_argument("out", help="output .npy")
+    p.set_defaults(func=_convert_codebook)
 
     p = sub.add_parser("info", help="how the native core was built")
     p.set_defaults(func=_info)
