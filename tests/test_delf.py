@@ -239,3 +239,18 @@ def test_convert_codebook_cli(tmp_path):
 
     assert d2r.Codebook.load(out).n_words == 64
     assert cli.main(["convert-codebook", str(tmp_path / "absent"), str(out)]) == 2
+
+
+def test_load_image_rgb_forms(tmp_path):
+    from d2r.extract import load_image_rgb
+
+    g = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(load_image_rgb(g)[:, :, 1], g)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    assert load_image_rgb(rgba).shape == (2, 2, 3)
+    with pytest.raises(TypeError, match="uint8"):
+        load_image_rgb(g.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        load_image_rgb(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(TypeError):
+        load_image_rgb(3.5)

@@ -1,4 +1,4 @@
-"""Local feature extraction (RootSIFT)."""
+"""Local feature extraction: RootSIFT (OpenCV, the default) and DELF (PyTorch, optional)."""
 from .rootsift import (
     MIN_IMAGE_SIDE,
     SIFT_DIM,
@@ -9,8 +9,10 @@ from .rootsift import (
     SIFTResult,
     extract_many,
     load_image_gray,
+    load_image_rgb,
     rootsift_from_sift,
 )
+from .delf import DELF
 
 __all__ = [
     "Features",
@@ -20,6 +22,8 @@ __all__ = [
     "ImageNotFoundError",
     "extract_many",
     "load_image_gray",
+    "load_image_rgb",
+    "DELF",
     "rootsift_from_sift",
     "MIN_IMAGE_SIDE",
     "SIFT_DIM",
