@@ -82,6 +82,35 @@ def _legacy_layers_alias():
             sys.modules[f"tf_keras.legacy_tf_layers.{sub}"] = importlib.import_module(f"tf_keras.src.legacy_tf_layers.{sub}")
 
 
+def _slim_delf_net(tf, slim, resnet_v1, x):
+    """The official structure: tf-slim ResNet-50 v1 blocks 1-3 and the DELF attention head."""
+    blocks = [resnet_v1.resnet_v1_block("block1", base_depth=64, num_units=3, stride=2),
+              resnet_v1.resnet_v1_block("block2", base_depth=128, num_units=4, stride=2),
+              resnet_v1.resnet_v1_block("block3", base_depth=256, num_units=6, stride=2)]
+    with slim.arg_scope(resnet_v1.resnet_arg_scope()):
+        net, _ = resnet_v1.resnet_v1(x, blocks, num_classes=None, is_training=False, global_pool=False,
+                                     scope="resnet_v1_50")
+        with tf.compat.v1.variable_scope("attention_block"), slim.arg_scope([slim.batch_norm], is_training=False):
+            c1 = slim.conv2d(net, 512, 1, scope="conv1")
+            score = slim.conv2d(c1, 1, 1, activation_fn=None, normalizer_fn=None, scope="conv2")
+    return net, tf.nn.softplus(score)
+
+
+def _randomise(tf, sess, seed):
+    rng = np.random.default_rng(seed)
+    for v in tf.compat.v1.global_variables():  # non-trivial batch-norm statistics
+        n = v.name
+        shape = v.shape.as_list()
+        if n.endswith("moving_mean:0") or n.endswith("beta:0"):
+            v.load(rng.normal(0, 0.1, shape).astype(np.float32), sess)
+        elif n.endswith("moving_variance:0") or n.endswith("gamma:0"):
+            v.load(rng.uniform(0.5, 1.5, shape).astype(np.float32), sess)
+        elif n.endswith("conv2/biases:0") and "attention" in n:
+            v.load(np.full(shape, 0.5, np.float32), sess)
+    return {v.name[:-2]: val for v, val in zip(tf.compat.v1.global_variables(),
+                                                sess.run(tf.compat.v1.global_variables()))}
+
+
 def _tf_slim_model(seed=0, save_prefix=None):
     tf = pytest.importorskip("tensorflow")
     slim = pytest.importorskip("tf_slim")
@@ -94,31 +123,11 @@ def _tf_slim_model(seed=0, save_prefix=None):
         size = tf.compat.v1.placeholder(tf.int32, [2])
         x = (img - 128.0) / 128.0
         x = tf.compat.v1.image.resize_bilinear(x[None], size, align_corners=False, half_pixel_centers=False)
-        blocks = [resnet_v1.resnet_v1_block("block1", base_depth=64, num_units=3, stride=2),
-                  resnet_v1.resnet_v1_block("block2", base_depth=128, num_units=4, stride=2),
-                  resnet_v1.resnet_v1_block("block3", base_depth=256, num_units=6, stride=2)]
-        with slim.arg_scope(resnet_v1.resnet_arg_scope()):
-            net, _ = resnet_v1.resnet_v1(x, blocks, num_classes=None, is_training=False, global_pool=False,
-                                         scope="resnet_v1_50")
-            with tf.compat.v1.variable_scope("attention_block"), slim.arg_scope([slim.batch_norm], is_training=False):
-                c1 = slim.conv2d(net, 512, 1, scope="conv1")
-                score = slim.conv2d(c1, 1, 1, activation_fn=None, normalizer_fn=None, scope="conv2")
-        prob = tf.nn.softplus(score)
+        net, prob = _slim_delf_net(tf, slim, resnet_v1, x)
         sess = tf.compat.v1.Session(graph=g)
         tf.compat.v1.random.set_random_seed(seed)
         sess.run(tf.compat.v1.global_variables_initializer())
-        rng = np.random.default_rng(seed)
-        for v in tf.compat.v1.global_variables():  # non-trivial batch-norm statistics
-            n = v.name
-            shape = v.shape.as_list()
-            if n.endswith("moving_mean:0") or n.endswith("beta:0"):
-                v.load(rng.normal(0, 0.1, shape).astype(np.float32), sess)
-            elif n.endswith("moving_variance:0") or n.endswith("gamma:0"):
-                v.load(rng.uniform(0.5, 1.5, shape).astype(np.float32), sess)
-            elif n.endswith("conv2/biases:0") and "attention" in n:
-                v.load(np.full(shape, 0.5, np.float32), sess)
-        variables = {v.name[:-2]: val for v, val in zip(tf.compat.v1.global_variables(),
-                                                        sess.run(tf.compat.v1.global_variables()))}
+        variables = _randomise(tf, sess, seed)
         if save_prefix is not None:  # the layout of the official SavedModel's variables
             tf.compat.v1.train.Saver(tf.compat.v1.global_variables()).save(sess, str(save_prefix),
                                                                           write_meta_graph=False)
@@ -254,3 +263,64 @@ def test_load_image_rgb_forms(tmp_path):
         load_image_rgb(np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(TypeError):
         load_image_rgb(3.5)
+
+
+@pytest.mark.tf
+def test_delftf_runs_a_savedmodel_with_the_official_tensor_names_like_delf(tmp_path):
+    """A SavedModel with the official contract (one pyramid level here), built from the tf-slim structure:
+    DelfTF's output equals the PyTorch DELF's on the converted weights."""
+    pytest.importorskip("torch")
+    tf = pytest.importorskip("tensorflow")
+    slim = pytest.importorskip("tf_slim")
+    _legacy_layers_alias()
+    from tf_slim.nets import resnet_v1
+
+    root = tmp_path / "delf_gld_20190411"
+    g = tf.Graph()
+    with g.as_default():
+        img = tf.compat.v1.placeholder(tf.uint8, [None, None, 3], name="input_image")
+        thr = tf.compat.v1.placeholder(tf.float32, [], name="input_abs_thres")
+        scales = tf.compat.v1.placeholder(tf.float32, [None], name="input_scales")
+        maxn = tf.compat.v1.placeholder(tf.int32, [], name="input_max_feature_num")
+        s = scales[0]
+        hw = tf.cast(tf.round(tf.cast(tf.shape(img)[:2], tf.float32) * s), tf.int32)
+        x = (tf.cast(img, tf.float32) - 128.0) / 128.0
+        x = tf.compat.v1.image.resize_bilinear(x[None], hw, align_corners=False, half_pixel_centers=False)
+        net, prob = _slim_delf_net(tf, slim, resnet_v1, x)
+        h, w = tf.shape(prob)[1], tf.shape(prob)[2]
+        yy, xx = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+        pts = tf.cast(tf.reshape(tf.stack([yy, xx], 2), [-1, 2]), tf.float32)
+        boxes = (32.0 * tf.concat([pts, pts], 1) + tf.constant([-145.0, -145.0, 145.0, 145.0])) / s
+        att = tf.reshape(prob, [-1])
+        idx = tf.reshape(tf.where(att >= thr), [-1])
+        b, f, a = tf.gather(boxes, idx), tf.gather(tf.reshape(net, [-1, 1024]), idx), tf.gather(att, idx)
+        top = tf.nn.top_k(a, tf.minimum(maxn, tf.size(a)), sorted=True)
+        outs = {"boxes": tf.identity(tf.gather(b, top.indices), name="boxes"),
+                "features": tf.identity(tf.gather(f, top.indices), name="features"),
+                "scales": tf.identity(tf.fill([tf.size(top.values)], s), name="scales"),
+                "scores": tf.identity(top.values[:, None], name="scores")}
+        sess = tf.compat.v1.Session(graph=g)
+        sess.run(tf.compat.v1.global_variables_initializer())
+        variables = _randomise(tf, sess, 7)
+        builder = tf.compat.v1.saved_model.Builder(str(root / "model"))
+        builder.add_meta_graph_and_variables(sess, [tf.compat.v1.saved_model.tag_constants.SERVING])
+        builder.save()
+    rng = np.random.default_rng(8)
+    mean = rng.normal(0, 0.01, 1024).astype(np.float32)
+    mat = np.linalg.qr(rng.standard_normal((1024, 128)))[0].T.astype(np.float32)
+    (root / "pca").mkdir()
+    (root / "pca" / "mean.datum").write_bytes(delf.serialize_datum(mean))
+    (root / "pca" / "pca_proj_mat.datum").write_bytes(delf.serialize_datum(mat))
+    image = rng.integers(0, 256, (90, 120, 3)).astype(np.uint8)
+    probe = delf.DelfTF(root, scales=(1.0,), score_threshold=0.0, max_features=10_000)
+    thr_v = float(np.median(probe.raw(image)[3]))
+    tf_ext = delf.DelfTF(root, scales=(1.0,), score_threshold=thr_v, max_features=1000)
+    pt_ext = delf.DELF(state=delf.convert_tf_variables(variables), pca={"mean": mean, "matrix": mat},
+                       scales=(1.0,), score_threshold=thr_v, max_features=1000, device="cpu")
+    a, b = tf_ext(image), pt_ext(image)
+    assert a.descriptors.shape == b.descriptors.shape and a.descriptors.shape[1] == 128
+    o1, o2 = np.lexsort(a.locations.T[::-1]), np.lexsort(b.locations.T[::-1])
+    np.testing.assert_allclose(a.locations[o1], b.locations[o2], atol=1e-3)
+    np.testing.assert_allclose(a.descriptors[o1], b.descriptors[o2], atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="delf_gld_20190411"):
+        delf.DelfTF(tmp_path / "empty")

@@ -12,7 +12,7 @@ from .rootsift import (
     load_image_rgb,
     rootsift_from_sift,
 )
-from .delf import DELF
+from .delf import DELF, DelfTF
 
 __all__ = [
     "Features",
@@ -24,6 +24,7 @@ __all__ = [
     "load_image_gray",
     "load_image_rgb",
     "DELF",
+    "DelfTF",
     "rootsift_from_sift",
     "MIN_IMAGE_SIDE",
     "SIFT_DIM",

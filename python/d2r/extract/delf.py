@@ -416,3 +416,66 @@ class DELF:
         pmat = None if self.pca is None else self.pca["matrix"]
         desc = postprocess_descriptors(feats, pm, pmat, self.pca_dim)
         return Features(desc, keypoint_centers(boxes), scales, scores)
+
+
+class DelfTF:
+    """The official DELF SavedModel run through TensorFlow (optional; ``pip install ".[tf]"``), with the
+    official tensor names (``input_image``, ``input_abs_thres``, ``input_scales``,
+    ``input_max_feature_num`` -> ``boxes``, ``features``, ``scales``, ``scores``) and the same
+    post-processing as :class:`DELF` (centres of the boxes as locations; L2, PCA, L2), so the two can be
+    compared image by image. model_dir: the unpacked ``delf_gld_20190411`` (``model/`` and ``pca/``) or
+    the SavedModel folder itself."""
+
+    def __init__(self, model_dir, pca_dir=None, *, scales: Sequence[float] = OFFICIAL_SCALES,
+                 score_threshold: float = 100.0, max_features: int = 1000, pca_dim: int = 128, use_pca: bool = True):
+        try:
+            import tensorflow as tf
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("DelfTF needs TensorFlow: pip install tensorflow-cpu") from exc
+        root = Path(model_dir)
+        saved = root / "model" if (root / "model" / "saved_model.pb").exists() else root
+        if not (saved / "saved_model.pb").exists():
+            raise FileNotFoundError(f"{root}: no saved_model.pb (in it or in model/); DelfTF needs the unpacked "
+                                    f"official {OFFICIAL_ARCHIVE}")
+        self._graph = tf.Graph()
+        self._sess = tf.compat.v1.Session(graph=self._graph)
+        with self._graph.as_default():
+            tf.compat.v1.saved_model.loader.load(self._sess, [tf.compat.v1.saved_model.tag_constants.SERVING],
+                                                 str(saved))
+        g = self._graph
+        self._inputs = [g.get_tensor_by_name(n) for n in
+                        ("input_image:0", "input_abs_thres:0", "input_scales:0", "input_max_feature_num:0")]
+        self._outputs = [g.get_tensor_by_name(n) for n in ("boxes:0", "features:0", "scales:0", "scores:0")]
+        self.scales = tuple(float(s) for s in scales)
+        self.score_threshold = float(score_threshold)
+        self.max_features = int(max_features)
+        self.pca_dim = int(pca_dim)
+        self.pca = None
+        pca_dir = Path(pca_dir) if pca_dir is not None else root / "pca"
+        if use_pca and (pca_dir / "mean.datum").exists():
+            self.pca = {"mean": read_datum(pca_dir / "mean.datum").reshape(-1),
+                        "matrix": read_datum(pca_dir / "pca_proj_mat.datum")}
+
+    def raw(self, image):
+        """The SavedModel's own outputs: (boxes, features, scales, scores) as numpy."""
+        from .rootsift import load_image_rgb
+
+        img = load_image_rgb(image)
+        feed = dict(zip(self._inputs, (img, self.score_threshold, np.asarray(self.scales, np.float32),
+                                       self.max_features)))
+        boxes, feats, scales, scores = self._sess.run(self._outputs, feed)
+        return boxes, feats, np.asarray(scales).reshape(-1), np.asarray(scores).reshape(-1)
+
+    def __call__(self, image) -> Features:
+        from .rootsift import load_image_rgb
+
+        img = load_image_rgb(image)
+        dim_out = self.pca_dim if self.pca is not None else 1024
+        if min(img.shape[:2]) < MIN_IMAGE_SIDE:
+            return Features(np.zeros((0, dim_out), np.float32), np.zeros((0, 2), np.float32),
+                            np.zeros(0, np.float32), np.zeros(0, np.float32))
+        boxes, feats, scales, scores = self.raw(img)
+        pm = None if self.pca is None else self.pca["mean"]
+        pmat = None if self.pca is None else self.pca["matrix"]
+        desc = postprocess_descriptors(feats, pm, pmat, self.pca_dim)
+        return Features(desc, keypoint_centers(np.asarray(boxes, np.float32)), scales, scores)
