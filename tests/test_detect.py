@@ -274,3 +274,36 @@ def test_ssd_finds_astronaut():
     # class filter
     only_person = OpenCVDnnDetector(pb, txt, classes=["person"]).detect(img)[2]
     assert set(only_person.tolist()) == {1}
+
+
+@pytest.mark.tf
+def test_tf_savedmodel_detector_official_contract(tmp_path):
+    """A SavedModel with the official D2R detector's tensor names (fixed normalised boxes): pixel boxes,
+    score threshold, sorting and clipping."""
+    tf = pytest.importorskip("tensorflow")
+    from d2r.detect import TFSavedModelDetector
+
+    g = tf.Graph()
+    with g.as_default():
+        images = tf.compat.v1.placeholder(tf.uint8, [None, None, None, 3], name="input_images")
+        n = tf.shape(images)[0]
+        boxes = tf.constant([[[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.2, 0.5], [0.3, 0.3, 0.4, 0.4]]], tf.float32)
+        scores = tf.constant([[0.5, 0.9, 0.05]], tf.float32)
+        classes = tf.constant([[1.0, 2.0, 3.0]], tf.float32)
+        tf.identity(tf.tile(boxes, [n, 1, 1]), name="detection_boxes")
+        tf.identity(tf.tile(scores, [n, 1]), name="detection_scores")
+        tf.identity(tf.tile(classes, [n, 1]), name="detection_classes")
+        sess = tf.compat.v1.Session(graph=g)
+        b = tf.compat.v1.saved_model.Builder(str(tmp_path / "d2r_frcnn_20190411"))
+        b.add_meta_graph_and_variables(sess, [tf.compat.v1.saved_model.tag_constants.SERVING])
+        b.save()
+    det = TFSavedModelDetector(tmp_path / "d2r_frcnn_20190411")
+    img = np.zeros((100, 200, 3), np.uint8)
+    boxes, scores, classes = det.detect(img)
+    np.testing.assert_allclose(scores, [0.9, 0.5])
+    np.testing.assert_allclose(boxes, [[0, 0, 100, 100], [40, 10, 120, 50]])  # clipped; x1, y1, x2, y2
+    assert list(classes) == [2, 1]
+    b2, s2 = det(img)
+    np.testing.assert_array_equal(b2, boxes)
+    with pytest.raises(FileNotFoundError, match="d2r_frcnn_20190411"):
+        TFSavedModelDetector(tmp_path / "missing")

@@ -43,6 +43,7 @@ __all__ = [
     "GridProposals",
     "KeypointClusterProposals",
     "MSERProposals",
+    "TFSavedModelDetector",
     "OpenCVDnnDetector",
     "box_iou",
     "nms",
@@ -518,6 +519,61 @@ class OpenCVDnnDetector(Detector):
         ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         b, s, c = b[ok], out[ok, 2], out[ok, 1].astype(np.int64)
         order = np.argsort(-s, kind="stable")
+        return b[order], s[order].astype(np.float32), c[order]
+
+    def __call__(self, image):
+        b, s, _ = self.detect(image)
+        return b, s
+
+
+class TFSavedModelDetector(Detector):
+    """The official D2R detectors (``d2r_frcnn_20190411``, ``d2r_mnetssd_20190411``): a TensorFlow
+    SavedModel (optional ``pip install ".[tf]"``) with input ``input_images:0`` (a batch of one uint8
+    RGB image) and outputs ``detection_boxes:0`` (normalised ymin, xmin, ymax, xmax),
+    ``detection_scores:0``, ``detection_classes:0``. Boxes become pixel (x1, y1, x2, y2), clipped, sorted
+    by score; those below ``score_threshold`` (the official default 0.1) are dropped. Nothing is
+    downloaded: a missing folder raises an error naming the official archive."""
+
+    ARCHIVES = "d2r_frcnn_20190411.tar.gz / d2r_mnetssd_20190411.tar.gz (https://storage.googleapis.com/delf/)"
+
+    def __init__(self, model_dir, score_threshold: float = 0.1, max_boxes: Optional[int] = None) -> None:
+        root = os.fspath(model_dir)
+        if not os.path.isfile(os.path.join(root, "saved_model.pb")):
+            raise FileNotFoundError(f"TFSavedModelDetector: no saved_model.pb in {root!r} (unpack the official "
+                                    f"{self.ARCHIVES})")
+        try:
+            import tensorflow as tf
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("TFSavedModelDetector needs TensorFlow: pip install tensorflow-cpu") from exc
+        self.model_dir = root
+        self.score_threshold = float(score_threshold)
+        self.max_boxes = max_boxes
+        self._graph = tf.Graph()
+        self._sess = tf.compat.v1.Session(graph=self._graph)
+        with self._graph.as_default():
+            tf.compat.v1.saved_model.loader.load(self._sess, [tf.compat.v1.saved_model.tag_constants.SERVING], root)
+        g = self._graph
+        self._input = g.get_tensor_by_name("input_images:0")
+        self._outputs = [g.get_tensor_by_name(n) for n in
+                         ("detection_boxes:0", "detection_scores:0", "detection_classes:0")]
+
+    def detect(self, image) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(boxes float64 (n, 4) pixels x1, y1, x2, y2, scores float32 (n,), classes int64 (n,))``."""
+        rgb = _to_rgb(image)
+        h, w = rgb.shape[:2]
+        boxes, scores, classes = self._sess.run(self._outputs, {self._input: rgb[None]})
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        scores = np.asarray(scores, np.float64).reshape(-1)
+        classes = np.asarray(classes).reshape(-1).astype(np.int64)
+        keep = scores >= self.score_threshold
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        px = np.stack([boxes[:, 1] * w, boxes[:, 0] * h, boxes[:, 3] * w, boxes[:, 2] * h], 1)
+        b = _clip(px, h, w)
+        ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        b, s, c = b[ok], scores[ok], classes[ok]
+        order = np.argsort(-s, kind="stable")
+        if self.max_boxes is not None:
+            order = order[: int(self.max_boxes)]
         return b[order], s[order].astype(np.float32), c[order]
 
     def __call__(self, image):
