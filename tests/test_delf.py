@@ -332,3 +332,23 @@ def test_delftf_runs_a_savedmodel_with_the_official_tensor_names_like_delf(tmp_p
     np.testing.assert_allclose(a.descriptors[o1], b.descriptors[o2], atol=1e-4)
     with pytest.raises(FileNotFoundError, match="delf_gld_20190411"):
         delf.DelfTF(tmp_path / "empty")
+
+
+@pytest.mark.tf
+def test_cli_extract_with_delf(tmp_path):
+    """`d2r extract --delf WEIGHTS` stores DELF features (converted tf-slim weights, low threshold)."""
+    pytest.importorskip("torch")
+    from d2r import cli
+    from d2r.features import load_features
+
+    variables, _ = _tf_slim_model(seed=9)
+    w = tmp_path / "delf.npz"
+    delf.save_weights(w, delf.convert_tf_variables(variables))
+    img = np.random.default_rng(3).integers(0, 256, (70, 90, 3)).astype(np.uint8)
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "a.png"), img[:, :, ::-1])
+    out = tmp_path / "f.npz"
+    assert cli.main(["extract", str(tmp_path / "a.png"), "--out", str(out), "--delf", str(w), "--max-features", "7"]) == 0
+    names, feats = load_features(out)
+    assert len(feats) == 1 and feats[0].descriptors.shape[1] == 1024 and len(feats[0].descriptors) <= 7
+    assert cli.main(["extract", str(tmp_path / "a.png"), "--out", str(out), "--delf", str(tmp_path / "no.npz")]) == 2

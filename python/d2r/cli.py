@@ -67,7 +67,13 @@ def _extract(args) -> int:
     from .features import extract_dataset, save_features
 
     paths = _images(args.images)
-    sift = RootSIFT(max_features=args.max_features)
+    if args.delf:
+        from .extract import DELF
+
+        sift = DELF(args.delf, max_features=args.max_features)  # one process (the GPU when PyTorch sees one)
+        args.workers = 1
+    else:
+        sift = RootSIFT(max_features=args.max_features)
     if str(args.out).endswith(".npz"):
         feats = extract_many(sift, [str(p) for p in paths], workers=args.workers)
         save_features(args.out, [str(p) for p in paths], feats)
@@ -187,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "listed in errors.json) or a file ending in .npz")
     p.add_argument("--max-features", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--delf", default=None, metavar="WEIGHTS",
+                   help="extract DELF instead of RootSIFT, with weights from `d2r convert-delf` (needs PyTorch)")
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("train-codebook", help="k-means codebook from a feature store")
