@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kThreads, T == 16 ? 2 : 1) approx_topk_kernel(
   float* xs = smem;                    // kBM x ldx
   float* cs0 = xs + kBM * ldx;         // two kBN x ldc centroid chunks (double buffer)
   float* ss = cs0 + 2 * kBN * ldc;     // kBM x lds (scores); reused for the list merge
+  float* tn = ss + (kBM * lds > kBM * 4 * T * 2 ? kBM * lds : kBM * 4 * T * 2);  // the tile's norms (kBN)
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int split = blockIdx.y;
@@ -165,15 +166,23 @@ __global__ void __launch_bounds__(kThreads, T == 16 ? 2 : 1) approx_topk_kernel(
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         wmma::store_matrix_sync(ss + wr * 16 * lds + (wc + j) * 16, acc[j], lds, wmma::mem_row_major);
-      __syncthreads();
       const int64_t w0 = w_begin + static_cast<int64_t>(tile) * kBN;
-      for (int j = 0; j < kBN / 4; ++j) {
-        const int cc = sub + 4 * j;
-        const int64_t w = w0 + cc;
-        if (w >= w_end) break;
-        float d = norms[w] - 2.0f * ss[my_row * lds + cc];
-        if (d < td[T - 1]) {
-          int32_t id = static_cast<int32_t>(w);
+      if (tid < kBN) tn[tid] = w0 + tid < w_end ? norms[w0 + tid] : INFINITY;  // padding never selected
+      __syncthreads();
+      // Each thread scans 4 consecutive words at a time (float4 reads of scores and norms) and only
+      // enters the insertion when one of the 4 beats its current T-th distance.
+      const float* srow = ss + my_row * lds;
+      const int32_t wbase = static_cast<int32_t>(w0);
+      for (int q = sub; q < kBN / 4; q += 4) {
+        const float4 s4 = *reinterpret_cast<const float4*>(srow + 4 * q);
+        const float4 n4 = *reinterpret_cast<const float4*>(tn + 4 * q);
+        const float dd[4] = {n4.x - 2.0f * s4.x, n4.y - 2.0f * s4.y, n4.z - 2.0f * s4.z, n4.w - 2.0f * s4.w};
+        if (fminf(fminf(dd[0], dd[1]), fminf(dd[2], dd[3])) >= td[T - 1]) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float d = dd[e];
+          if (!(d < td[T - 1])) continue;
+          int32_t id = wbase + 4 * q + e;
 #pragma unroll
           for (int i = 0; i < T; ++i) {
             if (d < td[i]) {
@@ -379,7 +388,7 @@ __global__ void exact_rows_kernel(const float* __restrict__ x, int dim, const fl
 template <int T>
 size_t approx_smem_bytes(int dp) {
   const size_t ss = std::max<size_t>(static_cast<size_t>(kBM) * (kBN + 8), static_cast<size_t>(kBM) * 4 * T * 2);
-  return sizeof(float) * (static_cast<size_t>(kBM) * (dp + 8) + 2 * static_cast<size_t>(kBN) * (kBK + 8) + ss);
+  return sizeof(float) * (static_cast<size_t>(kBM) * (dp + 8) + 2 * static_cast<size_t>(kBN) * (kBK + 8) + ss + kBN);
 }
 
 }  // namespace
