@@ -30,6 +30,7 @@ pytest.importorskip("faiss", reason="Codebook.train needs faiss (pip install fai
 
 import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family  # noqa: E402
+from d2r.datasets.composites import paste_composite  # noqa: E402
 from d2r.extract import RootSIFT  # noqa: E402
 from d2r.regions import regions_by_reextraction, regions_by_selection  # noqa: E402
 
@@ -49,29 +50,9 @@ def _load_rgb(path: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    interp = cv2.INTER_AREA if w * h < img.shape[0] * img.shape[1] else cv2.INTER_LINEAR
-    return cv2.resize(img, (int(w), int(h)), interpolation=interp)
-
-
 def _composite(background: np.ndarray, view: np.ndarray, rng: np.random.Generator):
-    """background resized to COMPOSITE_SIDE (longest side) with `view` pasted at PASTE_AREA of its
-    area at a random position. Returns (image, box (x1, y1, x2, y2) of the pasted area)."""
-    bh, bw = background.shape[:2]
-    s = COMPOSITE_SIDE / max(bh, bw)
-    W, H = max(1, round(bw * s)), max(1, round(bh * s))
-    comp = _resize(background, W, H).copy()
-    frac = rng.uniform(*PASTE_AREA)
-    vh, vw = view.shape[:2]
-    aspect = vw / vh
-    h = np.sqrt(frac * W * H / aspect)
-    w = aspect * h
-    shrink = min(1.0, W / w, H / h)
-    w, h = max(16, int(round(w * shrink))), max(16, int(round(h * shrink)))
-    x0 = int(rng.integers(0, W - w + 1))
-    y0 = int(rng.integers(0, H - h + 1))
-    comp[y0:y0 + h, x0:x0 + w] = _resize(view, w, h)
-    return comp, np.array([[x0, y0, x0 + w, y0 + h]], np.float64)
+    """background resized to COMPOSITE_SIDE with `view` pasted at PASTE_AREA of its area."""
+    return paste_composite(background, view, rng, COMPOSITE_SIDE, PASTE_AREA)
 
 
 def _compute_ap(ranks0, n_pos: int) -> float:
