@@ -12,6 +12,7 @@ from .rootsift import (
     load_image_rgb,
     rootsift_from_sift,
 )
+from .cnn import EfficientNetLite0Features, learn_pca
 from .delf import DELF, DelfTF
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "load_image_gray",
     "load_image_rgb",
     "DELF",
+    "EfficientNetLite0Features",
+    "learn_pca",
     "DelfTF",
     "rootsift_from_sift",
     "MIN_IMAGE_SIDE",
