@@ -55,3 +55,15 @@ def test_real_activations_match_under_a_translation():
     nn = np.argmax(b.descriptors @ a.descriptors.T, axis=1)
     err = np.abs(a.locations[nn] - (b.locations + np.array([dy, dx], np.float32))).max(axis=1)
     assert np.mean(err <= 16) > 0.6, np.mean(err <= 16)
+
+
+def test_several_worker_processes_give_the_serial_results():
+    from d2r.extract import extract_many
+
+    ext = cnn.EfficientNetLite0Features(scales=(0.5,), max_features=50, device="cpu")
+    images = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    serial = extract_many(ext, images, workers=1, progress=False)
+    parallel = extract_many(ext, images, workers=2, progress=False)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-5)
+        np.testing.assert_array_equal(a.locations, b.locations)

@@ -352,3 +352,20 @@ def test_cli_extract_with_delf(tmp_path):
     names, feats = load_features(out)
     assert len(feats) == 1 and feats[0].descriptors.shape[1] == 1024 and len(feats[0].descriptors) <= 7
     assert cli.main(["extract", str(tmp_path / "a.png"), "--out", str(out), "--delf", str(tmp_path / "no.npz")]) == 2
+
+
+@pytest.mark.tf
+def test_delf_in_worker_processes_equals_serial():
+    pytest.importorskip("torch")
+    from d2r.extract import extract_many
+
+    variables, _ = _tf_slim_model(seed=11)
+    ext = delf.DELF(state=delf.convert_tf_variables(variables), scales=(0.7071, 1.0), score_threshold=0.0,
+                    max_features=30, device="cpu")
+    rng = np.random.default_rng(12)
+    images = [rng.integers(0, 256, (60 + 7 * i, 80, 3)).astype(np.uint8) for i in range(3)]
+    serial = extract_many(ext, images, workers=1, progress=False)
+    parallel = extract_many(ext, images, workers=2, progress=False)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-5)
+        np.testing.assert_allclose(a.locations, b.locations, atol=1e-4)

@@ -58,6 +58,19 @@ class EfficientNetLite0Features:
         self.max_features = int(max_features)
         self.score_threshold = float(score_threshold)
 
+    def __getstate__(self):
+        # Picklable for worker processes (d2r.extract.extract_many): the model is reloaded from the
+        # installed weights file there, with one PyTorch thread per worker.
+        d = dict(self.__dict__)
+        d.pop("model", None)
+        return d
+
+    def __setstate__(self, d):
+        torch = _torch()
+        self.__dict__.update(d)
+        torch.set_num_threads(1)
+        self.model = _load_lite0().to(self.device)
+
     def feature_maps(self, image: np.ndarray, scale: float):
         """(features (h, w, 192), feature norms (h, w)) at one pyramid scale, as numpy."""
         torch = _torch()

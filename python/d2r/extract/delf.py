@@ -367,6 +367,7 @@ class DELF:
             pca = pca if pca is not None else pca_file
         if state is None:
             raise ValueError("DELF needs weights (a file from `d2r convert-delf`) or a state dict")
+        self._state = {k: np.asarray(v, np.float32) for k, v in state.items()}
         self.net = _build_net()
         missing = self.net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
         bad = [k for k in missing.missing_keys if not k.endswith("num_batches_tracked")]
@@ -380,6 +381,21 @@ class DELF:
         self.max_features = int(max_features)
         self.pca = pca
         self.pca_dim = int(pca_dim)
+
+    def __getstate__(self):
+        # Picklable for worker processes (d2r.extract.extract_many): the network is rebuilt from the
+        # weights there, with one PyTorch thread per worker.
+        d = dict(self.__dict__)
+        d.pop("net", None)
+        return d
+
+    def __setstate__(self, d):
+        torch = _torch()
+        self.__dict__.update(d)
+        torch.set_num_threads(1)
+        self.net = _build_net()
+        self.net.load_state_dict({k: torch.as_tensor(v) for k, v in self._state.items()}, strict=False)
+        self.net.eval().to(self.device)
 
     def feature_maps(self, image: np.ndarray, scale: float):
         """(features (h, w, 1024), attention (h, w)) at one pyramid scale, as numpy."""
