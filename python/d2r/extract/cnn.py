@@ -15,7 +15,8 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .delf import OFFICIAL_SCALES, _torch, postprocess_descriptors, scaled_size, select_top, tf_resize_bilinear
+from .delf import (OFFICIAL_SCALES, RebuiltInWorkers, _torch, postprocess_descriptors, scaled_size, select_top,
+                   tf_resize_bilinear)
 from .rootsift import MIN_IMAGE_SIDE, Features
 
 STRIDE = 16
@@ -38,7 +39,7 @@ def _load_lite0():
     return model.eval()
 
 
-class EfficientNetLite0Features:
+class EfficientNetLite0Features(RebuiltInWorkers):
     """``EfficientNetLite0Features(pca=...)(image) -> Features``: dense stride-16 EfficientNet-Lite0
     features, DELF's pyramid and selection (max_features strongest cells by feature norm, optionally
     above score_threshold), L2 / PCA / L2 descriptors (192-D without PCA)."""
@@ -58,17 +59,9 @@ class EfficientNetLite0Features:
         self.max_features = int(max_features)
         self.score_threshold = float(score_threshold)
 
-    def __getstate__(self):
-        # Picklable for worker processes (d2r.extract.extract_many): the model is reloaded from the
-        # installed weights file there, with one PyTorch thread per worker.
-        d = dict(self.__dict__)
-        d.pop("model", None)
-        return d
+    _model_attr = "model"
 
-    def __setstate__(self, d):
-        torch = _torch()
-        self.__dict__.update(d)
-        torch.set_num_threads(1)
+    def _rebuild(self):  # in a worker process: the installed weights file again
         self.model = _load_lite0().to(self.device)
 
     def feature_maps(self, image: np.ndarray, scale: float):

@@ -354,7 +354,24 @@ def load_weights(path):
     return net, (pca or None)
 
 
-class DELF:
+class RebuiltInWorkers:
+    """Pickles without its network (attribute `_model_attr`); unpickling, in a worker process of
+    d2r.extract.extract_many, rebuilds it with `_rebuild()` and one PyTorch thread per worker."""
+
+    _model_attr = "net"
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop(self._model_attr, None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        _torch().set_num_threads(1)
+        self._rebuild()
+
+
+class DELF(RebuiltInWorkers):
     """DELF extractor (PyTorch): ``DELF(weights)(image) -> Features`` with 128-D descriptors (PCA) or
     1024-D (no PCA in the weights file). image: a path, a PIL image or an HxWx3 uint8 array (RGB)."""
 
@@ -382,17 +399,8 @@ class DELF:
         self.pca = pca
         self.pca_dim = int(pca_dim)
 
-    def __getstate__(self):
-        # Picklable for worker processes (d2r.extract.extract_many): the network is rebuilt from the
-        # weights there, with one PyTorch thread per worker.
-        d = dict(self.__dict__)
-        d.pop("net", None)
-        return d
-
-    def __setstate__(self, d):
+    def _rebuild(self):
         torch = _torch()
-        self.__dict__.update(d)
-        torch.set_num_threads(1)
         self.net = _build_net()
         self.net.load_state_dict({k: torch.as_tensor(v) for k, v in self._state.items()}, strict=False)
         self.net.eval().to(self.device)
