@@ -21,16 +21,22 @@ from d2r.extract import RootSIFT, extract_many
 from d2r.extract.rootsift import read_image_rgb
 
 
-def load_images(n: int, side: int):
+def load_images(n: int, side: int, folder=None):
     import cv2
+    from pathlib import Path
 
-    root = find_realmix()
-    if root is None:
-        raise SystemExit("realmix not found (../shared/data/realmix or $D2R_SHARED_DATA)")
-    ds = load_realmix(root)
+    if folder:  # e.g. the images carried to a GPU machine
+        paths = sorted(Path(folder).glob("*.jpg"))
+        paths = (paths * (n // max(1, len(paths)) + 1))[:n]
+    else:
+        root = find_realmix()
+        if root is None:
+            raise SystemExit("realmix not found (../shared/data/realmix or $D2R_SHARED_DATA)")
+        ds = load_realmix(root)
+        paths = [root / name for name in ds.imlist[:: max(1, len(ds.imlist) // n)][:n]]
     out = []
-    for name in ds.imlist[:: max(1, len(ds.imlist) // n)][:n]:
-        img = read_image_rgb(root / name)
+    for path in paths:
+        img = read_image_rgb(path)
         s = side / max(img.shape[:2])
         if s < 1:
             img = cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA)
@@ -52,9 +58,12 @@ def main():
     ap.add_argument("--side", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--image-dir", default=None, help="a folder of .jpg instead of realmix")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for the deep extractors")
     args = ap.parse_args()
-    images = load_images(args.images, args.side)
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "images": len(images),
+    images = load_images(args.images, args.side, args.image_dir)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "device": args.device,
+           "images": len(images),
            "mean_pixels": float(np.mean([im.shape[0] * im.shape[1] for im in images])), "extractors": {}}
 
     def report(name, sec, feats, note=""):
@@ -63,7 +72,7 @@ def main():
         print(f"{name:44s} {sec:8.3f} s/image  {n:7.1f} features or boxes / image  {note}", flush=True)
 
     sift = RootSIFT(max_features=1000)
-    many = load_images(args.sift_images, args.side)
+    many = load_images(args.sift_images, args.side, args.image_dir)
     report(f"RootSIFT, 1 process ({len(many)} images)", *timed(lambda ims: [sift(im) for im in ims], many))
     report(f"RootSIFT, {args.workers} processes ({len(many)} images)",
            *timed(lambda ims: extract_many(sift, ims, workers=args.workers, progress=False), many),
@@ -75,10 +84,10 @@ def main():
         from d2r.extract.delf import _build_net
 
         state = {k: v.numpy() for k, v in _build_net().state_dict().items() if not k.endswith("num_batches_tracked")}
-        delf = DELF(state=state, device="cpu", score_threshold=0.0)
+        delf = DELF(state=state, device=args.device, score_threshold=0.0)
         report("DELF (PyTorch, 7 scales, top 1000)", *timed(lambda ims: [delf(im) for im in ims], images),
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        lite = EfficientNetLite0Features(device="cpu")
+               f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"))
+        lite = EfficientNetLite0Features(device=args.device)
         report("EfficientNet-Lite0 dense (7 scales, top 1000)", *timed(lambda ims: [lite(im) for im in ims], images))
     except ImportError as exc:
         print(f"(deep extractors skipped: {exc})")

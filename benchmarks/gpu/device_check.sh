@@ -16,14 +16,7 @@ echo "== $(date -u) on $(nvidia-smi --query-gpu=name,memory.total,driver_version
 nproc; python3 --version; nvcc --version | tail -1
 
 echo "== build"
-# CMake directly (what setup.py runs), so the machine's setuptools version does not matter.
-B=/tmp/d2rbuild
-cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DD2R_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${D2R_CUDA_ARCH:-90}" \
-  -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
-  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/python/d2r" > "$OUT/build.txt" 2>&1 \
-  && cmake --build $B --target _native -j "$(nproc)" >> "$OUT/build.txt" 2>&1 \
-  || { echo "BUILD FAILED"; tail -60 "$OUT/build.txt"; exit 1; }
-export PYTHONPATH="$PWD/python" PYTHONUNBUFFERED=1
+source benchmarks/gpu/build.sh
 python3 -c "import d2r, json; print(json.dumps(d2r.build_info())); print(d2r.cuda.device_name())"
 echo "build done at +$(( $(date +%s) - T0 )) s"
 

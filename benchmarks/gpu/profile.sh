@@ -4,12 +4,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/d2r_out}"; mkdir -p "$OUT"
 cd "$(dirname "$0")/../.."
-B=/tmp/d2rbuild
-cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DD2R_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DD2R_BUILD_PYTHON=ON \
-  -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
-  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$PWD/python/d2r" > "$OUT/build.txt" 2>&1 \
-  && cmake --build $B --target _native -j "$(nproc)" >> "$OUT/build.txt" 2>&1 || { tail -40 "$OUT/build.txt"; exit 1; }
-export PYTHONPATH="$PWD/python"
+source benchmarks/gpu/build.sh
 cat > /tmp/prof_q.py <<'PY'
 import numpy as np, d2r, torch
 rng = np.random.default_rng(0)
