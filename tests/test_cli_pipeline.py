@@ -133,3 +133,40 @@ def test_feature_store_is_resumable_and_skips_bad_images(tmp_path):
     assert len(json.loads((store / "errors.json").read_text())) == 3
     # the CLI takes the folder too
     assert main(["train-codebook", str(store), "--words", "16", "--iters", "3", "--out", str(tmp_path / "cb.npy")]) == 0
+
+
+def test_feature_store_with_regions_re_extracted_on_crops(tmp_path):
+    """`d2r extract --proposals`: whole-image and per-region (crop) features in the store, resumable;
+    the stored regions index as R-ASMK* without re-extraction."""
+    cv2 = pytest.importorskip("cv2")
+    skdata = pytest.importorskip("skimage.data")
+    from d2r import cli
+    from d2r.features import load_features
+
+    paths = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        p = tmp_path / f"{name}.jpg"
+        cv2.imwrite(str(p), getattr(skdata, name)()[:, :, ::-1])
+        paths.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    store = tmp_path / "store"
+    argv = ["extract", *paths, str(tmp_path / "bad.jpg"), "--out", str(store), "--proposals", "grid",
+            "--max-regions", "3", "--max-features", "300"]
+    assert cli.main(argv) == 0
+    names, feats, regions = load_features(store, regions=True)
+    assert sorted(names) == sorted(paths)
+    for f, (boxes, crops) in zip(feats, regions):
+        assert boxes.shape == (3, 4) and len(crops) == 3
+        for b, c in zip(boxes, crops):
+            assert len(c.descriptors) > 0
+            y, x = c.locations[:, 0], c.locations[:, 1]
+            assert (x >= b[0] - 1).all() and (x <= b[2] + 1).all() and (y >= b[1] - 1).all() and (y <= b[3] + 1).all()
+    assert cli.main(argv) == 0  # a rerun skips what is stored
+    assert len(load_features(store)[0]) == 3
+    assert cli.main(["extract", paths[0], "--out", str(tmp_path / "x.npz"), "--proposals", "grid"]) == 2
+    # index the stored regions (R-ASMK*, region 0 the whole image)
+    cb = d2r.Codebook.train(np.vstack([f.descriptors for f in feats]), 32, niter=4, seed=0)
+    idx = d2r.Index(cb, kernel="rasmk*")
+    idx.add_regions_many([[f.descriptors] + [c.descriptors for c in crops] for f, (_, crops) in zip(feats, regions)])
+    s, i = idx.search(feats[1].descriptors, k=3)
+    assert i[0] == 1

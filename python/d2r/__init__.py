@@ -14,10 +14,11 @@ from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KE
 from .codebook import Codebook
 from .index import Index, RegionalSearchIndex
 from .index_io import IndexFileError
+from .features import extract_dataset, load_features, save_features
 from . import cuda
 
 __all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "Index", "IndexFileError", "KERNELS",
-           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "cuda", "get_num_threads", "set_num_threads",
+           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "cuda", "extract_dataset", "load_features", "save_features", "get_num_threads", "set_num_threads",
            "vlad"]
 
 

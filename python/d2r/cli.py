@@ -74,12 +74,21 @@ def _extract(args) -> int:
         args.workers = 1
     else:
         sift = RootSIFT(max_features=args.max_features)
+    detector = None
+    if args.detector or args.proposals:
+        from . import detect
+
+        if str(args.out).endswith(".npz"):
+            raise ValueError("regions (--proposals / --detector) are stored in a feature-store folder, not a .npz")
+        detector = (detect.TFSavedModelDetector(args.detector) if args.detector else
+                    {"grid": lambda: detect.GridProposals(levels=3), "mser": detect.MSERProposals,
+                     "keypoints": detect.KeypointClusterProposals}[args.proposals]())
     if str(args.out).endswith(".npz"):
         feats = extract_many(sift, [str(p) for p in paths], workers=args.workers)
         save_features(args.out, [str(p) for p in paths], feats)
         print(f"{len(paths)} images, {sum(len(f.descriptors) for f in feats)} descriptors -> {args.out}")
         return 0
-    stored, errors = extract_dataset(paths, args.out, sift)
+    stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions)
     for name, err in errors:
         print(f"skipped {name}: {err}", file=sys.stderr)
     print(f"{len(stored)} images stored in {args.out} ({len(errors)} unreadable, listed in errors.json)")
@@ -195,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--delf", default=None, metavar="WEIGHTS",
                    help="extract DELF instead of RootSIFT, with weights from `d2r convert-delf` (needs PyTorch)")
+    p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
+                   help="also store regions: weight-free proposals (grid: 3-level R-MAC), re-extracted on crops")
+    p.add_argument("--detector", default=None, metavar="MODEL_DIR",
+                   help="also store regions from the official D2R detector (SavedModel; needs TensorFlow)")
+    p.add_argument("--max-regions", type=int, default=5, help="regions kept per image (default 5)")
     p.set_defaults(func=_extract)
 
     p = sub.add_parser("train-codebook", help="k-means codebook from a feature store")

@@ -2,7 +2,13 @@
 per-image offsets and names) in one .npz file (`save_features`), or in a folder of such shards that
 is filled resumably (`extract_dataset`): each shard is written atomically, images already stored are
 skipped on a rerun, and images that cannot be read are reported in `errors.json` and skipped, so one
-bad file never aborts a run."""
+bad file never aborts a run.
+
+With a detector (or weight-free proposals), the store also holds each image's regions: the kept boxes
+(x1, y1, x2, y2, in score order) and the features re-extracted on each crop (locations in whole-image
+pixels), as the official D2R code builds them. In a .npz: `region_image_offsets` (per image, into the
+regions), `region_boxes`, `region_offsets` (per region, into the region_* feature rows),
+`region_descriptors`, `region_locations`, `region_scales`, `region_scores`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +18,8 @@ import numpy as np
 from ._atomic import atomic_write
 
 
-def save_features(path, names, features) -> None:
-    """names: list of str; features: list of d2r.extract.Features."""
-    if len(names) != len(features):
-        raise ValueError("one name per Features is required")
+def _pack(features, prefix=""):
+    """Concatenated arrays + offsets of a list of Features."""
     offsets = np.zeros(len(features) + 1, np.int64)
     offsets[1:] = np.cumsum([len(f.descriptors) for f in features])
     dim = features[0].descriptors.shape[1] if features else 128
@@ -24,33 +28,67 @@ def save_features(path, names, features) -> None:
         parts = [np.asarray(getattr(f, attr), np.float32).reshape((-1,) + shape) for f in features]
         return np.concatenate(parts) if parts else np.zeros((0,) + shape, np.float32)
 
-    with atomic_write(path) as f:
-        np.savez(f, names=np.asarray(names, dtype=str), offsets=offsets, descriptors=cat("descriptors", (dim,)),
-                 locations=cat("locations", (2,)), scales=cat("scales", ()), scores=cat("scores", ()))
+    return {prefix + "offsets": offsets, prefix + "descriptors": cat("descriptors", (dim,)),
+            prefix + "locations": cat("locations", (2,)), prefix + "scales": cat("scales", ()),
+            prefix + "scores": cat("scores", ())}
 
 
-def load_features(path):
-    """Returns (names, list of Features) from a .npz file or a feature-store folder."""
+def _unpack(z, prefix=""):
     from .extract import Features
 
+    offs, d, loc = z[prefix + "offsets"], z[prefix + "descriptors"], z[prefix + "locations"]
+    sc, scr = z[prefix + "scales"], z[prefix + "scores"]
+    return [Features(d[a:b], loc[a:b], sc[a:b], scr[a:b]) for a, b in zip(offs[:-1], offs[1:])]
+
+
+def save_features(path, names, features, regions=None) -> None:
+    """names: list of str; features: list of d2r.extract.Features; regions (optional): per image a pair
+    (boxes (R, 4) x1, y1, x2, y2, list of R Features of the crops)."""
+    if len(names) != len(features):
+        raise ValueError("one name per Features is required")
+    arrays = {"names": np.asarray(names, dtype=str), **_pack(features)}
+    if regions is not None:
+        if len(regions) != len(features):
+            raise ValueError("one (boxes, crop features) pair per image is required")
+        boxes = [np.asarray(b, np.float64).reshape(-1, 4) for b, _ in regions]
+        if any(b.shape[0] != len(c) for b, (_, c) in zip(boxes, regions)):
+            raise ValueError("one crop Features per box is required")
+        img_off = np.zeros(len(regions) + 1, np.int64)
+        img_off[1:] = np.cumsum([b.shape[0] for b in boxes])
+        arrays["region_image_offsets"] = img_off
+        arrays["region_boxes"] = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+        arrays.update(_pack([f for _, crops in regions for f in crops], "region_"))
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_features(path, regions: bool = False):
+    """Returns (names, list of Features) from a .npz file or a feature-store folder; with regions=True,
+    (names, Features, regions) where regions[i] is (boxes (R, 4), list of R crop Features), empty for
+    an image stored without regions."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such feature file")
     if path.is_dir():
-        names, feats = [], []
+        out = ([], [], [])
         for shard in _shards(path):
-            n, f = load_features(shard)
-            names += n
-            feats += f
-        return names, feats
+            part = load_features(shard, regions=True)
+            for acc, p in zip(out, part):
+                acc += p
+        return out if regions else out[:2]
     try:
-        z = np.load(path, allow_pickle=False)
-        names, offs = list(z["names"]), z["offsets"]
-        d, loc, sc, scr = z["descriptors"], z["locations"], z["scales"], z["scores"]
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z["names"])
+            feats = _unpack(z)
+            if "region_image_offsets" in z.files:
+                crops = _unpack(z, "region_")
+                io, rb = z["region_image_offsets"], z["region_boxes"]
+                regs = [(rb[a:b], crops[a:b]) for a, b in zip(io[:-1], io[1:])]
+            else:
+                regs = [(np.zeros((0, 4)), []) for _ in names]
     except (KeyError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a d2r feature file ({exc})") from exc
-    feats = [Features(d[a:b], loc[a:b], sc[a:b], scr[a:b]) for a, b in zip(offs[:-1], offs[1:])]
-    return names, feats
+    return (names, feats, regs) if regions else (names, feats)
 
 
 _SHARD = "shard-{:05d}.npz"
@@ -60,7 +98,8 @@ def _shards(folder: Path):
     return sorted(folder.glob("shard-*.npz"))
 
 
-def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True):
+def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
+                    max_regions: int = 5):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
     Images whose name (str(path)) is already in a shard are skipped; the rest are extracted in shards
@@ -68,6 +107,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     in progress). An image that cannot be read (missing, empty, truncated, not an image) is recorded
     with its reason in `folder/errors.json` (this run's list) and skipped. Returns (names stored,
     errors of this run as a list of (name, reason)).
+
+    detector: optional ``image -> (boxes, scores)`` (a d2r.detect Detector, weight-free proposals
+    included); the `max_regions` best boxes of each image then become regions, re-extracted on their
+    crops and stored beside the whole-image features (``load_features(..., regions=True)``).
     """
     import json
 
@@ -92,23 +135,38 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="extract", unit="img")
-    names, feats = [], []
+    names, feats, regs = [], [], []
 
     def flush():
-        nonlocal next_index, names, feats
+        nonlocal next_index, names, feats, regs
         if names:
-            save_features(folder / _SHARD.format(next_index), names, feats)
+            save_features(folder / _SHARD.format(next_index), names, feats, regs if detector is not None else None)
             next_index += 1
-            names, feats = [], []
+            names, feats, regs = [], [], []
+
+    def extract_one(path):
+        if detector is None:
+            return extractor(path), None
+        from .extract import load_image_rgb
+        from .regions import regions_by_reextraction, select_boxes
+
+        img = load_image_rgb(path)
+        whole = extractor(img)
+        boxes, scores = detector(img)
+        kept, kept_scores, _ = select_boxes(boxes, scores, img.shape[:2], score_threshold=None, max_boxes=max_regions)
+        _, _, crops = regions_by_reextraction(img, extractor, kept, kept_scores, whole_features=whole,
+                                              score_threshold=None)
+        return whole, (kept, crops)
 
     for path in todo:
         try:
-            f = extractor(path)
+            f, r = extract_one(path)
         except (ImageLoadError, OSError, ValueError) as exc:
             errors.append((path, str(exc)))
         else:
             names.append(path)
             feats.append(f)
+            regs.append(r)
             if len(names) >= shard_size:
                 flush()
         if bar is not None:
