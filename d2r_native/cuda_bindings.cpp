@@ -16,35 +16,23 @@
 #include "gpu.h"
 #endif
 
+#include "arrays.h"
+
 namespace py = pybind11;
 
 #ifdef D2R_WITH_CUDA
 namespace {
 
 using namespace d2r;
-template <class T>
-using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+using d2r_native::carray;
+using d2r_native::require;
 
 struct DeviceArray {
   gpu::SharedBuffer buf;
   std::vector<int64_t> shape;
   std::string typestr;  // numpy typestr, e.g. "<f4"
-  int64_t size() const {
-    int64_t s = 1;
-    for (int64_t d : shape) s *= d;
-    return s;
-  }
 };
 
-template <class T>
-carray<T> host_array(const py::handle& h, const char* name) {
-  if (!py::isinstance<py::array>(h)) throw py::type_error(std::string(name) + " must be a numpy array");
-  py::array a = py::reinterpret_borrow<py::array>(h);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-                         std::string(py::str(py::dtype::of<T>())));
-  return carray<T>::ensure(a);
-}
 
 // The device pointer to use for p: p itself, or a device copy of the host data held in *hold.
 template <class T>
@@ -126,7 +114,7 @@ void bind_cuda(py::module_& m) {
 
   py::class_<gpu::Quantizer>(m, "GpuQuantizer")
       .def(py::init([](const py::handle& c) {
-             auto a = host_array<float>(c, "centroids");
+             auto a = require<float>(c, "centroids");
              if (a.ndim() != 2) throw py::value_error("centroids must be 2-D");
              py::gil_scoped_release r;
              return new gpu::Quantizer(a.data(), false, a.shape(0), static_cast<int>(a.shape(1)));
@@ -154,12 +142,12 @@ void bind_cuda(py::module_& m) {
       "gpu_aggregate",
       [](const gpu::Quantizer& q, uintptr_t x, bool xdev, int64_t n_desc, uintptr_t assign, bool adev, int m,
          const py::handle& ir_o, const py::handle& rm_o, const py::handle& mem_o, bool binary) {
-        auto ir = host_array<int64_t>(ir_o, "image_regions");
-        auto rm = host_array<int64_t>(rm_o, "region_members");
+        auto ir = require<int64_t>(ir_o, "image_regions");
+        auto rm = require<int64_t>(rm_o, "region_members");
         carray<int64_t> mem;
         const int64_t* memp = nullptr;
         if (!mem_o.is_none()) {
-          mem = host_array<int64_t>(mem_o, "members");
+          mem = require<int64_t>(mem_o, "members");
           memp = mem.data();
         }
         const int64_t n_images = ir.size() - 1;
@@ -209,8 +197,8 @@ void bind_cuda(py::module_& m) {
           "add",
           [](gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
              const py::handle& ids_o) {
-            auto off = host_array<int64_t>(off_o, "word_offsets");
-            auto ids = host_array<int64_t>(ids_o, "image_ids");
+            auto off = require<int64_t>(off_o, "word_offsets");
+            auto ids = require<int64_t>(ids_o, "image_ids");
             if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
             if (ids.size() != off.size() - 1) throw py::value_error("one image id per image is required");
             py::gil_scoped_release r;
@@ -223,7 +211,7 @@ void bind_cuda(py::module_& m) {
           "search",
           [](const gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
              int64_t k, float alpha, float tau, bool normalize) {
-            auto off = host_array<int64_t>(off_o, "word_offsets");
+            auto off = require<int64_t>(off_o, "word_offsets");
             if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
             const int64_t nq = off.size() - 1;
             py::array_t<float> scores({nq, k});
@@ -244,7 +232,7 @@ void bind_cuda(py::module_& m) {
           "score_all",
           [](const gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
              float alpha, float tau, bool normalize) {
-            auto off = host_array<int64_t>(off_o, "word_offsets");
+            auto off = require<int64_t>(off_o, "word_offsets");
             if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
             const int64_t nq = off.size() - 1;
             py::array_t<float> scores({nq, f.n_images()});
@@ -282,11 +270,11 @@ void bind_cuda(py::module_& m) {
           "set_content",
           [](gpu::InvertedFile& f, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
              const py::handle& ids_o, const py::handle& counts_o) {
-            auto off = host_array<int64_t>(off_o, "offsets");
-            auto slots = host_array<uint32_t>(slots_o, "slots");
-            auto codes = host_array<uint8_t>(codes_o, "codes");
-            auto ids = host_array<int64_t>(ids_o, "image_ids");
-            auto counts = host_array<int32_t>(counts_o, "word_counts");
+            auto off = require<int64_t>(off_o, "offsets");
+            auto slots = require<uint32_t>(slots_o, "slots");
+            auto codes = require<uint8_t>(codes_o, "codes");
+            auto ids = require<int64_t>(ids_o, "image_ids");
+            auto counts = require<int32_t>(counts_o, "word_counts");
             if (off.size() != f.n_words() + 1) throw py::value_error("offsets size");
             const int64_t e = off.at(f.n_words());
             if (slots.size() != e || codes.size() != e * f.code_bytes()) throw py::value_error("posting arrays size");

@@ -12,24 +12,15 @@
 #include "ivf.h"
 #include "quantize.h"
 
+#include "arrays.h"
+
 namespace py = pybind11;
 using namespace d2r;
 
-template <class T>
-using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+using d2r_native::carray;
+using d2r_native::require;
 
 namespace {
-
-template <class T>
-carray<T> require(const py::handle& obj, const char* name) {
-  // Refuses silent dtype conversions: the Python layer converts explicitly.
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy array");
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-                         std::string(py::str(py::dtype::of<T>())));
-  return carray<T>::ensure(a);
-}
 
 void check_2d(const py::array& a, const char* name) {
   if (a.ndim() != 2) throw py::value_error(std::string(name) + " must be 2-D");

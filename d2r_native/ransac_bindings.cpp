@@ -12,22 +12,14 @@
 #include "common.h"
 #include "ransac.h"
 
+#include "arrays.h"
+
 namespace py = pybind11;
 
 namespace {
 
-template <class T>
-using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-template <class T>
-carray<T> require(const py::handle& obj, const std::string& name) {
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(name + " must be a numpy array");
-  py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-                         std::string(py::str(py::dtype::of<T>())));
-  return carray<T>::ensure(a);
-}
+using d2r_native::carray;
+using d2r_native::require;
 
 // A 2-D float32 array with `cols` columns (any number when cols < 0).
 carray<float> require_rows(const py::handle& obj, const std::string& name, int64_t cols) {
