@@ -44,11 +44,6 @@ __global__ void member_keys_kernel(int64_t n_entries, int m, const int64_t* __re
   vals[e] = static_cast<uint32_t>(e);
 }
 
-__global__ void check_assign_kernel(int64_t n, const int32_t* __restrict__ a, int64_t n_words, int* __restrict__ bad) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n && (a[i] < 0 || a[i] >= n_words)) atomicExch(bad, 1);
-}
-
 __global__ void heads_kernel(int64_t n, const uint64_t* __restrict__ keys, uint32_t* __restrict__ head) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
@@ -240,15 +235,8 @@ DeviceAggregated aggregate(const float* x, int64_t n_desc, const int32_t* assign
     out.codes = std::make_shared<Buffer>();
     return out;
   }
-  {
-    int zero = 0;
-    Buffer bad = upload_array(&zero, 1, "assignment check");
-    check_assign_kernel<<<grid_for(n_desc * m, 256), 256>>>(n_desc * m, assign, n_words, bad.as<int>());
-    D2R_CUDA_LAUNCH("check_assign_kernel");
-    int b = 0;
-    bad.download(&b, sizeof(b));
-    if (b) throw std::invalid_argument("assignments hold word ids outside [0, n_words)");
-  }
+  if (any_out_of_range(assign, n_desc * m, n_words))
+    throw std::invalid_argument("assignments hold word ids outside [0, n_words)");
   // Host-side layout tables (small next to the descriptors).
   std::vector<int64_t> member_region(n_members), member_desc(n_members), region_nreg(n_regions),
       region_image(n_regions);

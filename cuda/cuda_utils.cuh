@@ -36,6 +36,9 @@ inline unsigned grid_for(int64_t n, int block, int64_t max_blocks = 0x7fffffff) 
 
 int sm_count();
 
+// True when some v[i] (device memory, i < n) lies outside [0, hi): word ids checked on the device.
+bool any_out_of_range(const int32_t* v, int64_t n, int64_t hi);
+
 // Uploads a host array into a new buffer.
 template <class T>
 Buffer upload_array(const T* host, size_t n, const char* what) {

@@ -35,6 +35,23 @@ void require_device() {
     throw DeviceError("no CUDA device is available (no GPU, or no NVIDIA driver on this machine)");
 }
 
+namespace {
+__global__ void out_of_range_kernel(int64_t n, const int32_t* __restrict__ v, int64_t hi, int* __restrict__ bad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n && (v[i] < 0 || v[i] >= hi)) atomicExch(bad, 1);
+}
+}  // namespace
+
+bool any_out_of_range(const int32_t* v, int64_t n, int64_t hi) {
+  if (n <= 0) return false;
+  int flag = 0;
+  Buffer bad = upload_array(&flag, 1, "range check");
+  out_of_range_kernel<<<grid_for(n, 256), 256>>>(n, v, hi, bad.as<int>());
+  D2R_CUDA_LAUNCH("out_of_range_kernel");
+  bad.download(&flag, sizeof(flag));
+  return flag != 0;
+}
+
 int sm_count() {
   static int n = [] {
     int dev = 0, v = 0;

@@ -57,11 +57,6 @@ struct Part {
   int64_t n = 0;
 };
 
-__global__ void check_words_kernel(int64_t n, const int32_t* __restrict__ w, int64_t n_words, int* __restrict__ bad) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n && (w[i] < 0 || w[i] >= n_words)) atomicExch(bad, 1);
-}
-
 // Entry i of a batch of images -> (word, slot).
 __global__ void entry_slots_kernel(int64_t n_entries, const int64_t* __restrict__ img_off, int64_t n_img,
                                    const int32_t* __restrict__ words, uint32_t slot_base, uint32_t* __restrict__ keys,
@@ -90,14 +85,16 @@ __global__ void entry_words_kernel(int64_t n_entries, const int64_t* __restrict_
   words[e] = static_cast<uint32_t>(lo);
 }
 
-__global__ void gather_kernel(int64_t n, int cb, const uint32_t* __restrict__ perm, const uint32_t* __restrict__ slots_in,
+// vec16: codes_in is 16-byte aligned and cb a multiple of 16 (codes may be a caller's device array).
+__global__ void gather_kernel(int64_t n, int cb, bool vec16, const uint32_t* __restrict__ perm,
+                              const uint32_t* __restrict__ slots_in,
                               const uint8_t* __restrict__ codes_in, uint32_t* __restrict__ slots_out,
                               uint8_t* __restrict__ codes_out) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   const int64_t s = perm[i];
   slots_out[i] = slots_in[s];
-  if (cb % 16 == 0) {
+  if (vec16) {
     const uint4* src = reinterpret_cast<const uint4*>(codes_in + s * cb);
     uint4* dst = reinterpret_cast<uint4*>(codes_out + i * cb);
     for (int j = 0; j < cb / 16; ++j) dst[j] = src[j];
@@ -363,7 +360,7 @@ __global__ void iota_kernel(int64_t n, uint32_t* v) {
 }
 
 // A CSR part from entries (word, slot, code) in slot-ascending order per word.
-Part build_part(int64_t n_words, int cb, int64_t n, Buffer& words, const Buffer& slots, const Buffer& codes) {
+Part build_part(int64_t n_words, int cb, int64_t n, Buffer& words, const Buffer& slots, const uint8_t* codes) {
   Part p;
   p.n = n;
   p.off = Buffer(sizeof(int64_t) * (n_words + 1), "inverted-file offsets");
@@ -377,7 +374,8 @@ Part build_part(int64_t n_words, int cb, int64_t n, Buffer& words, const Buffer&
   sort_pairs32(words, perm, n, bits_for(static_cast<uint64_t>(n_words)));
   p.slot = Buffer(sizeof(uint32_t) * n, "inverted-file slots");
   p.code = Buffer(static_cast<size_t>(cb) * n, "inverted-file codes");
-  gather_kernel<<<grid_for(n, 256), 256>>>(n, cb, perm.as<uint32_t>(), slots.as<uint32_t>(), codes.as<uint8_t>(),
+  const bool vec16 = cb % 16 == 0 && reinterpret_cast<uintptr_t>(codes) % 16 == 0;
+  gather_kernel<<<grid_for(n, 256), 256>>>(n, cb, vec16, perm.as<uint32_t>(), slots.as<uint32_t>(), codes,
                                            p.slot.as<uint32_t>(), p.code.as<uint8_t>());
   D2R_CUDA_LAUNCH("gather_kernel");
   offsets_kernel<<<grid_for(n_words + 1, 256), 256>>>(n_words, n, words.as<uint32_t>(), p.off.as<int64_t>());
@@ -389,6 +387,22 @@ struct QueryUpload {
   Buffer off, words, codes;
   const int32_t* w = nullptr;
   const uint8_t* c = nullptr;
+};
+
+// What one scoring call (search or score_all) sets up: the queries on the device, the fixed-point
+// Hamming table, the kernel arguments and the kernel's shared-memory size.
+struct Scoring {
+  QueryUpload u;
+  Buffer table;
+  ScoreArgs a{};
+  size_t smem = 0;
+
+  // Scores queries [q0, q0 + qc) (the arguments' kk and outputs must be set).
+  void launch(int64_t q0, int64_t qc) {
+    a.q_first = q0;
+    score_kernel<<<dim3(a.n_ranges, static_cast<unsigned>(qc)), kScoreThreads, smem>>>(a);
+    D2R_CUDA_LAUNCH("score_kernel");
+  }
 };
 
 }  // namespace
@@ -452,7 +466,7 @@ struct InvertedFile::Impl {
       copy_d2d(codes.as<uint8_t>() + o * cb, p.code.data(), static_cast<size_t>(cb) * p.n);
       o += p.n;
     }
-    Part merged = build_part(n_words, cb, n, words, slots, codes);
+    Part merged = build_part(n_words, cb, n, words, slots, codes.as<uint8_t>());
     parts.resize(first);
     parts.push_back(std::move(merged));
   }
@@ -462,25 +476,8 @@ struct InvertedFile::Impl {
     if (parts.size() > static_cast<size_t>(kMaxParts)) merge_tail(0);
   }
 
-void prepare_args(ScoreArgs& a, const QueryUpload& u, const ScoreParams& p, const Buffer& table) const {
-  const Impl& f = *this;
-  a.parts = f.views();
-  a.n_slots = static_cast<int64_t>(f.slot_ids.size());
-  a.cb = f.cb;
-  a.dim = f.dim;
-  a.binary = f.binary;
-  a.normalize = p.normalize;
-  a.alpha = p.alpha;
-  a.tau = p.tau;
-  a.q_off = u.off.as<int64_t>();
-  a.q_words = u.w;
-  a.q_codes = u.c;
-  a.table = f.binary ? table.as<int64_t>() : nullptr;
-  a.table_len = f.binary ? 8 * f.cb + 1 : 0;
-  a.slot_nwords = f.d_nwords.as<int32_t>();
-  a.qbatch = std::max(1, std::min(128, 16384 / f.cb));
-  a.n_ranges = static_cast<int>((a.n_slots + kSlotsPerBlock - 1) / kSlotsPerBlock);
-}
+  void begin_scoring(Scoring& sc, int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes,
+                     bool on_device, const ScoreParams& p) const;
 
   Parts views() const {
     Parts v{};
@@ -548,29 +545,14 @@ void InvertedFile::add(int64_t n, const int64_t* offsets, const int32_t* words, 
     dc = c_host_copy.as<uint8_t>();
   }
   if (E > 0) {
-    Buffer bad = upload_array(std::vector<int>{0}.data(), 1, what);
-    check_words_kernel<<<grid_for(E, 256), 256>>>(E, dw, f.n_words, bad.as<int>());
-    D2R_CUDA_LAUNCH("check_words_kernel");
-    int b = 0;
-    bad.download(&b, sizeof(b));
-    if (b) throw std::invalid_argument("word id out of range [0, n_words)");
+    if (any_out_of_range(dw, E, f.n_words)) throw std::invalid_argument("word id out of range [0, n_words)");
     Buffer d_off = upload_array(offsets, n + 1, what);
     Buffer keys(sizeof(uint32_t) * E, what), slots(sizeof(uint32_t) * E, what);
     entry_slots_kernel<<<grid_for(E, 256), 256>>>(E, d_off.as<int64_t>(), n, dw,
                                                   static_cast<uint32_t>(f.slot_ids.size()), keys.as<uint32_t>(),
                                                   slots.as<uint32_t>());
     D2R_CUDA_LAUNCH("entry_slots_kernel");
-    // codes: copy into an owned buffer view for build_part (it only reads them)
-    Buffer codes_view;
-    const Buffer* cbuf;
-    if (on_device) {
-      codes_view = Buffer(static_cast<size_t>(E) * f.cb, what);
-      copy_d2d(codes_view.data(), dc, static_cast<size_t>(E) * f.cb);
-      cbuf = &codes_view;
-    } else {
-      cbuf = &c_host_copy;
-    }
-    f.parts.push_back(build_part(f.n_words, f.cb, E, keys, slots, *cbuf));
+    f.parts.push_back(build_part(f.n_words, f.cb, E, keys, slots, dc));  // read in place, host or device copy
     f.compact_parts();
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -604,14 +586,7 @@ void upload_queries(QueryUpload& u, int64_t nq, const int64_t* offsets, const in
     u.w = u.words.as<int32_t>();
     u.c = u.codes.as<uint8_t>();
   }
-  if (E > 0) {
-    Buffer bad = upload_array(std::vector<int>{0}.data(), 1, what);
-    check_words_kernel<<<grid_for(E, 256), 256>>>(E, u.w, n_words, bad.as<int>());
-    D2R_CUDA_LAUNCH("check_words_kernel");
-    int b = 0;
-    bad.download(&b, sizeof(b));
-    if (b) throw std::invalid_argument("query word id out of range [0, n_words)");
-  }
+  if (any_out_of_range(u.w, E, n_words)) throw std::invalid_argument("query word id out of range [0, n_words)");
 }
 
 size_t score_smem(const ScoreArgs& a) {
@@ -621,6 +596,34 @@ size_t score_smem(const ScoreArgs& a) {
 
 }  // namespace
 
+void InvertedFile::Impl::begin_scoring(Scoring& sc, int64_t nq, const int64_t* offsets, const int32_t* words,
+                                       const uint8_t* codes, bool on_device, const ScoreParams& p) const {
+  upload_queries(sc.u, nq, offsets, words, codes, on_device, cb, n_words);
+  std::vector<int64_t> tab = binary ? fixed_hamming_table(dim, cb, p.alpha, p.tau) : std::vector<int64_t>{0};
+  sc.table = upload_array(tab.data(), tab.size(), "score table");
+  ScoreArgs& a = sc.a;
+  a.parts = views();
+  a.n_slots = static_cast<int64_t>(slot_ids.size());
+  a.cb = cb;
+  a.dim = dim;
+  a.binary = binary;
+  a.normalize = p.normalize;
+  a.alpha = p.alpha;
+  a.tau = p.tau;
+  a.q_off = sc.u.off.as<int64_t>();
+  a.q_words = sc.u.w;
+  a.q_codes = sc.u.c;
+  a.table = binary ? sc.table.as<int64_t>() : nullptr;
+  a.table_len = binary ? 8 * cb + 1 : 0;
+  a.slot_nwords = d_nwords.as<int32_t>();
+  a.qbatch = std::max(1, std::min(128, 16384 / cb));
+  a.n_ranges = static_cast<int>((a.n_slots + kSlotsPerBlock - 1) / kSlotsPerBlock);
+  sc.smem = score_smem(a);
+  D2R_CUDA_CHECK(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(sc.smem)),
+                 "cudaFuncSetAttribute (scoring shared memory)");
+}
+
 void InvertedFile::search(int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes,
                           bool on_device, int64_t k, const ScoreParams& p, float* out_scores, int64_t* out_ids) const {
   const Impl& f = *impl_;
@@ -629,13 +632,10 @@ void InvertedFile::search(int64_t nq, const int64_t* offsets, const int32_t* wor
   if (k < 1 || k > kMaxK) throw std::invalid_argument("GPU search needs 1 <= k <= " + std::to_string(kMaxK));
   if (k > n) throw std::invalid_argument("k exceeds the number of indexed images");
   if (nq <= 0) return;
-  QueryUpload u;
-  upload_queries(u, nq, offsets, words, codes, on_device, f.cb, f.n_words);
-  std::vector<int64_t> tab = f.binary ? fixed_hamming_table(f.dim, f.cb, p.alpha, p.tau) : std::vector<int64_t>{0};
-  Buffer table = upload_array(tab.data(), tab.size(), "score table");
   f.ensure_ranks();
-  ScoreArgs a{};
-  f.prepare_args(a, u, p, table);
+  Scoring sc;
+  f.begin_scoring(sc, nq, offsets, words, codes, on_device, p);
+  ScoreArgs& a = sc.a;
   a.id_rank = f.d_rank.as<uint32_t>();
   a.kk = static_cast<int>(k);
   const size_t per_query = static_cast<size_t>(a.n_ranges) * a.kk * sizeof(uint64_t);
@@ -645,14 +645,9 @@ void InvertedFile::search(int64_t nq, const int64_t* offsets, const int32_t* wor
   Buffer d_scores(sizeof(float) * nq * k, "search results"), d_ids(sizeof(int64_t) * nq * k, "search results");
   a.cand = cand.as<uint64_t>();
   a.cand_n = cand_n.as<uint32_t>();
-  const size_t sm = score_smem(a);
-  D2R_CUDA_CHECK(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm)),
-                 "cudaFuncSetAttribute (scoring shared memory)");
   for (int64_t q0 = 0; q0 < nq; q0 += qchunk) {
     const int64_t qc = std::min(qchunk, nq - q0);
-    a.q_first = q0;
-    score_kernel<<<dim3(a.n_ranges, static_cast<unsigned>(qc)), kScoreThreads, sm>>>(a);
-    D2R_CUDA_LAUNCH("score_kernel");
+    sc.launch(q0, qc);
     final_topk_kernel<<<static_cast<unsigned>(qc), kFinalThreads>>>(a.cand, a.cand_n, a.n_ranges, a.kk,
                                                                     static_cast<int>(k), f.d_rank_to_id.as<int64_t>(), q0,
                                                                     d_scores.as<float>(), d_ids.as<int64_t>());
@@ -669,25 +664,16 @@ void InvertedFile::score_all(int64_t nq, const int64_t* offsets, const int32_t* 
   std::lock_guard<std::mutex> lock(f.mu);
   const int64_t n = n_images();
   if (nq <= 0 || n == 0) return;
-  QueryUpload u;
-  upload_queries(u, nq, offsets, words, codes, on_device, f.cb, f.n_words);
-  std::vector<int64_t> tab = f.binary ? fixed_hamming_table(f.dim, f.cb, p.alpha, p.tau) : std::vector<int64_t>{0};
-  Buffer table = upload_array(tab.data(), tab.size(), "score table");
-  ScoreArgs a{};
-  f.prepare_args(a, u, p, table);
-  a.kk = 0;
+  Scoring sc;
+  f.begin_scoring(sc, nq, offsets, words, codes, on_device, p);
+  sc.a.kk = 0;
   const int64_t qchunk =
       std::max<int64_t>(1, std::min<int64_t>({nq, 65535, static_cast<int64_t>((size_t{512} << 20) / (sizeof(float) * n))}));
   Buffer dense(sizeof(float) * n * qchunk, "dense scores");
-  a.dense = dense.as<float>();
-  const size_t sm = score_smem(a);
-  D2R_CUDA_CHECK(cudaFuncSetAttribute(score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sm)),
-                 "cudaFuncSetAttribute (scoring shared memory)");
+  sc.a.dense = dense.as<float>();
   for (int64_t q0 = 0; q0 < nq; q0 += qchunk) {
     const int64_t qc = std::min(qchunk, nq - q0);
-    a.q_first = q0;
-    score_kernel<<<dim3(a.n_ranges, static_cast<unsigned>(qc)), kScoreThreads, sm>>>(a);
-    D2R_CUDA_LAUNCH("score_kernel");
+    sc.launch(q0, qc);
     dense.download(out + q0 * n, sizeof(float) * n * qc);
   }
   sync("GPU scoring");

@@ -41,6 +41,21 @@ __device__ __forceinline__ bool before(double da, int ia, double db, int ib) {
   return da < db || (da == db && ia < ib);
 }
 
+// Warp-wide minimum of (d, id) in the order of `before`; `tag` (a position or a thread) travels
+// with the winner. Every lane ends with the winner.
+__device__ __forceinline__ void warp_argmin(double& d, int& id, int& tag) {
+  for (int o = 16; o; o >>= 1) {
+    const double od = __shfl_xor_sync(0xffffffffu, d, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+    const int ot = __shfl_xor_sync(0xffffffffu, tag, o);
+    if (before(od, oi, d, id)) {
+      d = od;
+      id = oi;
+      tag = ot;
+    }
+  }
+}
+
 // Exact squared distance in float64, the same arithmetic as the CPU re-check.
 __device__ __forceinline__ double exact_dist(const float* __restrict__ x, const float* __restrict__ c, int dim) {
   double s = 0.0;
@@ -291,16 +306,7 @@ __global__ void recheck_kernel(const float* __restrict__ x, int64_t n, int dim, 
         bi = ci[i];
         bp = i;
       }
-    for (int o = 16; o; o >>= 1) {
-      const double od = __shfl_xor_sync(0xffffffffu, bd, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      const int op = __shfl_xor_sync(0xffffffffu, bp, o);
-      if (before(od, oi, bd, bi)) {
-        bd = od;
-        bi = oi;
-        bp = op;
-      }
-    }
+    warp_argmin(bd, bi, bp);
     if (lane == 0) {
       ids[row * m + r] = bi;
       if (dists) dists[row * m + r] = static_cast<float>(bd);
@@ -355,16 +361,7 @@ __global__ void exact_rows_kernel(const float* __restrict__ x, int dim, const fl
     double bd = head < m ? ld[head] : DBL_MAX;
     int bi = head < m ? li[head] : INT_MAX;
     int bt = threadIdx.x;
-    for (int o = 16; o; o >>= 1) {
-      const double od = __shfl_xor_sync(0xffffffffu, bd, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      const int ot = __shfl_xor_sync(0xffffffffu, bt, o);
-      if (before(od, oi, bd, bi)) {
-        bd = od;
-        bi = oi;
-        bt = ot;
-      }
-    }
+    warp_argmin(bd, bi, bt);
     if (lane == 0) {
       sd[warp] = bd;
       si[warp] = bi;
