@@ -303,10 +303,11 @@ def test_delftf_runs_a_savedmodel_with_the_official_tensor_names_like_delf(tmp_p
         idx = tf.reshape(tf.where(att >= thr), [-1])
         b, f, a = tf.gather(boxes, idx), tf.gather(tf.reshape(net, [-1, 1024]), idx), tf.gather(att, idx)
         top = tf.nn.top_k(a, tf.minimum(maxn, tf.size(a)), sorted=True)
-        outs = {"boxes": tf.identity(tf.gather(b, top.indices), name="boxes"),
-                "features": tf.identity(tf.gather(f, top.indices), name="features"),
-                "scales": tf.identity(tf.fill([tf.size(top.values)], s), name="scales"),
-                "scores": tf.identity(top.values[:, None], name="scores")}
+        # the official output names
+        tf.identity(tf.gather(b, top.indices), name="boxes")
+        tf.identity(tf.gather(f, top.indices), name="features")
+        tf.identity(tf.fill([tf.size(top.values)], s), name="scales")
+        tf.identity(top.values[:, None], name="scores")
         sess = tf.compat.v1.Session(graph=g)
         sess.run(tf.compat.v1.global_variables_initializer())
         variables = _randomise(tf, sess, 7)

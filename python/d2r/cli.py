@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="skip spatial verification")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("extract", help="RootSIFT features of images (files, folders or .txt lists) into a "
+    p = sub.add_parser("extract", help="RootSIFT (or DELF) features of images (files, folders or .txt lists) into a "
                                        "feature store: a resumable folder of shards, or one .npz file")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="a folder (resumable; unreadable images are skipped and "

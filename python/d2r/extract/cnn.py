@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .delf import (OFFICIAL_SCALES, RebuiltInWorkers, _torch, postprocess_descriptors, scaled_size, select_top,
+from .delf import (OFFICIAL_SCALES, RebuiltInWorkers, _torch, cells_to_features, no_cells, scaled_size, select_top,
                    tf_resize_bilinear)
 from .rootsift import MIN_IMAGE_SIDE, Features
 
@@ -88,8 +88,7 @@ class EfficientNetLite0Features(RebuiltInWorkers):
 
         img = load_image_rgb(image)
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-            return (np.zeros((0, 2), np.float32), np.zeros((0, self.dim_raw), np.float32), np.zeros(0, np.float32),
-                    np.zeros(0, np.float32))
+            return no_cells(self.dim_raw)
         L, F, S, A = [], [], [], []
         for s in self.scales:
             if min(scaled_size(img.shape[0], img.shape[1], s)) < STRIDE:
@@ -104,18 +103,12 @@ class EfficientNetLite0Features(RebuiltInWorkers):
             S.append(np.full(keep.size, s, np.float32))
             A.append(a.ravel()[keep])
         if not L:
-            return self.raw(np.zeros((1, 1, 3), np.uint8))
+            return no_cells(self.dim_raw)
         return select_top(np.concatenate(L), np.concatenate(F), np.concatenate(S), np.concatenate(A),
                           self.max_features)
 
     def __call__(self, image) -> Features:
-        loc, feats, scales, scores = self.raw(image)
-        pm = None if self.pca is None else self.pca["mean"]
-        pmat = None if self.pca is None else self.pca["matrix"]
-        desc = postprocess_descriptors(feats, pm, pmat, self.pca_dim)
-        if self.pca is None and desc.shape[0] == 0:
-            desc = np.zeros((0, self.dim_raw), np.float32)
-        return Features(desc, loc, scales, scores)
+        return cells_to_features(*self.raw(image), self.pca, self.pca_dim)
 
 
 def learn_pca(extractor: EfficientNetLite0Features, images: Iterable, max_per_image: int = 500, seed: int = 0):

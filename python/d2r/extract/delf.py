@@ -62,6 +62,19 @@ def postprocess_descriptors(features: np.ndarray, pca_mean=None, pca_matrix=None
     return np.ascontiguousarray(d, dtype=np.float32)
 
 
+def cells_to_features(locations, feats, scales, scores, pca=None, pca_dim: int = 128) -> Features:
+    """Features of the selected cells: descriptors post-processed as DELF does (PCA when given)."""
+    pm = None if pca is None else pca["mean"]
+    pmat = None if pca is None else pca["matrix"]
+    return Features(postprocess_descriptors(feats, pm, pmat, pca_dim), locations, scales, scores)
+
+
+def no_cells(dim: int):
+    """(locations, features, scales, scores) of an image too small to have features."""
+    return (np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.float32),
+            np.zeros(0, np.float32))
+
+
 def select_top(boxes, feats, scales, scores, max_features: int):
     """The max_features highest scores over all scales (stable for ties, as an IoU-1.0 NMS keeps all)."""
     order = np.argsort(-scores, kind="stable")[:max_features]
@@ -420,10 +433,8 @@ class DELF(RebuiltInWorkers):
         from .rootsift import load_image_rgb
 
         img = load_image_rgb(image)
-        dim_out = self.pca_dim if self.pca is not None else 1024
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-            return Features(np.zeros((0, dim_out), np.float32), np.zeros((0, 2), np.float32),
-                            np.zeros(0, np.float32), np.zeros(0, np.float32))
+            return cells_to_features(*no_cells(1024), self.pca, self.pca_dim)
         B, Fs, S, A = [], [], [], []
         for s in self.scales:
             f, a = self.feature_maps(img, s)
@@ -436,10 +447,7 @@ class DELF(RebuiltInWorkers):
             A.append(a.ravel()[keep])
         boxes, feats, scales, scores = select_top(np.concatenate(B), np.concatenate(Fs), np.concatenate(S),
                                                   np.concatenate(A), self.max_features)
-        pm = None if self.pca is None else self.pca["mean"]
-        pmat = None if self.pca is None else self.pca["matrix"]
-        desc = postprocess_descriptors(feats, pm, pmat, self.pca_dim)
-        return Features(desc, keypoint_centers(boxes), scales, scores)
+        return cells_to_features(keypoint_centers(boxes), feats, scales, scores, self.pca, self.pca_dim)
 
 
 class DelfTF:
@@ -494,12 +502,8 @@ class DelfTF:
         from .rootsift import load_image_rgb
 
         img = load_image_rgb(image)
-        dim_out = self.pca_dim if self.pca is not None else 1024
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
-            return Features(np.zeros((0, dim_out), np.float32), np.zeros((0, 2), np.float32),
-                            np.zeros(0, np.float32), np.zeros(0, np.float32))
+            return cells_to_features(*no_cells(1024), self.pca, self.pca_dim)
         boxes, feats, scales, scores = self.raw(img)
-        pm = None if self.pca is None else self.pca["mean"]
-        pmat = None if self.pca is None else self.pca["matrix"]
-        desc = postprocess_descriptors(feats, pm, pmat, self.pca_dim)
-        return Features(desc, keypoint_centers(np.asarray(boxes, np.float32)), scales, scores)
+        return cells_to_features(keypoint_centers(np.asarray(boxes, np.float32)), feats, scales, scores, self.pca,
+                                 self.pca_dim)
