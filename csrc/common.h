@@ -17,6 +17,11 @@ struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// An id that is not in the index: the bindings turn it into a Python KeyError.
+struct NotFound : std::out_of_range {
+  using std::out_of_range::out_of_range;
+};
+
 #define D2R_CHECK(cond, msg)                                        \
   do {                                                              \
     if (!(cond)) throw ::d2r::InvalidArgument(std::string(msg));    \

@@ -5,6 +5,12 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
 
 namespace d2r_native {
 
@@ -22,6 +28,44 @@ carray<T> require(const pybind11::handle& obj, const std::string& name) {
     throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
                          std::string(py::str(py::dtype::of<T>())));
   return carray<T>::ensure(a);
+}
+
+// Runs f() with the GIL released and returns its result. The GIL is re-taken in ordinary control
+// flow, not in a destructor: at interpreter exit Python ends a thread that wants the GIL back by
+// unwinding it (pthread_exit), which must not pass through a noexcept destructor (std::terminate).
+// Never call with a native lock held.
+template <class F>
+auto without_gil(F&& f) -> decltype(f()) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    if constexpr (std::is_void_v<decltype(f())>) {
+      f();
+      PyEval_RestoreThread(state);
+    } else {
+      auto r = f();
+      PyEval_RestoreThread(state);
+      return r;
+    }
+  }
+#if defined(__GLIBCXX__)
+  catch (abi::__forced_unwind&) {
+    throw;  // the thread is being ended while re-taking the GIL: let it go
+  }
+#endif
+  catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+}
+
+// A numpy array that takes ownership of v (no copy): shape's product must equal v.size().
+template <class T>
+pybind11::array_t<T> to_numpy(std::vector<T>&& v, const std::vector<pybind11::ssize_t>& shape) {
+  namespace py = pybind11;
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule base(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  static T empty{};
+  return py::array_t<T>(shape, owned->empty() ? &empty : owned->data(), base);
 }
 
 }  // namespace d2r_native

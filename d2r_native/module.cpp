@@ -13,12 +13,16 @@
 #include "quantize.h"
 
 #include "arrays.h"
+#include "mapped_file.h"
 
 namespace py = pybind11;
 using namespace d2r;
 
 using d2r_native::carray;
+using d2r_native::MappedFile;
 using d2r_native::require;
+using d2r_native::to_numpy;
+using d2r_native::without_gil;
 
 namespace {
 
@@ -97,6 +101,11 @@ void fill_codes(CodesArrays& c, const InvertedFile& ivf, const py::handle& offse
   c.view.codes = c.codes.data();
 }
 
+py::tuple topk_to_python(TopK&& r) {
+  const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(r.n_queries), static_cast<py::ssize_t>(r.k)};
+  return py::make_tuple(to_numpy(std::move(r.scores), shape), to_numpy(std::move(r.ids), shape));
+}
+
 py::tuple aggregated_to_python(Aggregated& out, bool binary, int dim) {
   const int64_t n = static_cast<int64_t>(out.words.size());
   auto offs = py::array_t<int64_t>(out.word_offsets.size(), out.word_offsets.data());
@@ -166,10 +175,7 @@ PYBIND11_MODULE(_native, m) {
             const int64_t n = x.shape(0);
             py::array_t<int32_t> ids({n, static_cast<int64_t>(m)});
             py::array_t<float> dists({n, static_cast<int64_t>(m)});
-            {
-              py::gil_scoped_release release;
-              q.search(x.data(), n, m, ids.mutable_data(), dists.mutable_data());
-            }
+            without_gil([&] { q.search(x.data(), n, m, ids.mutable_data(), dists.mutable_data()); });
             return py::make_tuple(ids, dists);
           },
           py::arg("descriptors"), py::arg("m") = 1);
@@ -182,10 +188,7 @@ PYBIND11_MODULE(_native, m) {
         fill_agg(a, x, assign, centroids, image_regions, region_members, members);
         if (kind != 0 && kind != 1) throw py::value_error("unknown aggregation kind");
         Aggregated out;
-        {
-          py::gil_scoped_release release;
-          aggregate(a.in, a.lay, static_cast<AggKind>(kind), binary, &out);
-        }
+        without_gil([&] { aggregate(a.in, a.lay, static_cast<AggKind>(kind), binary, &out); });
         return aggregated_to_python(out, binary, a.in.dim);
       },
       py::arg("descriptors"), py::arg("assignments"), py::arg("centroids"), py::arg("image_regions"),
@@ -198,43 +201,91 @@ PYBIND11_MODULE(_native, m) {
         AggArrays a;
         fill_agg(a, x, assign, centroids, image_regions, region_members, members);
         py::array_t<float> out({a.lay.n_images, a.in.n_words * a.in.dim});
-        {
-          py::gil_scoped_release release;
-          vlad(a.in, a.lay, l2, out.mutable_data());
-        }
+        without_gil([&] { vlad(a.in, a.lay, l2, out.mutable_data()); });
         return out;
       },
       py::arg("descriptors"), py::arg("assignments"), py::arg("centroids"), py::arg("image_regions"),
       py::arg("region_members"), py::arg("members") = py::none(), py::arg("l2") = false);
 
-  py::class_<InvertedFile>(m, "InvertedFile")
-      .def(py::init<int64_t, int, bool>(), py::arg("n_words"), py::arg("dim"), py::arg("binary"))
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const d2r::NotFound& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile", py::buffer_protocol(),
+                                                        "A read-only memory map of a whole file, released without the GIL")
+      .def(py::init([](const std::string& path) { return without_gil([&] { return std::make_shared<MappedFile>(path); }); }),
+           py::arg("path"))
+      .def("__len__", [](const MappedFile& f) { return f.size(); })
+      .def_buffer([](MappedFile& f) {
+        return py::buffer_info(const_cast<uint8_t*>(f.data()), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(f.size())}, {py::ssize_t{1}}, /*readonly=*/true);
+      });
+
+  py::class_<InvertedFile>(m, "InvertedFile",
+                           "Inverted file (csrc/ivf.h). Thread-safe: readers run concurrently with each other and "
+                           "with one writer at a time; every operation is atomic.")
+      .def(py::init<int64_t, int, bool, bool>(), py::arg("n_words"), py::arg("dim"), py::arg("binary"),
+           py::arg("multi_entry") = false)
       .def_property_readonly("n_words", &InvertedFile::n_words)
       .def_property_readonly("dim", &InvertedFile::dim)
       .def_property_readonly("binary", &InvertedFile::binary)
+      .def_property_readonly("multi_entry", &InvertedFile::multi_entry)
       .def_property_readonly("code_bytes", &InvertedFile::code_bytes)
       .def_property_readonly("n_images", &InvertedFile::n_images)
       .def_property_readonly("n_entries", &InvertedFile::n_entries)
+      .def_property_readonly("next_id", &InvertedFile::next_id)
       .def_property_readonly("memory_bytes", &InvertedFile::memory_bytes)
-      .def("contains", &InvertedFile::contains)
+      .def("contains", &InvertedFile::contains, py::arg("image_id"))
+      .def("image_ids", [](const InvertedFile& ivf) {
+        auto v = ivf.image_ids();
+        const auto n = static_cast<py::ssize_t>(v.size());
+        return to_numpy(std::move(v), {n});
+      })
+      .def("entry_ids", [](const InvertedFile& ivf) {
+        auto s = ivf.snapshot();
+        std::vector<int64_t> v = s->slots->ids;
+        const auto n = static_cast<py::ssize_t>(v.size());
+        return to_numpy(std::move(v), {n});
+      })
+      .def("word_counts", [](const InvertedFile& ivf) {
+        auto s = ivf.snapshot();
+        std::vector<int32_t> v = s->slots->nwords;
+        const auto n = static_cast<py::ssize_t>(v.size());
+        return to_numpy(std::move(v), {n});
+      })
       .def(
           "add",
           [](InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
-             const py::handle& ids_obj) {
+             const py::handle& ids_obj, const py::handle& auto_obj) {
             CodesArrays c;
             fill_codes(c, ivf, offsets, words, codes);
-            auto ids = require<int64_t>(ids_obj, "image_ids");
-            if (ids.ndim() != 1 || ids.size() != c.view.n) throw py::value_error("one image id per image is required");
-            py::gil_scoped_release release;
-            ivf.add(c.view, ids.data());
+            carray<int64_t> ids, autoi;
+            if (!ids_obj.is_none()) {
+              ids = require<int64_t>(ids_obj, "image_ids");
+              if (ids.ndim() != 1 || ids.size() != c.view.n) throw py::value_error("one image id per entry is required");
+            }
+            if (!auto_obj.is_none()) {
+              autoi = require<int64_t>(auto_obj, "auto_index");
+              if (autoi.ndim() != 1 || autoi.size() != c.view.n) throw py::value_error("one auto_index per entry is required");
+            }
+            auto out = without_gil([&] {
+              return ivf.add(c.view, ids_obj.is_none() ? nullptr : ids.data(), auto_obj.is_none() ? nullptr : autoi.data());
+            });
+            const auto n = static_cast<py::ssize_t>(out.size());
+            return to_numpy(std::move(out), {n});
           },
-          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("image_ids"))
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("image_ids") = py::none(),
+          py::arg("auto_index") = py::none())
       .def(
           "remove",
           [](InvertedFile& ivf, const py::handle& ids_obj) {
             auto ids = require<int64_t>(ids_obj, "image_ids");
-            py::gil_scoped_release release;
-            return ivf.remove(ids.size(), ids.data());
+            if (ids.ndim() != 1) throw py::value_error("image_ids must be 1-D");
+            return without_gil([&] { return ivf.remove(ids.size(), ids.data()); });
           },
           py::arg("image_ids"))
       .def(
@@ -243,15 +294,9 @@ PYBIND11_MODULE(_native, m) {
              int64_t k, float alpha, float tau, bool normalize) {
             CodesArrays c;
             fill_codes(c, ivf, offsets, words, codes);
-            const int64_t kk = ivf.result_k(k);
-            py::array_t<float> scores({c.view.n, kk});
-            py::array_t<int64_t> ids({c.view.n, kk});
-            ScoreParams p{alpha, tau, normalize};
-            {
-              py::gil_scoped_release release;
-              ivf.search(c.view, kk, p, scores.mutable_data(), ids.mutable_data());
-            }
-            return py::make_tuple(scores, ids);
+            const ScoreParams p{alpha, tau, normalize};
+            TopK r = without_gil([&] { return ivf.search(c.view, k, p); });
+            return topk_to_python(std::move(r));
           },
           py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("k"), py::arg("alpha") = 3.0f,
           py::arg("tau") = 0.0f, py::arg("normalize") = true)
@@ -261,71 +306,55 @@ PYBIND11_MODULE(_native, m) {
              float alpha, float tau, bool normalize) {
             CodesArrays c;
             fill_codes(c, ivf, offsets, words, codes);
-            py::array_t<float> scores({c.view.n, ivf.n_images()});
-            ScoreParams p{alpha, tau, normalize};
-            {
-              py::gil_scoped_release release;
-              ivf.score_all(c.view, p, scores.mutable_data());
-            }
-            return scores;
+            const ScoreParams p{alpha, tau, normalize};
+            AllScores r = without_gil([&] { return ivf.score_all(c.view, p); });
+            const auto n = static_cast<py::ssize_t>(r.ids.size());
+            return py::make_tuple(to_numpy(std::move(r.scores), {static_cast<py::ssize_t>(c.view.n), n}),
+                                  to_numpy(std::move(r.ids), {n}));
           },
           py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("alpha") = 3.0f,
           py::arg("tau") = 0.0f, py::arg("normalize") = true)
       .def(
           "search_pooled",
           [](const InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
-             const py::handle& group_o, const py::handle& gids_o, bool mean, int64_t k, float alpha, float tau,
-             bool normalize) {
+             bool mean, int64_t k, float alpha, float tau, bool normalize) {
             CodesArrays c;
             fill_codes(c, ivf, offsets, words, codes);
-            auto group = require<int64_t>(group_o, "slot_group");
-            auto gids = require<int64_t>(gids_o, "group_ids");
-            if (group.ndim() != 1 || group.size() != ivf.n_images())
-              throw py::value_error("slot_group needs one group per indexed entry");
-            if (gids.ndim() != 1) throw py::value_error("group_ids must be 1-D");
-            const int64_t G = gids.size();
-            const int64_t kk = (k < 0 || k > G) ? G : k;
-            py::array_t<float> scores({c.view.n, kk});
-            py::array_t<int64_t> ids({c.view.n, kk});
-            ScoreParams p{alpha, tau, normalize};
-            {
-              py::gil_scoped_release release;
-              ivf.search_pooled(c.view, group.data(), G, gids.data(), mean, kk, p, scores.mutable_data(),
-                                ids.mutable_data());
-            }
-            return py::make_tuple(scores, ids);
+            const ScoreParams p{alpha, tau, normalize};
+            TopK r = without_gil([&] { return ivf.search_pooled(c.view, mean, k, p); });
+            return topk_to_python(std::move(r));
           },
-          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("slot_group"), py::arg("group_ids"),
-          py::arg("mean"), py::arg("k"), py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
-      .def("merge",
-           [](InvertedFile& ivf) {
-             py::gil_scoped_release release;
-             ivf.merge();
-           })
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("mean"), py::arg("k"),
+          py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
       .def(
           "export",
-          [](py::object self) {
-            // Views (no copies) of the merged content; `self` stays alive as their base.
-            InvertedFile& ivf = self.cast<InvertedFile&>();
-            {
-              py::gil_scoped_release release;
-              ivf.merge();
-            }
-            const int64_t n = ivf.n_images();
-            const int64_t e = ivf.main_offsets()[ivf.n_words()];
+          [](InvertedFile& ivf) {
+            // Views (no copies) of one merged snapshot, which their base keeps alive: later writers
+            // publish new snapshots and never touch this one.
+            auto snap = without_gil([&] { return ivf.merged_snapshot(); });
+            const Segment& seg = *snap->segments[0];
+            const SlotTable& t = *snap->slots;
+            auto* holder = new std::shared_ptr<const Snapshot>(snap);
+            py::capsule base(holder, [](void* p) { delete static_cast<std::shared_ptr<const Snapshot>*>(p); });
+            const int64_t n = snap->n_slots(), e = seg.n_entries, cb = ivf.code_bytes();
+            static const uint8_t none[8] = {};
+            auto ptr = [&](const void* p) { return p ? p : static_cast<const void*>(none); };
             py::dict d;
-            d["offsets"] = py::array_t<int64_t>({ivf.n_words() + 1}, {sizeof(int64_t)}, ivf.main_offsets(), self);
-            d["slots"] = py::array_t<uint32_t>({e}, {sizeof(uint32_t)}, ivf.main_slots(), self);
-            d["codes"] = py::array_t<uint8_t>({e, static_cast<int64_t>(ivf.code_bytes())},
-                                              {static_cast<int64_t>(ivf.code_bytes()), int64_t{1}}, ivf.main_codes(), self);
-            d["image_ids"] = py::array_t<int64_t>({n}, {sizeof(int64_t)}, ivf.slot_ids(), self);
-            d["word_counts"] = py::array_t<int32_t>({n}, {sizeof(int32_t)}, ivf.slot_word_counts(), self);
+            d["offsets"] = py::array_t<int64_t>({ivf.n_words() + 1}, static_cast<const int64_t*>(ptr(seg.off)), base);
+            d["slots"] = py::array_t<uint32_t>({e}, static_cast<const uint32_t*>(ptr(seg.slot)), base);
+            d["codes"] = py::array_t<uint8_t>({e, cb}, static_cast<const uint8_t*>(ptr(seg.code)), base);
+            d["image_ids"] = py::array_t<int64_t>({n}, static_cast<const int64_t*>(ptr(t.ids.data())), base);
+            d["word_counts"] = py::array_t<int32_t>({n}, static_cast<const int32_t*>(ptr(t.nwords.data())), base);
+            d["next_id"] = snap->next_id;
+            for (auto item : d)
+              if (py::isinstance<py::array>(item.second))
+                py::reinterpret_borrow<py::array>(item.second).attr("flags").attr("writeable") = false;
             return d;
           })
       .def(
           "set_content",
           [](InvertedFile& ivf, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
-             const py::handle& ids_o, const py::handle& counts_o) {
+             const py::handle& ids_o, const py::handle& counts_o, int64_t next_id, const py::handle& owner_o) {
             auto off = require<int64_t>(off_o, "offsets");
             auto slots = require<uint32_t>(slots_o, "slots");
             auto codes = require<uint8_t>(codes_o, "codes");
@@ -335,15 +364,20 @@ PYBIND11_MODULE(_native, m) {
             const int64_t e = off.at(ivf.n_words());
             if (e < 0 || slots.size() != e || codes.size() != e * ivf.code_bytes())
               throw py::value_error("corrupt index: posting arrays size");
-            if (ids.size() != counts.size()) throw py::value_error("corrupt index: image arrays size");
-            auto* holder = new py::object(py::make_tuple(off, slots, codes));
-            std::shared_ptr<const void> owner(holder, [](const void* p) {
-              py::gil_scoped_acquire gil;
-              delete static_cast<const py::object*>(p);
+            if (ids.ndim() != 1 || ids.size() != counts.size()) throw py::value_error("corrupt index: image arrays size");
+            std::shared_ptr<const void> owner;
+            if (!owner_o.is_none()) {
+              auto file = owner_o.cast<std::shared_ptr<MappedFile>>();
+              // Used in place only if every posting array lies inside the mapping; else copied.
+              if (file->holds(off.data(), off.nbytes()) && file->holds(slots.data(), slots.nbytes()) &&
+                  file->holds(codes.data(), codes.nbytes()))
+                owner = file;
+            }
+            without_gil([&] {
+              ivf.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data(), next_id,
+                              std::move(owner));
             });
-            py::gil_scoped_release release;
-            ivf.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data(),
-                            std::move(owner));
           },
-          py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"));
+          py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"),
+          py::arg("next_id"), py::arg("owner") = py::none());
 }

@@ -117,6 +117,19 @@ class AggregatedBatch:
         return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes))
 
 
+    @classmethod
+    def concat(cls, batches) -> "AggregatedBatch":
+        """One batch holding the images of several host batches, in order."""
+        batches = list(batches)
+        if len(batches) == 1:
+            return batches[0]
+        offsets = np.zeros(sum(len(b) for b in batches) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(np.concatenate([np.diff(b.offsets) for b in batches]))
+        words = np.concatenate([b.words for b in batches])
+        codes = np.concatenate([b.codes for b in batches], axis=0)
+        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes))
+
+
 # --------------------------------------------------------------------------------------------------
 # Regions
 

@@ -2,17 +2,18 @@
 regional search (one entry per region, pooled per image)."""
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 
 import numpy as np
 
 from . import _native
-from ._checks import as_descriptors, as_ids, as_offsets, check_positive_int
+from ._checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, check_positive_int,
+                      check_score_params)
 from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
                         as_assignments, kernel_spec, _concat_images)
 from .codebook import Codebook
-from .index_io import FORMAT_VERSION, IndexFileError, read_index_file, write_index_file
+from .index_io import (FORMAT_VERSION, IndexFileError, check_structure, read_index_file, validate_meta,
+                       write_index_file)
 
 # Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
 _CHUNK_DESCRIPTORS = 1 << 20
@@ -51,133 +52,57 @@ def _progress(total, enabled, desc):
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
-class Index:
-    """Inverted-file index of aggregated images.
+class _IndexBase:
+    """What Index and RegionalSearchIndex share: the codebook, the kernel and its parameters,
+    aggregation in bounded chunks, and the file format.
 
-    kernel: "asmk*" (binary codes, Hamming similarity; the default), "asmk" (float codes, dot
-    product), "rasmk*" / "rasmk" (database images aggregated from regions, METHOD.md section 3),
-    "naive-rasmk" (the paper's strawman). Queries are always aggregated as one region (ASMK or ASMK*).
-    alpha, tau: the selectivity sigma(u) = sign(u)|u|^alpha if u > tau else 0.
-    normalize: gamma normalisation, S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|) (on by default, as the
-    paper writes the kernel; the official D2R run uses normalize=False).
-    m_db, m_query: multiple assignment (the m nearest words) for database images and queries.
-    device: "cpu" (the default) or "cuda": the inverted file lives in GPU memory, and adding and searching
-    with descriptors quantise, aggregate, score and select the top k on the GPU (same results as the
-    CPU; descriptors may be numpy, CuPy or PyTorch CUDA arrays). `to(device)` moves an index.
-    """
+    Concurrency (both classes): any number of threads may search, score, save and read the
+    properties while other threads add and remove images; writers run one at a time and readers never
+    wait for them. Every call works on one consistent state (a snapshot of the inverted file) and every
+    add or remove is atomic: it completes, or raises and leaves the index exactly as it was (also on
+    MemoryError). The parameters (codebook, kernel, alpha, tau, normalize, m_db, m_query) are fixed at
+    construction."""
 
-    def __init__(self, codebook: Codebook, kernel: str = "asmk*", alpha: float = 3.0, tau: float = 0.0,
-                 normalize: bool = True, m_db: int = 1, m_query: int = 1, device: str = "cpu"):
+    def __init__(self, codebook: Codebook, kernel: str, alpha: float, tau: float, normalize: bool,
+                 m_db: int, m_query: int):
         if not isinstance(codebook, Codebook):
             codebook = Codebook(codebook)
         self.codebook = codebook
         self.spec = kernel_spec(kernel)
         self.kernel = self.spec.name
-        for name, v in (("alpha", alpha), ("tau", tau)):
-            if not isinstance(v, numbers.Real) or not np.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        self.alpha = float(alpha)
-        self.tau = float(tau)
-        self.normalize = bool(normalize)
+        self.alpha, self.tau, self.normalize = check_score_params(alpha, tau, normalize)
         self.m_db = check_positive_int(m_db, "m_db")
         self.m_query = check_positive_int(m_query, "m_query")
         for m in (self.m_db, self.m_query):
             if m > codebook.n_words:
                 raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
-        self.device = self._check_device(device)
-        self._ivf = self._new_ivf(self.device)
-        self._next_id = 0
-
-    def _check_device(self, device) -> str:
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            from . import cuda
-
-            cuda.require()
-        return device
-
-    def _new_ivf(self, device: str):
-        if device == "cuda":
-            from .cuda import GpuInvertedFile
-
-            return GpuInvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
-        return _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
-
-    def to(self, device: str) -> "Index":
-        """Move the index to "cuda" (GPU memory) or "cpu", in place; returns the index."""
-        device = self._check_device(device)
-        if device == self.device:
-            return self
-        ex = self._ivf.export()
-        new = self._new_ivf(device)
-        new.set_content(ex["offsets"], ex["slots"], ex["codes"], np.array(ex["image_ids"]),
-                        np.array(ex["word_counts"]))
-        self._ivf, self.device = new, device
-        return self
+        self.device = "cpu"
 
     # ---- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._ivf.n_images
 
-    def __repr__(self) -> str:
-        return (f"Index(kernel={self.kernel!r}, images={len(self)}, n_words={self.codebook.n_words}, "
-                f"dim={self.codebook.dim}, alpha={self.alpha}, tau={self.tau}, normalize={self.normalize})")
+    def __contains__(self, image_id) -> bool:
+        i = as_image_id(image_id)
+        return i is not None and self._ivf.contains(i)
 
     @property
     def ids(self) -> np.ndarray:
         """The indexed image ids, in insertion order."""
-        if self.device == "cuda":
-            return self._ivf.image_ids()
-        return np.array(self._ivf.export()["image_ids"])
-
-    def __contains__(self, image_id) -> bool:
-        return self._ivf.contains(int(image_id))
+        return self._ivf.image_ids()
 
     @property
-    def word_counts(self) -> np.ndarray:
-        """Number of stored words of each indexed entry, in insertion order (as `ids`)."""
-        return np.array(self._ivf.export()["word_counts"])
-
-    def stats(self) -> dict:
-        n = len(self)
-        entries = self._ivf.n_entries
-        b = self._ivf.memory_bytes
-        return {
-            "kernel": self.kernel,
-            "images": n,
-            "entries": n,  # one inverted-file entry (a set of words) per image
-            "postings": entries,
-            "words_per_image": entries / n if n else 0.0,
-            "code_bytes": self._ivf.code_bytes,
-            "bytes": b,
-            "bytes_per_image": b / n if n else 0.0,
-        }
+    def _next_id(self) -> int:
+        return int(self._ivf.next_id)
 
     # ---- aggregation --------------------------------------------------------------------------
-    def _kernel_for(self, query: bool) -> str:
-        return self.spec.query_kernel if (query or not self.spec.regional) else self.kernel
-
-    def aggregate(self, descriptors, query: bool = False) -> Aggregated:
-        """Aggregate one image as this index stores it (query=True: as a query is aggregated). For a
-        regional kernel a database image may be given as a region list."""
-        m = self.m_query if query else self.m_db
-        if not query and self.spec.regional and not isinstance(descriptors, np.ndarray):
-            return aggregate_regions_batch(self.codebook, [descriptors], self.kernel, m)[0]
-        x = as_descriptors(descriptors, self.codebook.dim)
-        return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64),
-                                self._kernel_for(query), m)[0]
-
-    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, query: bool, progress, assignments=None):
+    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, kernel: str, m: int, progress,
+                          assignments=None):
         """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
         n_img = offsets.shape[0] - 1
-        m = self.m_query if query else self.m_db
         gpu = self.device == "cuda"
         if assignments is not None and not (gpu and _is_device_array(assignments)):
             assignments = as_assignments(assignments, x.shape[0], m, self.codebook.n_words)
-        kern = self._kernel_for(query)
         bar = _progress(n_img, progress if progress is not None else n_img >= 2000, "aggregate")
         i = 0
         while i < n_img:
@@ -188,10 +113,10 @@ class Index:
             if gpu:
                 from . import cuda
 
-                yield i, cuda.aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a,
+                yield i, cuda.aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kernel, m, a,
                                                output="device")
             else:
-                yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kern, m, a)
+                yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kernel, m, a)
             if bar is not None:
                 bar.update(j - i)
             i = j
@@ -222,73 +147,13 @@ class Index:
             return x, np.array([0, x.shape[0]], np.int64), True
         return x, as_offsets(offsets, x.shape[0], "offsets"), False
 
-    # ---- adding and removing ------------------------------------------------------------------
-    def _new_ids(self, image_ids, n: int) -> np.ndarray:
-        if image_ids is None:
-            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        else:
-            ids = as_ids(image_ids, n)
-        present = [int(i) for i in ids[:1000] if self._ivf.contains(int(i))]
-        if present or any(self._ivf.contains(int(i)) for i in ids[1000:]):
-            raise ValueError(f"image id {present[0] if present else '?'} is already in the index")
-        return ids
-
-    def _add_batch(self, batch: AggregatedBatch, ids: np.ndarray) -> None:
-        """Inserts aggregated entries under the given inverted-file ids."""
-        self._ivf.add(batch.offsets, batch.words, batch.code_bytes, ids)
-
-    def _bump_next_id(self, ids: np.ndarray) -> None:
-        if ids.size:
-            self._next_id = max(self._next_id, int(ids.max()) + 1)
-
-    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None) -> np.ndarray:
-        """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
-        `offsets`). Returns the image ids (default: consecutive after the largest id so far).
-        `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
-        descriptors (e.g. from codebook.quantize), to quantise once and index many times."""
-        x, offs, single = self._as_images(descriptors, offsets)
-        n_img = offs.shape[0] - 1
-        ids = self._new_ids(image_ids, n_img)
-        for first, batch in self._aggregate_chunks(x, offs, False, progress, assignments):
-            self._add_batch(batch, ids[first:first + len(batch)])
-        self._bump_next_id(ids)
-        return ids
-
-    def add_regions(self, regions, image_id=None) -> int:
-        """Index one database image given by its regions (a list of arrays with region 0 the whole
-        image, (descriptors, offsets, n_regions), (descriptors, offsets, members) or d2r.Regions)."""
-        ids = self.add_regions_many([regions], None if image_id is None else [image_id])
-        return int(ids[0])
-
-    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
-                         assignments=None) -> np.ndarray:
-        """Index many images, each given by its regions, in batched native calls. `assignments`:
-        optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
-        (for a region list: the regions' arrays concatenated in order)."""
-        regions_list = list(regions_list)
-        if assignments is not None and len(assignments) != len(regions_list):
-            raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
-        if not regions_list:
-            raise ValueError("no images given (empty list)")
-        ids = self._new_ids(image_ids, len(regions_list))
-        kern = self.kernel if self.spec.regional else self.spec.query_kernel
-        bar = _progress(len(regions_list), progress if progress is not None else len(regions_list) >= 2000,
-                        "aggregate regions")
-        for s in range(0, len(regions_list), batch_size):
-            chunk = regions_list[s:s + batch_size]
-            if self.spec.regional:
-                batch = aggregate_regions_batch(self.codebook, chunk, kern, self.m_db,
-                                                None if assignments is None else assignments[s:s + batch_size])
-            else:
-                raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
-                                 "'naive-rasmk', or RegionalSearchIndex")
-            self._add_batch(batch, ids[s:s + len(chunk)])
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        self._bump_next_id(ids)
-        return ids
+    def _query_batches(self, queries, progress, assignments):
+        """(batches of aggregated queries, single) for search."""
+        single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
+        x, offs, _ = self._as_images(queries if single else list(queries), None)
+        batches = [b for _, b in self._aggregate_chunks(x, offs, self.spec.query_kernel, self.m_query, progress,
+                                                        assignments)]
+        return batches, single
 
     def _check_aggregated(self, batch: AggregatedBatch, what: str) -> None:
         want = np.uint8 if self.spec.binary else np.float32
@@ -306,45 +171,222 @@ class Index:
             return AggregatedBatch.from_list([aggregated]), True
         return AggregatedBatch.from_list(aggregated), False
 
+    # ---- persistence --------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"kind": type(self).__name__, "kernel": self.kernel, "alpha": self.alpha, "tau": self.tau,
+                "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
+                "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION}
+
+    def save(self, path) -> None:
+        """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
+        and removes: the file holds one consistent state."""
+        ex = self._ivf.export()
+        sections = {"centroids": self.codebook.centroids, "image_ids": ex["image_ids"],
+                    "word_counts": ex["word_counts"], "offsets": ex["offsets"], "slots": ex["slots"],
+                    "codes": ex["codes"]}
+        write_index_file(path, {**self._meta(), "next_id": int(ex["next_id"])}, sections)
+
+    @classmethod
+    def load(cls, path, mmap: bool = False, verify: bool = True, device: str = "cpu"):
+        """Load an index saved by `save`. mmap=True maps the posting lists instead of reading them
+        (verify=False then skips the checksums; structural checks still run). device="cuda" then
+        moves it to the GPU."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such index file")
+        meta, sec, owner = read_index_file(path, mmap=mmap, verify=verify)
+        meta = validate_meta(meta, path)
+        check_structure(meta, sec, path)
+        target = RegionalSearchIndex if meta["kind"] == "RegionalSearchIndex" else Index
+        if cls is not Index and target is not cls:
+            raise IndexFileError(f"{path}: holds a {meta['kind']}, not a {cls.__name__}")
+        centroids = np.array(sec["centroids"])
+        if centroids.shape != (meta["n_words"], meta["dim"]):
+            raise IndexFileError(f"{path}: codebook shape does not match the header")
+        idx = target._from_meta(meta, Codebook(centroids))
+        ids = sec["image_ids"]
+        if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
+            ids = np.ascontiguousarray(sec["region_image"][ids])
+        codes = sec["codes"]
+        codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
+        try:
+            idx._ivf.set_content(sec["offsets"], sec["slots"], codes, ids, sec["word_counts"], meta["next_id"],
+                                 owner)
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
+        return idx.to(device) if device != "cpu" else idx
+
+
+class Index(_IndexBase):
+    """Inverted-file index of aggregated images.
+
+    kernel: "asmk*" (binary codes, Hamming similarity; the default), "asmk" (float codes, dot
+    product), "rasmk*" / "rasmk" (database images aggregated from regions, METHOD.md section 3),
+    "naive-rasmk" (the paper's strawman). Queries are always aggregated as one region (ASMK or ASMK*).
+    alpha, tau: the selectivity sigma(u) = sign(u)|u|^alpha if u > tau else 0 (alpha in (0, 64],
+    tau in [-1, 1)).
+    normalize: gamma normalisation, S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|) (on by default, as the
+    paper writes the kernel; the official D2R run uses normalize=False).
+    m_db, m_query: multiple assignment (the m nearest words) for database images and queries.
+    device: "cpu" (the default) or "cuda": the inverted file lives in GPU memory, and adding and searching
+    with descriptors quantise, aggregate, score and select the top k on the GPU (same results as the
+    CPU; descriptors may be numpy, CuPy or PyTorch CUDA arrays). `to(device)` moves an index.
+
+    Thread safety: see the README ("Concurrency"): searches, saves and reads run concurrently with
+    each other and with adds and removes; every add and remove is atomic. `to()` is not: call it
+    while no other thread uses the index.
+    """
+
+    def __init__(self, codebook: Codebook, kernel: str = "asmk*", alpha: float = 3.0, tau: float = 0.0,
+                 normalize: bool = True, m_db: int = 1, m_query: int = 1, device: str = "cpu"):
+        super().__init__(codebook, kernel, alpha, tau, normalize, m_db, m_query)
+        self.device = self._check_device(device)
+        self._ivf = self._new_ivf(self.device)
+
+    @staticmethod
+    def _check_device(device) -> str:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from . import cuda
+
+            cuda.require()
+        return device
+
+    def _new_ivf(self, device: str):
+        if device == "cuda":
+            from .cuda import GpuInvertedFile
+
+            return GpuInvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+        return _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+
+    def to(self, device: str) -> "Index":
+        """Move the index to "cuda" (GPU memory) or "cpu", in place; returns the index."""
+        device = self._check_device(device)
+        if device == self.device:
+            return self
+        ex = self._ivf.export()
+        new = self._new_ivf(device)
+        new.set_content(ex["offsets"], ex["slots"], ex["codes"], np.array(ex["image_ids"]),
+                        np.array(ex["word_counts"]), int(ex["next_id"]))
+        self._ivf, self.device = new, device
+        return self
+
+    def __repr__(self) -> str:
+        return (f"Index(kernel={self.kernel!r}, images={len(self)}, n_words={self.codebook.n_words}, "
+                f"dim={self.codebook.dim}, alpha={self.alpha}, tau={self.tau}, normalize={self.normalize})")
+
+    @property
+    def word_counts(self) -> np.ndarray:
+        """Number of stored words of each indexed entry, in insertion order (as `ids`)."""
+        return self._ivf.word_counts()
+
+    def stats(self) -> dict:
+        n = len(self)
+        entries = self._ivf.n_entries
+        b = self._ivf.memory_bytes
+        return {
+            "kernel": self.kernel,
+            "images": n,
+            "entries": n,  # one inverted-file entry (a set of words) per image
+            "postings": entries,
+            "words_per_image": entries / n if n else 0.0,
+            "code_bytes": self._ivf.code_bytes,
+            "bytes": b,
+            "bytes_per_image": b / n if n else 0.0,
+        }
+
+    def aggregate(self, descriptors, query: bool = False) -> Aggregated:
+        """Aggregate one image as this index stores it (query=True: as a query is aggregated). For a
+        regional kernel a database image may be given as a region list."""
+        m = self.m_query if query else self.m_db
+        if not query and self.spec.regional and not isinstance(descriptors, np.ndarray):
+            return aggregate_regions_batch(self.codebook, [descriptors], self.kernel, m)[0]
+        x = as_descriptors(descriptors, self.codebook.dim)
+        kern = self.spec.query_kernel if (query or not self.spec.regional) else self.kernel
+        return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64), kern, m)[0]
+
+    # ---- adding and removing ------------------------------------------------------------------
+    def _insert(self, batches, ids) -> np.ndarray:
+        """Inserts aggregated batches in one atomic native call; ids None: allocated natively."""
+        if self.device == "cuda":
+            return self._ivf.add_batches(batches, ids)
+        b = AggregatedBatch.concat(batches)
+        return self._ivf.add(b.offsets, b.words, b.code_bytes, ids)
+
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None) -> np.ndarray:
+        """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
+        `offsets`). Returns the image ids (default: consecutive after the largest id so far).
+        `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
+        descriptors (e.g. from codebook.quantize), to quantise once and index many times.
+        Atomic: all the images are indexed, or none (an error leaves the index unchanged)."""
+        x, offs, _ = self._as_images(descriptors, offsets)
+        ids = None if image_ids is None else as_ids(image_ids, offs.shape[0] - 1)
+        kern = self.kernel if self.spec.regional else self.spec.query_kernel
+        batches = [b for _, b in self._aggregate_chunks(x, offs, kern, self.m_db, progress, assignments)]
+        return self._insert(batches, ids)
+
+    def add_regions(self, regions, image_id=None) -> int:
+        """Index one database image given by its regions (a list of arrays with region 0 the whole
+        image, (descriptors, offsets, n_regions), (descriptors, offsets, members) or d2r.Regions)."""
+        ids = self.add_regions_many([regions], None if image_id is None else [image_id])
+        return int(ids[0])
+
+    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
+                         assignments=None) -> np.ndarray:
+        """Index many images, each given by its regions, in batched native calls. `assignments`:
+        optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
+        (for a region list: the regions' arrays concatenated in order). Atomic."""
+        if not self.spec.regional:
+            raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
+                             "'naive-rasmk', or RegionalSearchIndex")
+        regions_list = list(regions_list)
+        if assignments is not None and len(assignments) != len(regions_list):
+            raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
+        if not regions_list:
+            raise ValueError("no images given (empty list)")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
+        bar = _progress(len(regions_list), progress if progress is not None else len(regions_list) >= 2000,
+                        "aggregate regions")
+        batches = []
+        for s in range(0, len(regions_list), batch_size):
+            chunk = regions_list[s:s + batch_size]
+            batches.append(aggregate_regions_batch(self.codebook, chunk, self.kernel, self.m_db,
+                                                   None if assignments is None else assignments[s:s + batch_size]))
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return self._insert(batches, ids)
+
     def add_aggregated(self, aggregated, image_ids=None) -> np.ndarray:
         """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
         batch, _ = self._as_batch(aggregated)
         self._check_aggregated(batch, "aggregated")
-        ids = self._new_ids(image_ids, len(batch))
-        self._add_batch(batch, ids)
-        self._bump_next_id(ids)
-        return ids
+        ids = None if image_ids is None else as_ids(image_ids, len(batch))
+        return self._insert([batch], ids)
 
     def remove(self, image_ids) -> int:
-        """Remove images by id (every id must be indexed). Returns the number removed. Each call
-        compacts the posting lists (O(index size)): remove in batches."""
+        """Remove images by id (every id must be indexed, else KeyError and nothing is removed).
+        Returns the number removed. Each call compacts the posting lists (O(index size)): remove in
+        batches."""
         ids = as_ids(image_ids)
-        missing = [int(i) for i in ids if not self._ivf.contains(int(i))]
-        if missing:
-            raise KeyError(f"image id {missing[0]} is not in the index")
         return int(self._ivf.remove(ids)) if ids.size else 0
 
     # ---- search -------------------------------------------------------------------------------
-    def _check_k(self, k):
-        if k is None:
-            return -1
-        return check_positive_int(k, "k")
-
     def search(self, queries, k: int | None = 10, progress=None, assignments=None):
         """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
         (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
         ascending; k=None gives the full ranking. k larger than the index gives every image.
         `assignments`: optional precomputed word ids (n_descriptors, m_query) of the queries'
         concatenated descriptors."""
-        kk = self._check_k(k)
-        single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
-        x, offs, _ = self._as_images(queries if single else list(queries), None)
-        parts_s, parts_i = [], []
-        for _, batch in self._aggregate_chunks(x, offs, True, progress, assignments):
-            s, i = self._search_batch(batch, kk)
-            parts_s.append(s)
-            parts_i.append(i)
-        scores, ids = np.concatenate(parts_s), np.concatenate(parts_i)
+        kk = check_k(k)
+        batches, single = self._query_batches(queries, progress, assignments)
+        if len(batches) > 1 and self.device == "cpu":
+            batches = [AggregatedBatch.concat(batches)]  # one call: one snapshot for every query
+        parts = [self._search_batch(b, kk) for b in batches]
+        scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def _search_batch(self, batch: AggregatedBatch, kk: int):
@@ -353,7 +395,7 @@ class Index:
 
     def search_aggregated(self, aggregated, k: int | None = 10):
         """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D)."""
-        kk = self._check_k(k)
+        kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
         s, i = self._search_batch(batch, kk)
@@ -361,123 +403,56 @@ class Index:
 
     def score_all(self, queries) -> tuple[np.ndarray, np.ndarray]:
         """Scores of every indexed image for each query: (scores (n_queries, n_images), ids (n_images,))
-        in insertion order."""
+        in insertion order, both from one state of the index."""
         single = isinstance(queries, np.ndarray)
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
-        batch = aggregate_images(self.codebook, x, offs, self._kernel_for(True), self.m_query)
-        s = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau, self.normalize)
-        return (s[0] if single else s), self.ids
-
-    # ---- persistence --------------------------------------------------------------------------
-    def _meta(self) -> dict:
-        return {"kind": "Index", "kernel": self.kernel, "alpha": self.alpha, "tau": self.tau,
-                "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
-                "dim": self.codebook.dim, "n_words": self.codebook.n_words, "next_id": self._next_id,
-                "d2r_format": FORMAT_VERSION}
-
-    def save(self, path) -> None:
-        """Write the index (with its codebook) to one file, atomically."""
-        ex = self._ivf.export()
-        sections = {"centroids": self.codebook.centroids, "image_ids": ex["image_ids"],
-                    "word_counts": ex["word_counts"], "offsets": ex["offsets"], "slots": ex["slots"],
-                    "codes": ex["codes"]}
-        sections.update(self._extra_sections())
-        write_index_file(path, self._meta(), sections)
-
-    def _extra_sections(self) -> dict:
-        return {}
-
-    @classmethod
-    def load(cls, path, mmap: bool = False, verify: bool = True, device: str = "cpu"):
-        """Load an index saved by `save`. mmap=True maps the posting lists instead of reading them
-        (verify=False then skips the checksums, so nothing is read up front). device="cuda" then
-        moves it to the GPU."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such index file")
-        meta, sec = read_index_file(path, mmap=mmap, verify=verify)
-        try:
-            kind = meta.get("kind", "Index")
-            target = RegionalSearchIndex if kind == "RegionalSearchIndex" else Index
-            if cls is not Index and target is not cls:
-                raise IndexFileError(f"{path}: holds a {kind}, not a {cls.__name__}")
-            idx = target._from_meta(meta, Codebook(np.array(sec["centroids"])))
-            idx._ivf.set_content(sec["offsets"], sec["slots"], sec["codes"], np.array(sec["image_ids"]),
-                                 np.array(sec["word_counts"]))
-            idx._next_id = int(meta["next_id"])
-            idx._load_extra(sec)
-        except IndexFileError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
-        return idx.to(device) if device != "cpu" else idx
+        batch = aggregate_images(self.codebook, x, offs, self.spec.query_kernel, self.m_query)
+        s, ids = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
+                                     self.normalize)
+        return (s[0] if single else s), ids
 
     @classmethod
     def _from_meta(cls, meta, codebook):
-        if int(meta["dim"]) != codebook.dim or int(meta["n_words"]) != codebook.n_words:
-            raise IndexFileError("codebook shape does not match the header")
         return cls(codebook, kernel=meta["kernel"], alpha=meta["alpha"], tau=meta["tau"],
                    normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])
 
-    def _load_extra(self, sections) -> None:
-        pass
 
-
-class RegionalSearchIndex(Index):
+class RegionalSearchIndex(_IndexBase):
     """Regional search (paper section 4.2): every region of a database image is indexed as its own
     ASMK / ASMK* entry; an image's score is the max (or the mean over all its regions) of its regions'
-    scores, and top-k runs over images. The index grows with the number of regions."""
+    scores, and top-k runs over images. The index grows with the number of regions. It holds its
+    entries in a multi-entry inverted file (an image's regions under the image's id), so adds and
+    removes are atomic and searches see whole images; it runs on the CPU only and has no
+    `add_aggregated` or `score_all` (use `search(queries, k=None)` for the full pooled ranking)."""
 
     def __init__(self, codebook: Codebook, kernel: str = "asmk*", pooling: str = "max", alpha: float = 3.0,
                  tau: float = 0.0, normalize: bool = True, m_db: int = 1, m_query: int = 1):
-        spec = kernel_spec(kernel)
-        if spec.regional:
+        if kernel_spec(kernel).regional:
             raise ValueError("RegionalSearchIndex indexes each region with a plain kernel: use 'asmk*' or 'asmk'")
         if pooling not in ("max", "mean"):
             raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
         super().__init__(codebook, kernel, alpha, tau, normalize, m_db, m_query)
         self.pooling = pooling
-        self._region_image = np.zeros(0, np.int64)   # image id of each region entry (entry ids 0..)
-        self._next_region = 0
+        self._ivf = _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary, True)
 
-    def _check_device(self, device) -> str:
+    def __repr__(self) -> str:
+        return (f"RegionalSearchIndex(kernel={self.kernel!r}, pooling={self.pooling!r}, images={len(self)}, "
+                f"n_words={self.codebook.n_words})")
+
+    def to(self, device: str) -> "RegionalSearchIndex":
         if device != "cpu":
             raise ValueError("RegionalSearchIndex (pooled regional search) runs on the CPU; use Index with "
                              "kernel='rasmk*' for GPU regional aggregation")
-        return device
-
-    def _live_owners(self) -> np.ndarray:
-        return self._region_image[self._region_image >= 0]
-
-    def __len__(self) -> int:
-        return int(np.unique(self._live_owners()).size)
-
-    @property
-    def ids(self) -> np.ndarray:
-        owners = self._live_owners()
-        _, first = np.unique(owners, return_index=True)
-        return owners[np.sort(first)]
-
-    def __contains__(self, image_id) -> bool:
-        return int(image_id) >= 0 and bool(np.any(self._region_image == int(image_id)))
+        return self
 
     def stats(self) -> dict:
-        st = super().stats()
         n = len(self)
-        st.update({"kernel": f"regional-{self.kernel}-{self.pooling}", "images": n,
-                   "entries": self._ivf.n_images, "words_per_image": st["postings"] / n if n else 0.0,
-                   "bytes": st["bytes"] + self._region_image.nbytes})
-        st["bytes_per_image"] = st["bytes"] / n if n else 0.0
-        return st
-
-    def _new_ids(self, image_ids, n):
-        if image_ids is None:
-            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        ids = as_ids(image_ids, n)
-        dup = np.intersect1d(ids, self._region_image)
-        if dup.size:
-            raise ValueError(f"image id {int(dup[0])} is already in the index")
-        return ids
+        entries = int(self._ivf.entry_ids().shape[0])
+        postings = self._ivf.n_entries
+        b = self._ivf.memory_bytes
+        return {"kernel": f"regional-{self.kernel}-{self.pooling}", "images": n, "entries": entries,
+                "postings": postings, "words_per_image": postings / n if n else 0.0,
+                "code_bytes": self._ivf.code_bytes, "bytes": b, "bytes_per_image": b / n if n else 0.0}
 
     def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
         """Plain images: each image is one region (equals Index.search with the same kernel)."""
@@ -486,17 +461,22 @@ class RegionalSearchIndex(Index):
                    for i in range(offs.shape[0] - 1)]
         return self.add_regions_many(regions, image_ids, progress)
 
+    def add_regions(self, regions, image_id=None) -> int:
+        ids = self.add_regions_many([regions], None if image_id is None else [image_id])
+        return int(ids[0])
+
     def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
                          assignments=None) -> np.ndarray:
+        """Index many images given by their regions (each region one entry). Atomic."""
         regions_list = [Regions.coerce(r, self.codebook.dim) for r in regions_list]
         if not regions_list:
             raise ValueError("no images given (empty list)")
         if assignments is not None and len(assignments) != len(regions_list):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
-        ids = self._new_ids(image_ids, len(regions_list))
+        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         # Every region becomes one entry: a plain image made of that region's descriptors.
-        flat, flat_assign, owners = [], [], []
-        for k, (r, img) in enumerate(zip(regions_list, ids)):
+        flat, flat_assign, owner = [], [], []
+        for k, r in enumerate(regions_list):
             a = None if assignments is None else as_assignments(assignments[k], r.descriptors.shape[0], self.m_db,
                                                                 self.codebook.n_words)
             for j in range(r.n_regions):
@@ -505,76 +485,51 @@ class RegionalSearchIndex(Index):
                 flat.append(r.descriptors[rows])
                 if a is not None:
                     flat_assign.append(a[rows])
-                owners.append(img)
+                owner.append(k)
         x, offs = _concat_images(flat, self.codebook.dim)
         flat_assign = np.concatenate(flat_assign) if assignments is not None else None
-        entry_ids = np.arange(self._next_region, self._next_region + len(flat), dtype=np.int64)
-        for first, batch in self._aggregate_chunks(x, offs, False, progress, flat_assign):
-            self._add_batch(batch, entry_ids[first:first + len(batch)])
-        self._next_region += len(flat)
-        self._region_image = np.concatenate([self._region_image, np.asarray(owners, np.int64)])
-        self._bump_next_id(ids)
-        return ids
+        batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, flat_assign)]
+        b = AggregatedBatch.concat(batches)
+        owner = np.asarray(owner, np.int64)
+        if ids is None:
+            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, None, owner)
+        else:
+            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, np.ascontiguousarray(ids[owner]))
+        first = np.searchsorted(owner, np.arange(len(regions_list)))
+        return entry_ids[first]
 
     def add_aggregated(self, aggregated, image_ids=None):
         raise NotImplementedError("RegionalSearchIndex indexes regions: use add_regions / add_regions_many")
 
-    def remove(self, image_ids) -> int:
-        ids = as_ids(image_ids)
-        missing = [int(i) for i in ids if not np.any(self._region_image == i)]
-        if missing:
-            raise KeyError(f"image id {missing[0]} is not in the index")
-        export_ids = np.array(self._ivf.export()["image_ids"])
-        drop = np.isin(self._region_image[export_ids], ids)
-        if drop.any():
-            self._ivf.remove(np.ascontiguousarray(export_ids[drop]))
-        self._region_image_keep(~np.isin(self._region_image, ids))
-        return int(ids.size)
+    def score_all(self, queries):
+        raise NotImplementedError("use search(queries, k=None) for the full pooled ranking")
 
-    def _region_image_keep(self, keep: np.ndarray) -> None:
-        # Entry ids are positions in _region_image; keep them stable by marking removed with -1.
-        self._region_image = np.where(keep, self._region_image, -1)
+    def remove(self, image_ids) -> int:
+        """Remove images (all their regions) by id; KeyError (and nothing removed) if one is absent."""
+        ids = as_ids(image_ids)
+        return int(self._ivf.remove(ids)) if ids.size else 0
 
     def search(self, queries, k: int | None = 10, progress=None, assignments=None):
-        kk = self._check_k(k)
-        single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
-        x, offs, _ = self._as_images([queries] if single else list(queries), None)
-        batch = aggregate_images(self.codebook, x, offs, self.kernel, self.m_query, assignments)
-        return self._search_pooled(batch, kk, single)
+        kk = check_k(k)
+        batches, single = self._query_batches(queries, progress, assignments)
+        return self._search_pooled(AggregatedBatch.concat(batches), kk, single)
 
     def search_aggregated(self, aggregated, k: int | None = 10):
-        kk = self._check_k(k)
+        kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
         return self._search_pooled(batch, kk, single)
 
     def _search_pooled(self, batch, kk, single):
         """Scores every region entry and pools them per image (max or mean) in the native core."""
-        entry_ids = np.asarray(self._ivf.export()["image_ids"])
-        images, group = np.unique(self._region_image[entry_ids], return_inverse=True)
-        s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes,
-                                       np.ascontiguousarray(group, dtype=np.int64),
-                                       np.ascontiguousarray(images, dtype=np.int64), self.pooling == "mean", kk,
+        s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
                                        self.alpha, self.tau, self.normalize)
         return (s[0], i[0]) if single else (s, i)
 
-    def score_all(self, queries):
-        raise NotImplementedError("use search(queries, k=None) for the full pooled ranking")
-
     def _meta(self) -> dict:
-        meta = super()._meta()
-        meta.update({"kind": "RegionalSearchIndex", "pooling": self.pooling, "next_region": self._next_region})
-        return meta
-
-    def _extra_sections(self) -> dict:
-        return {"region_image": self._region_image}
+        return {**super()._meta(), "pooling": self.pooling}
 
     @classmethod
     def _from_meta(cls, meta, codebook):
-        idx = cls(codebook, kernel=meta["kernel"], pooling=meta["pooling"], alpha=meta["alpha"], tau=meta["tau"],
-                  normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])
-        idx._next_region = int(meta["next_region"])
-        return idx
-
-    def _load_extra(self, sections) -> None:
-        self._region_image = np.array(sections["region_image"], dtype=np.int64)
+        return cls(codebook, kernel=meta["kernel"], pooling=meta["pooling"], alpha=meta["alpha"], tau=meta["tau"],
+                   normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])

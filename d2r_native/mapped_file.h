@@ -1,0 +1,66 @@
+// A read-only memory map of a whole file, owned natively: an index loaded with mmap=True keeps its
+// posting lists in the map, and releasing it (munmap) needs neither the GIL nor Python.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+namespace d2r_native {
+
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // O_NONBLOCK: a FIFO never blocks
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), path);
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      ::close(fd);
+      throw std::system_error(err, std::generic_category(), path);
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      throw std::invalid_argument(path + ": not a regular file");
+    }
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
+      if (p == MAP_FAILED) {
+        const int err = errno;
+        ::close(fd);
+        throw std::system_error(err, std::generic_category(), path + ": mmap");
+      }
+      data_ = static_cast<const uint8_t*>(p);
+    }
+    ::close(fd);
+  }
+  ~MappedFile() {
+    if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const uint8_t* data() const { return data_ ? data_ : &empty_; }
+  size_t size() const { return size_; }
+  // Whether [p, p + n) lies inside the map.
+  bool holds(const void* p, size_t n) const {
+    const auto a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(data());
+    return n == 0 || (a >= b && a - b <= size_ && n <= size_ - (a - b));
+  }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+  static constexpr uint8_t empty_ = 0;
+};
+
+}  // namespace d2r_native
