@@ -8,6 +8,8 @@ Quick start::
     index.add([desc_img0, desc_img1, ...])
     scores, ids = index.search(query_descriptors, k=10)
 """
+import numbers as _numbers
+
 from ._version import __version__
 from . import _native
 from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
@@ -30,11 +32,14 @@ def build_info() -> dict:
     return info
 
 
+MAX_THREADS = 4096
+
+
 def set_num_threads(n: int) -> None:
-    """Threads used by the native core (results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of threads must be a positive integer, got {n!r}")
-    _native.set_num_threads(n)
+    """Threads used by the native core, 1 to MAX_THREADS (results do not depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, _numbers.Integral) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be an integer from 1 to {MAX_THREADS}, got {n!r}")
+    _native.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

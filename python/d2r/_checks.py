@@ -2,7 +2,13 @@
 TypeError / ValueError before it reaches the native core."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
+
+MAX_ID = 1 << 62    # image ids lie in [0, 2**62); also the largest k (more than any index holds)
+ALPHA_MAX = 64.0    # sigma(u) = sign(u)|u|^alpha: larger exponents only underflow
 
 
 def as_descriptors(x, dim: int | None = None, name: str = "descriptors") -> np.ndarray:
@@ -45,6 +51,8 @@ def as_ids(ids, n: int | None = None, name: str = "image_ids") -> np.ndarray:
         raise ValueError(f"{name}: {arr.shape[0]} ids given for {n} images")
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative")
+    if arr.size and arr.max() >= MAX_ID:
+        raise ValueError(f"{name} must be below 2**62, got {arr.max()}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if np.unique(arr).size != arr.size:
         raise ValueError(f"{name} contain duplicates")
@@ -66,9 +74,70 @@ def as_offsets(offsets, n_rows: int, name: str = "offsets") -> np.ndarray:
     return arr
 
 
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
+def check_positive_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def check_choice(value, name: str, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_k(k) -> int:
+    """k for top-k search: None (every image) -> -1; a positive integer, huge ones clamped to 2**62."""
+    if k is None:
+        return -1
+    return min(check_positive_int(k, "k"), MAX_ID)
+
+
+def as_image_id(x) -> int | None:
+    """x as an image id for `x in index`: None when x is not an integer (1.5, '1', True) or out of
+    the id range, so that such an x is never in an index."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        return None
+    x = int(x)
+    return x if 0 <= x < MAX_ID else None
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_alpha(alpha) -> float:
+    a = _check_real(alpha, "alpha")
+    if not 0 < a <= ALPHA_MAX:
+        raise ValueError(f"alpha must be in (0, {ALPHA_MAX:g}], got {alpha!r}")
+    return a
+
+
+def check_tau(tau) -> float:
+    t = _check_real(tau, "tau")
+    if not -1 <= t < 1:
+        raise ValueError(f"tau must be in [-1, 1) (tau >= 1 would make every score 0), got {tau!r}")
+    return t
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_score_params(alpha, tau, normalize) -> tuple[float, float, bool]:
+    """The selectivity and normalisation parameters: alpha in (0, 64], tau in [-1, 1), normalize a bool."""
+    return check_alpha(alpha), check_tau(tau), check_bool(normalize, "normalize")

@@ -11,11 +11,13 @@ regions), `region_boxes`, `region_offsets` (per region, into the region_* featur
 `region_descriptors`, `region_locations`, `region_scales`, `region_scores`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ._atomic import atomic_write
+from ._checks import as_offsets
 
 
 def _pack(features, prefix=""):
@@ -33,12 +35,24 @@ def _pack(features, prefix=""):
             prefix + "scores": cat("scores", ())}
 
 
-def _unpack(z, prefix=""):
+def _unpack(z, n_items, prefix=""):
+    """The n_items Features stored under `prefix`; inconsistent offsets or row counts raise ValueError."""
     from .extract import Features
 
-    offs, d, loc = z[prefix + "offsets"], z[prefix + "descriptors"], z[prefix + "locations"]
+    d, loc = z[prefix + "descriptors"], z[prefix + "locations"]
     sc, scr = z[prefix + "scales"], z[prefix + "scores"]
+    offs = _checked_offsets(z, prefix + "offsets", n_items, len(d))
+    if not (loc.shape[:1] == sc.shape[:1] == scr.shape[:1] == d.shape[:1]):
+        raise ValueError(f"{prefix}descriptors, locations, scales and scores have different numbers of rows")
     return [Features(d[a:b], loc[a:b], sc[a:b], scr[a:b]) for a, b in zip(offs[:-1], offs[1:])]
+
+
+def _checked_offsets(z, key, n_items, n_rows):
+    """z[key] as offsets of n_items items into n_rows rows (from 0, non-decreasing, ending at n_rows)."""
+    offs = as_offsets(z[key], n_rows, key)
+    if offs.shape[0] != n_items + 1:
+        raise ValueError(f"{key} has {offs.shape[0]} entries for {n_items} images (expected {n_items + 1})")
+    return offs
 
 
 def save_features(path, names, features, regions=None) -> None:
@@ -79,15 +93,16 @@ def load_features(path, regions: bool = False):
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z["names"])
-            feats = _unpack(z)
+            feats = _unpack(z, len(names))
             if "region_image_offsets" in z.files:
-                crops = _unpack(z, "region_")
-                io, rb = z["region_image_offsets"], z["region_boxes"]
+                rb = z["region_boxes"]
+                io = _checked_offsets(z, "region_image_offsets", len(names), len(rb))
+                crops = _unpack(z, len(rb), "region_")
                 regs = [(rb[a:b], crops[a:b]) for a, b in zip(io[:-1], io[1:])]
             else:
                 regs = [(np.zeros((0, 4)), []) for _ in names]
-    except (KeyError, ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a d2r feature file ({exc})") from exc
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a d2r feature file or corrupt ({exc})") from exc
     return (names, feats, regs) if regions else (names, feats)
 
 
@@ -116,6 +131,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
 
     from .extract import ImageLoadError, RootSIFT
 
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise TypeError(f"images must be a list of image paths, got one path {images!r}: pass [{images!r}] for "
+                        "one image (the `d2r extract` command expands folders and .txt lists)")
+    images = list(images)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     extractor = extractor or RootSIFT(max_features=1000)
