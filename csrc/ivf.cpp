@@ -308,15 +308,15 @@ int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
 }
 
 std::shared_ptr<const Snapshot> InvertedFile::merged_snapshot() {
+  // A reader: merges the pinned snapshot privately (never waits for a writer), and publishes the
+  // merged form only if no writer is running and the snapshot is still the current one.
   auto s = pin();
   if (s->segments.size() == 1) return s;
-  std::lock_guard<std::mutex> writer(write_mutex_);
-  s = pin();
-  if (s->segments.size() == 1) return s;
-  auto next = std::make_shared<Snapshot>(*s);
-  next->segments = {merge_segments(s->segments, nullptr, 0)};
-  publish(next);
-  return next;
+  auto merged = std::make_shared<Snapshot>(*s);
+  merged->segments = {merge_segments(s->segments, nullptr, 0)};
+  std::unique_lock<std::mutex> writer(write_mutex_, std::try_to_lock);
+  if (writer.owns_lock() && pin() == s) publish(merged);
+  return merged;
 }
 
 void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_slots,

@@ -123,7 +123,7 @@ class InvertedFile {
   // of its entries' scores; top-k (k < 0: all) over the images.
   TopK search_pooled(const CodesView& queries, bool mean, int64_t k, const ScoreParams& p) const;
 
-  // The current content as one segment (writers merge it first if needed); pinned by the caller.
+  // The current content as one segment (merged aside if needed, without waiting for a writer).
   std::shared_ptr<const Snapshot> merged_snapshot();
   std::shared_ptr<const Snapshot> snapshot() const { return pin(); }
 

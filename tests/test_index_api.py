@@ -168,6 +168,46 @@ def test_bad_ids_raise_and_leave_index_unchanged(world, data):
     np.testing.assert_array_equal(before[1], after[1])
 
 
+@pytest.mark.parametrize("cls", ["Index", "RegionalSearchIndex"])
+def test_add_is_atomic_across_aggregation_chunks(world, data, monkeypatch, cls):
+    """An add whose aggregation fails in a later internal chunk indexes nothing (before, the first
+    chunk stayed indexed)."""
+    imgs, ids, queries = data
+    idx = getattr(d2r, cls)(world.codebook)
+    idx.add(imgs[:5])
+    before = idx.search(queries, k=None)
+    monkeypatch.setattr(d2r.index, "_CHUNK_DESCRIPTORS", 64)   # several chunks for the next add
+    real, calls = d2r.index.aggregate_images, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("injected in the third chunk")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(d2r.index, "aggregate_images", failing)
+    with pytest.raises(MemoryError):
+        idx.add(imgs[5:30])
+    assert len(calls) == 3 and len(idx) == 5 and idx._next_id == 5
+    after = idx.search(queries, k=None)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    monkeypatch.setattr(d2r.index, "aggregate_images", real)
+    assert idx.add(imgs[5:7]).tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("cls,kernel", [("Index", "asmk*"), ("Index", "asmk"), ("RegionalSearchIndex", "asmk*")])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_empty_index(tmp_path, world, cls, kernel, mmap):
+    idx = getattr(d2r, cls)(world.codebook, kernel=kernel)
+    idx.save(tmp_path / "empty.d2r")
+    got = d2r.Index.load(tmp_path / "empty.d2r", mmap=mmap)
+    assert type(got).__name__ == cls and len(got) == 0 and got.ids.size == 0
+    s, i = got.search(world.image(), k=None)
+    assert s.size == 0 and i.size == 0
+    assert got.add([world.image()]).tolist() == [0]
+
+
 def test_len_and_stats(world, data):
     imgs, ids, queries = data
     for kernel in ("asmk", "asmk*", "rasmk"):

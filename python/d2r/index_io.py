@@ -56,8 +56,13 @@ class IndexFileError(ValueError):
     """A file that is not a d2r index, is corrupt or truncated, or was written by a newer d2r."""
 
 
+def _bytes(arr: np.ndarray) -> memoryview:
+    """The array's bytes, C order, as a flat memoryview (also for arrays with a zero dimension)."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
 def _crc(arr: np.ndarray) -> int:
-    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+    view = _bytes(arr)
     crc = 0
     step = 1 << 26
     for i in range(0, len(view), step):
@@ -95,7 +100,7 @@ def write_index_file(path, meta: dict, sections: dict) -> None:
         f.write(header)
         for e, arr in zip(entries, arrays):
             f.write(b"\0" * (e["offset"] - f.tell()))
-            f.write(memoryview(arr).cast("B"))
+            f.write(_bytes(arr))
 
 
 def _open_regular(path: Path) -> int:
