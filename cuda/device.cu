@@ -84,9 +84,25 @@ void memory_info(size_t* free_bytes, size_t* total_bytes) {
   D2R_CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo");
 }
 
+namespace {
+// Allocations left before the injected failure (fail_allocation_after), per thread: an operation and
+// its allocations run in the calling thread, so other threads' operations are not affected.
+thread_local int64_t t_fail_countdown = 0;
+}  // namespace
+
+int64_t fail_allocation_after(int64_t n) {
+  const int64_t old = t_fail_countdown;
+  t_fail_countdown = n > 0 ? n : 0;
+  return old;
+}
+
 Buffer::Buffer(size_t bytes, const char* what) : bytes_(bytes) {
   if (bytes == 0) return;
   require_device();
+  if (t_fail_countdown > 0 && --t_fail_countdown == 0) {
+    bytes_ = 0;
+    throw DeviceOutOfMemory(std::string("out of GPU memory: ") + what + " (failure injected by the test hook)");
+  }
   cudaError_t err = cudaMalloc(&ptr_, bytes);
   if (err != cudaSuccess) {
     cudaGetLastError();

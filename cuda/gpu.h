@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "ivf.h"  // ScoreParams
+#include "ivf.h"  // ScoreParams, TopK, AllScores, CodesView, check_codes
 
 namespace d2r {
 namespace gpu {
@@ -57,6 +57,10 @@ class Buffer {
   size_t bytes_ = 0;
 };
 using SharedBuffer = std::shared_ptr<Buffer>;
+
+// Test hook: the n-th device allocation (Buffer) from now on in the calling thread throws
+// DeviceOutOfMemory (n <= 0: none). Returns the previous setting.
+int64_t fail_allocation_after(int64_t n);
 
 // Copies between host and device memory (kind: "h2d", "d2h", "d2d").
 void copy_h2d(void* dst, const void* src, size_t bytes);
@@ -109,9 +113,46 @@ DeviceAggregated aggregate(const float* x, int64_t n_desc, const int32_t* assign
                            int64_t n_words, int dim, const int64_t* image_regions, int64_t n_images,
                            const int64_t* region_members, const int64_t* members, bool binary);
 
+// A batch of images (or queries) for the GPU inverted file: image i owns entries [offsets[i],
+// offsets[i + 1]). The bindings fill it from arrays whose dtypes and sizes they checked; the inverted
+// file checks the content (offsets from 0, non-decreasing, ending at n_entries; per image strictly
+// ascending word ids in [0, n_words): d2r::check_codes on host words, the same rules on the device for
+// device words).
+struct Batch {
+  int64_t n = 0;                     // images
+  const int64_t* offsets = nullptr;  // host, n + 1
+  int64_t n_entries = 0;             // rows of words and codes
+  const int32_t* words = nullptr;    // n_entries, host or device memory (words_on_device)
+  const uint8_t* codes = nullptr;    // n_entries x code_bytes, host or device memory (codes_on_device)
+  bool words_on_device = false;
+  bool codes_on_device = false;
+};
+
+// An id given to remove() that is not in the index (the bindings raise KeyError).
+struct IdNotFound : std::out_of_range {
+  using std::out_of_range::out_of_range;
+};
+
+// The content of a GPU inverted file in host memory, as one CSR part (the CPU index's export form).
+struct Content {
+  std::vector<int64_t> offsets;  // n_words + 1
+  std::vector<uint32_t> slots;   // n_entries
+  std::vector<uint8_t> codes;    // n_entries x code_bytes
+  std::vector<int64_t> image_ids;
+  std::vector<int32_t> word_counts;
+  int64_t next_id = 0;
+};
+
 // Inverted file in device memory: a list of CSR parts (bulk-built by sorting on the GPU; an add
 // appends a part, parts are merged when the newest is as large as the one before), per-slot word
 // counts and id ranks. Scoring and top-k run on the device (see ivf.cu for the organisation).
+//
+// Concurrency and failures: every operation (the accessors included) runs under one mutex, and no
+// Python runs while it is held (the bindings release the GIL before calling in). Every operation that
+// changes the index (add, remove, set_content, merge, export's merge) builds what it needs first,
+// beside the current content (device buffers, host tables, with a device synchronisation so kernel
+// faults surface there), then commits with steps that cannot throw: on any error (invalid input, out of
+// device memory, a CUDA error) the index is exactly as it was (strong exception guarantee).
 class InvertedFile {
  public:
   InvertedFile(int64_t n_words, int dim, bool binary);
@@ -125,30 +166,45 @@ class InvertedFile {
   int code_bytes() const;
   int64_t n_images() const;
   int64_t n_entries() const;
+  int64_t next_id() const;  // 1 + the largest id ever added or set (at least 0): the next default id
   size_t memory_bytes() const;
   int n_parts() const;
   bool contains(int64_t id) const;
-  const std::vector<int64_t>& slot_ids() const;
-  const std::vector<int32_t>& slot_word_counts() const;
+  std::vector<int64_t> image_ids() const;  // slot order (copies)
+  std::vector<int32_t> word_counts() const;
 
-  // Images: host offsets (n + 1), words / codes in device memory (on_device) or host memory.
-  void add(int64_t n, const int64_t* offsets, const int32_t* words, const uint8_t* codes, bool on_device,
-           const int64_t* ids);
+  // Adds the images of all batches, atomically (all or nothing). ids: one per image over all batches
+  // (non-negative, unique, new), or nullptr: consecutive ids from next_id(), allocated under the lock.
+  // Returns the ids.
+  std::vector<int64_t> add(const std::vector<Batch>& batches, const int64_t* ids);
+  // Removes the images with these ids (IdNotFound, and no change, if one is absent). Returns the
+  // number of distinct images removed.
+  int64_t remove(int64_t n, const int64_t* ids);
+  // Merges the parts into as few as the 2^32-entry part limit allows.
+  void merge();
 
-  // Queries as for add. Top-k per query (k <= kMaxK) into host arrays n_queries x k (k <= n_images).
-  void search(int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes, bool on_device,
-              int64_t k, const ScoreParams& p, float* out_scores, int64_t* out_ids) const;
-  // Dense scores n_queries x n_images (slot order) into host memory.
-  void score_all(int64_t nq, const int64_t* offsets, const int32_t* words, const uint8_t* codes, bool on_device,
-                 const ScoreParams& p, float* out) const;
+  // Top-k per query (k < 0 or k > n_images(): every image), n_queries x kk with kk = min(k, n_images()),
+  // score descending, ties by id ascending; the result is sized from the state read under the lock.
+  TopK search(const Batch& queries, int64_t k, const ScoreParams& p) const;
+  // Dense scores n_queries x n_images (slot order) and the slot ids, from one locked state.
+  AllScores score_all(const Batch& queries, const ScoreParams& p) const;
 
-  // Merged CSR content in host memory (for the CPU index and index files).
-  void export_csr(std::vector<int64_t>* offsets, std::vector<uint32_t>* slots, std::vector<uint8_t>* codes);
-  // Replaces the content (host arrays, e.g. a CPU index's export).
-  void set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_images,
-                   const int64_t* ids, const int32_t* word_counts);
+  // The content in host memory (for the CPU index and index files).
+  Content export_content() const;
+  // Replaces the content by host CSR arrays (e.g. a CPU index's export), validated as the CPU index
+  // does: offsets from 0, non-decreasing, ending at n_entries; slots in [0, n_images) and strictly
+  // ascending per word; word counts matching the postings; ids non-negative and unique; next_id
+  // greater than every id.
+  void set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_entries,
+                   int64_t n_images, const int64_t* ids, const int32_t* word_counts, int64_t next_id);
+
+  // Test hook (compiled in always): the n-th device allocation of this index's next operation fails
+  // with DeviceOutOfMemory (n <= 0: off).
+  void fail_after_allocations(int64_t n);
 
   static constexpr int64_t kMaxK = 1024;
+  // Entries of one part: its sort keys and permutation are uint32.
+  static constexpr int64_t kMaxPartEntries = int64_t{0xffffffff};
 
  private:
   struct Impl;

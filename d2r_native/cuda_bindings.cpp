@@ -1,6 +1,9 @@
-// Bindings of the CUDA path (cuda/gpu.h). Arrays cross as raw pointers with an on_device flag: the
-// Python layer (d2r/cuda.py) resolves numpy, CuPy and PyTorch arrays (__cuda_array_interface__) and
-// keeps them alive during the call. Results stay on the device as DeviceArray objects (exposing
+// Bindings of the CUDA path (cuda/gpu.h). The quantizer, aggregation and k-means take raw pointers
+// with an on_device flag (the Python layer, d2r/cuda.py, resolves numpy, CuPy and PyTorch arrays and
+// keeps them alive during the call). The inverted file takes the arrays themselves (numpy arrays, or
+// objects exposing __cuda_array_interface__) and checks their dtypes, shapes, contiguity and sizes
+// here; it is called with the GIL released (its own lock is then taken: no GIL is ever waited for while
+// it is held), and its results come back as owned vectors wrapped without a copy. Results stay on the device as DeviceArray objects (exposing
 // __cuda_array_interface__, so CuPy and PyTorch wrap them without a copy) or come back as numpy.
 // Without a CUDA build only cuda_compiled() / cuda_device_count() exist.
 #include <pybind11/numpy.h>
@@ -41,6 +44,150 @@ const T* device_ptr(uintptr_t p, bool dev, size_t count, gpu::Buffer* hold, cons
   *hold = gpu::Buffer(count * sizeof(T), what);
   hold->upload(reinterpret_cast<const void*>(p), count * sizeof(T));
   return hold->as<T>();
+}
+
+// A std::vector moved into a numpy array (no copy; the array owns it).
+template <class T>
+py::array_t<T> owned_array(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto holder = std::make_unique<std::vector<T>>(std::move(v));
+  T* data = holder->data();
+  py::capsule owner(holder.get(), [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  holder.release();
+  return py::array_t<T>(shape, data, owner);
+}
+
+// An argument array of the inverted file: a numpy array (C-contiguous) or an object exposing
+// __cuda_array_interface__ (C-contiguous, no mask, device memory: checked by the index).
+struct ArrayArg {
+  const void* ptr = nullptr;
+  bool on_device = false;
+  std::vector<int64_t> shape;
+  py::dtype dtype;
+  py::object keep;
+  int64_t size() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+};
+
+ArrayArg array_arg(const py::handle& o, const std::string& name) {
+  ArrayArg a;
+  if (py::hasattr(o, "__cuda_array_interface__")) {
+    py::dict cai = o.attr("__cuda_array_interface__");
+    a.on_device = true;
+    a.keep = py::reinterpret_borrow<py::object>(o);
+    a.dtype = py::dtype(cai["typestr"].cast<std::string>());
+    for (auto s : cai["shape"].cast<py::tuple>()) a.shape.push_back(s.cast<int64_t>());
+    if (cai.contains("mask") && !cai["mask"].is_none()) throw py::type_error(name + ": masked CUDA arrays are not supported");
+    if (cai.contains("strides") && !cai["strides"].is_none()) {
+      auto st = cai["strides"].cast<py::tuple>();
+      if (st.size() != a.shape.size()) throw py::value_error(name + ": malformed __cuda_array_interface__");
+      int64_t expect = a.dtype.itemsize();
+      for (size_t i = a.shape.size(); i-- > 0;) {
+        if (a.shape[i] != 1 && st[i].cast<int64_t>() != expect && a.size() != 0)
+          throw py::type_error(name + " must be a C-contiguous CUDA array");
+        expect *= a.shape[i];
+      }
+    }
+    a.ptr = reinterpret_cast<const void*>(cai["data"].cast<py::tuple>()[0].cast<uintptr_t>());
+    for (int64_t s : a.shape)
+      if (s < 0) throw py::value_error(name + ": negative dimension");
+    if (a.ptr == nullptr && a.size() > 0) throw py::value_error(name + ": null device pointer");
+    return a;
+  }
+  if (!py::isinstance<py::array>(o)) throw py::type_error(name + " must be a numpy array or a CUDA array");
+  py::array arr = py::reinterpret_borrow<py::array>(o);
+  if (!(arr.flags() & py::array::c_style)) throw py::type_error(name + " must be C-contiguous");
+  a.keep = arr;
+  a.ptr = arr.data();
+  a.dtype = arr.dtype();
+  for (py::ssize_t i = 0; i < arr.ndim(); ++i) a.shape.push_back(arr.shape(i));
+  return a;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += std::to_string(s[i]) + (s.size() == 1 || i + 1 < s.size() ? "," : "");
+  return r + ")";
+}
+
+// Codes of n_entries rows: uint8 (n_entries, code_bytes) (packed bits, or the raw bytes of float codes),
+// or float32 (n_entries, dim) for a float index; flat_ok: a 1-D uint8 array of n_entries * code_bytes.
+void check_codes_arg(const gpu::InvertedFile& f, const ArrayArg& a, int64_t n_entries, const std::string& name,
+                     bool flat_ok) {
+  const bool u8 = a.dtype.is(py::dtype::of<uint8_t>()), f32 = a.dtype.is(py::dtype::of<float>());
+  const int64_t cb = f.code_bytes();
+  if (!u8 && !(f32 && !f.binary()))
+    throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype)) + ", expected " +
+                         (f.binary() ? "uint8 (packed bits)" : "float32 (or their raw bytes as uint8)"));
+  const int64_t width = u8 ? cb : f.dim();
+  const bool ok2 = a.shape.size() == 2 && a.shape[0] == n_entries && a.shape[1] == width;
+  const bool ok1 = flat_ok && u8 && a.shape.size() == 1 && a.shape[0] == n_entries * cb;
+  if (!ok2 && !ok1)
+    throw py::value_error(name + " must have shape (" + std::to_string(n_entries) + ", " + std::to_string(width) +
+                          "), got " + shape_str(a.shape));
+}
+
+py::array code_array(const gpu::InvertedFile& f, const py::handle& o, int64_t n_entries, const std::string& name,
+                     bool flat_ok) {
+  ArrayArg a = array_arg(o, name);
+  if (a.on_device) throw py::type_error(name + " must be a host (numpy) array");
+  check_codes_arg(f, a, n_entries, name, flat_ok);
+  return py::reinterpret_borrow<py::array>(a.keep);
+}
+
+// A batch argument: offsets copied (so what is checked is what is used), words and codes checked.
+struct BatchArg {
+  std::vector<int64_t> offsets;
+  ArrayArg words, codes;
+  gpu::Batch batch;
+};
+
+BatchArg batch_arg(const gpu::InvertedFile& f, const py::handle& off_o, const py::handle& words_o,
+                   const py::handle& codes_o, const std::string& prefix) {
+  BatchArg b;
+  auto off = require<int64_t>(off_o, prefix + "word_offsets");
+  if (off.ndim() != 1 || off.size() < 1) throw py::value_error(prefix + "word_offsets must be 1-D and non-empty");
+  b.offsets.assign(off.data(), off.data() + off.size());
+  const int64_t n = static_cast<int64_t>(b.offsets.size()) - 1, e = b.offsets.back();
+  if (b.offsets[0] != 0) throw py::value_error(prefix + "word_offsets must start at 0");
+  if (e < 0) throw py::value_error(prefix + "word_offsets must be non-decreasing");
+  b.words = array_arg(words_o, prefix + "words");
+  if (!b.words.dtype.is(py::dtype::of<int32_t>()))
+    throw py::type_error(prefix + "words have dtype " + std::string(py::str(b.words.dtype)) + ", expected int32");
+  if (b.words.shape.size() != 1 || b.words.shape[0] != e)
+    throw py::value_error(prefix + "words must be 1-D with word_offsets[-1] = " + std::to_string(e) + " entries, got " +
+                          shape_str(b.words.shape));
+  b.codes = array_arg(codes_o, prefix + "codes");
+  check_codes_arg(f, b.codes, e, prefix + "codes", false);
+  b.batch.n = n;
+  b.batch.offsets = b.offsets.data();
+  b.batch.n_entries = e;
+  b.batch.words = static_cast<const int32_t*>(b.words.ptr);
+  b.batch.codes = static_cast<const uint8_t*>(b.codes.ptr);
+  b.batch.words_on_device = b.words.on_device;
+  b.batch.codes_on_device = b.codes.on_device;
+  return b;
+}
+
+py::array_t<int64_t> add_batches(gpu::InvertedFile& f, const std::vector<gpu::Batch>& bs, int64_t n,
+                                 const py::handle& ids_o) {
+  carray<int64_t> ids;
+  const int64_t* ip = nullptr;
+  if (!ids_o.is_none()) {
+    ids = require<int64_t>(ids_o, "image_ids");
+    if (ids.ndim() != 1 || ids.size() != n)
+      throw py::value_error("one image id per image is required (" + std::to_string(n) + ")");
+    ip = ids.data();
+  }
+  std::vector<int64_t> out;
+  {
+    py::gil_scoped_release r;
+    out = f.add(bs, ip);
+  }
+  const py::ssize_t m = static_cast<py::ssize_t>(out.size());
+  return owned_array(std::move(out), {m});
 }
 
 py::dict cai(const DeviceArray& a) {
@@ -178,111 +325,163 @@ void bind_cuda(py::module_& m) {
       py::arg("members"), py::arg("binary"));
 
   py::class_<gpu::InvertedFile>(m, "GpuInvertedFile")
-      .def(py::init<int64_t, int, bool>(), py::arg("n_words"), py::arg("dim"), py::arg("binary"))
+      .def(py::init<int64_t, int, bool>(), py::arg("n_words"), py::arg("dim"), py::arg("binary"),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("n_words", &gpu::InvertedFile::n_words)
       .def_property_readonly("dim", &gpu::InvertedFile::dim)
       .def_property_readonly("binary", &gpu::InvertedFile::binary)
       .def_property_readonly("code_bytes", &gpu::InvertedFile::code_bytes)
-      .def_property_readonly("n_images", &gpu::InvertedFile::n_images)
-      .def_property_readonly("n_entries", &gpu::InvertedFile::n_entries)
-      .def_property_readonly("memory_bytes", &gpu::InvertedFile::memory_bytes)
-      .def_property_readonly("n_parts", &gpu::InvertedFile::n_parts)
-      .def("contains", &gpu::InvertedFile::contains)
-      .def_property_readonly("image_ids",
-                             [](const gpu::InvertedFile& f) {
-                               return py::array_t<int64_t>(static_cast<py::ssize_t>(f.slot_ids().size()),
-                                                           f.slot_ids().data());
-                             })
-      .def(
-          "add",
-          [](gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
-             const py::handle& ids_o) {
-            auto off = require<int64_t>(off_o, "word_offsets");
-            auto ids = require<int64_t>(ids_o, "image_ids");
-            if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
-            if (ids.size() != off.size() - 1) throw py::value_error("one image id per image is required");
-            py::gil_scoped_release r;
-            f.add(ids.size(), off.data(), reinterpret_cast<const int32_t*>(words),
-                  reinterpret_cast<const uint8_t*>(codes), dev, ids.data());
-          },
-          py::arg("word_offsets"), py::arg("words_ptr"), py::arg("codes_ptr"), py::arg("on_device"),
-          py::arg("image_ids"))
-      .def(
-          "search",
-          [](const gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
-             int64_t k, float alpha, float tau, bool normalize) {
-            auto off = require<int64_t>(off_o, "word_offsets");
-            if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
-            const int64_t nq = off.size() - 1;
-            py::array_t<float> scores({nq, k});
-            py::array_t<int64_t> ids({nq, k});
-            ScoreParams p{alpha, tau, normalize};
-            float* sp = scores.mutable_data();
-            int64_t* ip = ids.mutable_data();
-            {
-              py::gil_scoped_release r;
-              f.search(nq, off.data(), reinterpret_cast<const int32_t*>(words), reinterpret_cast<const uint8_t*>(codes),
-                       dev, k, p, sp, ip);
-            }
-            return py::make_tuple(scores, ids);
-          },
-          py::arg("word_offsets"), py::arg("words_ptr"), py::arg("codes_ptr"), py::arg("on_device"), py::arg("k"),
-          py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
-      .def(
-          "score_all",
-          [](const gpu::InvertedFile& f, const py::handle& off_o, uintptr_t words, uintptr_t codes, bool dev,
-             float alpha, float tau, bool normalize) {
-            auto off = require<int64_t>(off_o, "word_offsets");
-            if (off.ndim() != 1 || off.size() < 1) throw py::value_error("word_offsets must be 1-D, non-empty");
-            const int64_t nq = off.size() - 1;
-            py::array_t<float> scores({nq, f.n_images()});
-            ScoreParams p{alpha, tau, normalize};
-            float* sp = scores.mutable_data();
-            {
-              py::gil_scoped_release r;
-              f.score_all(nq, off.data(), reinterpret_cast<const int32_t*>(words),
-                          reinterpret_cast<const uint8_t*>(codes), dev, p, sp);
-            }
-            return scores;
-          },
-          py::arg("word_offsets"), py::arg("words_ptr"), py::arg("codes_ptr"), py::arg("on_device"),
-          py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
-      .def("export",
-           [](gpu::InvertedFile& f) {
-             std::vector<int64_t> off;
-             std::vector<uint32_t> slots;
-             std::vector<uint8_t> codes;
+      // The accessors lock the index: the GIL is released first (a long search may hold the lock).
+      .def_property_readonly("n_images", [](const gpu::InvertedFile& f) { py::gil_scoped_release r; return f.n_images(); })
+      .def_property_readonly("n_entries", [](const gpu::InvertedFile& f) { py::gil_scoped_release r; return f.n_entries(); })
+      .def_property_readonly("next_id", [](const gpu::InvertedFile& f) { py::gil_scoped_release r; return f.next_id(); })
+      .def_property_readonly("memory_bytes",
+                             [](const gpu::InvertedFile& f) { py::gil_scoped_release r; return f.memory_bytes(); })
+      .def_property_readonly("n_parts", [](const gpu::InvertedFile& f) { py::gil_scoped_release r; return f.n_parts(); })
+      .def("contains", &gpu::InvertedFile::contains, py::arg("image_id"), py::call_guard<py::gil_scoped_release>())
+      .def("image_ids",
+           [](const gpu::InvertedFile& f) {
+             std::vector<int64_t> v;
              {
                py::gil_scoped_release r;
-               f.export_csr(&off, &slots, &codes);
+               v = f.image_ids();
              }
+             const py::ssize_t n = static_cast<py::ssize_t>(v.size());
+             return owned_array(std::move(v), {n});
+           })
+      .def("word_counts",
+           [](const gpu::InvertedFile& f) {
+             std::vector<int32_t> v;
+             {
+               py::gil_scoped_release r;
+               v = f.word_counts();
+             }
+             const py::ssize_t n = static_cast<py::ssize_t>(v.size());
+             return owned_array(std::move(v), {n});
+           })
+      .def(
+          "add",
+          [](gpu::InvertedFile& f, const py::handle& off_o, const py::handle& words_o, const py::handle& codes_o,
+             const py::handle& ids_o) {
+            BatchArg b = batch_arg(f, off_o, words_o, codes_o, "");
+            std::vector<gpu::Batch> bs{b.batch};
+            return add_batches(f, bs, b.batch.n, ids_o);
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("image_ids") = py::none())
+      .def(
+          "add_batches",
+          [](gpu::InvertedFile& f, const py::sequence& batches, const py::handle& ids_o) {
+            std::vector<BatchArg> args;
+            args.reserve(batches.size());
+            std::vector<gpu::Batch> bs;
+            int64_t n = 0;
+            for (size_t i = 0; i < batches.size(); ++i) {
+              py::object t = batches[i];
+              if (!py::isinstance<py::tuple>(t) || py::len(t) != 3)
+                throw py::type_error("add_batches takes (word_offsets, words, codes) tuples");
+              py::tuple tt = t.cast<py::tuple>();
+              args.push_back(batch_arg(f, tt[0], tt[1], tt[2], "batch " + std::to_string(i) + ": "));
+              bs.push_back(args.back().batch);
+              n += args.back().batch.n;
+            }
+            return add_batches(f, bs, n, ids_o);
+          },
+          py::arg("batches"), py::arg("image_ids") = py::none())
+      .def(
+          "remove",
+          [](gpu::InvertedFile& f, const py::handle& ids_o) {
+            auto ids = require<int64_t>(ids_o, "image_ids");
+            if (ids.ndim() != 1) throw py::value_error("image_ids must be 1-D");
+            std::string missing;
+            int64_t removed = 0;
+            {
+              py::gil_scoped_release r;
+              try {
+                removed = f.remove(ids.size(), ids.data());
+              } catch (const gpu::IdNotFound& e) {
+                missing = e.what();
+              }
+            }
+            if (!missing.empty()) throw py::key_error(missing);
+            return removed;
+          },
+          py::arg("image_ids"))
+      .def("merge", &gpu::InvertedFile::merge, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "search",
+          [](const gpu::InvertedFile& f, const py::handle& off_o, const py::handle& words_o, const py::handle& codes_o,
+             int64_t k, float alpha, float tau, bool normalize) {
+            BatchArg q = batch_arg(f, off_o, words_o, codes_o, "query ");
+            ScoreParams p{alpha, tau, normalize};
+            TopK t;
+            {
+              py::gil_scoped_release r;
+              t = f.search(q.batch, k, p);
+            }
+            const py::ssize_t nq = static_cast<py::ssize_t>(t.n_queries), kk = static_cast<py::ssize_t>(t.k);
+            return py::make_tuple(owned_array(std::move(t.scores), {nq, kk}), owned_array(std::move(t.ids), {nq, kk}));
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("k"), py::arg("alpha") = 3.0f,
+          py::arg("tau") = 0.0f, py::arg("normalize") = true)
+      .def(
+          "score_all",
+          [](const gpu::InvertedFile& f, const py::handle& off_o, const py::handle& words_o, const py::handle& codes_o,
+             float alpha, float tau, bool normalize) {
+            BatchArg q = batch_arg(f, off_o, words_o, codes_o, "query ");
+            ScoreParams p{alpha, tau, normalize};
+            AllScores a;
+            {
+              py::gil_scoped_release r;
+              a = f.score_all(q.batch, p);
+            }
+            const py::ssize_t nq = static_cast<py::ssize_t>(q.batch.n), n = static_cast<py::ssize_t>(a.ids.size());
+            return py::make_tuple(owned_array(std::move(a.scores), {nq, n}), owned_array(std::move(a.ids), {n}));
+          },
+          py::arg("word_offsets"), py::arg("words"), py::arg("codes"), py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f,
+          py::arg("normalize") = true)
+      .def("export",
+           [](const gpu::InvertedFile& f) {
+             gpu::Content c;
+             {
+               py::gil_scoped_release r;
+               c = f.export_content();
+             }
+             const py::ssize_t e = static_cast<py::ssize_t>(c.slots.size()), n = static_cast<py::ssize_t>(c.image_ids.size());
+             const py::ssize_t w = static_cast<py::ssize_t>(c.offsets.size());
              py::dict d;
-             const int64_t e = static_cast<int64_t>(slots.size());
-             d["offsets"] = py::array_t<int64_t>(static_cast<py::ssize_t>(off.size()), off.data());
-             d["slots"] = py::array_t<uint32_t>(e, slots.data());
-             d["codes"] = py::array_t<uint8_t>({e, static_cast<int64_t>(f.code_bytes())}, codes.data());
-             d["image_ids"] = py::array_t<int64_t>(static_cast<py::ssize_t>(f.slot_ids().size()), f.slot_ids().data());
-             d["word_counts"] = py::array_t<int32_t>(static_cast<py::ssize_t>(f.slot_word_counts().size()),
-                                                     f.slot_word_counts().data());
+             d["offsets"] = owned_array(std::move(c.offsets), {w});
+             d["slots"] = owned_array(std::move(c.slots), {e});
+             d["codes"] = owned_array(std::move(c.codes), {e, static_cast<py::ssize_t>(f.code_bytes())});
+             d["image_ids"] = owned_array(std::move(c.image_ids), {n});
+             d["word_counts"] = owned_array(std::move(c.word_counts), {n});
+             d["next_id"] = c.next_id;
              return d;
            })
       .def(
           "set_content",
           [](gpu::InvertedFile& f, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
-             const py::handle& ids_o, const py::handle& counts_o) {
+             const py::handle& ids_o, const py::handle& counts_o, int64_t next_id, const py::handle& /*owner*/) {
+            // owner is ignored: the arrays are copied to the device.
             auto off = require<int64_t>(off_o, "offsets");
             auto slots = require<uint32_t>(slots_o, "slots");
-            auto codes = require<uint8_t>(codes_o, "codes");
             auto ids = require<int64_t>(ids_o, "image_ids");
             auto counts = require<int32_t>(counts_o, "word_counts");
-            if (off.size() != f.n_words() + 1) throw py::value_error("offsets size");
-            const int64_t e = off.at(f.n_words());
-            if (slots.size() != e || codes.size() != e * f.code_bytes()) throw py::value_error("posting arrays size");
-            if (ids.size() != counts.size()) throw py::value_error("image arrays size");
+            if (off.ndim() != 1 || off.size() != f.n_words() + 1)
+              throw py::value_error("corrupt index: offsets must be 1-D with n_words + 1 entries");
+            if (slots.ndim() != 1) throw py::value_error("corrupt index: slots must be 1-D");
+            const int64_t e = slots.size();
+            if (ids.ndim() != 1 || counts.ndim() != 1 || ids.size() != counts.size())
+              throw py::value_error("corrupt index: image_ids and word_counts must be 1-D of one length");
+            py::array codes = code_array(f, codes_o, e, "codes", true);
+            const uint8_t* cp = static_cast<const uint8_t*>(codes.data());
             py::gil_scoped_release r;
-            f.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data());
+            f.set_content(off.data(), slots.data(), cp, e, ids.size(), ids.data(), counts.data(), next_id);
           },
-          py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"));
+          py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"),
+          py::arg("next_id"), py::arg("owner") = py::none())
+      .def("_fail_after_allocations", &gpu::InvertedFile::fail_after_allocations, py::arg("n"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Test hook: the n-th device allocation of the next operation raises CudaMemoryError.");
 
   m.def(
       "gpu_kmeans",

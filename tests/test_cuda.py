@@ -336,20 +336,385 @@ def test_gpu_kmeans_is_deterministic_and_descends():
     assert np.median(d) < 0.01
 
 
+def _ivf_batch(rng, n_img, n_words=64, dim=128, binary=True, lo=0, hi=20, scale=1.0):
+    """A random aggregated batch for the inverted file: (offsets int64, words int32, codes): per image
+    distinct ascending words; codes packed bits (binary) or unit float32 vectors times `scale`."""
+    counts = rng.integers(lo, hi + 1, n_img)
+    words = [np.sort(rng.choice(n_words, int(c), replace=False)) for c in counts]
+    offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    w = np.concatenate(words).astype(np.int32) if n_img else np.zeros(0, np.int32)
+    e = int(offs[-1])
+    if binary:
+        codes = rng.integers(0, 256, (e, (dim + 7) // 8)).astype(np.uint8)
+    else:
+        codes = _unit(rng.standard_normal((e, dim)).astype(np.float32)) * np.float32(scale) if e else \
+            np.zeros((0, dim), np.float32)
+    return offs, w, codes
+
+
+def _ivf_state(f, q):
+    """Everything observable of a GPU inverted file (q: a query batch)."""
+    ex = f.export()
+    s, i = f.search(*q, -1, 3.0, 0.0, True)
+    s5, i5 = f.search(*q, 5, 3.0, 0.0, True)
+    sa, ida = f.score_all(*q, 3.0, 0.0, True)
+    return {"export": ex, "search": (s, i, s5, i5), "score_all": (sa, ida), "n_images": f.n_images,
+            "n_entries": f.n_entries, "next_id": f.next_id, "ids": f.image_ids(), "counts": f.word_counts(),
+            "n_parts": f.n_parts, "memory": f.memory_bytes,
+            "contains": [f.contains(int(x)) for x in list(f.image_ids()[:5]) + [10**9]]}
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            assert x.keys() == y.keys()
+            for kk in x:
+                np.testing.assert_array_equal(np.asarray(x[kk]), np.asarray(y[kk]), err_msg=f"{key}[{kk}]")
+        elif isinstance(x, tuple):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v, err_msg=key)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=key)
+
+
+# ---- the GPU inverted file's boundary, checked before any device call (runs everywhere) ------------------
+def test_ivf_boundary_check_batch_accepts_and_normalises():
+    rng = _rng(70)
+    off, w, c = _ivf_batch(rng, 4)
+    o2, w2, c2 = cuda._check_batch(list(off), w.astype(np.int64), c, 64, 16, True)
+    assert o2.dtype == np.int64 and w2.dtype == np.int32 and c2.dtype == np.uint8
+    np.testing.assert_array_equal(w2, w)
+    # float index: float32 (E, dim) codes or their raw bytes (E, 4 * dim)
+    off, w, c = _ivf_batch(rng, 3, dim=8, binary=False)
+    for codes in (c, c.view(np.uint8)):
+        cuda._check_batch(off, w, codes, 64, 32, False)
+    # an empty batch
+    cuda._check_batch(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros((0, 16), np.uint8), 64, 16, True)
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda o, w, c: (o.astype(np.float64), w, c), TypeError, "integer"),
+    (lambda o, w, c: (o[1:], w, c), ValueError, "start at 0"),
+    (lambda o, w, c: (np.array([0, 5, 3, o[-1]]), w, c), ValueError, "non-decreasing"),
+    (lambda o, w, c: (o, w[:-1], c), ValueError, "words must be 1-D"),
+    (lambda o, w, c: (o, w.astype(np.float32), c), TypeError, "integer word ids"),
+    (lambda o, w, c: (o, (w + 1000).astype(np.int64), c), ValueError, "out of range"),
+    (lambda o, w, c: (o, w, c[:-1]), ValueError, "codes must have shape"),
+    (lambda o, w, c: (o, w, c[:, :8]), ValueError, "codes must have shape"),
+    (lambda o, w, c: (o, w, c.astype(np.int8)), TypeError, "dtype"),
+    (lambda o, w, c: (o, w, c.astype(np.float32)), TypeError, "dtype"),  # a binary index takes packed bits
+    (lambda o, w, c: (o, w, c.reshape(-1)), ValueError, "codes must have shape"),
+])
+def test_ivf_boundary_check_batch_refuses(change, err, match):
+    rng = _rng(71)
+    off, w, c = _ivf_batch(rng, 3, lo=2, hi=6)
+    with pytest.raises(err, match=match):
+        cuda._check_batch(*change(off, w, c), 64, 16, True)
+
+
+def test_ivf_boundary_float_codes_width():
+    rng = _rng(72)
+    off, w, c = _ivf_batch(rng, 3, dim=8, binary=False, lo=1)
+    with pytest.raises(ValueError, match="shape"):
+        cuda._check_batch(off, w, c[:, :7], 64, 32, False)
+    with pytest.raises(TypeError, match="dtype"):
+        cuda._check_batch(off, w, c.astype(np.float64), 64, 32, False)
+
+
+def test_ivf_boundary_new_ids():
+    assert cuda._check_new_ids(None, 3) is None
+    ids = cuda._check_new_ids([5, 1, 9], 3)
+    assert ids.dtype == np.int64 and list(ids) == [5, 1, 9]
+    assert cuda._check_new_ids(np.zeros(0), 0).shape == (0,)
+    with pytest.raises(ValueError, match="non-negative"):
+        cuda._check_new_ids([1, -2, 3], 3)
+    with pytest.raises(ValueError, match="2\\^62"):
+        cuda._check_new_ids([1, 2**62], 2)
+    with pytest.raises(ValueError, match="duplicate"):
+        cuda._check_new_ids([1, 2, 1], 3)
+    with pytest.raises(ValueError, match="one image id per image"):
+        cuda._check_new_ids([1, 2], 3)
+    with pytest.raises(ValueError, match="one image id per image"):
+        cuda._check_new_ids([[1, 2, 3]], 3)
+    with pytest.raises(TypeError, match="integers"):
+        cuda._check_new_ids([1.0, 2.0], 2)
+    with pytest.raises(ValueError, match="2\\^62"):
+        cuda._check_new_ids(np.array([2**63], np.uint64), 1)
+
+
+def _content():
+    # 3 words, 3 images: word 0 -> slots 0, 2; word 1 -> slot 1; word 2 -> slots 0, 1, 2
+    return dict(offsets=np.array([0, 2, 3, 6], np.int64), slots=np.array([0, 2, 1, 0, 1, 2], np.uint32),
+                codes=np.arange(6 * 2, dtype=np.uint8).reshape(6, 2), image_ids=np.array([4, 9, 2], np.int64),
+                word_counts=np.array([2, 2, 2], np.int32), next_id=10)
+
+
+def test_ivf_boundary_check_content():
+    got = cuda._check_content(**_content(), n_words=3, code_bytes=2, binary=True)
+    assert [a.dtype for a in got[:5]] == [np.int64, np.uint32, np.uint8, np.int64, np.int32] and got[5] == 10
+    flat = _content()
+    flat["codes"] = flat["codes"].reshape(-1)
+    assert cuda._check_content(**flat, n_words=3, code_bytes=2, binary=True)[2].shape == (6, 2)
+    empty = dict(offsets=np.zeros(4, np.int64), slots=np.zeros(0, np.uint32), codes=np.zeros((0, 2), np.uint8),
+                 image_ids=np.zeros(0, np.int64), word_counts=np.zeros(0, np.int32), next_id=0)
+    cuda._check_content(**empty, n_words=3, code_bytes=2, binary=True)
+
+
+@pytest.mark.parametrize("key,value,err,match", [
+    ("offsets", np.array([0, 2, 3], np.int64), ValueError, "n_words \\+ 1"),
+    ("offsets", np.array([1, 2, 3, 6], np.int64), ValueError, "start at 0"),
+    ("offsets", np.array([0, 3, 2, 6], np.int64), ValueError, "non-decreasing"),
+    ("slots", np.array([0, 2, 1, 0, 1], np.uint32), ValueError, "slots must be 1-D"),
+    ("slots", np.array([0, 3, 1, 0, 1, 2], np.uint32), ValueError, "slot out of range"),
+    ("image_ids", np.array([4, 4, 2], np.int64), ValueError, "duplicate"),
+    ("image_ids", np.array([4, -1, 2], np.int64), ValueError, "negative"),
+    ("image_ids", np.array([4, 9], np.int64), ValueError, "one length"),
+    ("word_counts", np.array([2, 2, 1], np.int32), ValueError, "word count"),
+    ("next_id", 9, ValueError, "next_id"),
+    ("next_id", -1, ValueError, "next_id"),
+    ("next_id", 2**62 + 1, ValueError, "next_id"),
+    ("image_ids", np.array([4, 2**62, 2], np.int64), ValueError, "2\\^62"),
+    ("next_id", 10.0, TypeError, "next_id"),
+    ("codes", np.zeros((6, 3), np.uint8), ValueError, "codes must have shape"),
+    ("codes", np.zeros((6, 2), np.int16), TypeError, "dtype"),
+])
+def test_ivf_boundary_check_content_refuses(key, value, err, match):
+    c = _content()
+    c[key] = value
+    with pytest.raises(err, match=match):
+        cuda._check_content(**c, n_words=3, code_bytes=2, binary=True)
+
+
+# ---- the GPU inverted file on a GPU ---------------------------------------------------------------------
+def _gpu_ivf(rng, binary=True, n_add=(40, 30, 20, 10), dim=128):
+    f = cuda.GpuInvertedFile(64, dim, binary)
+    for n in n_add:  # several adds: several parts, merged on the way
+        f.add(*_ivf_batch(rng, n, dim=dim, binary=binary))
+    return f
+
+
 @needs_gpu
 @pytest.mark.gpu
-def test_gpu_out_of_memory_is_a_memory_error_and_the_index_survives():
-    rng = _rng(51)
-    cb = d2r.Codebook(_unit(rng.standard_normal((64, 128)).astype(np.float32)))
-    idx = d2r.Index(cb, device="cuda")
-    imgs = _images(rng, 10)
-    idx.add(imgs)
-    free, total = cuda.memory_info()
-    with pytest.raises(cuda.CudaMemoryError, match="out of GPU memory"):
-        d2r._native.cuda_alloc_test(int(total * 2))
+@pytest.mark.parametrize("binary", [True, False])
+def test_gpu_ivf_operations_roll_back_on_out_of_memory(binary):
+    """Every device allocation of every operation is made to fail in turn: the operation raises
+    CudaMemoryError and the index answers exactly as before; then it succeeds."""
     assert issubclass(cuda.CudaMemoryError, MemoryError)
-    s, i = idx.search(imgs[0], k=3)
-    assert i[0] == 0
+    rng = _rng(80)
+    q = _ivf_batch(rng, 6, binary=binary, lo=1)
+    new = _ivf_batch(rng, 25, binary=binary)
+    more = [_ivf_batch(rng, 7, binary=binary), _ivf_batch(rng, 0, binary=binary), _ivf_batch(rng, 12, binary=binary)]
+    seed_f = _gpu_ivf(_rng(81), binary)
+    content = seed_f.export()
+    ops = {
+        "add": lambda f: f.add(*new),
+        "add_default_ids": lambda f: f.add(*new, image_ids=None),
+        "add_batches": lambda f: f.add_batches([type("B", (), {"offsets": o, "words": w, "codes": c})()
+                                                for o, w, c in more]),
+        "remove": lambda f: f.remove(f.image_ids()[[0, 3, 41, 99]]),
+        "remove_last": lambda f: f.remove(f.image_ids()[-2:]),
+        "merge": lambda f: f.merge(),
+        "set_content": lambda f: f.set_content(content["offsets"], content["slots"], content["codes"][:, ::-1].copy(),
+                                               content["image_ids"] + 1000, content["word_counts"], 5000),
+        "search": lambda f: f.search(*q, 10, 3.0, 0.0, True),
+        "search_all": lambda f: f.search(*q, -1, 3.0, 0.0, True),
+        "score_all": lambda f: f.score_all(*q, 3.0, 0.0, True),
+        "export": lambda f: f.export(),
+    }
+    for name, op in ops.items():
+        f = _gpu_ivf(_rng(81), binary)
+        before = _ivf_state(f, q)
+        failures = 0
+        for n in range(1, 200):
+            f._fail_after_allocations(n)
+            try:
+                op(f)
+            except cuda.CudaMemoryError as exc:
+                assert "injected" in str(exc)
+                failures += 1
+                _assert_same_state(_ivf_state(f, q), before)
+                continue
+            break
+        else:
+            pytest.fail(f"{name}: still failing after 200 allocations")
+        if name == "export":  # downloads only: nothing to fail
+            assert failures == 0
+        else:
+            assert failures >= 1, f"{name} allocated nothing on the device"
+        # the hook is spent: later operations allocate normally
+        _ivf_state(f, q)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_ivf_boundary_refuses_bad_input_and_keeps_the_index():
+    rng = _rng(82)
+    f = _gpu_ivf(rng, True, (30,))
+    q = _ivf_batch(rng, 3, lo=1)
+    before = _ivf_state(f, q)
+    off, w, c = _ivf_batch(rng, 4, lo=2, hi=6)
+    raw = f._f
+    with pytest.raises(TypeError, match="int32"):
+        raw.add(off, w.astype(np.int64), c, None)
+    with pytest.raises(ValueError, match="words must be 1-D"):
+        raw.add(off, w[:-1], c, None)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        raw.add(off, w, np.ascontiguousarray(c[:, :8]), None)
+    with pytest.raises(TypeError, match="dtype"):
+        raw.add(off, w, c.astype(np.float32), None)
+    with pytest.raises(ValueError, match="start at 0"):
+        raw.add(off + 1, w, c, None)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        raw.add(off, np.repeat(w, 2)[::2], c, None)
+    with pytest.raises(ValueError, match="one image id"):
+        raw.add(off, w, c, np.arange(3, dtype=np.int64))
+    bad = off.copy()
+    bad[2] = bad[1] - 1
+    with pytest.raises(ValueError, match="non-decreasing"):
+        raw.add(bad, w, c, None)
+    with pytest.raises(ValueError, match="out of range"):
+        raw.add(off, np.where(np.arange(w.size) == 1, 64, w).astype(np.int32), c, None)
+    with pytest.raises(ValueError, match="ascending"):
+        raw.add(off, w[::-1].copy(), c, None)
+    for ids, match in (([0, 1, 2, -3], "2\\^62"), ([0, 1, 2, 2**62], "2\\^62"), ([100, 101, 100, 102], "duplicate"),
+                       ([100, 101, 102, 5], "already")):
+        with pytest.raises(ValueError, match=match):
+            raw.add(off, w, c, np.array(ids, np.int64))
+    with pytest.raises(KeyError, match="image id 12345 is not in the index"):
+        f.remove([3, 12345])
+    # set_content validates the content like the CPU index
+    ex = f.export()
+    for key, mutate, match in (
+            ("slots", lambda a: a[::-1].copy(), "sorted by slot|out of range"),
+            ("word_counts", lambda a: a + 1, "word count"),
+            ("image_ids", lambda a: np.where(np.arange(a.size) == 1, a[0], a), "duplicate"),
+            ("image_ids", lambda a: -a - 1, "negative"),
+            ("offsets", lambda a: np.where(np.arange(a.size) == 5, a[6] + 1, a), "non-decreasing")):
+        args = {k: v for k, v in ex.items()}
+        args[key] = mutate(args[key])
+        with pytest.raises(ValueError, match=match):
+            raw.set_content(args["offsets"], args["slots"], args["codes"], args["image_ids"], args["word_counts"],
+                            args["next_id"])
+    with pytest.raises(ValueError, match="next_id"):
+        raw.set_content(ex["offsets"], ex["slots"], ex["codes"], ex["image_ids"], ex["word_counts"],
+                        int(ex["image_ids"].max()))
+    _assert_same_state(_ivf_state(f, q), before)
+    # device words are checked on the device
+    for mod in ("torch", "cupy"):
+        try:
+            lib = __import__(mod)
+        except ImportError:
+            continue
+        dw = lib.as_tensor(w[::-1].copy(), device="cuda") if mod == "torch" else lib.asarray(w[::-1].copy())
+        with pytest.raises(ValueError, match="ascending"):
+            f.add(off, dw, c)
+        _assert_same_state(_ivf_state(f, q), before)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_ivf_fixed_point_range_is_guarded():
+    rng = _rng(83)
+    f = cuda.GpuInvertedFile(64, 16, False)
+    f.add(*_ivf_batch(rng, 10, dim=16, binary=False, lo=1, scale=1.0))
+    q = _ivf_batch(rng, 2, dim=16, binary=False, lo=1)
+    f.search(*q, 5, 3.0, 0.0, True)
+    # codes of norm 2^11: sigma up to 2^33 for alpha = 3, beyond 2^31 / n_query_words
+    f.add(*_ivf_batch(rng, 3, dim=16, binary=False, lo=1, scale=2.0 ** 11))
+    with pytest.raises(ValueError, match="fixed-point range"):
+        f.search(*q, 5, 3.0, 0.0, True)
+    with pytest.raises(ValueError, match="fixed-point range"):
+        f.score_all(*q, 3.0, 0.0, True)
+    f.search(*q, 5, 1.0, 0.0, True)  # 2^11 * 20 words: within range
+    off, w, c = _ivf_batch(rng, 2, dim=16, binary=False, lo=1)
+    c[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        f.add(off, w, c)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_ivf_full_ranking_beyond_max_k_and_removal():
+    """k > MAX_K ranks dense scores on the host under the same lock: it extends the device top-k; removal
+    filters the parts on the device and renumbers the slots in order."""
+    rng = _rng(85)
+    f = _gpu_ivf(rng, True, (700, 500, 300))
+    q = _ivf_batch(rng, 3, lo=5)
+    s_all, i_all = f.search(*q, -1, 3.0, 0.0, True)
+    s_top, i_top = f.search(*q, cuda.MAX_K, 3.0, 0.0, True)
+    assert s_all.shape == (3, 1500) and s_top.shape == (3, cuda.MAX_K)
+    np.testing.assert_array_equal(s_all[:, :cuda.MAX_K], s_top)
+    np.testing.assert_array_equal(i_all[:, :cuda.MAX_K], i_top)
+    dense, ids = f.score_all(*q, 3.0, 0.0, True)
+    np.testing.assert_array_equal(ids, f.image_ids())
+    np.testing.assert_array_equal(np.sort(dense, axis=1)[:, ::-1], s_all)
+    gone = f.image_ids()[rng.choice(1500, 400, replace=False)]
+    assert f.remove(np.concatenate([gone, gone[:10]])) == 400  # repeated ids count once
+    keep = ~np.isin(ids, gone)
+    dense2, ids2 = f.score_all(*q, 3.0, 0.0, True)
+    np.testing.assert_array_equal(ids2, ids[keep])
+    np.testing.assert_array_equal(dense2, dense[:, keep])
+    ex = f.export()
+    assert ex["slots"].size == f.n_entries == int(f.word_counts().sum())
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_ivf_concurrent_add_and_search_are_well_formed():
+    import threading
+
+    rng = _rng(84)
+    f = _gpu_ivf(rng, True, (50,))
+    batches = [[_ivf_batch(np.random.default_rng(1000 * t + i), 20) for i in range(15)] for t in range(2)]
+    q = _ivf_batch(rng, 4, lo=1)
+    errors, added, results = [], [], []
+
+    def adder(t):
+        try:
+            for b in batches[t]:
+                added.append(f.add(*b))  # default ids, allocated under the lock
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def searcher():
+        try:
+            for _ in range(25):
+                results.append(("search", f.search(*q, 7, 3.0, 0.0, True)))
+                results.append(("all", f.score_all(*q, 3.0, 0.0, True)))
+                results.append(("n", (f.n_images, f.image_ids(), f.export())))
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=adder, args=(t,)) for t in range(2)] + \
+        [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    ids = np.concatenate([f.image_ids()[:50]] + added)
+    assert np.unique(ids).size == ids.size == f.n_images == 50 + 2 * 15 * 20
+    np.testing.assert_array_equal(np.sort(f.image_ids()), np.arange(f.n_images))
+    for kind, r in results:
+        if kind == "search":
+            s, i = r
+            assert s.shape == i.shape == (4, 7)
+            assert np.all(np.diff(s, axis=1) <= 0) and np.all((i >= 0) & (i < f.n_images))
+        elif kind == "all":
+            s, i = r
+            assert s.shape == (4, i.shape[0]) and np.unique(i).size == i.size
+        else:
+            n, i, ex = r
+            assert n <= f.n_images and ex["image_ids"].size == ex["word_counts"].size
+            assert int(ex["word_counts"].sum()) == ex["slots"].size == int(ex["offsets"][-1])
+    # the final state scores as a fresh index with the same content
+    g = cuda.GpuInvertedFile(64, 128, True)
+    ex = f.export()
+    g.set_content(ex["offsets"], ex["slots"], ex["codes"], ex["image_ids"], ex["word_counts"], ex["next_id"])
+    for a, b in zip(f.search(*q, 20, 3.0, 0.0, True), g.search(*q, 20, 3.0, 0.0, True)):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_gpu

@@ -294,22 +294,175 @@ def aggregate_images(codebook, descriptors, offsets, kernel: str = "asmk*", m: i
                      output)
 
 
-def _ptr(a):
-    if a is None:
-        return 0, False, None
+# ---- the inverted file's boundary -------------------------------------------------------------------
+# Plain functions (no device needed, so the CPU tests exercise them): the dtypes, shapes and sizes of what
+# crosses into the native GPU inverted file, checked before any device call. The native side checks them
+# again together with the content (offsets, word ids and their order, ids against the index) under its lock.
+def _shape_dtype(a):
+    """(shape, dtype, on_device) of a numpy or CUDA array, without reading device memory."""
     if is_device_array(a):
-        return a.__cuda_array_interface__["data"][0], True, a
-    arr = np.ascontiguousarray(a)
-    return arr.ctypes.data, False, arr
+        cai = a.__cuda_array_interface__
+        return tuple(int(s) for s in cai["shape"]), np.dtype(cai["typestr"]), True
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"expected a numpy or CUDA array, got {type(a).__name__}")
+    return a.shape, a.dtype, False
+
+
+def _as_offsets(offsets, name: str = "word_offsets") -> np.ndarray:
+    off = np.asarray(offsets)
+    if off.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got {off.dtype}")
+    off = np.ascontiguousarray(off, dtype=np.int64)
+    if off.ndim != 1 or off.size < 1:
+        raise ValueError(f"{name} must be 1-D and non-empty")
+    if off[0] != 0:
+        raise ValueError(f"{name} must start at 0")
+    if off.size > 1 and np.any(off[1:] < off[:-1]):
+        raise ValueError(f"{name} must be non-decreasing")
+    return off
+
+
+def _check_batch(offsets, words, codes, n_words: int, code_bytes: int, binary: bool, what: str = ""):
+    """Validated (offsets int64, words, codes) of a batch for the GPU inverted file: offsets int64 from 0,
+    non-decreasing, ending at the number of words; words int32 1-D; codes uint8 (n, code_bytes) (packed
+    bits, or the raw bytes of float codes) or, for a float index, float32 (n, code_bytes / 4). Host arrays
+    come back C-contiguous (integer words converted to int32 only when every id fits); device arrays
+    (__cuda_array_interface__) C-contiguous on their device. Word ids and their order are checked
+    natively (d2r::check_codes on the host, the same rules on the device)."""
+    off = _as_offsets(offsets, what + "word_offsets")
+    e = int(off[-1])
+    if is_device_array(words):
+        shape, dt, _ = _shape_dtype(words)
+        if dt != np.int32:
+            raise TypeError(f"{what}words have dtype {dt}, expected int32")
+        words = _contiguous_device(words, np.dtype(np.int32), what + "words")
+    else:
+        w = np.asarray(words)
+        if w.dtype.kind not in "iu":
+            raise TypeError(f"{what}words must be integer word ids, got {w.dtype}")
+        if w.dtype != np.int32:
+            if w.size and (w.min() < 0 or w.max() >= n_words):
+                raise ValueError(f"{what}visual word id out of range [0, {n_words})")
+            w = w.astype(np.int32)
+        words = np.ascontiguousarray(w)
+        shape = words.shape
+    if len(shape) != 1 or shape[0] != e:
+        raise ValueError(f"{what}words must be 1-D with word_offsets[-1] = {e} entries, got shape {tuple(shape)}")
+    dim = code_bytes * 8 if binary else code_bytes // 4
+    if is_device_array(codes):
+        shape, dt, _ = _shape_dtype(codes)
+        codes = _contiguous_device(codes, dt, what + "codes") if dt in (np.uint8, np.float32) else codes
+    else:
+        codes = np.asarray(codes)
+        if codes.dtype in (np.uint8, np.float32):
+            codes = np.ascontiguousarray(codes)
+        shape, dt = codes.shape, codes.dtype
+    if dt == np.uint8:
+        width = code_bytes
+    elif dt == np.float32 and not binary:
+        width = dim
+    else:
+        want = "uint8 (packed bits)" if binary else "float32 (or their raw bytes as uint8)"
+        raise TypeError(f"{what}codes have dtype {dt}, expected {want}")
+    if len(shape) != 2 or shape[0] != e or shape[1] != width:
+        raise ValueError(f"{what}codes must have shape ({e}, {width}), got {tuple(shape)}")
+    return off, words, codes
+
+
+_MAX_ID = 1 << 62  # as the native indexes: ids stay far from int64 overflow (next_id = max + 1)
+
+
+def _check_new_ids(image_ids, n: int):
+    """image_ids as int64 (n,): non-negative and unique (None stays None: the index allocates them).
+    Whether they are already in the index is checked natively, under its lock."""
+    if image_ids is None:
+        return None
+    ids = np.asarray(image_ids)
+    if ids.dtype.kind not in "iu" and not (ids.size == 0 and ids.dtype.kind == "f"):
+        raise TypeError(f"image ids must be integers, got {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.size and ids.max() >= _MAX_ID:
+        raise ValueError("image ids must be in [0, 2^62)")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ValueError(f"one image id per image is required: {n} images, {ids.size} ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= _MAX_ID):
+        raise ValueError("image ids must be in [0, 2^62) (non-negative)")
+    if ids.size > 1 and np.unique(ids).size != ids.size:
+        raise ValueError("duplicate image ids in one add")
+    return ids
+
+
+def _check_content(offsets, slots, codes, image_ids, word_counts, next_id, n_words: int, code_bytes: int,
+                   binary: bool):
+    """set_content's arrays, validated for their structure (the per-posting content, slots in range and
+    ascending per word with the word counts matching, is checked natively): returns them as
+    (offsets int64, slots uint32, codes uint8 (E, code_bytes) or float32 (E, dim), image ids int64, word
+    counts int32, next_id int)."""
+    off = np.asarray(offsets)
+    if off.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be integers, got {off.dtype}")
+    off = np.ascontiguousarray(off, dtype=np.int64)
+    if off.ndim != 1 or off.shape[0] != n_words + 1:
+        raise ValueError(f"corrupt index: offsets must be 1-D with n_words + 1 = {n_words + 1} entries")
+    if off[0] != 0 or np.any(off[1:] < off[:-1]):
+        raise ValueError("corrupt index: posting offsets must start at 0 and be non-decreasing")
+    sl = np.asarray(slots)
+    if sl.dtype.kind not in "iu":
+        raise TypeError(f"slots must be integers, got {sl.dtype}")
+    e = int(off[-1])
+    if sl.ndim != 1 or sl.shape[0] != e:
+        raise ValueError(f"corrupt index: slots must be 1-D with offsets[-1] = {e} entries")
+    ids = np.asarray(image_ids)
+    counts = np.asarray(word_counts)
+    if ids.dtype.kind not in "iu" or counts.dtype.kind not in "iu":
+        raise TypeError("image_ids and word_counts must be integer arrays")
+    if ids.ndim != 1 or counts.shape != ids.shape:
+        raise ValueError("corrupt index: image_ids and word_counts must be 1-D of one length")
+    n = ids.shape[0]
+    if sl.size and (sl.min() < 0 or sl.max() >= n):
+        raise ValueError("corrupt index: posting slot out of range")
+    if n and (ids.min() < 0 or ids.max() >= _MAX_ID):
+        raise ValueError("corrupt index: negative or duplicate image id (ids are in [0, 2^62))")
+    if n > 1 and np.unique(ids).size != n:
+        raise ValueError("corrupt index: negative or duplicate image id")
+    if n and (counts.min() < 0 or int(counts.sum()) != e):
+        raise ValueError("corrupt index: word count of an image does not match its postings")
+    if isinstance(next_id, (bool, np.bool_)) or not isinstance(next_id, (int, np.integer)):
+        raise TypeError(f"next_id must be an integer, got {type(next_id).__name__}")
+    next_id = int(next_id)
+    if next_id < 0 or next_id > _MAX_ID or (n and next_id <= int(ids.max())):
+        raise ValueError("corrupt index: next_id must exceed every image id")
+    c = np.asarray(codes)
+    if c.dtype == np.uint8:
+        width = code_bytes
+    elif c.dtype == np.float32 and not binary:
+        width = code_bytes // 4
+    else:
+        raise TypeError(f"codes have dtype {c.dtype}, expected uint8" + ("" if binary else " or float32"))
+    if c.ndim == 1 and c.dtype == np.uint8 and c.shape[0] == e * code_bytes:
+        c = c.reshape(e, code_bytes)
+    if c.ndim != 2 or c.shape != (e, width):
+        raise ValueError(f"corrupt index: codes must have shape ({e}, {width}), got {c.shape}")
+    return (off, np.ascontiguousarray(sl, dtype=np.uint32), np.ascontiguousarray(c),
+            np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int32), next_id)
+
+
+def _batch_codes(batch):
+    """A batch's codes for the inverted file: its own codes array (host AggregatedBatch or DeviceBatch)."""
+    return batch.codes
 
 
 class GpuInvertedFile:
     """The device inverted file behind Index(device="cuda"): the CPU InvertedFile's interface over
-    _native.GpuInvertedFile (host or device batches in; numpy out)."""
+    _native.GpuInvertedFile (host or device batches in; numpy out).
+
+    Every operation is atomic (all or nothing, also on running out of GPU memory) and runs under the
+    native index's lock, accessors included; the GIL is released while it waits for and holds the lock,
+    so threads may add, remove and search concurrently."""
 
     def __init__(self, n_words: int, dim: int, binary: bool):
         require()
-        self._f = _native.GpuInvertedFile(n_words, dim, binary)
+        self._f = _native.GpuInvertedFile(int(n_words), int(dim), bool(binary))
 
     n_words = property(lambda self: self._f.n_words)
     dim = property(lambda self: self._f.dim)
@@ -318,63 +471,71 @@ class GpuInvertedFile:
     n_images = property(lambda self: self._f.n_images)
     n_entries = property(lambda self: self._f.n_entries)
     memory_bytes = property(lambda self: self._f.memory_bytes)
+    next_id = property(lambda self: self._f.next_id)
     n_parts = property(lambda self: self._f.n_parts)
 
     def contains(self, image_id) -> bool:
         return self._f.contains(int(image_id))
 
-    def add(self, offsets, words, codes, ids):
-        wp, wd, wk = _ptr(words)
-        cp, cd, ck = _ptr(codes)
-        if wd != cd:
-            raise ValueError("words and codes must both be on the host or both on the device")
-        self._f.add(np.ascontiguousarray(offsets, np.int64), wp, cp, wd, np.ascontiguousarray(ids, np.int64))
-        del wk, ck
+    def _batch(self, offsets, words, codes, what=""):
+        return _check_batch(offsets, words, codes, self.n_words, self.code_bytes, self.binary, what)
 
-    def search(self, offsets, words, codes, k, alpha, tau, normalize):
-        n = self.n_images
-        kk = n if (k < 0 or k > n) else k
-        offsets = np.ascontiguousarray(offsets, np.int64)
-        nq = offsets.shape[0] - 1
-        if kk == 0:
-            return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-        wp, wd, wk = _ptr(words)
-        cp, cd, ck = _ptr(codes)
-        if kk <= MAX_K:
-            return self._f.search(offsets, wp, cp, wd, kk, alpha, tau, normalize)
-        s = self._f.score_all(offsets, wp, cp, wd, alpha, tau, normalize)
-        ids = self.image_ids()
-        order = np.lexsort((np.broadcast_to(ids, s.shape), -s), axis=1)[:, :kk]
-        return np.take_along_axis(s, order, 1), ids[order]
+    def add(self, word_offsets, words, codes, image_ids=None) -> np.ndarray:
+        """Adds images (host or device arrays); image_ids None: consecutive ids from next_id, allocated
+        atomically. Returns the ids. All or nothing."""
+        off, w, c = self._batch(word_offsets, words, codes)
+        ids = _check_new_ids(image_ids, off.shape[0] - 1)
+        return self._f.add(off, w, c, ids)
 
-    def score_all(self, offsets, words, codes, alpha, tau, normalize):
-        wp, wd, wk = _ptr(words)
-        cp, cd, ck = _ptr(codes)
-        return self._f.score_all(np.ascontiguousarray(offsets, np.int64), wp, cp, wd, alpha, tau, normalize)
+    def add_batches(self, batches, image_ids=None) -> np.ndarray:
+        """Adds several batches (objects with .offsets, .words, .codes: AggregatedBatch or DeviceBatch)
+        atomically: all or nothing. Returns the ids."""
+        batches = list(batches)
+        args = [self._batch(b.offsets, b.words, _batch_codes(b), f"batch {i}: ") for i, b in enumerate(batches)]
+        ids = _check_new_ids(image_ids, sum(a[0].shape[0] - 1 for a in args))
+        return self._f.add_batches(args, ids)
 
-    def image_ids(self) -> np.ndarray:
-        return np.asarray(self._f.image_ids)
-
-    def export(self) -> dict:
-        return self._f.export()
+    def remove(self, image_ids) -> int:
+        """Removes images by id (KeyError, and no change, when one is absent); filtered on the device."""
+        ids = np.asarray(image_ids)
+        if ids.size == 0:
+            return 0
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"image ids must be integers, got {ids.dtype}")
+        return int(self._f.remove(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)))
 
     def merge(self) -> None:
-        pass
+        self._f.merge()
 
-    def set_content(self, offsets, slots, codes, image_ids, word_counts):
-        self._f.set_content(np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(slots, np.uint32),
-                            np.ascontiguousarray(codes, np.uint8), np.ascontiguousarray(image_ids, np.int64),
-                            np.ascontiguousarray(word_counts, np.int32))
+    def search(self, word_offsets, words, codes, k, alpha, tau, normalize):
+        """Top-k per query (k < 0: every image): (scores float32 (nq, kk), ids int64 (nq, kk))."""
+        off, w, c = self._batch(word_offsets, words, codes, "query ")
+        return self._f.search(off, w, c, int(k), float(alpha), float(tau), bool(normalize))
 
-    def remove(self, ids) -> int:
-        """Removal runs on the CPU index (download, compact, upload): O(index size)."""
-        cpu = _native.InvertedFile(self.n_words, self.dim, self.binary)
-        ex = self.export()
-        cpu.set_content(ex["offsets"], ex["slots"], ex["codes"].reshape(-1), ex["image_ids"], ex["word_counts"])
-        n = cpu.remove(np.ascontiguousarray(ids, np.int64))
-        ex = cpu.export()
-        self.set_content(ex["offsets"], ex["slots"], ex["codes"], ex["image_ids"], ex["word_counts"])
-        return n
+    def score_all(self, word_offsets, words, codes, alpha, tau, normalize):
+        """(scores float32 (nq, n_images), ids int64 (n_images,)) in slot order, from one state."""
+        off, w, c = self._batch(word_offsets, words, codes, "query ")
+        return self._f.score_all(off, w, c, float(alpha), float(tau), bool(normalize))
+
+    def image_ids(self) -> np.ndarray:
+        return self._f.image_ids()
+
+    def word_counts(self) -> np.ndarray:
+        return self._f.word_counts()
+
+    def export(self) -> dict:
+        """offsets, slots, codes (E, code_bytes) uint8, image_ids, word_counts (owned numpy copies), next_id."""
+        return self._f.export()
+
+    def set_content(self, offsets, slots, codes, image_ids, word_counts, next_id, owner=None) -> None:
+        """Replaces the content (validated; atomic). owner is ignored: the arrays are copied to the device."""
+        args = _check_content(offsets, slots, codes, image_ids, word_counts, next_id, self.n_words,
+                              self.code_bytes, self.binary)
+        self._f.set_content(*args)
+
+    def _fail_after_allocations(self, n: int) -> None:
+        """Test hook: the n-th device allocation of the next operation raises CudaMemoryError."""
+        self._f._fail_after_allocations(int(n))
 
 
 def kmeans(descriptors, n_words: int, niter: int = 20, seed: int = 0):
