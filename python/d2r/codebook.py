@@ -8,6 +8,7 @@ import numpy as np
 from . import _native
 from ._atomic import atomic_write
 from ._checks import as_descriptors, check_positive_int
+from ._devices import gpu
 
 
 class Codebook:
@@ -40,7 +41,7 @@ class Codebook:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         n_words = check_positive_int(n_words, "n_words")
         if device == "cuda":
-            from . import cuda
+            cuda = gpu()
 
             cuda.require()
             if not cuda.is_device_array(descriptors):
@@ -105,7 +106,7 @@ class Codebook:
         lower word id. device="cuda" runs on the GPU (same answers; descriptors may be CuPy / PyTorch
         CUDA arrays; output="device" keeps the results there)."""
         if device == "cuda":
-            from . import cuda
+            cuda = gpu()
 
             return cuda.quantize(self, descriptors, m, output)
         if device != "cpu":

@@ -14,9 +14,13 @@ Without a GPU, or in a build without nvcc, ``is_available()`` is False and every
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from . import _native
+from . import _devices, _native
+from ._checks import as_descriptors, check_positive_int
+from .kernels import AggregatedBatch, kernel_spec
 
 __all__ = ["is_available", "is_compiled", "device_count", "device_name", "memory_info", "CudaUnavailableError",
            "CudaError", "CudaMemoryError", "DeviceArray", "quantize", "aggregate", "GpuInvertedFile", "kmeans"]
@@ -153,7 +157,6 @@ def as_input_matrix(x, dim: int | None, name: str = "descriptors", dtype=np.floa
             raise ValueError(f"{name} contain NaN or Inf")
         return DeviceInput(cai["data"][0], shape, True, x)
     if dtype.kind == "f":
-        from ._checks import as_descriptors
 
         arr = as_descriptors(x, dim, name)
     else:
@@ -197,7 +200,6 @@ def _quantizer(codebook):
 def quantize(codebook, descriptors, m: int = 1, output: str = "numpy"):
     """The m nearest words of each descriptor on the GPU: (ids int32 (n, m), squared distances float32
     (n, m)), the CPU Codebook.quantize's answer."""
-    from ._checks import check_positive_int
 
     q = _quantizer(codebook)
     m = check_positive_int(m, "m")
@@ -224,7 +226,6 @@ class DeviceBatch:
         return self.codes  # the device inverted file reads the raw bytes through the pointer
 
     def to_host(self):
-        from .aggregate import AggregatedBatch
 
         return AggregatedBatch(self.offsets, self.words.numpy(), self.codes.numpy())
 
@@ -235,8 +236,6 @@ def aggregate(codebook, descriptors, image_regions, region_members, members=None
     d2r.aggregate): image i owns regions image_regions[i]:image_regions[i+1], region r the members
     region_members[r]:region_members[r+1] (indices into the descriptors when `members` is given).
     Returns an AggregatedBatch (output="numpy") or a DeviceBatch (output="device")."""
-    from ._checks import check_positive_int
-    from .aggregate import kernel_spec
 
     spec = kernel_spec(kernel)
     if spec.native_kind != 0:
@@ -549,3 +548,6 @@ def kmeans(descriptors, n_words: int, niter: int = 20, seed: int = 0):
         raise ValueError(f"k-means needs at least n_words={n_words} descriptors, got {n}")
     c, obj = _native.gpu_kmeans(x.ptr, x.on_device, n, dim, int(n_words), int(niter), int(seed))
     return c, list(obj)
+
+
+_devices.register_gpu(sys.modules[__name__])

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
+from ._devices import gpu
 from ._checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, check_positive_int,
                       check_score_params)
 from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
@@ -20,19 +21,16 @@ _CHUNK_DESCRIPTORS = 1 << 20
 
 
 def _is_device_array(x) -> bool:
-    from .cuda import is_device_array
-
-    return is_device_array(x)
+    return gpu().is_device_array(x)
 
 
 def _concat_device(arrays, dim):
     """Concatenate a list of CUDA arrays (CuPy or PyTorch) on the device; (x, offsets, single=False)."""
-    from .cuda import _framework, as_input_matrix
-
-    mats = [as_input_matrix(a, dim).keep for a in arrays]
+    cuda = gpu()
+    mats = [cuda.as_input_matrix(a, dim).keep for a in arrays]
     offs = np.zeros(len(mats) + 1, np.int64)
     offs[1:] = np.cumsum([m.shape[0] for m in mats])
-    fw = _framework(mats[0])
+    fw = cuda._framework(mats[0])
     if fw == "torch":
         import torch
 
@@ -111,9 +109,7 @@ class _IndexBase:
             sub = offsets[i:j + 1] - offsets[i]
             a = None if assignments is None else assignments[offsets[i]:offsets[j]]
             if gpu:
-                from . import cuda
-
-                yield i, cuda.aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kernel, m, a,
+                yield i, gpu().aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kernel, m, a,
                                                output="device")
             else:
                 yield i, aggregate_images(self.codebook, x[offsets[i]:offsets[j]], sub, kernel, m, a)
@@ -135,9 +131,7 @@ class _IndexBase:
             x, offs = _concat_images(descriptors, self.codebook.dim)
             return x, offs, False
         if self.device == "cuda" and _is_device_array(descriptors):
-            from .cuda import as_input_matrix
-
-            x = as_input_matrix(descriptors, self.codebook.dim).keep
+            x = gpu().as_input_matrix(descriptors, self.codebook.dim).keep
             n = x.shape[0]
             if offsets is None:
                 return x, np.array([0, n], np.int64), True
@@ -248,16 +242,12 @@ class Index(_IndexBase):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda":
-            from . import cuda
-
-            cuda.require()
+            gpu().require()
         return device
 
     def _new_ivf(self, device: str):
         if device == "cuda":
-            from .cuda import GpuInvertedFile
-
-            return GpuInvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+            return gpu().GpuInvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
         return _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
 
     def to(self, device: str) -> "Index":

@@ -32,7 +32,7 @@ import numpy as np
 from . import _native
 from ._atomic import atomic_write
 from ._checks import (MAX_ID, check_alpha, check_bool, check_choice, check_positive_int, check_tau)
-from .aggregate import KERNELS, kernel_spec
+from .kernels import KERNELS, kernel_spec
 
 MAGIC = b"D2RINDEX"
 FORMAT_VERSION = 1
