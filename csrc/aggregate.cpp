@@ -6,6 +6,7 @@
 
 #include "binarize.h"
 #include "common.h"
+#include "parallel.h"
 #include "reduce.h"
 
 namespace d2r {
@@ -218,8 +219,7 @@ void aggregate_one_parallel(const AggInput& in, const RegionLayout& lay, int64_t
   run_start.push_back(keys.size());
   std::vector<double> sums(static_cast<size_t>(n_runs) * dim, 0.0);
   std::vector<double> ss(n_runs, 0.0);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < n_runs; ++r) {
+  parallel_for(n_runs, 8, [&](int64_t r) {
     const int32_t w = static_cast<int32_t>(keys[run_start[r]] >> 32);
     const float* c = in.centroids + static_cast<int64_t>(w) * dim;
     double* v = sums.data() + r * dim;
@@ -229,7 +229,7 @@ void aggregate_one_parallel(const AggInput& in, const RegionLayout& lay, int64_t
       for (int t = 0; t < dim; ++t) v[t] += static_cast<double>(xr[t]) - static_cast<double>(c[t]);
     }
     ss[r] = squared_norm(v, dim);
-  }
+  });
   for (int64_t r = 0; r < n_runs; ++r)
     if (std::sqrt(ss[r]) > kWordThreshold)
       out.emit_unit(static_cast<int32_t>(keys[run_start[r]] >> 32), sums.data() + r * dim, ss[r]);
@@ -272,8 +272,9 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
   const int n_bytes = packed_bytes(dim);
   const int64_t n_img = lay.n_images;
   std::vector<ImageCodes> per_image(n_img);
+  // A choice of strategy only (both give the same result): with fewer images than threads (a
+  // query), each image's words are split across the threads instead.
   if (n_img < num_threads()) {
-    // Few images (a query): split each image's words across the threads instead.
     WordSums ws;
     for (int64_t i = 0; i < n_img; ++i) {
       per_image[i].reset(binary, dim);
@@ -283,15 +284,19 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
         aggregate_image(in, lay, i, kind, ws, per_image[i]);
     }
   } else {
+    ParallelErrors errors;
 #pragma omp parallel
     {
-      WordSums ws;
+      WordSums ws;  // per-thread scratch: empty here, grown inside errors.run
 #pragma omp for schedule(dynamic, 16)
       for (int64_t i = 0; i < n_img; ++i) {
-        per_image[i].reset(binary, dim);
-        aggregate_image(in, lay, i, kind, ws, per_image[i]);
+        errors.run([&] {
+          per_image[i].reset(binary, dim);
+          aggregate_image(in, lay, i, kind, ws, per_image[i]);
+        });
       }
     }
+    errors.rethrow();
   }
   out->word_offsets.assign(n_img + 1, 0);
   for (int64_t i = 0; i < n_img; ++i)
@@ -302,50 +307,54 @@ void aggregate(const AggInput& in, const RegionLayout& lay, AggKind kind, bool b
   out->bits.clear();
   if (binary) out->bits.resize(total * n_bytes);
   else out->codes.resize(total * dim);
-#pragma omp parallel for schedule(dynamic, 64)
-  for (int64_t i = 0; i < n_img; ++i) {
+  parallel_for(n_img, 64, [&](int64_t i) {
     ImageCodes& ic = per_image[i];
     const int64_t o = out->word_offsets[i];
     std::copy(ic.words.begin(), ic.words.end(), out->words.begin() + o);
     if (binary) std::copy(ic.bits.begin(), ic.bits.end(), out->bits.begin() + o * n_bytes);
     else std::copy(ic.codes.begin(), ic.codes.end(), out->codes.begin() + o * dim);
     ic = ImageCodes();  // free this image's buffers
-  }
+  });
 }
 
 void vlad(const AggInput& in, const RegionLayout& lay, bool l2, float* out) {
   check_layout(in, lay);
   const int dim = in.dim;
   const int64_t len = in.n_words * dim;
+  ParallelErrors errors;
 #pragma omp parallel
   {
+    // Per-thread scratch: empty here, grown inside errors.run.
     WordSums ws;
     std::vector<double> dense;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < lay.n_images; ++i) {
-      dense.assign(len, 0.0);
-      const int64_t r0 = lay.image_regions[i], r1 = lay.image_regions[i + 1];
-      const int64_t n_regions = r1 - r0;
-      for (int64_t r = r0; r < r1; ++r) {
-        residual_sums(in, lay, r, ws);
-        const double scale =
-            n_regions > 1 ? 1.0 / std::sqrt(std::max(total_squared_norm(ws, dim), kNormFloor)) / n_regions : 1.0;
-        for (size_t k = 0; k < ws.size(); ++k) {
-          double* dst = dense.data() + static_cast<int64_t>(ws.words[k]) * dim;
-          const double* v = ws.row(k, dim);
-          for (int t = 0; t < dim; ++t) dst[t] += v[t] * scale;
+      errors.run([&] {
+        dense.assign(len, 0.0);
+        const int64_t r0 = lay.image_regions[i], r1 = lay.image_regions[i + 1];
+        const int64_t n_regions = r1 - r0;
+        for (int64_t r = r0; r < r1; ++r) {
+          residual_sums(in, lay, r, ws);
+          const double scale =
+              n_regions > 1 ? 1.0 / std::sqrt(std::max(total_squared_norm(ws, dim), kNormFloor)) / n_regions : 1.0;
+          for (size_t k = 0; k < ws.size(); ++k) {
+            double* dst = dense.data() + static_cast<int64_t>(ws.words[k]) * dim;
+            const double* v = ws.row(k, dim);
+            for (int t = 0; t < dim; ++t) dst[t] += v[t] * scale;
+          }
         }
-      }
-      double scale = 1.0;
-      if (l2) {
-        double ss = 0.0;
-        for (double v : dense) ss += v * v;
-        scale = 1.0 / std::sqrt(std::max(ss, kNormFloor));
-      }
-      float* o = out + i * len;
-      for (int64_t t = 0; t < len; ++t) o[t] = static_cast<float>(dense[t] * scale);
+        double scale = 1.0;
+        if (l2) {
+          double ss = 0.0;
+          for (double v : dense) ss += v * v;
+          scale = 1.0 / std::sqrt(std::max(ss, kNormFloor));
+        }
+        float* o = out + i * len;
+        for (int64_t t = 0; t < len; ++t) o[t] = static_cast<float>(dense[t] * scale);
+      });
     }
   }
+  errors.rethrow();
 }
 
 }  // namespace d2r

@@ -57,6 +57,7 @@ class ParallelErrors {
 // for (i in [0, n)) body(i), dynamically scheduled in chunks; exceptions rethrown after the loop.
 template <class F>
 void parallel_for(int64_t n, int64_t chunk, F&& body) {
+  (void)chunk;  // unused without OpenMP
   ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic, chunk)
   for (int64_t i = 0; i < n; ++i) errors.run([&] { body(i); });

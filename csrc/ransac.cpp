@@ -4,10 +4,10 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
-#include <exception>
 #include <limits>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace d2r {
 namespace {
@@ -152,16 +152,22 @@ void nn_search(const float* q, int64_t nq, const PackedDb& db, int32_t* nn, bool
   }
   const int64_t n_blocks = (nq + kBlockRows - 1) / kBlockRows;
   const size_t scratch = static_cast<size_t>(kBlockRows) * db.dim;
+  // Whether to go parallel is a choice of strategy only: each row's result does not depend on it.
   if (parallel && n_blocks > 1 && num_threads() > 1) {
+    ParallelErrors errors;
 #pragma omp parallel
     {
-      std::vector<float> local(scratch);
+      std::vector<float> local;  // per-thread scratch, allocated by the thread's first block
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < n_blocks; ++b) {
-        const int64_t r0 = b * kBlockRows;
-        nn_block(q, r0, static_cast<int>(std::min<int64_t>(kBlockRows, nq - r0)), db, local.data(), nn);
+        errors.run([&] {
+          if (local.empty()) local.resize(scratch);
+          const int64_t r0 = b * kBlockRows;
+          nn_block(q, r0, static_cast<int>(std::min<int64_t>(kBlockRows, nq - r0)), db, local.data(), nn);
+        });
       }
     }
+    errors.rethrow();
   } else {
     if (xb.size() < scratch) xb.resize(scratch);
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -579,24 +585,23 @@ void verify_many(const ImageFeatures* queries, int64_t n_queries, const ImageFea
   }
   if (n_pairs == 0) return;
 
+  // A choice of strategy only (results do not depend on it): pairs in parallel when there are
+  // enough of them, else each pair's matching split over the threads.
   const int T = num_threads();
   if (T > 1 && n_pairs >= 2 * T) {
-    std::exception_ptr error;
+    ParallelErrors errors;
 #pragma omp parallel
     {
-      Workspace ws;
+      Workspace ws;  // per-thread scratch: empty here, grown inside errors.run
 #pragma omp for schedule(dynamic, 1)
       for (int64_t p = 0; p < n_pairs; ++p) {
-        try {
+        errors.run([&] {
           inliers[p] = verify_one(queries[pairs[2 * p]], images[pairs[2 * p + 1]], dim, params, ws, false,
                                   n_matches ? n_matches + p : nullptr);
-        } catch (...) {
-#pragma omp critical(d2r_verify_error)
-          if (!error) error = std::current_exception();
-        }
+        });
       }
     }
-    if (error) std::rethrow_exception(error);
+    errors.rethrow();
   } else {
     Workspace ws;
     for (int64_t p = 0; p < n_pairs; ++p) {

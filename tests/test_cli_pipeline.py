@@ -83,10 +83,21 @@ def test_pipeline_on_small_demo_set_writes_report(tmp_path):
     res = run(ds, n_words=64, rerank=True, report_dir=tmp_path / "report", progress=False, out=buf)
     names = [m.name for m in res["methods"]]
     assert names[0] == "ASMK*" and any(n.startswith("R-ASMK*") for n in names)
+    # Measured (this demo set: 3 queries, 13 database images, 2 Medium positives per query; 64 words;
+    # the same with OMP_NUM_THREADS=1 and 2): ASMK* mAP Medium 0.903 / Hard 0.722; every regional
+    # method (R-ASMK* gamma on/off, regional search max/mean) 1.0 / 1.0; after spatial verification
+    # 1.0 / 1.0 for all. A random ranking scores 0.24 Medium on average (99th percentile 0.56).
+    # Floors: a little below ASMK*'s values; 0.94 for the others (one Medium positive one rank lower
+    # in one query gives 0.944: at most that slip is tolerated).
     for m in res["methods"]:
         assert m.ranks.shape == (len(ds.qimlist), len(ds.imlist))
-        assert 0.0 <= m.results["medium"]["map"] <= 1.0
+        medium, hard = m.results["medium"]["map"], m.results["hard"]["map"]
+        if m.name == "ASMK*":
+            assert medium >= 0.85 and hard >= 0.65, (m.name, medium, hard)
+        else:
+            assert medium >= 0.94 and hard >= 0.94, (m.name, medium, hard)
         assert m.reranked is not None
+        assert m.reranked["medium"]["map"] >= 0.94 and m.reranked["hard"]["map"] >= 0.94, (m.name, m.reranked)
     html = (tmp_path / "report" / "index.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
     assert len(list((tmp_path / "report").glob("*.png"))) >= 2

@@ -140,6 +140,65 @@ def _tf_slim_model(seed=0, save_prefix=None):
     return variables, run
 
 
+# ---- an independent reference of the official post-processing, in plain numpy (not d2r's code):
+# transcribed from tensorflow/models research/delf/delf/python/feature_extractor.py
+# (CalculateReceptiveBoxes, CalculateKeypointCenters, PostProcessDescriptors with
+# ApplyPcaAndWhitening, use_whitening=False) and the final selection of the max_feature_num highest
+# attention scores (tf.image.non_max_suppression with iou_threshold=1.0, which suppresses nothing).
+# DELF's configuration: receptive field 291, stride 16 * 2 (the block-3 stride factor), padding 145.
+def _official_receptive_boxes(height, width, rf=291.0, stride=32.0, padding=145.0):
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    coordinates = np.reshape(np.stack([y, x], axis=2), [-1, 2])  # [y, x], row-major cells
+    point_boxes = np.concatenate([coordinates, coordinates], 1).astype(np.float32)
+    bias = np.float32([-padding, -padding, -padding + rf - 1, -padding + rf - 1])
+    return np.float32(stride) * point_boxes + bias  # [ymin, xmin, ymax, xmax]
+
+
+def _official_keypoint_centers(boxes):
+    return (boxes[:, :2] + boxes[:, 2:]) / 2.0
+
+
+def _tf_l2_normalize(x):  # tf.nn.l2_normalize(x, axis=1): x * rsqrt(max(sum(x^2), 1e-12))
+    return x / np.sqrt(np.maximum(np.sum(x * x, axis=1, keepdims=True), 1e-12))
+
+
+def _official_descriptors(features, pca_mean, pca_matrix, pca_dim):
+    d = _tf_l2_normalize(np.asarray(features, np.float64))
+    d = (pca_matrix[:pca_dim].astype(np.float64) @ (d - pca_mean.astype(np.float64)).T).T
+    return _tf_l2_normalize(d)
+
+
+def _official_cells(maps, scales, threshold, max_features):
+    """maps: {scale: (feature map (h, w, 1024), attention (h, w))}. Returns (locations (y, x),
+    block-3 features, attention scores) of the selected cells, best score first."""
+    locs, feats, att = [], [], []
+    for s in scales:
+        f, a = maps[s]
+        boxes = _official_receptive_boxes(*a.shape) / np.float32(s)
+        for i, score in enumerate(a.ravel()):
+            if score >= threshold:
+                locs.append(_official_keypoint_centers(boxes[i:i + 1])[0])
+                feats.append(f.reshape(-1, f.shape[-1])[i])
+                att.append(score)
+    best = sorted(range(len(att)), key=lambda j: -att[j])[:max_features]
+    return (np.array([locs[j] for j in best]), np.array([feats[j] for j in best]),
+            np.array([att[j] for j in best]))
+
+
+def test_official_reference_helpers_by_hand():
+    b = _official_receptive_boxes(2, 3)
+    np.testing.assert_array_equal(b[0], [-145, -145, 145, 145])
+    np.testing.assert_array_equal(b[5], [32 - 145, 64 - 145, 32 + 145, 64 + 145])
+    np.testing.assert_array_equal(_official_keypoint_centers(b)[[1, 3]], [[0, 32], [32, 0]])
+    f = np.array([[3.0, 4.0], [0.0, 2.0]])
+    np.testing.assert_allclose(_official_descriptors(f, np.zeros(2), np.eye(2), 2), [[0.6, 0.8], [0, 1]])
+    maps = {1.0: (np.arange(8.0).reshape(2, 2, 2), np.array([[0.1, 0.9], [0.5, 0.3]]))}
+    loc, feat, att = _official_cells(maps, (1.0,), 0.2, 2)
+    np.testing.assert_array_equal(att, [0.9, 0.5])
+    np.testing.assert_array_equal(loc, [[0, 32], [32, 0]])
+    np.testing.assert_array_equal(feat, [[2, 3], [4, 5]])
+
+
 @pytest.mark.tf
 def test_pytorch_delf_equals_tf_slim_structure():
     pytest.importorskip("torch")
@@ -163,23 +222,17 @@ def test_pytorch_delf_equals_tf_slim_structure():
     mean = rng.normal(0, 0.01, 1024).astype(np.float32)
     mat = np.linalg.qr(rng.standard_normal((1024, 64)))[0].T.astype(np.float32)
     pca = {"mean": mean, "matrix": mat}
-    B, F, S, A = [], [], [], []
-    for s in scales:
-        f, a = maps_tf[s]
-        boxes = delf.receptive_boxes(*a.shape) / np.float32(s)
-        keep = np.nonzero(a.ravel() >= thr)[0]
-        B.append(boxes[keep]), F.append(f.reshape(-1, 1024)[keep]), S.append(np.full(keep.size, s)),
-        A.append(a.ravel()[keep])
-    srt = np.sort(np.concatenate(A))[::-1]
+    srt = np.sort(np.concatenate([maps_tf[s][1].ravel() for s in scales]))[::-1]
+    srt = srt[srt >= thr]
     gaps = [k for k in range(5, srt.size) if srt[k - 1] - srt[k] > 1e-3 * abs(srt[k - 1]) + 1e-5]
     assert gaps, "no clear gap in the attention scores"
     cap = gaps[len(gaps) // 2]
     ext = delf.DELF(state=state, pca=pca, pca_dim=32, scales=scales, device="cpu", score_threshold=thr,
                     max_features=cap)
     got = ext(image)
-    b, f, s_, a = delf.select_top(np.concatenate(B), np.concatenate(F), np.concatenate(S), np.concatenate(A), cap)
-    ref = delf.postprocess_descriptors(f, mean, mat, 32)
-    ref_loc = delf.keypoint_centers(b)
+    # the reference: TensorFlow's maps through the plain-numpy transcription of the official code
+    ref_loc, f, a = _official_cells(maps_tf, scales, thr, cap)
+    ref = _official_descriptors(f, mean, mat, 32)
     assert got.descriptors.shape == (cap, 32)
     o1, o2 = np.lexsort(got.locations.T[::-1]), np.lexsort(ref_loc.T[::-1])
     np.testing.assert_allclose(got.locations[o1], ref_loc[o2], atol=1e-3)
@@ -221,12 +274,11 @@ def test_convert_delf_cli_then_pytorch_delf_equals_tf(tmp_path):
     thr = float(np.median(a_tf))
     ext = delf.DELF(out, scales=(1.0,), device="cpu", score_threshold=thr, max_features=1000)
     got = ext(image)
-    keep = np.nonzero(a_tf.ravel() >= thr)[0]
-    b, f, _, a = delf.select_top(delf.receptive_boxes(*a_tf.shape)[keep], f_tf.reshape(-1, 1024)[keep],
-                                 np.ones(keep.size), a_tf.ravel()[keep], 1000)
+    ref_loc, f, _ = _official_cells({1.0: (f_tf, a_tf)}, (1.0,), thr, 1000)
+    assert len(ref_loc) < 1000
     # every cell above the threshold is kept (no cap reached): compare in location order, since cells
     # with equal attention (a saturated head) may be listed in either order
-    ref_loc, ref_desc = delf.keypoint_centers(b), delf.postprocess_descriptors(f, mean, mat, 128)
+    ref_desc = _official_descriptors(f, mean, mat, 128)
     o1, o2 = np.lexsort(got.locations.T[::-1]), np.lexsort(ref_loc.T[::-1])
     np.testing.assert_allclose(got.locations[o1], ref_loc[o2], atol=1e-3)
     np.testing.assert_allclose(got.descriptors[o1], ref_desc[o2], atol=1e-4)

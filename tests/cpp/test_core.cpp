@@ -1,9 +1,14 @@
 // C++ unit tests of the d2r core (no Python). Built with -DD2R_BUILD_TESTS=ON and run by CI under
 // AddressSanitizer + UBSan. Prints "N passed, M failed".
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "aggregate.h"
@@ -12,6 +17,7 @@
 #include "fixed_point.h"
 #include "reduce.h"
 #include "ivf.h"
+#include "parallel.h"
 #include "quantize.h"
 #include "ransac.h"
 #include "selectivity.h"
@@ -136,20 +142,19 @@ static void test_similarity_golden() {
   int64_t xoff[] = {0, 5};
   int32_t xw[] = {0, 1, 2, 3, 4};
   uint8_t xc[] = {0, 0, 3, 3, 3};
-  float s;
-  int64_t id;
-  ivf.search(CodesView{1, xoff, xw, xc}, 1, ScoreParams{3.0f, 0.0f, true}, &s, &id);
-  EXPECT_NEAR(s, 0.258199f, 1e-5);
-  EXPECT(id == 7);
+  TopK r = ivf.search(CodesView{1, xoff, xw, xc}, 1, ScoreParams{3.0f, 0.0f, true});
+  EXPECT(r.n_queries == 1 && r.k == 1);
+  EXPECT_NEAR(r.scores[0], 0.258199f, 1e-5);
+  EXPECT(r.ids[0] == 7);
   // ASMK float case: 0.478554 without gamma
   InvertedFile f(5, 2, false);
   float ycodes[] = {0, 1, 1, 0, 0.707107f, 0.707107f};
   f.add(CodesView{1, yoff, yw, reinterpret_cast<uint8_t*>(ycodes)}, &yid);
   float xcodes[] = {0, 0, -0.707107f, -0.707107f, 0.5f, 0.866025f, 0.816497f, 0.577350f, 1, 0};
-  f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, false}, &s, &id);
-  EXPECT_NEAR(s, 0.478554f, 1e-5);
-  f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, true}, &s, &id);
-  EXPECT_NEAR(s, 0.123562f, 1e-5);
+  r = f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, false});
+  EXPECT_NEAR(r.scores[0], 0.478554f, 1e-5);
+  r = f.search(CodesView{1, xoff, xw, reinterpret_cast<uint8_t*>(xcodes)}, 1, ScoreParams{3.0f, 0.0f, true});
+  EXPECT_NEAR(r.scores[0], 0.123562f, 1e-5);
 }
 
 static void test_ivf_add_remove() {
@@ -200,17 +205,15 @@ static void test_ivf_add_remove() {
   fresh.add(CodesView{20, fo.data(), fw.data(), fc.data()}, fid.data());
   EXPECT(inc.n_images() == 20 && fresh.n_images() == 20);
   EXPECT(inc.n_entries() == fresh.n_entries());
-  std::vector<float> s1(3 * 20), s2(3 * 20);
-  std::vector<int64_t> i1(3 * 20), i2(3 * 20);
   ScoreParams p;
-  inc.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p, s1.data(), i1.data());
-  fresh.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p, s2.data(), i2.data());
-  EXPECT(s1 == s2 && i1 == i2);
+  TopK r1 = inc.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p);
+  TopK r2 = fresh.search(CodesView{3, qoff.data(), qw.data(), qc.data()}, -1, p);
+  EXPECT(r1.k == 20 && r1.scores == r2.scores && r1.ids == r2.ids);
   // removing an absent id throws and changes nothing
   bool threw = false;
   try {
     inc.remove(1, even.data());
-  } catch (const InvalidArgument&) {
+  } catch (const NotFound&) {
     threw = true;
   }
   EXPECT(threw && inc.n_images() == 20);
@@ -315,27 +318,27 @@ static void test_ransac_known_affine() {
 
 static void test_pooled_search_and_many_images() {
   // 3 images of 2 region entries each; max pooling equals the best region, mean the average.
-  InvertedFile ivf(4, 16, true);
+  InvertedFile ivf(4, 16, true, /*multi_entry=*/true);
   const int nb = 2;
   std::vector<int64_t> off = {0, 1, 2, 3, 4, 5, 6};
   std::vector<int32_t> words = {0, 1, 0, 2, 3, 1};
   std::vector<uint8_t> codes = {0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0};
-  std::vector<int64_t> entry_ids = {0, 1, 2, 3, 4, 5};
+  std::vector<int64_t> entry_ids = {10, 10, 11, 11, 12, 12};  // 3 images of 2 entries each
   ivf.add(CodesView{6, off.data(), words.data(), codes.data()}, entry_ids.data());
-  std::vector<int64_t> group = {0, 0, 1, 1, 2, 2}, gids = {10, 11, 12};
+  EXPECT(ivf.n_images() == 3 && ivf.n_entries() == 6);
   int64_t qoff[] = {0, 2};
   int32_t qw[] = {0, 1};
   uint8_t qc[] = {0, 0, 0, 0};
-  float s[3];
-  int64_t id[3];
   ScoreParams p{3.0f, 0.0f, false};
-  ivf.search_pooled(CodesView{1, qoff, qw, qc}, group.data(), 3, gids.data(), false, -1, p, s, id);
+  TopK pr = ivf.search_pooled(CodesView{1, qoff, qw, qc}, false, -1, p);
+  const float* s = pr.scores.data();
+  const int64_t* id = pr.ids.data();
   // image 10: regions score 1 (word 0, identical) and 0 (word 1, all bits differ: u = -1 -> 0) -> max 1
   // image 11: word 0 identical -> 1, word 2 not in query -> 0; image 12: word 1 identical -> 1, word 3 -> 0
   EXPECT(s[0] == 1.0f && s[1] == 1.0f && s[2] == 1.0f);
   EXPECT(id[0] == 10 && id[1] == 11 && id[2] == 12);
-  ivf.search_pooled(CodesView{1, qoff, qw, qc}, group.data(), 3, gids.data(), true, 2, p, s, id);
-  EXPECT(s[0] == 0.5f && id[0] == 10 && id[1] == 11);
+  pr = ivf.search_pooled(CodesView{1, qoff, qw, qc}, true, 2, p);
+  EXPECT(pr.k == 2 && pr.scores[0] == 0.5f && pr.ids[0] == 10 && pr.ids[1] == 11);
   (void)nb;
   // Many images aggregated in one call equal one call per image (the parallel-over-images path
   // against the word-parallel single-image path).
@@ -388,6 +391,159 @@ static void test_pooled_search_and_many_images() {
   EXPECT(!r.words.empty() && r.codes.size() == r.words.size() * D);
 }
 
+// parallel.h: an exception thrown in a region body reaches the caller (it must never end the
+// process), the remaining iterations are skipped, and parallel_team's T is the team that ran.
+static void test_parallel_errors() {
+  const int64_t n = 4096;
+  std::atomic<int64_t> started{0}, executed{0};
+  bool caught = false;
+  try {
+    parallel_for(n, 1, [&](int64_t) {
+      if (started.fetch_add(1) == 0) throw std::runtime_error("body failed");  // the first body run
+      // 200 us per body: running all n - 1 others takes about 0.4 s on 2 threads, and reaching n / 4
+      // would need the failing thread to be held up for about 0.1 s.
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      executed.fetch_add(1);
+    });
+  } catch (const std::runtime_error& e) {
+    caught = std::string(e.what()) == "body failed";
+  }
+  EXPECT(caught);
+  EXPECT(executed.load() < n / 4);  // stopped early (all n - 1 others run when nothing stops them)
+  // No exception: every index exactly once.
+  std::vector<int> hits(1000, 0);
+  parallel_for(1000, 7, [&](int64_t i) { ++hits[i]; });
+  EXPECT(std::count(hits.begin(), hits.end(), 1) == 1000);
+  // parallel_team: body(t, T) once per thread t of the team obtained, T the same for all.
+  auto check_team = [](int* team_out) {
+    std::vector<std::atomic<int>> ran(256);
+    std::atomic<int> seen_T{-1}, bad{0};
+    parallel_team([&](int t, int T) {
+      if (T < 1 || T > 256 || t < 0 || t >= T) {
+        bad.fetch_add(1);
+        return;
+      }
+      int expected = -1;
+      if (!seen_T.compare_exchange_strong(expected, T) && expected != T) bad.fetch_add(1);
+      ran[t].fetch_add(1);
+    });
+    const int T = seen_T.load();
+    int once = 0;
+    for (int t = 0; t < T; ++t) once += ran[t].load() == 1;
+    *team_out = T;
+    return bad.load() == 0 && T >= 1 && once == T;
+  };
+  int T_top = 0;
+  EXPECT(check_team(&T_top));
+  // Called from inside a region (a nested team: usually 1 thread, not num_threads()).
+  std::vector<int> nested_ok(2, 1), nested_T(2, 0);
+#pragma omp parallel num_threads(2)
+  {
+    const int t = thread_id();
+    if (t < 2) nested_ok[t] = check_team(&nested_T[t]);
+  }
+  EXPECT(nested_ok[0] && nested_ok[1]);
+  // A rethrown exception from parallel_team; the failing thread's T is what it was given.
+  bool team_caught = false;
+  try {
+    parallel_team([&](int t, int) {
+      if (t == 0) throw std::length_error("team failed");
+    });
+  } catch (const std::length_error&) {
+    team_caught = true;
+  }
+  EXPECT(team_caught);
+}
+
+// The core's regions: a failure inside one is rethrown on the caller; results computed from inside
+// an enclosing parallel region (a smaller team than num_threads()) equal the top-level ones.
+static void test_core_regions_errors_and_teams() {
+  // vlad: a codebook of 2^55 words of dim 64 asks for a dense vector of 2^61 doubles, beyond
+  // vector::max_size: std::length_error inside the region (it ended the process through
+  // std::terminate before ParallelErrors). Only words 0..1 are read, so 2 centroids suffice.
+  {
+    const int D = 64;
+    std::vector<float> x(4 * D, 1.0f), cb(2 * D, 0.0f);
+    std::vector<int32_t> assign = {0, 1, 0, 1};
+    AggInput in;
+    in.x = x.data();
+    in.n_desc = 4;
+    in.assign = assign.data();
+    in.m = 1;
+    in.centroids = cb.data();
+    in.n_words = int64_t(1) << 55;
+    in.dim = D;
+    int64_t img[] = {0, 1, 2}, reg[] = {0, 2, 4};
+    float out[1];
+    bool caught = false;
+    try {
+      vlad(in, RegionLayout{img, 2, reg, nullptr}, true, out);
+    } catch (const std::length_error&) {
+      caught = true;
+    }
+    EXPECT(caught);
+  }
+  std::mt19937 rng(11);
+  std::normal_distribution<float> g;
+  const int C = 200, D = 24, n = 700, m = 2;
+  std::vector<float> cb(C * D), x(n * D);
+  for (auto& v : cb) v = g(rng);
+  for (auto& v : x) v = g(rng);
+  Quantizer q(cb.data(), C, D);
+  std::vector<int32_t> ids(n * m);
+  std::vector<float> dist(n * m);
+  q.search(x.data(), n, m, ids.data(), dist.data());
+  // 70 images of 10 descriptors (images split over the threads), and one image of all n (its
+  // words split over the threads).
+  std::vector<int64_t> img(n / 10 + 1), reg(n / 10 + 1);
+  for (size_t i = 0; i < img.size(); ++i) {
+    img[i] = static_cast<int64_t>(i);
+    reg[i] = 10 * static_cast<int64_t>(i);
+  }
+  int64_t img1[] = {0, 1}, reg1[] = {0, n};
+  AggInput in;
+  in.x = x.data();
+  in.n_desc = n;
+  in.assign = ids.data();
+  in.m = m;
+  in.centroids = cb.data();
+  in.n_words = C;
+  in.dim = D;
+  const RegionLayout lay{img.data(), static_cast<int64_t>(img.size()) - 1, reg.data(), nullptr};
+  const RegionLayout lay1{img1, 1, reg1, nullptr};
+  Aggregated agg, agg1;
+  aggregate(in, lay, AggKind::kAsmk, false, &agg);
+  aggregate(in, lay1, AggKind::kAsmk, true, &agg1);
+  std::vector<int32_t> nn(300);
+  std::vector<double> sq(300);
+  nearest_neighbors(x.data(), 300, x.data() + 300 * D, 400, D, nn.data(), sq.data(), true);
+  std::vector<int> same(2, 0), ran(2, 0);
+  ParallelErrors errors;
+#pragma omp parallel num_threads(2)
+  {
+    const int t = thread_id();
+    errors.run([&] {
+      if (t < 2) ran[t] = 1;
+      std::vector<int32_t> ids2(n * m);
+      std::vector<float> dist2(n * m);
+      q.search(x.data(), n, m, ids2.data(), dist2.data());
+      Aggregated agg2, agg3;
+      aggregate(in, lay, AggKind::kAsmk, false, &agg2);
+      aggregate(in, lay1, AggKind::kAsmk, true, &agg3);
+      std::vector<int32_t> nn2(300);
+      std::vector<double> sq2(300);
+      nearest_neighbors(x.data(), 300, x.data() + 300 * D, 400, D, nn2.data(), sq2.data(), true);
+      if (t < 2)
+        same[t] = ids2 == ids && dist2 == dist && agg2.word_offsets == agg.word_offsets &&
+                  agg2.words == agg.words && agg2.codes == agg.codes && agg3.words == agg1.words &&
+                  agg3.bits == agg1.bits && nn2 == nn && sq2 == sq;
+    });
+  }
+  errors.rethrow();
+  EXPECT(ran[0] == 1 && same[0] == 1);
+  EXPECT(same[1] == ran[1]);  // thread 1, when one was granted
+}
+
 int main() {
   test_quantize_golden();
   test_quantize_random();
@@ -399,6 +555,8 @@ int main() {
   test_fixed_point_and_keys();
   test_ransac_known_affine();
   test_pooled_search_and_many_images();
+  test_parallel_errors();
+  test_core_regions_errors_and_teams();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;
 }
