@@ -6,6 +6,8 @@
 
 #include <memory>
 #include <string>
+#include <system_error>
+#include <cerrno>
 
 #include "aggregate.h"
 #include "common.h"
@@ -107,16 +109,13 @@ py::tuple topk_to_python(TopK&& r) {
 }
 
 py::tuple aggregated_to_python(Aggregated& out, bool binary, int dim) {
-  const int64_t n = static_cast<int64_t>(out.words.size());
-  auto offs = py::array_t<int64_t>(out.word_offsets.size(), out.word_offsets.data());
-  auto words = py::array_t<int32_t>(n, out.words.data());
-  if (binary) {
-    const int nb = packed_bytes(dim);
-    auto bits = py::array_t<uint8_t>({n, static_cast<int64_t>(nb)}, out.bits.data());
-    return py::make_tuple(offs, words, bits);
-  }
-  auto codes = py::array_t<float>({n, static_cast<int64_t>(dim)}, out.codes.data());
-  return py::make_tuple(offs, words, codes);
+  // The vectors move into the arrays (no copy: a failed copy would surface as a RuntimeError).
+  const auto n = static_cast<py::ssize_t>(out.words.size());
+  const auto n_off = static_cast<py::ssize_t>(out.word_offsets.size());
+  auto offs = to_numpy(std::move(out.word_offsets), {n_off});
+  auto words = to_numpy(std::move(out.words), {n});
+  if (binary) return py::make_tuple(offs, words, to_numpy(std::move(out.bits), {n, py::ssize_t{packed_bytes(dim)}}));
+  return py::make_tuple(offs, words, to_numpy(std::move(out.codes), {n, py::ssize_t{dim}}));
 }
 
 }  // namespace
@@ -212,6 +211,11 @@ PYBIND11_MODULE(_native, m) {
       if (p) std::rethrow_exception(p);
     } catch (const d2r::NotFound& e) {
       PyErr_SetString(PyExc_KeyError, e.what());
+    } catch (const std::system_error& e) {  // MappedFile: the OS said no
+      if (e.code().value() == ENOMEM)
+        PyErr_SetString(PyExc_MemoryError, e.what());
+      else
+        PyErr_SetObject(PyExc_OSError, py::make_tuple(e.code().value(), e.what()).ptr());  // OSError(errno, msg)
     }
   });
 
