@@ -33,18 +33,11 @@ sys.path.insert(0, str(HERE))
 
 import d2r  # noqa: E402
 import asmk_baseline  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 # ---- data ----------------------------------------------------------------------------------------

@@ -417,6 +417,16 @@ inline float dot(const float* a, const uint8_t* braw, int dim) {
   return s;
 }
 
+// Results of n_queries queries over n candidates: k results each (k < 0 or k > n: n), zero-filled.
+TopK empty_topk(int64_t n_queries, int64_t k, int64_t n) {
+  TopK r;
+  r.n_queries = n_queries;
+  r.k = (k < 0 || k > n) ? n : k;
+  r.scores.resize(static_cast<size_t>(n_queries) * r.k);
+  r.ids.resize(static_cast<size_t>(n_queries) * r.k);
+  return r;
+}
+
 // [lo, hi) of range t of T over n items.
 inline int64_t range_lo(int64_t n, int t, int T) { return n * t / T; }
 
@@ -533,12 +543,8 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   const Snapshot& s = *snap;
   const int64_t n = s.n_slots();
   const int64_t* ids = s.slots->ids.data();
-  TopK r;
-  r.n_queries = queries.n;
-  r.k = (k < 0 || k > n) ? n : k;
+  TopK r = empty_topk(queries.n, k, n);
   const int64_t kk = r.k;
-  r.scores.resize(static_cast<size_t>(queries.n) * kk);
-  r.ids.resize(static_cast<size_t>(queries.n) * kk);
   if (kk == 0 || queries.n == 0) return r;
   const std::vector<int64_t> table = hamming_table(p);
   const int T = num_threads();
@@ -617,12 +623,8 @@ TopK InvertedFile::search_pooled(const CodesView& queries, bool mean, int64_t k,
   }
   run_start.push_back(n);
   const int64_t G = static_cast<int64_t>(run_id.size());
-  TopK r;
-  r.n_queries = queries.n;
-  r.k = (k < 0 || k > G) ? G : k;
+  TopK r = empty_topk(queries.n, k, G);
   const int64_t kk = r.k;
-  r.scores.resize(static_cast<size_t>(queries.n) * kk);
-  r.ids.resize(static_cast<size_t>(queries.n) * kk);
   if (kk == 0 || queries.n == 0) return r;
   // Queries in blocks (bounded memory): every entry's score, then pooled per image.
   const int64_t block = std::min<int64_t>(queries.n, 64);
