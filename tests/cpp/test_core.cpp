@@ -51,17 +51,30 @@ static void test_quantize_golden() {
   EXPECT(ids[6] == 4);                                // [1,2] -> word 4
 }
 
-static void test_quantize_random() {
-  std::mt19937 rng(1);
+// A Gaussian codebook (C x D) and descriptors (n x D) drawn from `seed`, and the descriptors' m
+// nearest words by the quantizer.
+struct Quantized {
+  std::vector<float> cb, x;
+  std::vector<int32_t> ids;
+  std::vector<float> dist;
+};
+
+static Quantized random_quantized(unsigned seed, int C, int D, int n, int m) {
+  std::mt19937 rng(seed);
   std::normal_distribution<float> g;
+  Quantized r{std::vector<float>(C * D), std::vector<float>(n * D), std::vector<int32_t>(n * m),
+              std::vector<float>(n * m)};
+  for (auto& v : r.cb) v = g(rng);
+  for (auto& v : r.x) v = g(rng);
+  Quantizer(r.cb.data(), C, D).search(r.x.data(), n, m, r.ids.data(), r.dist.data());
+  return r;
+}
+
+static void test_quantize_random() {
   const int C = 300, D = 37, n = 101, m = 4;
-  std::vector<float> cb(C * D), x(n * D);
-  for (auto& v : cb) v = g(rng);
-  for (auto& v : x) v = g(rng);
-  Quantizer q(cb.data(), C, D);
-  std::vector<int32_t> ids(n * m);
-  std::vector<float> dist(n * m);
-  q.search(x.data(), n, m, ids.data(), dist.data());
+  const Quantized r = random_quantized(1, C, D, n, m);
+  const std::vector<float>&cb = r.cb, &x = r.x;
+  const std::vector<int32_t>& ids = r.ids;
   int bad = 0;
   for (int i = 0; i < n; ++i) {
     std::vector<std::pair<double, int>> all;
@@ -483,16 +496,11 @@ static void test_core_regions_errors_and_teams() {
     }
     EXPECT(caught);
   }
-  std::mt19937 rng(11);
-  std::normal_distribution<float> g;
   const int C = 200, D = 24, n = 700, m = 2;
-  std::vector<float> cb(C * D), x(n * D);
-  for (auto& v : cb) v = g(rng);
-  for (auto& v : x) v = g(rng);
+  const Quantized r = random_quantized(11, C, D, n, m);
+  const std::vector<float>&cb = r.cb, &x = r.x, &dist = r.dist;
+  const std::vector<int32_t>& ids = r.ids;
   Quantizer q(cb.data(), C, D);
-  std::vector<int32_t> ids(n * m);
-  std::vector<float> dist(n * m);
-  q.search(x.data(), n, m, ids.data(), dist.data());
   // 70 images of 10 descriptors (images split over the threads), and one image of all n (its
   // words split over the threads).
   std::vector<int64_t> img(n / 10 + 1), reg(n / 10 + 1);
