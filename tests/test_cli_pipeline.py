@@ -99,8 +99,8 @@ def test_pipeline_on_small_demo_set_writes_report(tmp_path):
         assert m.reranked is not None
         assert m.reranked["medium"]["map"] >= 0.94 and m.reranked["hard"]["map"] >= 0.94, (m.name, m.reranked)
     html = (tmp_path / "report" / "index.html").read_text()
-    assert "data:image/png;base64," in html and "<table>" in html
-    assert len(list((tmp_path / "report").glob("*.png"))) >= 2
+    assert "data:image/jpeg;base64," in html and "<table" in html
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["index.html"]   # one self-contained file
     assert "mAP E" in buf.getvalue()
 
 
@@ -124,24 +124,41 @@ def test_feature_store_is_resumable_and_skips_bad_images(tmp_path):
                 raise KeyboardInterrupt  # a crash mid-run
             return sift(image)
 
+        def describe(self):   # the store records (and checks) the extractor: this one is RootSIFT
+            return sift.describe()
+
+    class Counting(Interrupting):
+        def __call__(self, image):
+            calls.append(str(image))
+            return sift(image)
+
     store = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
         extract_dataset(paths, store, Interrupting(), shard_size=2, progress=False)
-    assert len(list(store.glob("shard-*.npz"))) == 1          # the complete shard survived, nothing half-written
+    # the complete shard and the image extracted before the interruption survive, nothing half-written
+    assert len(list(store.glob("shard-*.npz"))) == 2
     assert not [p for p in store.iterdir() if p.name.startswith(".")]
     calls.clear()
-    stored, errors = extract_dataset(paths + bad, store, lambda im: (calls.append(str(im)), sift(im))[1],
-                                     shard_size=2, progress=False)
-    assert str(paths[0]) not in calls and str(paths[1]) not in calls   # already stored: skipped
-    assert sorted(e[0] for e in errors) == sorted(str(b) for b in bad) # reported, run not aborted
-    assert sorted(stored) == sorted(str(p) for p in paths)
+    with pytest.warns(UserWarning) as caught:
+        stored, errors = extract_dataset(paths + bad, store, Counting(), shard_size=2, progress=False)
+    assert str(paths[0]) not in calls and str(paths[1]) not in calls and str(paths[2]) not in calls  # stored: skipped
+    # empty and non-image files are reported and skipped (the run is not aborted); the truncated JPEG is
+    # decoded (the missing part grey) and used, with a warning
+    assert sorted(e[0] for e in errors) == sorted(str(b) for b in bad[:2])
+    kinds = {type(w.message).__name__ for w in caught}
+    assert {"TruncatedImageWarning", "UnreadableImagesWarning"} <= kinds, kinds
+    assert sorted(stored) == sorted(str(p) for p in paths + bad[2:])
     names, feats = load_features(store)
-    assert sorted(names) == sorted(str(p) for p in paths)
+    assert sorted(names) == sorted(str(p) for p in paths + bad[2:])
     direct = sift(paths[3])
     got = feats[names.index(str(paths[3]))]
     np.testing.assert_array_equal(got.descriptors, direct.descriptors)
     import json
-    assert len(json.loads((store / "errors.json").read_text())) == 3
+    assert len(json.loads((store / "errors.json").read_text())) == 2
+    # another extractor's features are refused, naming both
+    from d2r.features import StoreMismatchError
+    with pytest.raises(StoreMismatchError, match=r"RootSIFT\(.*contrast_threshold=0.04.*\).*not of RootSIFT\(.*contrast_threshold=0.02"):
+        extract_dataset(paths, store, RootSIFT(contrast_threshold=0.02), progress=False)
     # the CLI takes the folder too
     assert main(["train-codebook", str(store), "--words", "16", "--iters", "3", "--out", str(tmp_path / "cb.npy")]) == 0
 

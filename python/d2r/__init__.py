@@ -15,13 +15,14 @@ from . import _native
 from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
 from .codebook import Codebook
 from .index import Index, RegionalSearchIndex
-from .index_io import IndexFileError
-from .features import extract_dataset, load_features, save_features
+from .index_io import FormatWarning, IndexFileError
+from .features import StoreMismatchError, extract_dataset, load_features, save_features, store_info
 from . import cuda
 
-__all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "Index", "IndexFileError", "KERNELS",
-           "RegionalSearchIndex", "Regions", "aggregate", "build_info", "cuda", "extract_dataset", "load_features", "save_features", "get_num_threads", "set_num_threads",
-           "vlad"]
+__all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "FormatWarning", "Index", "IndexFileError",
+           "KERNELS", "RegionalSearchIndex", "Regions", "StoreMismatchError", "aggregate", "build_info", "cuda",
+           "extract_dataset", "load_features", "save_features", "store_info", "get_num_threads",
+           "set_num_threads", "vlad"]
 
 
 def build_info() -> dict:
@@ -43,4 +44,5 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """Threads the native core uses (see set_num_threads)."""
     return int(_native.get_num_threads())

@@ -7,7 +7,8 @@ import numpy as np
 from . import _native
 from ._checks import as_descriptors, as_offsets, check_positive_int
 from .codebook import Codebook
-from .kernels import KERNELS, Aggregated, AggregatedBatch, KernelSpec, code_bytes, kernel_spec  # noqa: F401
+from .kernels import (KERNELS, Aggregated, AggregatedBatch, KernelSpec, check_fingerprint, code_bytes,  # noqa: F401
+                      kernel_spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,8 +108,12 @@ def _concat_images(images, dim):
     return np.ascontiguousarray(x), offsets
 
 
-def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
-    """Precomputed word assignments: int (n, m) with ids in [0, n_words)."""
+def as_assignments(assignments, n: int, m: int, n_words: int, fingerprint: str | None = None,
+                   codebook: Codebook | None = None) -> np.ndarray:
+    """Precomputed word assignments: int (n, m) with ids in [0, n_words); `fingerprint`, when given,
+    must be `codebook`'s (the codebook that made them)."""
+    if codebook is not None:
+        check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
     a = np.asarray(assignments)
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"assignments must be integers, got dtype {a.dtype}")
@@ -122,23 +127,23 @@ def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
 
 
 def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets: np.ndarray, kernel: str,
-                     m: int = 1, assignments=None) -> AggregatedBatch:
+                     m: int = 1, assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
     """Plain (one region per image) aggregation of many images given concatenated descriptors
-    (and, optionally, their precomputed word assignments)."""
+    (and, optionally, their precomputed word assignments, made by the codebook with `fingerprint`)."""
     spec = kernel_spec(kernel)
     if assignments is None:
         assign, _ = codebook.quantize(descriptors, m)
     else:
-        assign = as_assignments(assignments, descriptors.shape[0], m, codebook.n_words)
+        assign = as_assignments(assignments, descriptors.shape[0], m, codebook.n_words, fingerprint, codebook)
     n_img = image_offsets.shape[0] - 1
     image_regions = np.arange(n_img + 1, dtype=np.int64)
     offs, words, codes = _native.aggregate(descriptors, assign, codebook.centroids, image_regions,
                                            image_offsets, None, kind=0, binary=spec.binary)
-    return AggregatedBatch(offs, words, codes)
+    return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 
 def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1,
-                            assignments=None) -> AggregatedBatch:
+                            assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
     """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes).
     `assignments`: optional list of precomputed word ids, one (n_i, m) array per image aligned with
     its Regions.descriptors."""
@@ -163,6 +168,7 @@ def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: in
     if assignments is None:
         assign, _ = codebook.quantize(np.ascontiguousarray(x), m)
     else:
+        check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
         assignments = list(assignments)
         if len(assignments) != len(regs):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regs)} images")
@@ -172,7 +178,7 @@ def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: in
     offs, words, codes = _native.aggregate(np.ascontiguousarray(x), assign, codebook.centroids, image_regions,
                                            region_members, np.ascontiguousarray(members), kind=kind,
                                            binary=spec.binary)
-    return AggregatedBatch(offs, words, codes)
+    return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 
 def aggregate(descriptors, codebook: Codebook, kernel: str = "asmk*", m: int = 1) -> Aggregated:

@@ -1,18 +1,51 @@
 """The `d2r` command: demo (the main job), extract, train-codebook, index, search, evaluate, convert-delf,
-convert-codebook, info."""
+convert-codebook, info.
+
+Conventions every command follows (and commands added later must follow):
+
+- ``--help`` describes every option with its default;
+- progress bars go to stderr, results to stdout; ``--quiet`` silences the bars (and notes), ``--json``
+  prints one JSON document on stdout instead of the human-readable text;
+- an error is one line on stderr, ``d2r COMMAND: error: <what is wrong>; <how to fix it>``; warnings
+  are one line each, ``d2r COMMAND: warning: ...``;
+- unreadable inputs (images) are skipped and listed; ``--strict`` stops at the first one;
+- exit status: 0 success (perhaps with skipped inputs, listed), 1 nothing usable remained or
+  ``--strict`` stopped at an unreadable input, 2 a usage error (bad argument, missing or unusable
+  file), 3 an internal error (a bug: please report it; ``D2R_DEBUG=1`` shows the traceback),
+  130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
+EXIT_OK, EXIT_NOTHING_USABLE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-def _dataset(spec: str):
+DATASETS_HELP = ("demo (built-in photos, generated once), realmix (../shared/data/realmix or $D2R_SHARED_DATA), "
+                 "synthetic (descriptor-level scenes), roxford5k:ROOT or rparis6k:ROOT (the official layout: "
+                 "ROOT/jpg/*.jpg and ROOT/gnd_roxford5k.pkl), folder:ROOT:PAIRS.csv (your own images under ROOT "
+                 "and a CSV of query,positive image pairs, one pair per line, paths relative to ROOT)")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files: exit status 2."""
+
+
+class NothingUsable(Exception):
+    """No usable input remained: exit status 1."""
+
+
+def _dataset(spec: str, progress: bool = True):
     """'demo', 'realmix', 'synthetic', 'roxford5k:ROOT', 'rparis6k:ROOT' or 'folder:ROOT:PAIRS.csv'."""
     if spec == "demo":
         from .datasets.demo import make_demo_set
 
-        return make_demo_set()
+        return make_demo_set(progress=progress)
     if spec == "realmix":
         from .datasets import load_realmix
 
@@ -26,9 +59,35 @@ def _dataset(spec: str):
         from .datasets.revisited import load_folder
 
         root, _, pairs = rest.partition(":")
+        if not pairs:
+            raise UsageError(f"--dataset {spec}: give the pairs file too, folder:ROOT:PAIRS.csv")
         return load_folder(root, pairs)
-    raise ValueError(f"unknown dataset {spec!r}: use demo, realmix, synthetic, roxford5k:ROOT, rparis6k:ROOT "
-                     "or folder:ROOT:PAIRS.csv")
+    raise UsageError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
+
+
+def _say(args, *parts) -> None:
+    """A note for the person at the terminal (stderr), silenced by --quiet and --json."""
+    if not (getattr(args, "quiet", False) or getattr(args, "json", False)):
+        print(*parts, file=sys.stderr)
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+# ---- demo / evaluate ---------------------------------------------------------------------------------
+def _run_pipeline(args, rerank: bool) -> int:
+    import io
+
+    from .pipeline import run, summary
+
+    ds = _dataset(args.dataset, progress=not args.quiet)
+    out = io.StringIO() if args.json else sys.stdout
+    result = run(ds, n_words=args.words, proposals=args.proposals, rerank=rerank, report_dir=args.report,
+                 seed=args.seed, progress=not args.quiet, out=out)
+    if args.json:
+        _emit_json({"dataset": args.dataset, **summary(result)})
+    return EXIT_OK
 
 
 def _demo(args) -> int:
@@ -36,128 +95,277 @@ def _demo(args) -> int:
         from .synthetic import run_synthetic_demo
 
         run_synthetic_demo(seed=args.seed, out=sys.stdout)
-        return 0
-    from .pipeline import run
-
-    ds = _dataset(args.dataset)
-    run(ds, n_words=args.words, proposals=args.proposals, rerank=not args.no_rerank, report_dir=args.report,
-        seed=args.seed, progress=not args.quiet)
-    return 0
+        return EXIT_OK
+    return _run_pipeline(args, rerank=not args.no_rerank)
 
 
+def _evaluate(args) -> int:
+    return _run_pipeline(args, rerank=args.rerank)
+
+
+# ---- extract -----------------------------------------------------------------------------------------
 def _images(paths):
+    """Image paths from files, folders (recursively, by suffix) and .txt lists (one path per line,
+    relative to the list's folder)."""
     out = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"))
-        elif p.suffix == ".txt":
-            out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise UsageError(f"{p}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            out += [p.parent / line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
         elif p.exists():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such image, folder or list")
+            raise UsageError(f"{p}: no such image, folder or .txt list; check the path")
     if not out:
-        raise ValueError("no images found")
-    return out
+        raise UsageError("no images given; pass image files, folders or .txt lists of paths")
+    return [str(q) for q in out]
+
+
+def _make_extractor(args):
+    if getattr(args, "delf", None):
+        from .extract import DELF
+
+        return DELF(args.delf, max_features=args.max_features)  # one process (the GPU when PyTorch sees one)
+    from .extract import RootSIFT
+
+    return RootSIFT(max_features=args.max_features)
 
 
 def _extract(args) -> int:
-    from .extract import RootSIFT, extract_many
+    from .extract import describe, extract_many
     from .features import extract_dataset, save_features
 
     paths = _images(args.images)
-    if args.delf:
-        from .extract import DELF
-
-        sift = DELF(args.delf, max_features=args.max_features)  # one process (the GPU when PyTorch sees one)
-        args.workers = 1
-    else:
-        sift = RootSIFT(max_features=args.max_features)
+    sift = _make_extractor(args)
+    workers = 1 if args.delf else args.workers
     detector = None
     if args.detector or args.proposals:
         from . import detect
 
         if str(args.out).endswith(".npz"):
-            raise ValueError("regions (--proposals / --detector) are stored in a feature-store folder, not a .npz")
+            raise UsageError("regions (--proposals / --detector) are stored in a feature-store folder: give --out "
+                             "a folder name, not a .npz file")
         detector = (detect.TFSavedModelDetector(args.detector) if args.detector else
                     {"grid": lambda: detect.GridProposals(levels=3), "mser": detect.MSERProposals,
                      "keypoints": detect.KeypointClusterProposals}[args.proposals]())
+    on_error = "raise" if args.strict else "skip"
     if str(args.out).endswith(".npz"):
-        feats = extract_many(sift, [str(p) for p in paths], workers=args.workers)
-        save_features(args.out, [str(p) for p in paths], feats)
-        print(f"{len(paths)} images, {sum(len(f.descriptors) for f in feats)} descriptors -> {args.out}")
-        return 0
-    stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions)
-    for name, err in errors:
-        print(f"skipped {name}: {err}", file=sys.stderr)
-    print(f"{len(stored)} images stored in {args.out} ({len(errors)} unreadable, listed in errors.json)")
-    return 0
+        feats = extract_many(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
+        names = [os.path.abspath(p) for p in feats.images]
+        save_features(args.out, names, list(feats), extractor=describe(sift), errors=feats.errors)
+        stored, errors = names, feats.errors
+    else:
+        stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions,
+                                         progress=not args.quiet, strict=args.strict)
+    if args.json:
+        _emit_json({"store": str(args.out), "images_stored": len(stored),
+                    "skipped": [{"image": n, "error": e} for n, e in errors]})
+    else:
+        for name, err in errors:
+            print(f"skipped {name}: {err}", file=sys.stderr)
+        where = "listed in errors.json" if not str(args.out).endswith(".npz") else "listed in the file's errors"
+        print(f"{len(stored)} images stored in {args.out}" + (f" ({len(errors)} unreadable, {where})" if errors else ""))
+    return EXIT_OK
 
 
+# ---- train-codebook ----------------------------------------------------------------------------------
 def _train(args) -> int:
-    import numpy as np
-
-    from .codebook import Codebook
     from .features import load_features
+    from .pipeline import train_codebook
 
     _, feats = load_features(args.features)
-    x = np.vstack([f.descriptors for f in feats])
-    if args.sample and len(x) > args.sample:
-        x = x[np.random.default_rng(args.seed).choice(len(x), args.sample, replace=False)]
-    cb = Codebook.train(x, args.words, niter=args.iters, seed=args.seed)
+    n = sum(len(f.descriptors) for f in feats)
+    if n < args.words:
+        raise UsageError(f"{args.features} holds {n} descriptors, fewer than --words {args.words}; use --words "
+                         f"{max(1, n // 10)} or extract more images")
+    cb = train_codebook(feats, args.words, seed=args.seed, sample=args.sample, niter=args.iters,
+                        progress=not args.quiet)
     cb.save(args.out)
-    print(f"codebook {cb.n_words} x {cb.dim} -> {args.out}")
-    return 0
+    if args.json:
+        _emit_json({"codebook": str(args.out), "words": cb.n_words, "dim": cb.dim, "fingerprint": cb.fingerprint})
+    else:
+        print(f"codebook {cb.n_words} x {cb.dim} (fingerprint {cb.fingerprint}) -> {args.out}")
+    return EXIT_OK
+
+
+# ---- index -------------------------------------------------------------------------------------------
+def _names_file(index_path) -> Path:
+    return Path(str(index_path) + ".names.txt")
 
 
 def _index(args) -> int:
     from .codebook import Codebook
-    from .features import load_features
+    from .features import load_features, store_info
     from .index import Index
 
+    codebook = Codebook.load(args.codebook)
+    info = store_info(args.features)
     names, feats = load_features(args.features)
-    index = Index(Codebook.load(args.codebook), kernel=args.kernel, normalize=not args.no_gamma)
-    index.add([f.descriptors for f in feats], progress=True)
+    dims = {f.descriptors.shape[1] for f in feats if f.descriptors.size}
+    if dims and dims != {codebook.dim}:
+        raise UsageError(f"{args.features} holds {sorted(dims)}-D descriptors but {args.codebook} has {codebook.dim}-D "
+                         "words; train the codebook on features of the same extractor")
+    index = Index(codebook, kernel=args.kernel, normalize=not args.no_gamma)
+    index.extractor = info["extractor"]
+    index.add([f.descriptors for f in feats], progress=not args.quiet)
     index.save(args.out)
-    (Path(str(args.out) + ".names.txt")).write_text("\n".join(names) + "\n")
+    from ._atomic import atomic_write
+
+    with atomic_write(_names_file(args.out)) as f:
+        f.write(("\n".join(names) + "\n").encode("utf-8"))
     st = index.stats()
-    print(f"{st['images']} images, {st['words_per_image']:.0f} words/image, {st['bytes_per_image']:.0f} bytes/image "
-          f"-> {args.out}")
-    return 0
+    if args.json:
+        _emit_json({"index": str(args.out), "names": str(_names_file(args.out)), **st,
+                    "codebook_fingerprint": codebook.fingerprint})
+    else:
+        print(f"{st['images']} images, {st['words_per_image']:.0f} words/image, {st['bytes_per_image']:.0f} "
+              f"bytes/image -> {args.out} (image names in {_names_file(args.out)})")
+    return EXIT_OK
+
+
+# ---- search ------------------------------------------------------------------------------------------
+def _query_extractor(index, args):
+    """The extractor the index's database features were made with (recorded by `d2r index`), with
+    --max-features applied; the CLI's RootSIFT for indexes without a record."""
+    from .extract import RootSIFT, describe
+
+    rec = index.extractor
+    if rec is None:
+        warnings.warn(f"{args.index} does not record the extractor of its database features (an index written by "
+                      "an older d2r or from the Python API); extracting queries with RootSIFT", UserWarning)
+        return RootSIFT(max_features=args.max_features or 1000)
+    if rec.get("name") == "RootSIFT":
+        params = dict(rec.get("params", {}))
+        if args.max_features is not None:
+            params["max_features"] = args.max_features
+        ext = RootSIFT(**params)
+    elif args.delf:
+        ext = _make_extractor(args)
+    else:
+        raise UsageError(f"{args.index} was built from {rec.get('name')} features; pass the same extractor "
+                         "(--delf WEIGHTS) to search it")
+    got = describe(ext)
+    if got["fingerprint"] != rec.get("fingerprint"):
+        from .features import _extractor_label
+
+        raise UsageError(f"{args.index} was built from {_extractor_label(rec)} features, the queries would be "
+                         f"{_extractor_label(got)}; use the same extractor (and weights)")
+    return ext
+
+
+def _read_names(args, index):
+    path = _names_file(args.index)
+    if not path.exists():
+        warnings.warn(f"{path} is missing: results are shown as image ids (d2r index writes the names beside the "
+                      "index; keep the two files together)", UserWarning)
+        return None
+    names = path.read_text(encoding="utf-8").splitlines()
+    ids = index.ids
+    if ids.size and int(ids.max()) >= len(names):
+        warnings.warn(f"{path} lists {len(names)} names but the index has ids up to {int(ids.max())}: it does not "
+                      "belong to this index; ids without a name are shown as numbers", UserWarning)
+    return names
 
 
 def _search(args) -> int:
-    from .extract import RootSIFT
+    from .extract import ImageLoadError
     from .index import Index
 
-    index = Index.load(args.index)
-    names_file = Path(str(args.index) + ".names.txt")
-    names = names_file.read_text().splitlines() if names_file.exists() else None
-    sift = RootSIFT(max_features=args.max_features)
-    for q in _images(args.queries):
-        scores, ids = index.search(sift(str(q)).descriptors, k=args.k)
-        print(f"# {q}")
-        for s, i in zip(scores, ids):
-            print(f"{s:.6f}\t{names[i] if names and i < len(names) else i}")
-    return 0
+    index = Index.load(args.index, mmap=True)
+    if len(index) == 0:
+        raise UsageError(f"{args.index} holds no images; build it with `d2r index`")
+    names = _read_names(args, index)
+    extractor = _query_extractor(index, args)
+    db_feats = None
+    if args.rerank:
+        db_feats = _rerank_features(args, index, names)
+    queries = _images(args.queries)
+    results, skipped = [], []
+    from ._progress import iterate
+
+    for q in iterate(queries, len(queries), "search", not args.quiet and len(queries) > 1):
+        try:
+            qf = extractor(q)
+        except ImageLoadError as exc:
+            if args.strict:
+                raise NothingUsable(f"{exc} (stopped: --strict)") from None
+            skipped.append((q, str(exc)))
+            print(f"d2r search: skipped {q}: {exc}", file=sys.stderr)
+            continue
+        if args.rerank:
+            from .verify import search_and_rerank
+
+            ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
+                                                     max_distance=extractor.match_distance
+                                                     if hasattr(extractor, "match_distance") else 0.9)
+        else:
+            scores, ids = index.search(qf.descriptors, k=args.k)
+            inliers = None
+        rows = []
+        for r, (s, i) in enumerate(zip(scores, ids)):
+            row = {"rank": r + 1, "id": int(i), "score": float(s)}
+            row["name"] = names[int(i)] if names is not None and int(i) < len(names) else None
+            if inliers is not None:
+                row["inliers"] = int(inliers[r])
+            rows.append(row)
+        results.append({"query": q, "descriptors": int(len(qf.descriptors)), "results": rows})
+        if not args.json:
+            _print_query(q, qf, rows, inliers is not None, first=len(results) == 1, index=index, args=args)
+    if args.json:
+        _emit_json({"index": str(args.index), "k": args.k, "kernel": index.kernel, "normalize": index.normalize,
+                    "reranked": bool(args.rerank), "queries": results,
+                    "skipped": [{"image": n, "error": e} for n, e in skipped]})
+    if not results:
+        raise NothingUsable("no query image could be read" + (f" (of {len(queries)})" if len(queries) > 1 else ""))
+    return EXIT_OK
 
 
-def _evaluate(args) -> int:
-    from .pipeline import run
+def _print_query(q, qf, rows, reranked, first, index, args):
+    if first:
+        scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
+                 else " (gamma normalisation off: grows with the number of shared words)")
+        print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
+              f"query and the image share{scale}, 0 = no word in common, -1 = no features")
+        if reranked:
+            print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
+                  f"{args.rerank_top}; -1: not verified); results are sorted by inliers, then score")
+    print(f"query: {q} ({len(qf.descriptors)} features)")
+    head = f"{'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if reranked else "") + "image"
+    print(head)
+    for row in rows:
+        name = row["name"] if row["name"] is not None else f"id {row['id']}"
+        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + (f"{row['inliers']:>7}  " if reranked else "") + name)
+    print()
 
-    run(_dataset(args.dataset), n_words=args.words, proposals=args.proposals, rerank=args.rerank,
-        report_dir=args.report, seed=args.seed, progress=not args.quiet)
-    return 0
+
+def _rerank_features(args, index, names):
+    from .features import load_features
+
+    store = args.features
+    if store is None:
+        raise UsageError("--rerank needs the database features: --features STORE (the store `d2r index` was built from)")
+    store_names, feats = load_features(store)
+    if names is None:
+        raise UsageError(f"--rerank needs {_names_file(args.index)} to match images to their stored features")
+    pos = {n: i for i, n in enumerate(store_names)}
+    missing = [n for n in names if n not in pos]
+    if missing:
+        raise UsageError(f"{store} lacks the features of {len(missing)} indexed images (first: {missing[0]}); give the "
+                         "store the index was built from")
+    return [feats[pos[n]] for n in names]
 
 
+# ---- info, converters --------------------------------------------------------------------------------
 def _info(args) -> int:
-    import json
-
     from . import build_info
 
     print(json.dumps(build_info(), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _convert_delf(args) -> int:
@@ -165,7 +373,7 @@ def _convert_delf(args) -> int:
 
     info = convert_delf(args.model_dir, args.out, args.pca_dir)
     print(f"wrote {args.out}: {info['tensors']} tensors, PCA {info['pca'] or 'none'}")
-    return 0
+    return EXIT_OK
 
 
 def _convert_codebook(args) -> int:
@@ -173,88 +381,182 @@ def _convert_codebook(args) -> int:
 
     c = convert_codebook(args.checkpoint, args.out)
     print(f"wrote {args.out}: {c.shape[0]} words x {c.shape[1]} dimensions")
-    return 0
+    return EXIT_OK
+
+
+# ---- the parser --------------------------------------------------------------------------------------
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default (flags and options without one excepted), and descriptions kept
+    as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common(p, json_out=True):
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes (errors and results only)")
+    if json_out:
+        p.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2r", description="Detect-to-Retrieve image retrieval (ASMK*, R-ASMK*)")
+    parser = argparse.ArgumentParser(
+        prog="d2r", formatter_class=_Formatter,
+        description="Detect-to-Retrieve image retrieval (ASMK*, R-ASMK*): from images to ranked, evaluated results.",
+        epilog="The four steps on your own images: d2r extract IMAGES --out store; d2r train-codebook store --out "
+               "cb.npy; d2r index store --codebook cb.npy --out db.d2r; d2r search db.d2r QUERY.jpg.\n"
+               "Exit status: 0 success, 1 nothing usable remained (or --strict stopped), 2 usage error, 3 internal "
+               "error, 130 interrupted.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def pipeline_options(p, rerank_default):
-        p.add_argument("--dataset", default="demo",
-                       help="demo (built-in photos), realmix, synthetic, roxford5k:ROOT, rparis6k:ROOT, folder:ROOT:PAIRS.csv")
-        p.add_argument("--words", type=int, default=1024, help="codebook size (default 1024)")
-        p.add_argument("--proposals", default="dataset", choices=["dataset", "grid", "none"],
-                       help="database regions: the dataset's boxes, a weight-free R-MAC grid, or none")
-        p.add_argument("--report", default="d2r-report", help="folder for the HTML report (default d2r-report)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    def add(name, help, description=None):
+        return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
 
-    p = sub.add_parser("demo", help="the whole pipeline on built-in photographs, with a table and an HTML report")
-    pipeline_options(p, True)
+    def pipeline_options(p):
+        p.add_argument("--dataset", default="demo", help=f"the dataset: {DATASETS_HELP}")
+        p.add_argument("--words", type=int, default=1024, help="codebook size (k-means on the database features)")
+        p.add_argument("--proposals", default="dataset", choices=["dataset", "grid", "none"],
+                       help="database regions: the dataset's boxes (the demo set has them; others fall back to grid), "
+                            "a weight-free R-MAC grid, or none")
+        p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")
+        _common(p)
+
+    p = add("demo", "the whole pipeline on built-in photographs: one table and an HTML report",
+            "Extracts RootSIFT, re-extracts each database box, trains a codebook, builds ASMK*, R-ASMK* and "
+            "regional-search indexes, searches, re-ranks with spatial verification and evaluates with the "
+            "Revisited protocol (mAP Easy / Medium / Hard).")
+    pipeline_options(p)
     p.add_argument("--no-rerank", action="store_true", help="skip spatial verification")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("extract", help="RootSIFT (or DELF) features of images (files, folders or .txt lists) into a "
-                                       "feature store: a resumable folder of shards, or one .npz file")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="a folder (resumable; unreadable images are skipped and "
-                                                "listed in errors.json) or a file ending in .npz")
-    p.add_argument("--max-features", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=1)
+    p = add("extract", "local features of images into a feature store (a resumable folder of shards, or one .npz)")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists of paths")
+    p.add_argument("--out", required=True, help="a folder (resumable: images already stored are skipped) or a file "
+                                                "name ending in .npz")
+    p.add_argument("--max-features", type=int, default=1000, help="features kept per image (the strongest)")
+    p.add_argument("--workers", type=int, default=1, help="processes extracting in parallel (.npz output, RootSIFT)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS",
                    help="extract DELF instead of RootSIFT, with weights from `d2r convert-delf` (needs PyTorch)")
     p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
                    help="also store regions: weight-free proposals (grid: 3-level R-MAC), re-extracted on crops")
     p.add_argument("--detector", default=None, metavar="MODEL_DIR",
                    help="also store regions from the official D2R detector (SavedModel; needs TensorFlow)")
-    p.add_argument("--max-regions", type=int, default=5, help="regions kept per image (default 5)")
+    p.add_argument("--max-regions", type=int, default=5, help="regions kept per image")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: skip it and list it)")
+    _common(p)
     p.set_defaults(func=_extract)
 
-    p = sub.add_parser("train-codebook", help="k-means codebook from a feature store")
-    p.add_argument("features")
-    p.add_argument("--words", type=int, default=1024)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--sample", type=int, default=1_000_000, help="descriptors sampled for k-means")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p = add("train-codebook", "k-means codebook (visual words) from a feature store")
+    p.add_argument("features", help="a feature store (folder or .npz) made by `d2r extract`")
+    p.add_argument("--words", type=int, default=1024, help="number of visual words (k in k-means)")
+    p.add_argument("--iters", type=int, default=10, help="k-means (Lloyd) iterations")
+    p.add_argument("--sample", type=int, default=200_000,
+                   help="descriptors drawn at random (seeded) for k-means; faiss uses at most 256 per word")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample and of k-means")
+    p.add_argument("--out", required=True, help="output codebook file (.npy)")
+    _common(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("index", help="build an index file from a feature store and a codebook")
-    p.add_argument("features")
-    p.add_argument("--codebook", required=True)
-    p.add_argument("--kernel", default="asmk*", choices=["asmk*", "asmk"])
-    p.add_argument("--no-gamma", action="store_true", help="disable gamma normalisation")
-    p.add_argument("--out", required=True)
+    p = add("index", "build an index file from a feature store and a codebook (image names in OUT.names.txt)")
+    p.add_argument("features", help="a feature store (folder or .npz) made by `d2r extract`")
+    p.add_argument("--codebook", required=True, help="a codebook (.npy) from `d2r train-codebook`")
+    p.add_argument("--kernel", default="asmk*", choices=["asmk*", "asmk"],
+                   help="asmk*: binary codes (16 bytes per word for 128-D), asmk: float codes")
+    p.add_argument("--no-gamma", action="store_true", help="disable gamma normalisation (scores not divided by "
+                                                           "sqrt(|W_query| |W_image|))")
+    p.add_argument("--out", required=True, help="output index file (e.g. db.d2r)")
+    _common(p)
     p.set_defaults(func=_index)
 
-    p = sub.add_parser("search", help="search an index with query images")
-    p.add_argument("index")
-    p.add_argument("queries", nargs="+")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--max-features", type=int, default=1000)
+    p = add("search", "search an index with query images; prints the ranked images with their scores")
+    p.add_argument("index", help="an index file from `d2r index`")
+    p.add_argument("queries", nargs="+", help="query image files, folders or .txt lists")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="features extracted per query (default: as many as for the indexed images, recorded by "
+                        "`d2r index`; 1000 when not recorded)")
+    p.add_argument("--rerank", action="store_true",
+                   help="spatially verify the top results (affine RANSAC) and sort them by inliers; needs --features")
+    p.add_argument("--rerank-top", type=int, default=100, help="results verified with --rerank")
+    p.add_argument("--features", default=None, metavar="STORE",
+                   help="the feature store the index was built from (for --rerank)")
+    p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable query image")
+    _common(p)
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("evaluate", help="the pipeline on a dataset with the Revisited evaluation")
-    pipeline_options(p, False)
+    p = add("evaluate", "the pipeline on a dataset with the Revisited evaluation (mAP Easy / Medium / Hard)")
+    pipeline_options(p)
     p.add_argument("--rerank", action="store_true", help="spatial verification of the top 100")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("convert-delf", help="official DELF model (delf_gld_20190411, needs TensorFlow once) -> "
-                                            "a weights file for d2r.extract.DELF (PyTorch)")
+    p = add("convert-delf", "official DELF model (delf_gld_20190411, needs TensorFlow once) -> a weights file for "
+                            "d2r.extract.DELF (PyTorch)")
     p.add_argument("model_dir", help="the unpacked archive (model/variables, pca/*.datum)")
     p.add_argument("out", help="output .npz")
     p.add_argument("--pca-dir", default=None, help="folder of mean.datum / pca_proj_mat.datum (default MODEL_DIR/pca)")
     p.set_defaults(func=_convert_delf)
 
-    p = sub.add_parser("convert-codebook", help="official codebook checkpoint (variable 'clusters') -> .npy")
+    p = add("convert-codebook", "official codebook checkpoint (variable 'clusters') -> .npy")
     p.add_argument("checkpoint", help="checkpoint prefix (or a folder holding one)")
     p.add_argument("out", help="output .npy")
     p.set_defaults(func=_convert_codebook)
 
-    p = sub.add_parser("info", help="how the native core was built")
+    p = add("info", "how the native core was built (JSON)")
     p.set_defaults(func=_info)
     return parser
+
+
+def _check_outputs(args) -> None:
+    """Fail before the work, not after it, when an output's folder does not exist."""
+    for name in ("out",):
+        v = getattr(args, name, None)
+        if v is not None:
+            parent = Path(v).parent
+            if not parent.is_dir():
+                raise UsageError(f"cannot write {v}: folder {parent} does not exist; create it first")
+
+
+def _check_numbers(args) -> None:
+    for name, low in (("words", 1), ("iters", 1), ("sample", 1), ("k", 1), ("max_features", 1), ("workers", 1),
+                      ("max_regions", 1), ("rerank_top", 1)):
+        v = getattr(args, name, None)
+        if v is not None and v < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (OSError: its description and file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        msg = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        msg = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        msg = str(exc.args[0])
+    return " ".join(msg.split())
+
+
+def _origin(exc: BaseException) -> str | None:
+    """The package whose code raised `exc` (the last Python frame), or None when it was d2r's own code
+    (or a builtin d2r called): d2r's messages name the problem and the fix; another package's would
+    pass through unexplained."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    if last is None or os.path.abspath(last).startswith(here):
+        return None
+    parts = Path(last).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return parts[parts.index(marker) + 1].split(".")[0]
+    return Path(last).stem
 
 
 def main(argv=None) -> int:
@@ -262,12 +564,61 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
+    prefix = f"d2r {args.command}"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    from . import _progress
+    from .extract import ImageLoadError, NoUsableImagesError
+    from .index_io import IndexFileError
+
+    saved_show, saved_quiet = warnings.showwarning, _progress._quiet
+    warnings.showwarning = show
+    _progress.set_quiet(bool(getattr(args, "quiet", False)))
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError, ImportError) as exc:
-        print(f"d2r {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            _check_numbers(args)
+            _check_outputs(args)
+            return args.func(args)
+    except (NothingUsable, NoUsableImagesError) as exc:
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    except ImageLoadError as exc:  # --strict
+        print(f"{prefix}: error: {_one_line(exc)} (stopped: --strict; without it unreadable images are skipped "
+              "and listed)", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
+    except IndexFileError as exc:
+        print(f"{prefix}: error: {_one_line(exc)}; rebuild it with `d2r index`", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, ValueError, TypeError, KeyError, OSError) as exc:
+        origin = None if isinstance(exc, (UsageError, OSError)) else _origin(exc)
+        if origin is not None:
+            return _internal(prefix, exc, f" in {origin}")
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:
+        print(f"{prefix}: error: a package this needs is not installed ({_one_line(exc)}); install d2r with its "
+              "extras, e.g. pip install \"d2r[demo]\"", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted (completed shards and files are kept; rerun to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so, in one line
+        return _internal(prefix, exc, "")
+    finally:
+        warnings.showwarning = saved_show
+        _progress.set_quiet(saved_quiet)
+
+
+def _internal(prefix, exc, where) -> int:
+    if os.environ.get("D2R_DEBUG"):
+        raise exc
+    print(f"{prefix}: internal error{where}: {type(exc).__name__}: {_one_line(exc)} (unexpected: a bug in d2r, please "
+          "report it; D2R_DEBUG=1 shows the traceback)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

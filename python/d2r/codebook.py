@@ -1,6 +1,8 @@
 """Visual-word codebooks: training (faiss k-means), storage (.npy) and exact quantisation (native)."""
 from __future__ import annotations
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ from . import _native
 from ._atomic import atomic_write
 from ._checks import as_descriptors, check_positive_int
 from ._devices import gpu
+from ._progress import busy
 
 
 class Codebook:
@@ -25,6 +28,7 @@ class Codebook:
         c.setflags(write=False)
         self._centroids = c
         self._quantizer = _native.Quantizer(c)
+        self._fingerprint = None
 
     @classmethod
     def from_array(cls, centroids) -> "Codebook":
@@ -32,11 +36,13 @@ class Codebook:
 
     @classmethod
     def train(cls, descriptors, n_words: int, niter: int = 20, seed: int = 0, verbose: bool = False,
-              max_points_per_centroid: int = 256, device: str = "cpu") -> "Codebook":
+              max_points_per_centroid: int = 256, device: str = "cpu", progress=None) -> "Codebook":
         """k-means on a descriptor sample, seedable. device="cpu": faiss, which samples at most
         `max_points_per_centroid * n_words` points. device="cuda": d2r's GPU Lloyd iterations
         (d2r.cuda.kmeans: random initialisation, exact assignment, deterministic update) on the same
-        sample size; descriptors may then be a CuPy / PyTorch CUDA array (used whole)."""
+        sample size; descriptors may then be a CuPy / PyTorch CUDA array (used whole).
+        progress: show the elapsed time while it runs (None: when the work is large, about a few
+        seconds or more)."""
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         n_words = check_positive_int(n_words, "n_words")
@@ -63,20 +69,43 @@ class Codebook:
             import faiss
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("Codebook.train needs faiss: pip install faiss-cpu") from exc
+        # min_points_per_centroid only sets when faiss prints its own warning (to the C stderr); d2r warns instead
         km = faiss.Kmeans(x.shape[1], n_words, niter=int(niter), seed=int(seed), verbose=verbose,
-                          max_points_per_centroid=int(max_points_per_centroid))
-        km.train(x)
+                          max_points_per_centroid=int(max_points_per_centroid), min_points_per_centroid=1)
+        n_used = min(x.shape[0], int(max_points_per_centroid) * n_words)
+        if n_used < 39 * n_words:
+            warnings.warn(f"k-means on {n_used} descriptors for {n_words} words: fewer than 39 per word (faiss's "
+                          "recommended minimum), so the codebook may be poor; use fewer words or more images",
+                          UserWarning, stacklevel=2)
+        if progress is None:
+            progress = float(n_used) * n_words * x.shape[1] * int(niter) > 2e10
+        with busy(f"k-means ({n_words} words, {n_used} descriptors, {int(niter)} iterations)", progress):
+            km.train(x)
         return cls(km.centroids)
 
     @classmethod
     def load(cls, path) -> "Codebook":
+        """A codebook saved by :meth:`save` (or ``d2r train-codebook``): a .npy file of float32 (or
+        float64) centroids, shape (n_words, dim)."""
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such codebook file")
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, not a codebook file (.npy)")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise ValueError(f"{path}: not a codebook (.npy) file: it does not start with the NumPy header; "
+                             "make one with `d2r train-codebook` or d2r.Codebook.save")
         try:
             arr = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise
         except Exception as exc:
-            raise ValueError(f"{path}: not a readable .npy codebook ({exc})") from exc
+            reason = "it holds Python objects" if "allow_pickle" in str(exc) else f"unreadable: {exc}"
+            raise ValueError(f"{path}: not a usable codebook (.npy) file ({reason}); make one with "
+                             "`d2r train-codebook` or d2r.Codebook.save") from None
+        if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind != "f":
+            raise ValueError(f"{path}: a codebook is a 2-D float array (n_words, dim), this file holds "
+                             f"{getattr(arr, 'dtype', type(arr))} of shape {getattr(arr, 'shape', '?')}")
         return cls(arr)
 
     def save(self, path) -> None:
@@ -86,6 +115,17 @@ class Codebook:
     @property
     def centroids(self) -> np.ndarray:
         return self._centroids
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying this codebook: a SHA-256 of its shape and float32 centroids.
+        Aggregated objects and index files carry it, so that data made with another codebook (even
+        of the same shape) is refused rather than scored into garbage."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"d2r-codebook:%d:%d:" % self._centroids.shape)
+            h.update(self._centroids.astype("<f4", copy=False).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def n_words(self) -> int:
@@ -99,7 +139,7 @@ class Codebook:
         return self.n_words
 
     def __repr__(self) -> str:
-        return f"Codebook(n_words={self.n_words}, dim={self.dim})"
+        return f"Codebook(n_words={self.n_words}, dim={self.dim}, fingerprint={self.fingerprint!r})"
 
     def quantize(self, descriptors, m: int = 1, device: str = "cpu", output: str = "numpy"):
         """Returns (ids int32 (n, m), squared distances float32 (n, m)), nearest first, ties by the

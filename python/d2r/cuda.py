@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _devices, _native
 from ._checks import as_descriptors, check_positive_int
-from .kernels import AggregatedBatch, kernel_spec
+from .kernels import AggregatedBatch, check_fingerprint, kernel_spec
 
 __all__ = ["is_available", "is_compiled", "device_count", "device_name", "memory_info", "CudaUnavailableError",
            "CudaError", "CudaMemoryError", "DeviceArray", "quantize", "aggregate", "GpuInvertedFile", "kmeans"]
@@ -30,8 +30,12 @@ class CudaUnavailableError(RuntimeError):
     """A GPU entry point was called where d2r cannot use a GPU (no CUDA build, or no device)."""
 
 
+#: A CUDA runtime error (a RuntimeError); RuntimeError itself in a build without CUDA.
 CudaError = getattr(_native, "CudaError", RuntimeError)
+#: Out of GPU memory (a MemoryError); MemoryError itself in a build without CUDA.
 CudaMemoryError = getattr(_native, "CudaMemoryError", MemoryError)
+#: A GPU array returned with ``output="device"``, wrapped without a copy by CuPy and PyTorch through
+#: ``__cuda_array_interface__``; None in a build without CUDA.
 DeviceArray = getattr(_native, "DeviceArray", None)
 
 # The largest k a GPU top-k search selects on the device (larger k: dense scores, ranked on the host).
@@ -213,10 +217,11 @@ def quantize(codebook, descriptors, m: int = 1, output: str = "numpy"):
 class DeviceBatch:
     """Aggregated images on the device, CSR: offsets (numpy), words and codes (DeviceArray)."""
 
-    __slots__ = ("offsets", "words", "codes")
+    __slots__ = ("offsets", "words", "codes", "fingerprint")
 
-    def __init__(self, offsets, words, codes):
+    def __init__(self, offsets, words, codes, fingerprint=None):
         self.offsets, self.words, self.codes = offsets, words, codes
+        self.fingerprint = fingerprint  # the codebook's, as AggregatedBatch.fingerprint
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
@@ -227,15 +232,16 @@ class DeviceBatch:
 
     def to_host(self):
 
-        return AggregatedBatch(self.offsets, self.words.numpy(), self.codes.numpy())
+        return AggregatedBatch(self.offsets, self.words.numpy(), self.codes.numpy(), self.fingerprint)
 
 
 def aggregate(codebook, descriptors, image_regions, region_members, members=None, kernel: str = "asmk*", m: int = 1,
-              assignments=None, output: str = "numpy"):
+              assignments=None, output: str = "numpy", fingerprint=None):
     """ASMK / ASMK* / R-ASMK / R-ASMK* aggregation on the GPU with the CPU layout (see
     d2r.aggregate): image i owns regions image_regions[i]:image_regions[i+1], region r the members
     region_members[r]:region_members[r+1] (indices into the descriptors when `members` is given).
-    Returns an AggregatedBatch (output="numpy") or a DeviceBatch (output="device")."""
+    Returns an AggregatedBatch (output="numpy") or a DeviceBatch (output="device"). `fingerprint`: the
+    codebook fingerprint the assignments were made with (checked when given)."""
 
     spec = kernel_spec(kernel)
     if spec.native_kind != 0:
@@ -249,6 +255,7 @@ def aggregate(codebook, descriptors, image_regions, region_members, members=None
     _check_layout(ir, rm, mem, x.shape[0])
     a_ptr, a_dev, a_keep = 0, False, None
     if assignments is not None:
+        check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
         a = as_input_matrix(assignments, None, "assignments", np.int32)
         if a.shape != (x.shape[0], m):
             raise ValueError(f"assignments must have shape ({x.shape[0]}, {m}), got {a.shape}")
@@ -259,7 +266,7 @@ def aggregate(codebook, descriptors, image_regions, region_members, members=None
     offs, words, codes = _native.gpu_aggregate(q, x.ptr, x.on_device, x.shape[0], a_ptr, a_dev, m, ir, rm, mem,
                                                spec.binary)
     del a_keep
-    batch = DeviceBatch(offs, words, codes)
+    batch = DeviceBatch(offs, words, codes, codebook.fingerprint)
     if output == "numpy":
         return batch.to_host()
     if output != "device":
@@ -285,12 +292,12 @@ def _check_layout(ir, rm, mem, n_desc):
 
 
 def aggregate_images(codebook, descriptors, offsets, kernel: str = "asmk*", m: int = 1, assignments=None,
-                     output: str = "numpy"):
+                     output: str = "numpy", fingerprint=None):
     """Plain images (one region each) on the GPU: image i is descriptors[offsets[i]:offsets[i+1]]."""
     offs = np.ascontiguousarray(offsets, dtype=np.int64)
     n = offs.shape[0] - 1
     return aggregate(codebook, descriptors, np.arange(n + 1, dtype=np.int64), offs, None, kernel, m, assignments,
-                     output)
+                     output, fingerprint)
 
 
 # ---- the inverted file's boundary -------------------------------------------------------------------

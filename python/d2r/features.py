@@ -8,16 +8,44 @@ With a detector (or weight-free proposals), the store also holds each image's re
 (x1, y1, x2, y2, in score order) and the features re-extracted on each crop (locations in whole-image
 pixels), as the official D2R code builds them. In a .npz: `region_image_offsets` (per image, into the
 regions), `region_boxes`, `region_offsets` (per region, into the region_* feature rows),
-`region_descriptors`, `region_locations`, `region_scales`, `region_scores`."""
+`region_descriptors`, `region_locations`, `region_scales`, `region_scores`.
+
+Every file records the extractor that made it (`extractor`: the JSON of ``d2r.extract.describe``,
+with its fingerprint): a store refuses features of another extractor, and `d2r index` passes the
+record on to the index file so that `d2r search` extracts queries the same way. Stores written before
+d2r recorded it still load, with a :class:`~d2r.FormatWarning`. Image names are stored as absolute
+paths, so a store can be used from any folder; `errors.json` lists the images that could not be read
+(across runs, until they are stored)."""
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ._atomic import atomic_write
 from ._checks import as_offsets
+from .index_io import FormatWarning
+
+
+class StoreMismatchError(ValueError):
+    """Features of different extractors (different fingerprints) would be mixed."""
+
+
+def check_extractor(stored: dict | None, current: dict | None, where) -> None:
+    """Raises StoreMismatchError naming both when two extractor records have different fingerprints."""
+    if stored and current and stored.get("fingerprint") != current.get("fingerprint"):
+        raise StoreMismatchError(
+            f"{where} holds features of {_extractor_label(stored)}, not of {_extractor_label(current)}: "
+            "features of different extractors are not comparable; use the same extractor settings or "
+            "another store")
+
+
+def _extractor_label(info: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted(info.get("params", {}).items()) if v is not None)
+    return f"{info.get('name', '?')}({params}) [fingerprint {info.get('fingerprint', '?')}]"
 
 
 def _pack(features, prefix=""):
@@ -55,12 +83,21 @@ def _checked_offsets(z, key, n_items, n_rows):
     return offs
 
 
-def save_features(path, names, features, regions=None) -> None:
+def save_features(path, names, features, regions=None, extractor=None, errors=None) -> None:
     """names: list of str; features: list of d2r.extract.Features; regions (optional): per image a pair
-    (boxes (R, 4) x1, y1, x2, y2, list of R Features of the crops)."""
+    (boxes (R, 4) x1, y1, x2, y2, list of R Features of the crops); extractor: the extractor that made
+    them, or its ``d2r.extract.describe`` record (stored with the features); errors: optional
+    (image, reason) pairs of images that could not be read (stored as the file's `errors`)."""
     if len(names) != len(features):
         raise ValueError("one name per Features is required")
     arrays = {"names": np.asarray(names, dtype=str), **_pack(features)}
+    if extractor is not None and not isinstance(extractor, dict):
+        from .extract import describe
+
+        extractor = describe(extractor)
+    arrays["extractor"] = np.asarray(json.dumps(extractor, sort_keys=True))  # "null": not known
+    if errors:
+        arrays["errors"] = np.asarray(json.dumps([{"image": n, "error": e} for n, e in errors]))
     if regions is not None:
         if len(regions) != len(features):
             raise ValueError("one (boxes, crop features) pair per image is required")
@@ -79,17 +116,97 @@ def save_features(path, names, features, regions=None) -> None:
 def load_features(path, regions: bool = False):
     """Returns (names, list of Features) from a .npz file or a feature-store folder; with regions=True,
     (names, Features, regions) where regions[i] is (boxes (R, 4), list of R crop Features), empty for
-    an image stored without regions."""
+    an image stored without regions. Shards of different extractors raise StoreMismatchError; a store
+    without an extractor record (written by an older d2r) loads with a FormatWarning."""
+    path = Path(path)
+    info = store_info(path)
+    if info["images"] == 0:
+        raise ValueError(f"{path}: the feature store holds no images"
+                         + (f" ({len(info['errors'])} could not be read, see errors.json)" if info["errors"] else "")
+                         + "; extract some with `d2r extract IMAGES --out STORE`")
+    if not info["recorded"]:
+        warnings.warn(f"{path}: written by an older d2r, without a record of its extractor; it loads, but nothing "
+                      "checks that queries are extracted the same way (re-extract to add the record)", FormatWarning,
+                      stacklevel=2)
+    out = ([], [], [])
+    for shard in (_shards(path) if path.is_dir() else [path]):
+        for acc, p in zip(out, _load_file(shard)):
+            acc += p
+    return out if regions else out[:2]
+
+
+def _read_npz(path: Path, keys=None):
+    """{key: array} of a .npz feature file (all keys, or those of `keys` it has); a file that is not
+    one raises ValueError naming it."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a feature file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if keys is None or k in keys}
+    except Exception as exc:
+        reason = "it holds Python objects" if "allow_pickle" in str(exc) else str(exc)
+        raise ValueError(f"{path}: not a d2r feature file, or corrupt ({reason}); make one with "
+                         "`d2r extract IMAGES --out STORE`") from None
+
+
+def _extractor_of(z, path) -> dict | None:
+    """The file's extractor record: a dict, None (saved without one), or "absent" (an older d2r)."""
+    if "extractor" not in z:
+        return "absent"
+    try:
+        info = json.loads(str(z["extractor"]))
+        if info is None:
+            return None
+        if not isinstance(info, dict) or "fingerprint" not in info:
+            raise ValueError("not an object with a fingerprint")
+    except ValueError as exc:
+        raise ValueError(f"{path}: corrupt feature file (its extractor record: {exc})") from None
+    return info
+
+
+def store_info(path) -> dict:
+    """What a feature store (folder or .npz) holds, without reading its features: ``{"extractor":
+    describe() record or None (not known), "recorded": False for stores of an older d2r (no record),
+    "images": count, "shards": count, "regions": whether
+    region features are stored, "errors": [(image, reason)] of images that could not be read}``.
+    Shards of different extractors raise StoreMismatchError."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such feature file")
-    if path.is_dir():
-        out = ([], [], [])
-        for shard in _shards(path):
-            part = load_features(shard, regions=True)
-            for acc, p in zip(out, part):
-                acc += p
-        return out if regions else out[:2]
+        raise FileNotFoundError(f"{path}: no such feature store (a folder or .npz file made by `d2r extract`)")
+    shards = _shards(path) if path.is_dir() else [path]
+    info = {"extractor": None, "recorded": True, "images": 0, "shards": len(shards), "regions": False,
+            "errors": []}
+    first = None
+    for shard in shards:
+        z = _read_npz(shard, {"names", "extractor", "region_image_offsets", "errors"})
+        if "names" not in z:
+            raise ValueError(f"{shard}: not a d2r feature file (no image names)")
+        ex = _extractor_of(z, shard)
+        if ex == "absent":
+            info["recorded"], ex = False, None
+        if first is None:
+            first = (shard, ex)
+            info["extractor"] = ex
+        elif (ex is None) != (first[1] is None):
+            raise StoreMismatchError(f"{path}: {shard.name} and {first[0].name} disagree on the extractor "
+                                     "(one has no record)")
+        else:
+            check_extractor(first[1], ex, shard)
+        info["images"] += len(z["names"])
+        info["regions"] = info["regions"] or "region_image_offsets" in z
+        if "errors" in z:
+            info["errors"] += [(e["image"], e["error"]) for e in json.loads(str(z["errors"]))]
+    if path.is_dir() and (path / "errors.json").exists():
+        try:
+            info["errors"] = [(e["image"], e["error"]) for e in json.loads((path / "errors.json").read_text("utf-8"))]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path / 'errors.json'}: corrupt ({exc}); delete it (it only lists unreadable images)") \
+                from None
+    return info
+
+
+def _load_file(path: Path):
+    """(names, Features, regions) of one .npz feature file."""
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z["names"])
@@ -103,7 +220,7 @@ def load_features(path, regions: bool = False):
                 regs = [(np.zeros((0, 4)), []) for _ in names]
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a d2r feature file or corrupt ({exc})") from exc
-    return (names, feats, regs) if regions else (names, feats)
+    return names, feats, regs
 
 
 _SHARD = "shard-{:05d}.npz"
@@ -114,54 +231,74 @@ def _shards(folder: Path):
 
 
 def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
-                    max_regions: int = 5):
+                    max_regions: int = 5, strict: bool = False):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
-    Images whose name (str(path)) is already in a shard are skipped; the rest are extracted in shards
-    of `shard_size`, each written atomically once complete (an interruption loses at most the shard
-    in progress). An image that cannot be read (missing, empty, truncated, not an image) is recorded
-    with its reason in `folder/errors.json` (this run's list) and skipped. Returns (names stored,
-    errors of this run as a list of (name, reason)).
+    Images already in a shard are skipped (names are stored as absolute paths); the rest are extracted
+    in shards of `shard_size`, each written atomically once complete (an interruption loses at most
+    the shard in progress). The store records the extractor (``d2r.extract.describe``) and refuses
+    another one (:class:`StoreMismatchError`, naming both).
+
+    Unreadable images (missing, empty, not an image, undecodable) follow d2r's one policy: skipped,
+    listed with their reason in ``folder/errors.json`` (kept across runs until the image is stored)
+    and in the returned errors, with one :class:`~d2r.extract.UnreadableImagesWarning`; when no image
+    at all could be stored, :class:`~d2r.extract.NoUsableImagesError`. ``strict=True`` stops at the
+    first unreadable image instead (the shards done so far are kept) with its ImageLoadError. A
+    truncated JPEG that can still be decoded is used, with a TruncatedImageWarning. Returns (names
+    stored, errors of this run as a list of (name, reason)).
 
     detector: optional ``image -> (boxes, scores)`` (a d2r.detect Detector, weight-free proposals
     included); the `max_regions` best boxes of each image then become regions, re-extracted on their
     crops and stored beside the whole-image features (``load_features(..., regions=True)``).
     """
-    import json
-
-    from .extract import ImageLoadError, RootSIFT
+    from .extract import ImageLoadError, NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
 
     if isinstance(images, (str, bytes, os.PathLike)):
         raise TypeError(f"images must be a list of image paths, got one path {images!r}: pass [{images!r}] for "
                         "one image (the `d2r extract` command expands folders and .txt lists)")
-    images = list(images)
+    images = [os.path.abspath(os.fspath(p)) for p in images]
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: exists and is not a folder (a feature store is a folder, or pass a name "
+                         "ending in .npz for one file)")
     extractor = extractor or RootSIFT(max_features=1000)
-    shards = _shards(folder)
+    info = describe(extractor)
+    shards = _shards(folder) if folder.exists() else []
     done = set()
-    for shard in shards:
-        try:
-            with np.load(shard, allow_pickle=False) as z:
-                done.update(str(n) for n in z["names"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{shard}: corrupt feature shard ({exc}); delete it to re-extract its images") from exc
-    todo = [str(p) for p in images if str(p) not in done]
+    if shards:
+        stored_info = store_info(folder)
+        if not stored_info["recorded"]:
+            warnings.warn(f"{folder}: written by an older d2r, without a record of its extractor; new shards "
+                          f"will record {_extractor_label(info)}", FormatWarning, stacklevel=2)
+        check_extractor(stored_info["extractor"], info, folder)
+        for shard in shards:
+            names = _read_npz(shard, {"names"})["names"]
+            done.update(os.path.abspath(str(n)) for n in names)
+    folder.mkdir(parents=True, exist_ok=True)
+    old_errors = store_info(folder)["errors"] if (folder / "errors.json").exists() else []
+    todo = [p for p in dict.fromkeys(images) if p not in done]
     next_index = (int(shards[-1].stem.split("-")[1]) + 1) if shards else 0
     errors = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from ._progress import bar as progress_bar
 
-        bar = tqdm(total=len(todo), desc="extract", unit="img")
+    bar = progress_bar(len(todo), "extract", progress, leave=True)
     names, feats, regs = [], [], []
+    n_stored = len(done)
 
     def flush():
-        nonlocal next_index, names, feats, regs
+        nonlocal next_index, names, feats, regs, n_stored
         if names:
-            save_features(folder / _SHARD.format(next_index), names, feats, regs if detector is not None else None)
+            save_features(folder / _SHARD.format(next_index), names, feats, regs if detector is not None else None,
+                          extractor=info)
             next_index += 1
+            n_stored += len(names)
             names, feats, regs = [], [], []
+
+    def write_errors():
+        this_run = {n for n, _ in errors}
+        kept = [(n, e) for n, e in old_errors if n not in done and n not in this_run and n not in stored_now]
+        with atomic_write(folder / "errors.json") as fh:
+            fh.write(json.dumps([{"image": n, "error": e} for n, e in kept + errors], indent=1).encode("utf-8"))
 
     def extract_one(path):
         if detector is None:
@@ -177,23 +314,36 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
                                               score_threshold=None)
         return whole, (kept, crops)
 
-    for path in todo:
-        try:
-            f, r = extract_one(path)
-        except (ImageLoadError, OSError, ValueError) as exc:
-            errors.append((path, str(exc)))
-        else:
-            names.append(path)
-            feats.append(f)
-            regs.append(r)
-            if len(names) >= shard_size:
-                flush()
+    stored_now = set()
+    try:
+        for path in todo:
+            try:
+                f, r = extract_one(path)
+            except ImageLoadError as exc:
+                if strict:
+                    errors.append((path, str(exc)))
+                    raise
+                errors.append((path, str(exc)))
+            else:
+                names.append(path)
+                stored_now.add(path)
+                feats.append(f)
+                regs.append(r)
+                if len(names) >= shard_size:
+                    flush()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        flush()
         if bar is not None:
-            bar.update(1)
-    flush()
-    if bar is not None:
-        bar.close()
-    with atomic_write(folder / "errors.json") as fh:
-        fh.write(json.dumps([{"image": n, "error": e} for n, e in errors], indent=1).encode("utf-8"))
-    stored = sorted(done | {str(p) for p in images} - {n for n, _ in errors})
+            bar.close()
+        write_errors()
+    if errors:
+        if n_stored == 0:
+            raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); "
+                                      f"all are listed in {folder / 'errors.json'}")
+        warnings.warn(f"{len(errors)} of {len(todo)} images could not be read and were skipped (first: "
+                      f"{errors[0][1]}); all are listed in {folder / 'errors.json'}", UnreadableImagesWarning,
+                      stacklevel=2)
+    stored = sorted(done | stored_now)
     return stored, errors

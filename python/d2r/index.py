@@ -2,19 +2,21 @@
 regional search (one entry per region, pooled per image)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import _native
 from ._devices import gpu
+from ._progress import bar as _bar
 from ._checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, check_positive_int,
                       check_score_params)
 from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
-                        as_assignments, kernel_spec, _concat_images)
+                        as_assignments, check_fingerprint, kernel_spec, _concat_images)
 from .codebook import Codebook
-from .index_io import (FORMAT_VERSION, IndexFileError, check_structure, read_index_file, validate_meta,
-                       write_index_file)
+from .index_io import (FORMAT_VERSION, FormatWarning, IndexFileError, check_structure, read_index_file,
+                       validate_meta, write_index_file)
 
 # Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
 _CHUNK_DESCRIPTORS = 1 << 20
@@ -43,11 +45,7 @@ def _concat_device(arrays, dim):
 
 
 def _progress(total, enabled, desc):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False)
+    return _bar(total, desc, enabled)
 
 
 class _IndexBase:
@@ -75,6 +73,10 @@ class _IndexBase:
             if m > codebook.n_words:
                 raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
         self.device = "cpu"
+        #: Optional description of the extractor the database features came from
+        #: (``d2r.extract.describe``), saved with the index; ``d2r index`` records it, ``d2r search``
+        #: extracts queries with the same extractor.
+        self.extractor = None
 
     # ---- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -95,16 +97,20 @@ class _IndexBase:
 
     # ---- aggregation --------------------------------------------------------------------------
     def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, kernel: str, m: int, progress,
-                          assignments=None):
+                          assignments=None, fingerprint=None, desc="aggregate"):
         """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
         n_img = offsets.shape[0] - 1
         gpu = self.device == "cuda"
+        if assignments is not None:
+            check_fingerprint(fingerprint, self.codebook.fingerprint, "the assignments")
         if assignments is not None and not (gpu and _is_device_array(assignments)):
             assignments = as_assignments(assignments, x.shape[0], m, self.codebook.n_words)
-        bar = _progress(n_img, progress if progress is not None else n_img >= 2000, "aggregate")
+        bar = _progress(n_img, progress if progress is not None else n_img >= 2000, desc)
+        # with a progress bar, chunks of at most 1 % of the images, so that the bar moves smoothly
+        chunk = _CHUNK_DESCRIPTORS if bar is None else max(1, min(_CHUNK_DESCRIPTORS, int(offsets[-1]) // 100))
         i = 0
         while i < n_img:
-            j = int(np.searchsorted(offsets, offsets[i] + _CHUNK_DESCRIPTORS, side="right")) - 1
+            j = int(np.searchsorted(offsets, offsets[i] + chunk, side="right")) - 1
             j = min(max(j, i + 1), n_img)
             sub = offsets[i:j + 1] - offsets[i]
             a = None if assignments is None else assignments[offsets[i]:offsets[j]]
@@ -141,15 +147,16 @@ class _IndexBase:
             return x, np.array([0, x.shape[0]], np.int64), True
         return x, as_offsets(offsets, x.shape[0], "offsets"), False
 
-    def _query_batches(self, queries, progress, assignments):
+    def _query_batches(self, queries, progress, assignments, fingerprint=None):
         """(batches of aggregated queries, single) for search."""
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
         x, offs, _ = self._as_images(queries if single else list(queries), None)
         batches = [b for _, b in self._aggregate_chunks(x, offs, self.spec.query_kernel, self.m_query, progress,
-                                                        assignments)]
+                                                        assignments, fingerprint, "aggregate queries")]
         return batches, single
 
     def _check_aggregated(self, batch: AggregatedBatch, what: str) -> None:
+        check_fingerprint(batch.fingerprint, self.codebook.fingerprint, f"the {what} images")
         want = np.uint8 if self.spec.binary else np.float32
         width = (self.codebook.dim + 7) // 8 if self.spec.binary else self.codebook.dim
         if batch.codes.dtype != want or batch.codes.shape[1] != width:
@@ -169,7 +176,9 @@ class _IndexBase:
     def _meta(self) -> dict:
         return {"kind": type(self).__name__, "kernel": self.kernel, "alpha": self.alpha, "tau": self.tau,
                 "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
-                "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION}
+                "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION,
+                "codebook_fingerprint": self.codebook.fingerprint,
+                **({"extractor": self.extractor} if self.extractor is not None else {})}
 
     def save(self, path) -> None:
         """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
@@ -197,7 +206,16 @@ class _IndexBase:
         centroids = np.array(sec["centroids"])
         if centroids.shape != (meta["n_words"], meta["dim"]):
             raise IndexFileError(f"{path}: codebook shape does not match the header")
-        idx = target._from_meta(meta, Codebook(centroids))
+        codebook = Codebook(centroids)
+        if meta["codebook_fingerprint"] is None:
+            warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
+                          "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
+                          stacklevel=2)
+        elif meta["codebook_fingerprint"] != codebook.fingerprint:
+            raise IndexFileError(f"{path}: corrupt index file (the embedded codebook is {codebook.fingerprint}, the "
+                                 f"header says {meta['codebook_fingerprint']})")
+        idx = target._from_meta(meta, codebook)
+        idx.extractor = meta.get("extractor")
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
@@ -219,7 +237,7 @@ class Index(_IndexBase):
     "naive-rasmk" (the paper's strawman). Queries are always aggregated as one region (ASMK or ASMK*).
     alpha, tau: the selectivity sigma(u) = sign(u)|u|^alpha if u > tau else 0 (alpha in (0, 64],
     tau in [-1, 1)).
-    normalize: gamma normalisation, S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|) (on by default, as the
+    normalize: gamma normalisation, ``S = sum_k sigma(u_k) / sqrt(|W_q| |W_x|)`` (on by default, as the
     paper writes the kernel; the official D2R run uses normalize=False).
     m_db, m_query: multiple assignment (the m nearest words) for database images and queries.
     device: "cpu" (the default) or "cuda": the inverted file lives in GPU memory, and adding and searching
@@ -294,7 +312,7 @@ class Index(_IndexBase):
             return aggregate_regions_batch(self.codebook, [descriptors], self.kernel, m)[0]
         x = as_descriptors(descriptors, self.codebook.dim)
         kern = self.spec.query_kernel if (query or not self.spec.regional) else self.kernel
-        return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64), kern, m)[0]
+        return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64), kern, m)[0]  # carries the fingerprint
 
     # ---- adding and removing ------------------------------------------------------------------
     def _insert(self, batches, ids) -> np.ndarray:
@@ -304,16 +322,20 @@ class Index(_IndexBase):
         b = AggregatedBatch.concat(batches)
         return self._ivf.add(b.offsets, b.words, b.code_bytes, ids)
 
-    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None) -> np.ndarray:
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None,
+            fingerprint=None) -> np.ndarray:
         """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
         `offsets`). Returns the image ids (default: consecutive after the largest id so far).
         `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
-        descriptors (e.g. from codebook.quantize), to quantise once and index many times.
-        Atomic: all the images are indexed, or none (an error leaves the index unchanged)."""
+        descriptors (e.g. from codebook.quantize), to quantise once and index many times;
+        `fingerprint`: the fingerprint of the codebook that made them (``codebook.fingerprint``), checked
+        against the index's when given. Atomic: all the images are indexed, or none (an error leaves the
+        index unchanged)."""
         x, offs, _ = self._as_images(descriptors, offsets)
         ids = None if image_ids is None else as_ids(image_ids, offs.shape[0] - 1)
         kern = self.kernel if self.spec.regional else self.spec.query_kernel
-        batches = [b for _, b in self._aggregate_chunks(x, offs, kern, self.m_db, progress, assignments)]
+        batches = [b for _, b in self._aggregate_chunks(x, offs, kern, self.m_db, progress, assignments,
+                                                        fingerprint, "index")]
         return self._insert(batches, ids)
 
     def add_regions(self, regions, image_id=None) -> int:
@@ -323,10 +345,11 @@ class Index(_IndexBase):
         return int(ids[0])
 
     def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
-                         assignments=None) -> np.ndarray:
+                         assignments=None, fingerprint=None) -> np.ndarray:
         """Index many images, each given by its regions, in batched native calls. `assignments`:
         optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
-        (for a region list: the regions' arrays concatenated in order). Atomic."""
+        (for a region list: the regions' arrays concatenated in order), made by the codebook with
+        `fingerprint` (checked when given). Atomic."""
         if not self.spec.regional:
             raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
                              "'naive-rasmk', or RegionalSearchIndex")
@@ -343,7 +366,8 @@ class Index(_IndexBase):
         for s in range(0, len(regions_list), batch_size):
             chunk = regions_list[s:s + batch_size]
             batches.append(aggregate_regions_batch(self.codebook, chunk, self.kernel, self.m_db,
-                                                   None if assignments is None else assignments[s:s + batch_size]))
+                                                   None if assignments is None else assignments[s:s + batch_size],
+                                                   fingerprint))
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -365,14 +389,14 @@ class Index(_IndexBase):
         return int(self._ivf.remove(ids)) if ids.size else 0
 
     # ---- search -------------------------------------------------------------------------------
-    def search(self, queries, k: int | None = 10, progress=None, assignments=None):
+    def search(self, queries, k: int | None = 10, progress=None, assignments=None, fingerprint=None):
         """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
         (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
         ascending; k=None gives the full ranking. k larger than the index gives every image.
         `assignments`: optional precomputed word ids (n_descriptors, m_query) of the queries'
-        concatenated descriptors."""
+        concatenated descriptors, made by the codebook with `fingerprint` (checked when given)."""
         kk = check_k(k)
-        batches, single = self._query_batches(queries, progress, assignments)
+        batches, single = self._query_batches(queries, progress, assignments, fingerprint)
         if len(batches) > 1 and self.device == "cpu":
             batches = [AggregatedBatch.concat(batches)]  # one call: one snapshot for every query
         parts = [self._search_batch(b, kk) for b in batches]
@@ -456,8 +480,11 @@ class RegionalSearchIndex(_IndexBase):
         return int(ids[0])
 
     def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
-                         assignments=None) -> np.ndarray:
-        """Index many images given by their regions (each region one entry). Atomic."""
+                         assignments=None, fingerprint=None) -> np.ndarray:
+        """Index many images given by their regions (each region one entry). `assignments` and
+        `fingerprint` as for Index.add_regions_many. Atomic."""
+        if assignments is not None:
+            check_fingerprint(fingerprint, self.codebook.fingerprint, "the assignments")
         regions_list = [Regions.coerce(r, self.codebook.dim) for r in regions_list]
         if not regions_list:
             raise ValueError("no images given (empty list)")
@@ -478,7 +505,8 @@ class RegionalSearchIndex(_IndexBase):
                 owner.append(k)
         x, offs = _concat_images(flat, self.codebook.dim)
         flat_assign = np.concatenate(flat_assign) if assignments is not None else None
-        batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, flat_assign)]
+        batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, flat_assign,
+                                                        desc="index regions")]
         b = AggregatedBatch.concat(batches)
         owner = np.asarray(owner, np.int64)
         if ids is None:
@@ -499,9 +527,10 @@ class RegionalSearchIndex(_IndexBase):
         ids = as_ids(image_ids)
         return int(self._ivf.remove(ids)) if ids.size else 0
 
-    def search(self, queries, k: int | None = 10, progress=None, assignments=None):
+    def search(self, queries, k: int | None = 10, progress=None, assignments=None, fingerprint=None):
+        """As Index.search, with each image's score pooled over its regions."""
         kk = check_k(k)
-        batches, single = self._query_batches(queries, progress, assignments)
+        batches, single = self._query_batches(queries, progress, assignments, fingerprint)
         return self._search_pooled(AggregatedBatch.concat(batches), kk, single)
 
     def search_aggregated(self, aggregated, k: int | None = 10):

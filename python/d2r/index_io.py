@@ -1,4 +1,4 @@
-"""The saved-index file format (version 1).
+"""The saved-index file format (version 2; version 1 files still load).
 
 Layout::
 
@@ -7,13 +7,18 @@ Layout::
     bytes 12-15  header length H (uint32)
     bytes 16-19  CRC-32 of the header bytes (uint32)
     bytes 20..   header: UTF-8 JSON (kernel, alpha, tau, normalize, m_db, m_query, dim, n_words,
-                 next_id, sections); each section: name, dtype, shape, offset, nbytes, crc32
+                 next_id, codebook_fingerprint, optionally extractor, sections); each section:
+                 name, dtype, shape, offset, nbytes, crc32
     ...          sections, each starting at a multiple of 64 bytes (so they can be memory-mapped)
 
 Files are written to a temporary file in the same folder, fsync'ed and renamed over the target, so a
 crash never leaves a half-written index. Loading checks the magic, the version, the header checksum,
 every section's name, dtype, shape and bounds and (unless verify=False) every section's CRC-32;
 `validate_meta` and `check_structure` check the header fields and the sections' consistency.
+
+Version 2 added `codebook_fingerprint` (``Codebook.fingerprint`` of the embedded codebook, checked at
+load) and the optional `extractor` (``d2r.extract.describe`` of the extractor the database features
+came from). Version 1 files load with a :class:`FormatWarning`.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from ._checks import (MAX_ID, check_alpha, check_bool, check_choice, check_posit
 from .kernels import KERNELS, kernel_spec
 
 MAGIC = b"D2RINDEX"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sIII")
 
@@ -54,6 +59,11 @@ KINDS = ("Index", "RegionalSearchIndex")
 
 class IndexFileError(ValueError):
     """A file that is not a d2r index, is corrupt or truncated, or was written by a newer d2r."""
+
+
+class FormatWarning(UserWarning):
+    """A file written by an older d2r: it is used, but lacks a check newer files have (e.g. the
+    codebook or extractor fingerprint); saving it again upgrades it."""
 
 
 def _bytes(arr: np.ndarray) -> memoryview:
@@ -173,6 +183,7 @@ def _parse(path: Path, size: int, read, verify: bool, dtypes: dict):
         raise IndexFileError(f"{path}: corrupt index header ({exc})") from exc
     if not isinstance(meta, dict):
         raise IndexFileError(f"{path}: corrupt index header (a JSON {type(meta).__name__}, not an object)")
+    meta["format_version"] = version
     entries = meta.pop("sections", None)
     if not isinstance(entries, list):
         raise IndexFileError(f"{path}: corrupt index header ('sections' must be a list, got {entries!r:.80})")
@@ -260,7 +271,27 @@ def validate_meta(meta: dict, path) -> dict:
         out["pooling"] = field("pooling", check_choice, "pooling", ("max", "mean"))
     if "next_region" in meta:   # files of d2r <= 0.1
         out["next_region"] = field("next_region", check_positive_int, "next_region", 0, MAX_ID)
+    if out.get("format_version", FORMAT_VERSION) >= 2:
+        out["codebook_fingerprint"] = field("codebook_fingerprint", _check_hex16)
+    else:
+        out["codebook_fingerprint"] = None
+    if out.get("extractor") is not None:
+        out["extractor"] = field("extractor", _check_extractor)
     return out
+
+
+def _check_hex16(v) -> str:
+    if not (isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)):
+        raise ValueError(f"expected 16 hexadecimal digits, got {v!r:.40}")
+    return v
+
+
+def _check_extractor(v) -> dict:
+    if not (isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("params", {}), dict)):
+        raise ValueError("expected an object with a 'name' and 'params'")
+    if "fingerprint" in v:
+        _check_hex16(v["fingerprint"])
+    return v
 
 
 def check_structure(meta: dict, sections: dict, path) -> None:

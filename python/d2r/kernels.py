@@ -17,6 +17,7 @@ class KernelSpec:
     query_kernel: str  # how queries (one region) are aggregated
 
 
+#: The kernels by name ("asmk*", "asmk", "rasmk*", "rasmk", "naive-rasmk") and their KernelSpec.
 KERNELS = {
     "asmk": KernelSpec("asmk", False, False, 0, "asmk"),
     "asmk*": KernelSpec("asmk*", True, False, 0, "asmk*"),
@@ -32,14 +33,31 @@ def kernel_spec(kernel: str) -> KernelSpec:
     return KERNELS[kernel.lower()]
 
 
+def check_fingerprint(given, expected: str, what: str) -> None:
+    """Raises ValueError naming both when `given` (a codebook fingerprint or None: not known) is not
+    `expected`."""
+    if given is not None and given != expected:
+        raise ValueError(f"{what} were made with codebook {given}, but this index uses codebook {expected}: "
+                         "aggregate (or quantise) with the index's codebook (index.codebook)")
+
+
+def common_fingerprint(items) -> str | None:
+    """The one codebook fingerprint of several aggregated objects (None where none is known)."""
+    known = {x.fingerprint for x in items if x.fingerprint is not None}
+    if len(known) > 1:
+        raise ValueError(f"aggregated images from different codebooks ({', '.join(sorted(known))}) cannot be mixed")
+    return known.pop() if known else None
+
+
 class Aggregated:
     """One image's aggregated representation: ascending word ids (int32) and their codes, float32
     (n, D) unit vectors for ASMK-type kernels, or packed sign bits uint8 (n, ceil(D/8)) for the
-    binary (*) kernels."""
+    binary (*) kernels. `fingerprint`: the codebook's (``Codebook.fingerprint``), None when unknown;
+    an index refuses aggregated data whose fingerprint is not its codebook's."""
 
-    __slots__ = ("words", "codes")
+    __slots__ = ("words", "codes", "fingerprint")
 
-    def __init__(self, words, codes):
+    def __init__(self, words, codes, fingerprint: str | None = None):
         words = np.ascontiguousarray(words, dtype=np.int32)
         codes = np.ascontiguousarray(codes)
         if words.ndim != 1 or codes.ndim != 2 or codes.shape[0] != words.shape[0]:
@@ -52,6 +70,7 @@ class Aggregated:
             raise ValueError("codes contain NaN or Inf")
         self.words = words
         self.codes = codes
+        self.fingerprint = fingerprint
 
     @property
     def binary(self) -> bool:
@@ -72,14 +91,16 @@ def code_bytes(codes: np.ndarray) -> np.ndarray:
 
 
 class AggregatedBatch:
-    """Many aggregated images in CSR form: image i owns rows offsets[i]:offsets[i+1]."""
+    """Many aggregated images in CSR form: image i owns rows offsets[i]:offsets[i+1]; `fingerprint`:
+    the codebook's, None when unknown."""
 
-    __slots__ = ("offsets", "words", "codes")
+    __slots__ = ("offsets", "words", "codes", "fingerprint")
 
-    def __init__(self, offsets, words, codes):
+    def __init__(self, offsets, words, codes, fingerprint: str | None = None):
         self.offsets = offsets
         self.words = words
         self.codes = codes
+        self.fingerprint = fingerprint
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
@@ -91,7 +112,7 @@ class AggregatedBatch:
 
     def __getitem__(self, i: int) -> Aggregated:
         b, e = int(self.offsets[i]), int(self.offsets[i + 1])
-        return Aggregated(self.words[b:e], self.codes[b:e])
+        return Aggregated(self.words[b:e], self.codes[b:e], self.fingerprint)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -111,7 +132,7 @@ class AggregatedBatch:
         offsets[1:] = np.cumsum([len(a) for a in items])
         words = np.concatenate([a.words for a in items]).astype(np.int32, copy=False)
         codes = np.concatenate([a.codes for a in items], axis=0)
-        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes))
+        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes), common_fingerprint(items))
 
 
     @classmethod
@@ -120,8 +141,9 @@ class AggregatedBatch:
         batches = list(batches)
         if len(batches) == 1:
             return batches[0]
+        fingerprint = common_fingerprint(batches)
         offsets = np.zeros(sum(len(b) for b in batches) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.concatenate([np.diff(b.offsets) for b in batches]))
         words = np.concatenate([b.words for b in batches])
         codes = np.concatenate([b.codes for b in batches], axis=0)
-        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes))
+        return cls(offsets, np.ascontiguousarray(words), np.ascontiguousarray(codes), fingerprint)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._progress import busy, iterate
 from .codebook import Codebook
 from .evaluate import revisited
 from .index import Index, RegionalSearchIndex
@@ -38,11 +39,7 @@ class MethodResult:
 
 
 def _bar(it, total, desc, progress):
-    if not progress:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="img", leave=False)
+    return iterate(it, total, desc, progress)
 
 
 def _crop(image, box):
@@ -103,6 +100,25 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
     return regions, boxes_used, region_feats
 
 
+def train_codebook(db_features, n_words=1024, seed=0, sample=200_000, niter=10, progress=True, out=None):
+    """The pipeline's codebook: faiss k-means (`niter` iterations, seeded) on at most `sample`
+    descriptors drawn at random (seeded) from the database features (a list of Features or arrays);
+    n_words is capped at the number of descriptors."""
+    rng = np.random.default_rng(seed)
+    x = np.vstack([getattr(f, "descriptors", f) for f in db_features])
+    if len(x) == 0:
+        raise ValueError("no descriptors to train a codebook on (every image has zero features)")
+    if len(x) > sample:
+        x = x[rng.choice(len(x), sample, replace=False)]
+    n_words = min(int(n_words), len(x))
+    t = time.perf_counter()
+    codebook = Codebook.train(x, n_words, niter=niter, seed=seed, progress=progress)
+    if out is not None:
+        print(f"codebook: {n_words} words, k-means on {len(x)} descriptors ({time.perf_counter() - t:.1f} s)",
+              file=out)
+    return codebook
+
+
 def default_methods(codebook):
     """The compared methods: (name, index factory, "whole" or "regions" database input)."""
     return [
@@ -153,15 +169,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
           f"regions ({proposals}): {np.mean([len(r) for r in regions]):.1f}/image ({t_regions:.1f} s)", file=out)
 
     if codebook is None:
-        rng = np.random.default_rng(seed)
-        sample = np.vstack([f.descriptors for f in db_feat])
-        if len(sample) > codebook_sample:
-            sample = sample[rng.choice(len(sample), codebook_sample, replace=False)]
-        n_words = min(n_words, len(sample))
-        t = time.perf_counter()
-        codebook = Codebook.train(sample, n_words, niter=10, seed=seed)
-        print(f"codebook: {n_words} words, k-means on {len(sample)} descriptors "
-              f"({time.perf_counter() - t:.1f} s)", file=out)
+        codebook = train_codebook(db_feat, n_words, seed, codebook_sample, progress=progress, out=out)
     else:
         print(f"codebook: given, {codebook.n_words} words", file=out)
 
@@ -174,14 +182,14 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         index = make()
         t = time.perf_counter()
         if form == "whole":
-            index.add([f.descriptors for f in db_feat], progress=False)
+            index.add([f.descriptors for f in db_feat], progress=progress)
         else:
-            index.add_regions_many(regions, progress=False)
+            index.add_regions_many(regions, progress=progress)
         build = time.perf_counter() - t
         ranks = np.empty((len(q_feat), n_db), np.int64)
         scores = np.empty((len(q_feat), n_db), np.float32)
         lat = []
-        for qi, f in enumerate(q_feat):
+        for qi, f in _bar(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
             t = time.perf_counter()
             s, ids = index.search(f.descriptors, k=None)
             lat.append(time.perf_counter() - t)
@@ -196,7 +204,9 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
             md = match_distance if match_distance is not None else getattr(extractor, "match_distance", 0.9)
             # regional methods verify against all the image's features (whole image + re-extracted crops)
             mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat if form == "whole" else region_feat,
-                                          dataset.gnd, top=rerank_top, seed=seed, max_distance=md)
+                                          dataset.gnd, top=rerank_top, seed=seed, max_distance=md,
+                                          protocols=("easy", "medium", "hard"), progress=progress,
+                                          desc=f"spatial verification: {name}")
         results.append(mr)
 
     _print_table(results, out, rerank)
@@ -206,11 +216,32 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
     if report_dir is not None:
         from .report import write_report
 
-        report = write_report(report_dir, dataset, results, q_feat, db_feat, boxes, seed=seed)
+        report = write_report(report_dir, dataset, results, q_feat, db_feat, boxes, seed=seed, progress=progress)
         print(f"report: {report}", file=out)
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
             "boxes": boxes, "report": report}
+
+
+def summary(result) -> dict:
+    """A JSON-ready summary of `run`'s result (what `d2r demo --json` prints): per method, mAP and
+    mP@10 (in percent) for Easy / Medium / Hard, entries, bytes per image, median query ms, and the
+    same after spatial verification when it ran."""
+    def protocols(res):
+        return {p: {"map": round(100 * res[p]["map"], 2), "mp@10": round(100 * float(res[p]["mp"][-1]), 2)}
+                for p in ("easy", "medium", "hard") if p in res}
+
+    out = {"methods": []}
+    for r in result["methods"]:
+        m = {"name": r.name, **protocols(r.results), "entries": int(r.entries),
+             "bytes_per_image": round(float(r.bytes_per_image), 1), "query_ms": round(float(r.query_ms), 3)}
+        if r.reranked is not None:
+            m["spatial_verification"] = protocols(r.reranked)
+        if r.per_family:
+            m["per_family"] = {f: protocols(v) for f, v in r.per_family.items()}
+        out["methods"].append(m)
+    out["report"] = None if result.get("report") is None else str(result["report"])
+    return out
 
 
 def _print_table(results, out, rerank):
@@ -223,7 +254,7 @@ def _print_table(results, out, rerank):
               f"{r.entries:8d} {r.bytes_per_image:10.0f} {r.query_ms:9.2f}", file=out)
         if rerank and r.reranked is not None:
             rr = r.reranked
-            print(f"{'  + spatial verification':31s} {'':6s} {100 * rr['medium']['map']:6.1f} "
+            print(f"{'  + spatial verification':31s} {100 * rr['easy']['map']:6.1f} {100 * rr['medium']['map']:6.1f} "
                   f"{100 * rr['hard']['map']:6.1f} {100 * rr['medium']['mp'][-1]:8.1f} {'':8s} {'':10s} "
                   f"{1e3 * rr['seconds_per_query']:9.1f}", file=out)
 

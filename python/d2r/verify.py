@@ -76,10 +76,13 @@ __all__ = [
     "verify_pair",
 ]
 
-#: Official re-ranking parameters (image_reranking.py).
+#: Official re-ranking parameters (image_reranking.py): how many top results are re-ranked.
 NUM_TO_RERANK = 100
+#: Largest descriptor distance of a putative match (matches need a distance ``< MAX_DISTANCE``).
 MAX_DISTANCE = 0.9
+#: RANSAC inlier threshold on the residual, in pixels.
 RESIDUAL_THRESHOLD = 10.0
+#: Number of RANSAC trials (3-point samples).
 NUM_RANSAC_TRIALS = 1000
 #: ``<= 3`` putative matches give 0 inliers in the official code.
 MIN_MATCHES = 4
@@ -238,23 +241,29 @@ def rerank(query_features, candidate_features_list: Sequence[Any], initial_score
 
     Parameters
     ----------
-    query_features : features of the query (``.descriptors``, ``.locations``).
-    candidate_features_list : sequence of the candidates' features. Only the
+    query_features
+        Features of the query (``.descriptors``, ``.locations``).
+    candidate_features_list
+        Sequence of the candidates' features. Only the
         ``top`` verified ones are accessed (``len()`` and ``[i]``), so a lazy
         sequence works.
-    initial_scores : (n,) initial similarity of each candidate (higher is
+    initial_scores
+        (n,) initial similarity of each candidate (higher is
         better); ``None`` means the list is already in rank order.
-    top : number of candidates verified: the ``top`` best by initial score
+    top
+        Number of candidates verified: the ``top`` best by initial score
         (ties: earlier in the list); ``None``: all.
 
     Returns
     -------
-    order : (n,) int64 candidate indices, best first: every candidate sorted by
+    order
+        (n,) int64 candidate indices, best first: every candidate sorted by
         (inliers desc, initial score desc, list position asc), where
         candidates that were not verified count as 0 inliers -- exactly the
         official sort. With consistent scores this is "the verified ones by
         (inliers, initial score), then the rest in initial order".
-    inliers : (n,) int64 inlier count of each candidate (indexed like the
+    inliers
+        (n,) int64 inlier count of each candidate (indexed like the
         input list), -1 for candidates that were not verified.
     """
     p = _params(max_distance, threshold, max_trials, seed, stop_probability, min_matches)
@@ -297,7 +306,8 @@ def rerank(query_features, candidate_features_list: Sequence[Any], initial_score
 
 
 def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = NUM_TO_RERANK, seed: int = 0,
-                    protocols=("medium", "hard"), **verify_kw) -> dict:
+                    protocols=("medium", "hard"), progress: bool = False, desc: str = "spatial verification",
+                    **verify_kw) -> dict:
     """The official protocol-aware re-ranking inside the Revisited evaluation: for Medium and Hard
     separately, the top `top` non-junk results of each query (junk as that protocol defines it) are
     spatially verified and re-sorted by (inliers, initial score); the rest keep their order. Each
@@ -305,17 +315,18 @@ def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = 
 
     ranks, scores: (n_queries, n_database) full rankings and their scores. Returns
     {protocol: d2r.evaluate.revisited(...)[protocol], "ranks": {protocol: reranked ranks},
-    "seconds_per_query": ...}.
+    "seconds_per_query": ...}. progress: a progress bar over the queries.
     """
     import time
 
+    from ._progress import iterate
     from .evaluate import revisited
 
     ranks = np.asarray(ranks)
     scores = np.asarray(scores)
     t0 = time.perf_counter()
     out_ranks = {p: np.empty_like(ranks) for p in protocols}
-    for qi in range(ranks.shape[0]):
+    for qi in iterate(range(ranks.shape[0]), ranks.shape[0], desc, progress, unit="query"):
         g = gnd[qi]
         easy, hard, junk = (set(int(i) for i in g.get(k, [])) for k in ("easy", "hard", "junk"))
         ignored = {"medium": junk, "hard": junk | easy, "easy": junk | hard}

@@ -5,7 +5,11 @@ from .rootsift import (
     Features,
     ImageLoadError,
     ImageNotFoundError,
+    NoUsableImagesError,
     RootSIFT,
+    Extracted,
+    TruncatedImageWarning,
+    UnreadableImagesWarning,
     SIFTResult,
     extract_many,
     load_image_gray,
@@ -14,6 +18,7 @@ from .rootsift import (
 )
 from .cnn import EfficientNetLite0Features, learn_pca
 from .delf import DELF, DelfTF
+from .describe import describe
 
 __all__ = [
     "Features",
@@ -22,6 +27,11 @@ __all__ = [
     "ImageLoadError",
     "ImageNotFoundError",
     "extract_many",
+    "Extracted",
+    "TruncatedImageWarning",
+    "UnreadableImagesWarning",
+    "NoUsableImagesError",
+    "describe",
     "load_image_gray",
     "load_image_rgb",
     "DELF",

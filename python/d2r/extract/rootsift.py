@@ -41,6 +41,10 @@ __all__ = [
     "load_image_gray",
     "rootsift_from_sift",
     "extract_many",
+    "Extracted",
+    "TruncatedImageWarning",
+    "UnreadableImagesWarning",
+    "NoUsableImagesError",
     "MIN_IMAGE_SIDE",
     "SIFT_DIM",
 ]
@@ -48,6 +52,7 @@ __all__ = [
 #: Images whose height or width is below this (after optional downscaling)
 #: yield zero features.
 MIN_IMAGE_SIDE = 10
+#: Dimension of (Root)SIFT descriptors.
 SIFT_DIM = 128
 
 ImageInput = Union[str, "os.PathLike[str]", np.ndarray, Any]
@@ -59,6 +64,20 @@ class ImageLoadError(ValueError):
 
 class ImageNotFoundError(ImageLoadError, FileNotFoundError):
     """The image file does not exist (both a ValueError and a FileNotFoundError)."""
+
+
+class TruncatedImageWarning(UserWarning):
+    """An image file was cut short (a JPEG without its end); what could be decoded is used and the
+    missing part is filled in grey, as most decoders do."""
+
+
+class UnreadableImagesWarning(UserWarning):
+    """Some images of a batch could not be read and were skipped (``extract_many`` and the feature
+    store list them)."""
+
+
+class NoUsableImagesError(ImageLoadError):
+    """None of the images of a batch could be read."""
 
 
 # --------------------------------------------------------------------------- #
@@ -179,10 +198,25 @@ def read_image_rgb(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:  # pragma: no cover - depends on codec
         raise ImageLoadError(f"cannot decode image file {p!r}: {exc}") from exc
+    if (bgr is None or bgr.size == 0) and _is_truncated_jpeg(buf):
+        # OpenCV >= 5 refuses a JPEG cut short; libjpeg decodes it once the end-of-image marker is
+        # there, filling the missing rows in grey (what Pillow and browsers show).
+        bgr = cv2.imdecode(np.concatenate([buf, np.frombuffer(b"\xff\xd9", np.uint8)]), cv2.IMREAD_COLOR)
+        if bgr is not None and bgr.size:
+            warnings.warn(f"image file {p!r} is truncated (a JPEG without its end); decoded what is there, "
+                          "the missing part filled in grey", TruncatedImageWarning, stacklevel=3)
     if bgr is None or bgr.size == 0:
         raise ImageLoadError(
-            f"cannot decode image file {p!r}: not a supported/valid image (corrupt?)")
+            f"cannot decode image file {p!r}: not an image OpenCV can decode (corrupt, truncated or another format)")
     return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def _is_truncated_jpeg(buf: np.ndarray) -> bool:
+    """A JPEG stream (SOI marker first) whose end-of-image marker is missing."""
+    if buf.size < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return False
+    tail = np.trim_zeros(buf[-64:], "b")
+    return not (tail.size >= 2 and tail[-2] == 0xFF and tail[-1] == 0xD9)
 
 
 def load_image_rgb(image: ImageInput) -> np.ndarray:
@@ -285,6 +319,8 @@ class RootSIFT:
     n_octave_layers, contrast_threshold, edge_threshold, sigma :
         Passed to ``cv2.SIFT_create`` (OpenCV defaults).
 
+    Notes
+    -----
     The object is picklable (the OpenCV detector is created per call), so it can
     be used with :func:`extract_many` and ``workers > 1``.
     """
@@ -321,6 +357,24 @@ class RootSIFT:
     def __repr__(self) -> str:
         return (f"RootSIFT(max_features={self.max_features}, "
                 f"max_image_size={self.max_image_size})")
+
+    def describe(self) -> dict:
+        """What a feature store records of this extractor (``d2r.extract.describe``): its name, all
+        its parameters, and those that define the descriptor space (features made with different
+        values of these are not comparable; ``max_features`` and ``max_image_size`` only change how
+        many are kept and at what resolution)."""
+        return {"name": "RootSIFT", "dim": SIFT_DIM,
+                "params": {"max_features": self.max_features, "max_image_size": self.max_image_size,
+                           "n_octave_layers": self.n_octave_layers, "contrast_threshold": self.contrast_threshold,
+                           "edge_threshold": self.edge_threshold, "sigma": self.sigma},
+                "descriptor_params": {"n_octave_layers": self.n_octave_layers,
+                                      "contrast_threshold": self.contrast_threshold,
+                                      "edge_threshold": self.edge_threshold, "sigma": self.sigma}}
+
+    @classmethod
+    def from_description(cls, info: dict) -> "RootSIFT":
+        """The extractor a ``describe()`` record came from."""
+        return cls(**info.get("params", {}))
 
     def _make_sift(self):
         cv2 = _cv2()
@@ -412,9 +466,46 @@ def _worker_call(item):
     return _WORKER_FN(item)
 
 
+def _safe_call(item):
+    """In a worker process: (features, None, truncation warnings) or (None, reason, ...) for an image
+    that cannot be read; truncated-image warnings are returned, so that the parent reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncatedImageWarning)
+        out = _call_safely(_WORKER_FN, item)
+    return out[:2] + ([str(w.message) for w in caught if issubclass(w.category, TruncatedImageWarning)],)
+
+
+def _call_safely(fn, item):
+    """(features, None, []) or (None, reason, []) for an image that cannot be read."""
+    try:
+        return fn(item), None, []
+    except ImageLoadError as exc:
+        return None, str(exc), []
+
+
+class Extracted(list):
+    """What :func:`extract_many` returns: a list of the Features of the readable images, in input
+    order, with
+
+    images : the inputs those Features belong to (same order);
+    kept : their positions in the input;
+    errors : ``(input, reason)`` for each image that could not be read (skipped).
+    """
+
+    def __init__(self, features=(), images=(), kept=(), errors=()):
+        super().__init__(features)
+        self.images = list(images)
+        self.kept = list(kept)
+        self.errors = list(errors)
+
+
+def _describe_input(im) -> str:
+    return os.fspath(im) if isinstance(im, (str, os.PathLike)) else f"<{type(im).__name__}>"
+
+
 def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
                  progress: bool = True, desc: str = "extract",
-                 mp_context: Optional[str] = None) -> List[Features]:
+                 mp_context: Optional[str] = None, on_error: str = "skip") -> "Extracted":
     """Apply ``extractor`` to every image, in order, with a tqdm progress bar.
 
     Parameters
@@ -430,21 +521,29 @@ def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
         interpreter. ``"fork"`` is NOT safe once OpenCV has run multi-threaded
         code in the parent (inherited thread-pool state can deadlock the
         children); with ``"fork"`` OpenCV's thread count is left untouched.
+    on_error : what to do with an image that cannot be read (missing, empty,
+        not an image, undecodable): ``"skip"`` (the default) leaves it out,
+        lists it in the result's ``errors`` and warns once
+        (:class:`UnreadableImagesWarning`); ``"raise"`` stops at the first one
+        with its :class:`ImageLoadError`. A truncated JPEG that can still be
+        decoded is used, with a :class:`TruncatedImageWarning`.
 
-    Returns the list of results in input order. Errors (e.g. an unreadable file)
-    propagate.
+    Returns
+    -------
+    Extracted
+        The Features of the readable images in input order (a list), with
+        ``.images``, ``.kept`` and ``.errors``. When images were given but none
+        could be read, :class:`NoUsableImagesError` is raised instead.
     """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    from .._progress import iterate
+
     images = list(images)
     workers = max(1, int(workers or 1))
-    try:
-        from tqdm.auto import tqdm  # noqa: WPS433
-    except ImportError:  # pragma: no cover
-        tqdm = None
 
     def bar(it):
-        if progress and tqdm is not None:
-            return tqdm(it, total=len(images), desc=desc, unit="img")
-        return it
+        return iterate(it, len(images), desc, progress)
 
     method = mp_context or "spawn"
     if workers > 1 and method != "fork" and not _main_is_spawnable():
@@ -454,27 +553,51 @@ def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
             RuntimeWarning, stacklevel=2)
         workers = 1
 
+    out = Extracted()
+
+    def collect(i, result):
+        feats, reason, truncated = result
+        for msg in truncated:
+            warnings.warn(msg, TruncatedImageWarning, stacklevel=3)
+        if reason is None:
+            out.append(feats)
+            out.images.append(images[i])
+            out.kept.append(i)
+        elif on_error == "raise":
+            raise ImageLoadError(reason)
+        else:
+            out.errors.append((_describe_input(images[i]), reason))
+
     if workers == 1 or len(images) <= 1:
-        return [extractor(im) for im in bar(images)]
+        for i, im in enumerate(bar(images)):
+            collect(i, _call_safely(extractor, im))
+    else:
+        import multiprocessing as mp  # noqa: WPS433
+        from concurrent.futures import ProcessPoolExecutor  # noqa: WPS433
+        from concurrent.futures.process import BrokenProcessPool  # noqa: WPS433
 
-    import multiprocessing as mp  # noqa: WPS433
-    from concurrent.futures import ProcessPoolExecutor  # noqa: WPS433
-    from concurrent.futures.process import BrokenProcessPool  # noqa: WPS433
-
-    ctx = mp.get_context(method)
-    workers = min(workers, len(images))
-    cv_threads = None if method == "fork" else 1
-    # ProcessPoolExecutor (unlike multiprocessing.Pool) raises BrokenProcessPool
-    # instead of hanging when a worker cannot start (e.g. import failure).
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(extractor, cv_threads)) as pool:
-        try:
-            out = list(bar(pool.map(_worker_call, images, chunksize=1)))
-        except BrokenProcessPool as exc:
-            raise RuntimeError(
-                f"extract_many: worker processes ({method!r}) died; with 'spawn' the "
-                "extractor's module must be importable in a fresh interpreter and the "
-                "main script must be guarded by `if __name__ == '__main__':`") from exc
+        ctx = mp.get_context(method)
+        workers = min(workers, len(images))
+        cv_threads = None if method == "fork" else 1
+        # ProcessPoolExecutor (unlike multiprocessing.Pool) raises BrokenProcessPool
+        # instead of hanging when a worker cannot start (e.g. import failure).
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(extractor, cv_threads)) as pool:
+            try:
+                for i, result in enumerate(bar(pool.map(_safe_call, images, chunksize=1))):
+                    collect(i, result)
+            except BrokenProcessPool as exc:
+                raise RuntimeError(
+                    f"extract_many: worker processes ({method!r}) died; with 'spawn' the "
+                    "extractor's module must be importable in a fresh interpreter and the "
+                    "main script must be guarded by `if __name__ == '__main__':`") from exc
+    if out.errors:
+        if not out:
+            raise NoUsableImagesError(f"none of the {len(images)} images could be read; first: "
+                                      f"{out.errors[0][1]}")
+        warnings.warn(f"{len(out.errors)} of {len(images)} images could not be read and were skipped (first: "
+                      f"{out.errors[0][1]}); they are listed in the result's .errors", UnreadableImagesWarning,
+                      stacklevel=2)
     return out
 
 
