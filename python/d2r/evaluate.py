@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = ["PROTOCOLS", "compute_ap", "compute_map", "format_table", "revisited"]
 
+#: The Revisited protocols, in the order results are reported.
 PROTOCOLS = ("easy", "medium", "hard")
 
 
@@ -223,12 +224,13 @@ def revisited(ranks, gnd, kappas=(1, 5, 10)) -> dict:
 
     Returns
     -------
-    ``{"easy": r, "medium": r, "hard": r}`` where each ``r`` has ``"map"`` (mean AP, 0-1, NaN when
-    no query has positives), ``"mp"`` and ``"mr"`` (mean precision / recall at each kappa),
-    ``"aps"`` (per-query AP, NaN for queries without positives), ``"prs"`` and ``"rs"``
-    (per-query precision / recall at each kappa, NaN rows likewise), ``"n_queries"`` (queries
-    with positives) and ``"kappas"``. Ignored images of a protocol are removed from the ranking;
-    an index that is both positive and ignored counts as positive.
+    dict
+        ``{"easy": r, "medium": r, "hard": r}`` where each ``r`` has ``"map"`` (mean AP, 0-1, NaN when
+        no query has positives), ``"mp"`` and ``"mr"`` (mean precision / recall at each kappa),
+        ``"aps"`` (per-query AP, NaN for queries without positives), ``"prs"`` and ``"rs"``
+        (per-query precision / recall at each kappa, NaN rows likewise), ``"n_queries"`` (queries
+        with positives) and ``"kappas"``. Ignored images of a protocol are removed from the ranking;
+        an index that is both positive and ignored counts as positive.
     """
     if isinstance(gnd, dict):
         if "gnd" not in gnd:

@@ -73,6 +73,8 @@ __all__ = [
     "PairVerification",
     "match_descriptors",
     "rerank",
+    "rerank_protocol",
+    "search_and_rerank",
     "verify_pair",
 ]
 

@@ -65,6 +65,7 @@ __all__ = [
 
 ENV_SHARED_DATA = "D2R_SHARED_DATA"
 ENV_CACHE_DIR = "D2R_CACHE_DIR"
+#: The realmix image families (see the module docstring and :func:`realmix_family`).
 FAMILIES = ("landmarks", "wxbs_evd", "objects_pairs")
 _LANDMARK_GROUPS = {"sacre_coeur", "berlin_street", "lund_street"}
 _CACHE_VERSION = 1
@@ -322,7 +323,7 @@ def _build_or_load(max_features: Optional[int], cache_dir: Optional[PathLike],
 
         ex = RootSIFT(max_features=max_features, max_image_size=max_image_size)
         raws = extract_many(_RawSIFT(ex), paths, workers=workers, progress=progress,
-                            desc="realmix RootSIFT")
+                            desc="realmix RootSIFT", on_error="raise")  # the ground truth needs every image
         counts = np.array([len(r.sift) for r in raws], dtype=np.int64)
         sift = np.concatenate([r.sift for r in raws], axis=0) if raws else \
             np.zeros((0, 128), np.float32)

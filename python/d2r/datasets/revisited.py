@@ -67,7 +67,9 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: The Revisited datasets :func:`load_revisited` reads.
 REVISITED_NAMES = ("roxford5k", "rparis6k")
+#: File extensions (lower case) taken as images when a folder is listed.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

@@ -510,18 +510,26 @@ def extract_many(extractor, images: Iterable[ImageInput], workers: int = 1,
 
     Parameters
     ----------
-    extractor : callable ``image -> Features`` (e.g. :class:`RootSIFT`); must be
+    extractor
+        A callable ``image -> Features`` (e.g. :class:`RootSIFT`); must be
         picklable when ``workers > 1``.
-    images : iterable of paths / arrays / PIL images.
-    workers : number of processes; ``1`` runs in this process. Each worker runs
+    images
+        An iterable of paths / arrays / PIL images.
+    workers
+        Number of processes; ``1`` runs in this process. Each worker runs
         OpenCV single-threaded.
-    progress : show a tqdm bar.
-    mp_context : multiprocessing start method; default ``"spawn"``, so the
+    progress
+        Show a tqdm bar.
+    desc
+        The bar's label.
+    mp_context
+        Multiprocessing start method; default ``"spawn"``, so the
         extractor (and its module) must be importable by name in a fresh
         interpreter. ``"fork"`` is NOT safe once OpenCV has run multi-threaded
         code in the parent (inherited thread-pool state can deadlock the
         children); with ``"fork"`` OpenCV's thread count is left untouched.
-    on_error : what to do with an image that cannot be read (missing, empty,
+    on_error
+        What to do with an image that cannot be read (missing, empty,
         not an image, undecodable): ``"skip"`` (the default) leaves it out,
         lists it in the result's ``errors`` and warns once
         (:class:`UnreadableImagesWarning`); ``"raise"`` stops at the first one
