@@ -24,7 +24,8 @@ carray<T> require(const pybind11::handle& obj, const std::string& name) {
   namespace py = pybind11;
   if (!py::isinstance<py::array>(obj)) throw py::type_error(name + " must be a numpy array");
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
+  // Equivalence, not identity: an unpickled array has its own (equal) dtype object.
+  if (!py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<T>().ptr()))
     throw py::type_error(name + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
                          std::string(py::str(py::dtype::of<T>())));
   return carray<T>::ensure(a);

@@ -357,3 +357,18 @@ def test_search_refuses_queries_of_another_extractor(built, photos, capsys, tmp_
     shutil.copy(built / "db.d2r.names.txt", tmp_path / "db.d2r.names.txt")
     rc, _, err = _run(capsys, "search", tmp_path / "db.d2r", photos["good"][0], "-q")
     assert rc == 2 and "ffffffffffffffff" in err and "use the same extractor" in err
+
+
+def test_unpickled_arrays_are_accepted():
+    """An unpickled float32 array has its own (equal) dtype object; the native checks compare dtypes by
+    equivalence, not identity."""
+    import pickle
+
+    ca, _ = _two_codebooks()
+    x = np.random.default_rng(3).standard_normal((30, 16)).astype(np.float32)
+    y = pickle.loads(pickle.dumps(x))
+    index = d2r.Index(ca, "asmk*")
+    index.add([y])
+    np.testing.assert_array_equal(ca.quantize(y)[0], ca.quantize(x)[0])
+    s, i = index.search(y, k=1)
+    assert i[0] == 0 and abs(s[0] - 1) < 1e-5

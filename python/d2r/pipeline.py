@@ -176,6 +176,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
     if methods is None:
         methods = default_methods(codebook)
     families = getattr(dataset, "query_families", None)
+    md = match_distance if match_distance is not None else getattr(extractor, "match_distance", 0.9)
     results = []
     n_db = len(db_paths)
     for name, make, form in methods:
@@ -201,7 +202,6 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         if rerank:
             from .verify import rerank_protocol
 
-            md = match_distance if match_distance is not None else getattr(extractor, "match_distance", 0.9)
             # regional methods verify against all the image's features (whole image + re-extracted crops)
             mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat if form == "whole" else region_feat,
                                           dataset.gnd, top=rerank_top, seed=seed, max_distance=md,
@@ -216,7 +216,8 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
     if report_dir is not None:
         from .report import write_report
 
-        report = write_report(report_dir, dataset, results, q_feat, db_feat, boxes, seed=seed, progress=progress)
+        report = write_report(report_dir, dataset, results, q_feat, db_feat, boxes, seed=seed, progress=progress,
+                              match_distance=md, rerank_top=rerank_top)
         print(f"report: {report}", file=out)
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
