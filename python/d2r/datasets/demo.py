@@ -809,7 +809,7 @@ def make_demo_set(root: Optional[PathLike] = None, seed: int = 0, n_views: int =
 
     progress : a progress bar while the set is generated (the first time).
 
-    Defaults: 12 queries and 117 database images of 1,024 px (generated in about 20 s).
+    Defaults: 12 queries and 137 database images of 1,024 px (generated in about 10 s).
     """
     params = _params(seed, n_views, n_distractors, size, objects)
     data_dir = skimage_data_dir()
