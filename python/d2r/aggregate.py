@@ -108,12 +108,8 @@ def _concat_images(images, dim):
     return np.ascontiguousarray(x), offsets
 
 
-def as_assignments(assignments, n: int, m: int, n_words: int, fingerprint: str | None = None,
-                   codebook: Codebook | None = None) -> np.ndarray:
-    """Precomputed word assignments: int (n, m) with ids in [0, n_words); `fingerprint`, when given,
-    must be `codebook`'s (the codebook that made them)."""
-    if codebook is not None:
-        check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
+def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
+    """Precomputed word assignments: int (n, m) with ids in [0, n_words)."""
     a = np.asarray(assignments)
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"assignments must be integers, got dtype {a.dtype}")
@@ -134,7 +130,8 @@ def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets:
     if assignments is None:
         assign, _ = codebook.quantize(descriptors, m)
     else:
-        assign = as_assignments(assignments, descriptors.shape[0], m, codebook.n_words, fingerprint, codebook)
+        check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
+        assign = as_assignments(assignments, descriptors.shape[0], m, codebook.n_words)
     n_img = image_offsets.shape[0] - 1
     image_regions = np.arange(n_img + 1, dtype=np.int64)
     offs, words, codes = _native.aggregate(descriptors, assign, codebook.centroids, image_regions,

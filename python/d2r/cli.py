@@ -65,12 +65,6 @@ def _dataset(spec: str, progress: bool = True):
     raise UsageError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
 
 
-def _say(args, *parts) -> None:
-    """A note for the person at the terminal (stderr), silenced by --quiet and --json."""
-    if not (getattr(args, "quiet", False) or getattr(args, "json", False)):
-        print(*parts, file=sys.stderr)
-
-
 def _emit_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
@@ -301,8 +295,7 @@ def _search(args) -> int:
             from .verify import search_and_rerank
 
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
-                                                     max_distance=extractor.match_distance
-                                                     if hasattr(extractor, "match_distance") else 0.9)
+                                                     max_distance=getattr(extractor, "match_distance", 0.9))
         else:
             scores, ids = index.search(qf.descriptors, k=args.k)
             inliers = None

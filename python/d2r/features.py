@@ -170,6 +170,11 @@ def store_info(path) -> dict:
     "images": count, "shards": count, "regions": whether
     region features are stored, "errors": [(image, reason)] of images that could not be read}``.
     Shards of different extractors raise StoreMismatchError."""
+    return _scan_store(path)[0]
+
+
+def _scan_store(path):
+    """(store_info's dict, the stored image names): one pass over the shards' small arrays."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such feature store (a folder or .npz file made by `d2r extract`)")
@@ -177,6 +182,7 @@ def store_info(path) -> dict:
     info = {"extractor": None, "recorded": True, "images": 0, "shards": len(shards), "regions": False,
             "errors": []}
     first = None
+    names = []
     for shard in shards:
         z = _read_npz(shard, {"names", "extractor", "region_image_offsets", "errors"})
         if "names" not in z:
@@ -192,6 +198,7 @@ def store_info(path) -> dict:
                                      "(one has no record)")
         else:
             check_extractor(first[1], ex, shard)
+        names += [str(n) for n in z["names"]]
         info["images"] += len(z["names"])
         info["regions"] = info["regions"] or "region_image_offsets" in z
         if "errors" in z:
@@ -202,7 +209,7 @@ def store_info(path) -> dict:
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path / 'errors.json'}: corrupt ({exc}); delete it (it only lists unreadable images)") \
                 from None
-    return info
+    return info, names
 
 
 def _load_file(path: Path):
@@ -264,18 +271,15 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     extractor = extractor or RootSIFT(max_features=1000)
     info = describe(extractor)
     shards = _shards(folder) if folder.exists() else []
-    done = set()
+    stored_info, stored_names = _scan_store(folder) if folder.exists() else ({"errors": []}, [])
     if shards:
-        stored_info = store_info(folder)
         if not stored_info["recorded"]:
             warnings.warn(f"{folder}: written by an older d2r, without a record of its extractor; new shards "
                           f"will record {_extractor_label(info)}", FormatWarning, stacklevel=2)
         check_extractor(stored_info["extractor"], info, folder)
-        for shard in shards:
-            names = _read_npz(shard, {"names"})["names"]
-            done.update(os.path.abspath(str(n)) for n in names)
+    done = {os.path.abspath(n) for n in stored_names}
     folder.mkdir(parents=True, exist_ok=True)
-    old_errors = store_info(folder)["errors"] if (folder / "errors.json").exists() else []
+    old_errors = stored_info["errors"]
     todo = [p for p in dict.fromkeys(images) if p not in done]
     next_index = (int(shards[-1].stem.split("-")[1]) + 1) if shards else 0
     errors = []
@@ -320,10 +324,9 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
             try:
                 f, r = extract_one(path)
             except ImageLoadError as exc:
-                if strict:
-                    errors.append((path, str(exc)))
-                    raise
                 errors.append((path, str(exc)))
+                if strict:
+                    raise
             else:
                 names.append(path)
                 stored_now.add(path)

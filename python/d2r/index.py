@@ -44,10 +44,6 @@ def _concat_device(arrays, dim):
     raise TypeError("a list of CUDA arrays must be CuPy or PyTorch arrays (or pass one array with offsets)")
 
 
-def _progress(total, enabled, desc):
-    return _bar(total, desc, enabled)
-
-
 class _IndexBase:
     """What Index and RegionalSearchIndex share: the codebook, the kernel and its parameters,
     aggregation in bounded chunks, and the file format.
@@ -105,7 +101,7 @@ class _IndexBase:
             check_fingerprint(fingerprint, self.codebook.fingerprint, "the assignments")
         if assignments is not None and not (gpu and _is_device_array(assignments)):
             assignments = as_assignments(assignments, x.shape[0], m, self.codebook.n_words)
-        bar = _progress(n_img, progress if progress is not None else n_img >= 2000, desc)
+        bar = _bar(n_img, desc, progress if progress is not None else n_img >= 2000)
         # with a progress bar, chunks of at most 1 % of the images, so that the bar moves smoothly
         chunk = _CHUNK_DESCRIPTORS if bar is None else max(1, min(_CHUNK_DESCRIPTORS, int(offsets[-1]) // 100))
         i = 0
@@ -360,8 +356,8 @@ class Index(_IndexBase):
             raise ValueError("no images given (empty list)")
         batch_size = check_positive_int(batch_size, "batch_size")
         ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
-        bar = _progress(len(regions_list), progress if progress is not None else len(regions_list) >= 2000,
-                        "aggregate regions")
+        bar = _bar(len(regions_list), "aggregate regions",
+                   progress if progress is not None else len(regions_list) >= 2000)
         batches = []
         for s in range(0, len(regions_list), batch_size):
             chunk = regions_list[s:s + batch_size]

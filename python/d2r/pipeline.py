@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._progress import busy, iterate
+from ._progress import iterate
 from .codebook import Codebook
 from .evaluate import revisited
 from .index import Index, RegionalSearchIndex
@@ -38,10 +38,6 @@ class MethodResult:
     reranked: dict | None = None       # protocol-aware re-ranked results, when asked
 
 
-def _bar(it, total, desc, progress):
-    return iterate(it, total, desc, progress)
-
-
 def _crop(image, box):
     from .regions import crop_bounds
 
@@ -57,7 +53,7 @@ def extract_queries(dataset, extractor, progress=True):
     from .regions import _load_image_rgb, _shift_features
 
     out = []
-    for i, path in _bar(enumerate(dataset.qimlist), len(dataset.qimlist), "query features", progress):
+    for i, path in iterate(enumerate(dataset.qimlist), len(dataset.qimlist), "query features", progress):
         bbx = dataset.gnd[i].get("bbx") if isinstance(dataset.gnd[i], dict) else None
         if bbx is None:
             out.append(extractor(path))
@@ -75,7 +71,7 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
     from .regions import _load_image_rgb, grid_proposals, regions_by_reextraction
 
     regions, boxes_used, region_feats = [], [], []
-    for i, path in _bar(enumerate(dataset.imlist), len(dataset.imlist), "region features", progress):
+    for i, path in iterate(enumerate(dataset.imlist), len(dataset.imlist), "region features", progress):
         if proposals == "none":
             regions.append([db_features[i].descriptors])
             boxes_used.append(np.zeros((0, 4)))
@@ -158,7 +154,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         proposals = "grid"
     db_paths = list(dataset.imlist)
     t = time.perf_counter()
-    db_feat = [extractor(p) for p in _bar(db_paths, len(db_paths), "database features", progress)]
+    db_feat = [extractor(p) for p in iterate(db_paths, len(db_paths), "database features", progress)]
     q_feat = extract_queries(dataset, extractor, progress)
     t_extract = time.perf_counter() - t
     t = time.perf_counter()
@@ -190,7 +186,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         ranks = np.empty((len(q_feat), n_db), np.int64)
         scores = np.empty((len(q_feat), n_db), np.float32)
         lat = []
-        for qi, f in _bar(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
+        for qi, f in iterate(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
             t = time.perf_counter()
             s, ids = index.search(f.descriptors, k=None)
             lat.append(time.perf_counter() - t)

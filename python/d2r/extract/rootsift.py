@@ -28,7 +28,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
