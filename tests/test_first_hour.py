@@ -345,6 +345,19 @@ def test_feature_store_fingerprint_and_old_stores(photos, tmp_path):
     with pytest.warns(d2r.FormatWarning, match="older d2r"):
         names, feats = d2r.load_features(old)
     assert len(names) == 1
+    # an older store extended by this d2r: the new shards record the extractor, the store stays usable
+    # and keeps checking new extractions against that record
+    store = tmp_path / "old-store"
+    store.mkdir()
+    np.savez(store / "shard-00000.npz", **arrays)
+    with pytest.warns(d2r.FormatWarning, match="new shards will record"):
+        extract_dataset(photos["good"][1:2], store, a, progress=False)
+    info = d2r.store_info(store)
+    assert info["images"] == 2 and not info["recorded"] and info["extractor"]["fingerprint"] == describe(a)["fingerprint"]
+    with pytest.warns(d2r.FormatWarning, match="older d2r"):
+        assert len(d2r.load_features(store)[0]) == 2
+    with pytest.raises(StoreMismatchError, match="sigma=2.0"), pytest.warns(d2r.FormatWarning):
+        extract_dataset(photos["good"][2:], store, c, progress=False)
 
 
 def test_search_refuses_queries_of_another_extractor(built, photos, capsys, tmp_path):

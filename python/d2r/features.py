@@ -190,14 +190,14 @@ def _scan_store(path):
         ex = _extractor_of(z, shard)
         if ex == "absent":
             info["recorded"], ex = False, None
-        if first is None:
-            first = (shard, ex)
-            info["extractor"] = ex
-        elif (ex is None) != (first[1] is None):
-            raise StoreMismatchError(f"{path}: {shard.name} and {first[0].name} disagree on the extractor "
-                                     "(one has no record)")
-        else:
-            check_extractor(first[1], ex, shard)
+        # Shards without a record (older d2r, or saved without one) may sit beside recorded ones (a store
+        # extended by a newer d2r): the store's extractor is the recorded one, and all records must agree.
+        if ex is not None:
+            if first is None:
+                first = ex
+                info["extractor"] = ex
+            else:
+                check_extractor(first, ex, shard)
         names += [str(n) for n in z["names"]]
         info["images"] += len(z["names"])
         info["regions"] = info["regions"] or "region_image_offsets" in z
