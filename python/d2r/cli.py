@@ -69,6 +69,24 @@ def _emit_json(obj) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _extract_listing_skips(extractor, images, **kw):
+    """extract_many for a command that lists every skipped image itself (`_skipped`): its summary
+    warning, which points at the result's `.errors`, would only repeat them."""
+    from .extract import UnreadableImagesWarning, extract_many
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImagesWarning)
+        return extract_many(extractor, images, **kw)
+
+
+def _skipped(command, errors, json_out):
+    """The unreadable inputs, listed: one stderr line each (text output), or the JSON "skipped" list."""
+    if not json_out:
+        for name, err in errors:
+            print(f"d2r {command}: skipped {name}: {err}", file=sys.stderr)
+    return [{"image": n, "error": e} for n, e in errors]
+
+
 # ---- demo / evaluate ---------------------------------------------------------------------------------
 def _run_pipeline(args, rerank: bool) -> int:
     import io
@@ -131,7 +149,7 @@ def _make_extractor(args):
 
 
 def _extract(args) -> int:
-    from .extract import describe, extract_many
+    from .extract import describe
     from .features import extract_dataset, save_features
 
     paths = _images(args.images)
@@ -149,19 +167,17 @@ def _extract(args) -> int:
                      "keypoints": detect.KeypointClusterProposals}[args.proposals]())
     on_error = "raise" if args.strict else "skip"
     if str(args.out).endswith(".npz"):
-        feats = extract_many(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
+        feats = _extract_listing_skips(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
         names = [os.path.abspath(p) for p in feats.images]
         save_features(args.out, names, list(feats), extractor=describe(sift), errors=feats.errors)
         stored, errors = names, feats.errors
     else:
         stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions,
                                          progress=not args.quiet, strict=args.strict)
+    skipped = _skipped("extract", errors, args.json)
     if args.json:
-        _emit_json({"store": str(args.out), "images_stored": len(stored),
-                    "skipped": [{"image": n, "error": e} for n, e in errors]})
+        _emit_json({"store": str(args.out), "images_stored": len(stored), "skipped": skipped})
     else:
-        for name, err in errors:
-            print(f"skipped {name}: {err}", file=sys.stderr)
         where = "listed in errors.json" if not str(args.out).endswith(".npz") else "listed in the file's errors"
         print(f"{len(stored)} images stored in {args.out}" + (f" ({len(errors)} unreadable, {where})" if errors else ""))
     return EXIT_OK
@@ -267,7 +283,7 @@ def _read_names(args, index):
 
 
 def _search(args) -> int:
-    from .extract import ImageLoadError
+    from .extract import NoUsableImagesError
     from .index import Index
 
     index = Index.load(args.index, mmap=True)
@@ -279,18 +295,15 @@ def _search(args) -> int:
     if args.rerank:
         db_feats = _rerank_features(args, index, names)
     queries = _images(args.queries)
-    results, skipped = [], []
-    from ._progress import iterate
-
-    for q in iterate(queries, len(queries), "search", not args.quiet and len(queries) > 1):
-        try:
-            qf = extractor(q)
-        except ImageLoadError as exc:
-            if args.strict:
-                raise NothingUsable(f"{exc} (stopped: --strict)") from None
-            skipped.append((q, str(exc)))
-            print(f"d2r search: skipped {q}: {exc}", file=sys.stderr)
-            continue
+    try:   # the one policy for unreadable images (skip and list, or stop with --strict)
+        extracted = _extract_listing_skips(extractor, queries, progress=len(queries) > 1, desc="query features",
+                                           on_error="raise" if args.strict else "skip")
+    except NoUsableImagesError:
+        raise NothingUsable("no query image could be read" + (f" (of {len(queries)})" if len(queries) > 1 else "")) \
+            from None
+    skipped = _skipped("search", extracted.errors, args.json)
+    results = []
+    for q, qf in zip(extracted.images, extracted):
         if args.rerank:
             from .verify import search_and_rerank
 
@@ -311,10 +324,7 @@ def _search(args) -> int:
             _print_query(q, qf, rows, inliers is not None, first=len(results) == 1, index=index, args=args)
     if args.json:
         _emit_json({"index": str(args.index), "k": args.k, "kernel": index.kernel, "normalize": index.normalize,
-                    "reranked": bool(args.rerank), "queries": results,
-                    "skipped": [{"image": n, "error": e} for n, e in skipped]})
-    if not results:
-        raise NothingUsable("no query image could be read" + (f" (of {len(queries)})" if len(queries) > 1 else ""))
+                    "reranked": bool(args.rerank), "queries": results, "skipped": skipped})
     return EXIT_OK
 
 
