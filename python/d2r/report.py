@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._progress import iterate
+
 GREEN, RED, GREY, BLUE, YELLOW = (40, 170, 40), (210, 40, 40), (150, 150, 150), (40, 90, 220), (230, 190, 0)
 PROTOCOLS = ("easy", "medium", "hard")
 DASH = "\u2013"
@@ -366,18 +368,6 @@ def _query_section(dataset, qi, shown, q_feat, db_feat, boxes, seed, quality, ve
     return n_img
 
 
-def _progress_bar(items, enabled):
-    try:
-        from ._progress import iterate   # honours d2r's global quiet switch
-    except ImportError:  # pragma: no cover
-        if not enabled:
-            return items
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc="report", unit="query", leave=False)
-    return iterate(items, len(items), "report", enabled, unit="query")
-
-
 def select_queries(n_total, max_queries=None, seed=0):
     """The query indices the report shows: all of them, or `max_queries` chosen at random with `seed`
     (sorted)."""
@@ -464,7 +454,7 @@ def write_report(report_dir, dataset, results, q_feat, db_feat, boxes, n_queries
     parts.append("</ul>")
 
     n_img = 0
-    for qi in _progress_bar(sample, progress):
+    for qi in iterate(sample, len(sample), "report", progress, unit="query"):
         n_img += _query_section(dataset, int(qi), shown, q_feat, db_feat, boxes, seed, jpeg_quality, verify_kw,
                                 parts)
     parts.append(f"<p class='note'>{n_img} figures.</p></body></html>")
