@@ -10,6 +10,7 @@
 #include "common.h"
 #include "fixed_point.h"
 #include "parallel.h"
+#include "postings.h"
 #include "reduce.h"
 #include "selectivity.h"
 #include "topk.h"
@@ -39,12 +40,97 @@ void check_codes(const CodesView& v, int64_t n_words) {
 }
 
 size_t Segment::owned_bytes() const {
-  return own_off.size() * sizeof(int64_t) + own_slot.size() * sizeof(uint32_t) + own_code.size();
+  return own_off.size() * sizeof(uint64_t) + own_data.size() + (page_ok ? static_cast<size_t>(n_pages) : 0);
+}
+
+size_t Segment::mapped_bytes() const {
+  return owner ? data_bytes + static_cast<size_t>(n_pages) * sizeof(uint32_t) : 0;
+}
+
+void Segment::verify_range(uint64_t b, uint64_t e) const {
+  if (!page_crc || b >= e) return;
+  const int64_t p0 = static_cast<int64_t>(b / page_bytes), p1 = static_cast<int64_t>((e - 1) / page_bytes);
+  for (int64_t pg = p0; pg <= p1; ++pg) {
+    if (page_ok[pg].load(std::memory_order_acquire)) continue;
+    const uint64_t lo = static_cast<uint64_t>(pg) * page_bytes;
+    const uint64_t n = std::min<uint64_t>(page_bytes, data_bytes - lo);
+    if (crc32(data + lo, n) != page_crc[pg])
+      throw CorruptIndex("corrupt index file: checksum mismatch in postings page " + std::to_string(pg) + " (bytes " +
+                         std::to_string(lo) + "-" + std::to_string(lo + n) + " of the posting lists)");
+    page_ok[pg].store(1, std::memory_order_release);
+  }
 }
 
 size_t SlotTable::bytes() const {
-  return ids.size() * sizeof(int64_t) + nwords.size() * sizeof(int32_t) + by_id.size() * sizeof(by_id[0]);
+  return ids.size() * sizeof(int64_t) + nwords.size() * sizeof(int32_t) + by_id.size() * sizeof(by_id[0]) +
+         dead.size();
 }
+
+namespace {
+
+// Per-thread scratch of the word-parallel loops.
+struct Scratch {
+  std::vector<uint32_t> slots;
+  std::vector<uint8_t> codes;
+  uint32_t block[kBlock];
+};
+
+// for (w in [0, n_words)) f(w, scratch), word-parallel; exceptions rethrown after the loop.
+template <class F>
+void for_words(int64_t n_words, F&& f) {
+  ParallelErrors errors;
+#pragma omp parallel
+  {
+    Scratch sc;
+#pragma omp for schedule(dynamic, 256)
+    for (int64_t w = 0; w < n_words; ++w) errors.run([&] { f(w, sc); });
+  }
+  errors.rethrow();
+}
+
+// Decodes the blocks of word w's list in seg, checking each against the list and the segment:
+// f(block, local slots) per block.
+template <class F>
+void for_blocks(const Segment& seg, int64_t w, int cb, uint32_t* buf, F&& f) {
+  const uint64_t b = seg.word_off[w], e = seg.word_off[w + 1];
+  if (b == e) return;
+  seg.verify_range(b, e);
+  const uint8_t* p = seg.data + b;
+  const uint8_t* end = seg.data + e;
+  const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
+  int64_t prev = -1;
+  while (p < end) {
+    const Block blk = read_block(p, end, cb);
+    if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+    const uint64_t last = decode_slots(blk, buf);
+    if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
+    prev = static_cast<int64_t>(last);
+    f(blk, buf);
+    p = blk.next;
+  }
+}
+
+// Gathers word w's live postings of `parts` into sc (slots mapped by map(abs) and made local to
+// out_begin), in slot order.
+template <class Keep, class Map>
+void gather_word(const std::vector<std::shared_ptr<const Segment>>& parts, int64_t w, int cb, Keep keep, Map map,
+                 int64_t out_begin, Scratch& sc) {
+  sc.slots.clear();
+  sc.codes.clear();
+  for (const auto& part : parts) {
+    for_blocks(*part, w, cb, sc.block, [&](const Block& blk, const uint32_t* sl) {
+      for (int i = 0; i < blk.n; ++i) {
+        const int64_t abs = part->slot_begin + sl[i];
+        if (!keep(abs)) continue;
+        sc.slots.push_back(static_cast<uint32_t>(map(abs) - out_begin));
+        sc.codes.insert(sc.codes.end(), blk.codes + static_cast<size_t>(i) * cb,
+                        blk.codes + static_cast<size_t>(i + 1) * cb);
+      }
+    });
+  }
+}
+
+}  // namespace
 
 InvertedFile::InvertedFile(int64_t n_words, int dim, bool binary, bool multi_entry)
     : n_words_(n_words), dim_(dim), binary_(binary), multi_entry_(multi_entry) {
@@ -53,7 +139,7 @@ InvertedFile::InvertedFile(int64_t n_words, int dim, bool binary, bool multi_ent
   code_bytes_ = binary ? packed_bytes(dim) : dim * static_cast<int>(sizeof(float));
   auto empty = std::make_shared<Segment>();
   empty->own_off.assign(n_words + 1, 0);
-  empty->off = empty->own_off.data();
+  empty->word_off = empty->own_off.data();
   auto s = std::make_shared<Snapshot>();
   s->segments.push_back(std::move(empty));
   s->slots = std::make_shared<SlotTable>();
@@ -71,13 +157,15 @@ void InvertedFile::publish(std::shared_ptr<const Snapshot> s) {
   snap_.swap(s);
 }
 
+int64_t InvertedFile::n_entries() const {
+  auto s = pin();
+  return s->n_entries - s->slots->dead_entries;
+}
+
 size_t InvertedFile::memory_bytes() const {
   auto s = pin();
   size_t b = s->slots->bytes();
-  for (const auto& seg : s->segments) {
-    b += seg->owned_bytes();
-    if (seg->owner) b += static_cast<size_t>(seg->n_entries) * (sizeof(uint32_t) + code_bytes_);  // mapped
-  }
+  for (const auto& seg : s->segments) b += seg->owned_bytes() + seg->mapped_bytes();
   return b;
 }
 
@@ -90,11 +178,11 @@ bool InvertedFile::contains(int64_t id) const {
 
 std::vector<int64_t> InvertedFile::image_ids() const {
   auto s = pin();
-  const auto& ids = s->slots->ids;
+  const SlotTable& t = *s->slots;
   std::vector<int64_t> out;
-  out.reserve(s->slots->n_images);
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (i == 0 || ids[i] != ids[i - 1]) out.push_back(ids[i]);
+  out.reserve(t.n_images);
+  for (size_t i = 0; i < t.ids.size(); ++i)
+    if (!t.is_dead(i) && (i == 0 || t.ids[i] != t.ids[i - 1] || t.is_dead(i - 1))) out.push_back(t.ids[i]);
   return out;
 }
 
@@ -105,92 +193,114 @@ void InvertedFile::check_no_multi(const char* what) const {
 
 // ---- building segments ---------------------------------------------------------------------------
 
-std::shared_ptr<Segment> InvertedFile::build_segment(const CodesView& v, int64_t first_slot) const {
+std::shared_ptr<Segment> InvertedFile::encode_segment(int64_t slot_begin, int64_t slot_end, const int64_t* csr_off,
+                                                      const uint32_t* csr_slot, const uint8_t* csr_code) const {
+  // Two word-parallel passes: the encoded size of every list, then the lists at their offsets.
   auto seg = std::make_shared<Segment>();
-  const int64_t total = v.offsets[v.n];
-  seg->slot_begin = first_slot;
-  seg->slot_end = first_slot + v.n;
-  seg->n_entries = total;
+  seg->slot_begin = slot_begin;
+  seg->slot_end = slot_end;
+  seg->n_entries = csr_off[n_words_];
   seg->own_off.assign(n_words_ + 1, 0);
-  for (int64_t e = 0; e < total; ++e) seg->own_off[v.words[e] + 1]++;
-  for (int64_t w = 0; w < n_words_; ++w) seg->own_off[w + 1] += seg->own_off[w];
-  seg->own_slot.resize(total);
-  seg->own_code.resize(static_cast<size_t>(total) * code_bytes_);
-  std::vector<int64_t> fill(seg->own_off.begin(), seg->own_off.end() - 1);
+  uint64_t* off = seg->own_off.data();
+  const int cb = code_bytes_;
+  auto local = [&](int64_t w, Scratch& sc) {
+    sc.slots.assign(csr_slot + csr_off[w], csr_slot + csr_off[w + 1]);
+    for (auto& v : sc.slots) v -= static_cast<uint32_t>(slot_begin);
+  };
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    local(w, sc);
+    off[w + 1] = encoded_bytes(sc.slots.data(), static_cast<int64_t>(sc.slots.size()), cb);
+  });
+  for (int64_t w = 0; w < n_words_; ++w) off[w + 1] += off[w];
+  seg->own_data.resize(off[n_words_]);
+  uint8_t* data = seg->own_data.data();
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    local(w, sc);
+    encode_list(sc.slots.data(), csr_code + static_cast<size_t>(csr_off[w]) * cb,
+                static_cast<int64_t>(sc.slots.size()), cb, data + off[w]);
+  });
+  seg->word_off = off;
+  seg->data = data;
+  seg->data_bytes = off[n_words_];
+  return seg;
+}
+
+std::shared_ptr<Segment> InvertedFile::build_segment(const CodesView& v, int64_t first_slot) const {
+  const int64_t total = v.offsets[v.n];
+  std::vector<int64_t> off(n_words_ + 1, 0);
+  for (int64_t e = 0; e < total; ++e) off[v.words[e] + 1]++;
+  for (int64_t w = 0; w < n_words_; ++w) off[w + 1] += off[w];
+  std::vector<uint32_t> slot(total);
+  std::vector<uint8_t> code(static_cast<size_t>(total) * code_bytes_);
+  std::vector<int64_t> fill(off.begin(), off.end() - 1);
   const size_t cb = code_bytes_;
   for (int64_t i = 0; i < v.n; ++i) {  // image order: every posting list stays sorted by slot
     for (int64_t e = v.offsets[i]; e < v.offsets[i + 1]; ++e) {
       const int64_t o = fill[v.words[e]]++;
-      seg->own_slot[o] = static_cast<uint32_t>(first_slot + i);
-      std::memcpy(seg->own_code.data() + o * cb, v.codes + e * cb, cb);
+      slot[o] = static_cast<uint32_t>(first_slot + i);
+      std::memcpy(code.data() + o * cb, v.codes + e * cb, cb);
     }
   }
-  seg->off = seg->own_off.data();
-  seg->slot = seg->own_slot.data();
-  seg->code = seg->own_code.data();
-  return seg;
+  return encode_segment(first_slot, first_slot + v.n, off.data(), slot.data(), code.data());
 }
 
 std::shared_ptr<Segment> InvertedFile::merge_segments(const std::vector<std::shared_ptr<const Segment>>& parts,
+                                                      const SlotTable& table,
                                                       const std::vector<int64_t>* new_slot_of_old,
                                                       int64_t n_kept) const {
-  // Concatenates the parts' posting lists word by word (parts cover ascending slot ranges, so lists
-  // stay sorted); with new_slot_of_old, drops slots mapped to -1 and renumbers the others.
-  auto keep = [&](uint32_t s) { return !new_slot_of_old || (*new_slot_of_old)[s] >= 0; };
-  auto map = [&](uint32_t s) { return new_slot_of_old ? static_cast<uint32_t>((*new_slot_of_old)[s]) : s; };
+  // Concatenates the parts' live postings word by word (parts cover ascending slot ranges, so lists
+  // stay sorted); with new_slot_of_old, renumbers the slots (dead ones map to -1).
+  auto keep = [&](int64_t s) { return !table.is_dead(s); };
+  auto map = [&](int64_t s) { return new_slot_of_old ? (*new_slot_of_old)[s] : s; };
   auto seg = std::make_shared<Segment>();
   seg->slot_begin = new_slot_of_old ? 0 : parts.front()->slot_begin;
   seg->slot_end = new_slot_of_old ? n_kept : parts.back()->slot_end;
   seg->own_off.assign(n_words_ + 1, 0);
-  int64_t* noff = seg->own_off.data();
-  parallel_for(n_words_, 1024, [&](int64_t w) {
-    int64_t c = 0;
-    for (const auto& p : parts) {
-      if (!new_slot_of_old) {
-        c += p->off[w + 1] - p->off[w];
-      } else {
-        for (int64_t j = p->off[w]; j < p->off[w + 1]; ++j) c += keep(p->slot[j]);
-      }
-    }
-    noff[w + 1] = c;
+  uint64_t* off = seg->own_off.data();
+  std::vector<int64_t> counts(n_words_, 0);
+  const int cb = code_bytes_;
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    gather_word(parts, w, cb, keep, map, seg->slot_begin, sc);
+    counts[w] = static_cast<int64_t>(sc.slots.size());
+    off[w + 1] = encoded_bytes(sc.slots.data(), counts[w], cb);
   });
-  for (int64_t w = 0; w < n_words_; ++w) noff[w + 1] += noff[w];
-  seg->n_entries = noff[n_words_];
-  seg->own_slot.resize(seg->n_entries);
-  seg->own_code.resize(static_cast<size_t>(seg->n_entries) * code_bytes_);
-  uint32_t* nslot = seg->own_slot.data();
-  uint8_t* ncode = seg->own_code.data();
-  const size_t cb = code_bytes_;
-  parallel_for(n_words_, 1024, [&](int64_t w) {
-    int64_t o = noff[w];
-    for (const auto& p : parts) {
-      for (int64_t j = p->off[w]; j < p->off[w + 1]; ++j) {
-        if (!keep(p->slot[j])) continue;
-        nslot[o] = map(p->slot[j]);
-        std::memcpy(ncode + o * cb, p->code + j * cb, cb);
-        ++o;
-      }
-    }
+  for (int64_t w = 0; w < n_words_; ++w) {
+    off[w + 1] += off[w];
+    seg->n_entries += counts[w];
+  }
+  seg->own_data.resize(off[n_words_]);
+  uint8_t* data = seg->own_data.data();
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    gather_word(parts, w, cb, keep, map, seg->slot_begin, sc);
+    encode_list(sc.slots.data(), sc.codes.data(), static_cast<int64_t>(sc.slots.size()), cb, data + off[w]);
   });
-  seg->off = seg->own_off.data();
-  seg->slot = seg->own_slot.data();
-  seg->code = seg->own_code.data();
+  seg->word_off = off;
+  seg->data = data;
+  seg->data_bytes = off[n_words_];
   return seg;
 }
 
-void InvertedFile::compact_segments(std::vector<std::shared_ptr<const Segment>>& segs) const {
-  // LSM-style: the newest segment merges with the one before while it is at least half its size, and
-  // everything merges beyond kMaxSegments; so segments have geometric sizes and a posting is copied
-  // O(log n) times.
-  while (segs.size() >= 2) {
+void InvertedFile::compact_segments(std::vector<std::shared_ptr<const Segment>>& segs, const SlotTable& table) const {
+  // LSM-style over the in-memory segments after the last mapped one (a mapped index file is never
+  // pulled into memory by an add): the newest segment merges with the one before while it is at
+  // least half its size, and they all merge beyond kMaxSegments; so segments have geometric sizes
+  // and a posting is copied O(log n) times. Merges drop the postings of dead slots.
+  size_t first = 0;
+  for (size_t i = 0; i < segs.size(); ++i)
+    if (segs[i]->owner) first = i + 1;
+  while (segs.size() - first >= 2) {
     const auto& last = segs[segs.size() - 1];
     const auto& prev = segs[segs.size() - 2];
-    if (segs.size() <= kMaxSegments && last->n_entries * 2 < prev->n_entries) break;
-    if (segs.size() > kMaxSegments) {
-      segs = {merge_segments(segs, nullptr, 0)};
+    const size_t n = segs.size() - first;
+    if (n <= kMaxSegments && last->n_entries * 2 < prev->n_entries) break;
+    if (n > kMaxSegments) {
+      std::vector<std::shared_ptr<const Segment>> tail(segs.begin() + first, segs.end());
+      auto merged = merge_segments(tail, table, nullptr, 0);
+      segs.resize(first);
+      segs.push_back(std::move(merged));
       break;
     }
-    auto merged = merge_segments({prev, last}, nullptr, 0);
+    auto merged = merge_segments({prev, last}, table, nullptr, 0);
     segs.pop_back();
     segs.back() = std::move(merged);
   }
@@ -248,6 +358,12 @@ std::vector<int64_t> InvertedFile::add(const CodesView& images, const int64_t* i
   table->nwords.reserve(first + n);
   table->nwords = old.nwords;
   for (int64_t i = 0; i < n; ++i) table->nwords.push_back(static_cast<int32_t>(images.offsets[i + 1] - images.offsets[i]));
+  if (old.n_dead) {
+    table->dead = old.dead;
+    table->dead.resize(first + n, 0);
+  }
+  table->n_dead = old.n_dead;
+  table->dead_entries = old.dead_entries;
   table->by_id.resize(old.by_id.size() + add_pairs.size());
   std::merge(old.by_id.begin(), old.by_id.end(), add_pairs.begin(), add_pairs.end(), table->by_id.begin());
   int64_t new_images = 0;
@@ -257,9 +373,12 @@ std::vector<int64_t> InvertedFile::add(const CodesView& images, const int64_t* i
   auto next = std::make_shared<Snapshot>();
   next->segments = cur->segments;
   next->segments.push_back(build_segment(images, first));
-  compact_segments(next->segments);
+  compact_segments(next->segments, *table);
+  int64_t stored = 0;
+  for (const auto& seg : next->segments) stored += seg->n_entries;
+  next->n_entries = stored;
+  table->dead_entries -= (cur->n_entries + images.offsets[n]) - stored;  // postings the merges dropped
   next->slots = std::move(table);
-  next->n_entries = cur->n_entries + images.offsets[n];
   next->next_id = cur->next_id;
   if (n) next->next_id = std::max(next->next_id, add_pairs.back().first + 1);
   publish(std::move(next));
@@ -271,22 +390,48 @@ int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
   const auto cur = pin();
   const SlotTable& old = *cur->slots;
   const int64_t n_slots = cur->n_slots();
-  std::vector<int64_t> new_slot(n_slots, 0);
-  int64_t removed = 0;
+  std::vector<uint8_t> dead = old.dead;
+  dead.resize(n_slots, 0);
+  int64_t removed = 0, removed_slots = 0, removed_entries = 0;
   for (int64_t i = 0; i < n; ++i) {
     auto it = std::lower_bound(old.by_id.begin(), old.by_id.end(), std::make_pair(ids[i], uint32_t{0}));
     if (it == old.by_id.end() || it->first != ids[i]) throw NotFound("image id " + id_str(ids[i]) + " is not in the index");
-    if (new_slot[it->second] < 0) continue;  // listed twice
+    if (dead[it->second]) continue;  // listed twice
     ++removed;
-    for (; it != old.by_id.end() && it->first == ids[i]; ++it) new_slot[it->second] = -1;
+    for (; it != old.by_id.end() && it->first == ids[i]; ++it) {
+      dead[it->second] = 1;
+      ++removed_slots;
+      removed_entries += old.nwords[it->second];
+    }
   }
   if (removed == 0) return 0;
   auto table = std::make_shared<SlotTable>();
+  table->ids = old.ids;
+  table->nwords = old.nwords;
+  table->by_id.reserve(old.by_id.size() - removed_slots);
+  for (const auto& pr : old.by_id)
+    if (!dead[pr.second]) table->by_id.push_back(pr);
+  table->dead = std::move(dead);
+  table->n_dead = old.n_dead + removed_slots;
+  table->dead_entries = old.dead_entries + removed_entries;
+  table->n_images = old.n_images - removed;
+  auto next = std::make_shared<Snapshot>(*cur);
+  next->slots = std::move(table);
+  publish(std::move(next));
+  return removed;
+}
+
+int64_t InvertedFile::compact() {
+  std::lock_guard<std::mutex> writer(write_mutex_);
+  const auto cur = pin();
+  const SlotTable& old = *cur->slots;
+  if (old.n_dead == 0 && cur->segments.size() == 1 && !cur->segments[0]->owner) return 0;
+  const int64_t n_slots = cur->n_slots();
+  std::vector<int64_t> new_slot(n_slots, -1);
   int64_t kept = 0;
-  for (int64_t s = 0; s < n_slots; ++s) {
-    if (new_slot[s] < 0) continue;
-    new_slot[s] = kept++;
-  }
+  for (int64_t s = 0; s < n_slots; ++s)
+    if (!old.is_dead(s)) new_slot[s] = kept++;
+  auto table = std::make_shared<SlotTable>();
   table->ids.reserve(kept);
   table->nwords.reserve(kept);
   for (int64_t s = 0; s < n_slots; ++s) {
@@ -294,34 +439,100 @@ int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
     table->ids.push_back(old.ids[s]);
     table->nwords.push_back(old.nwords[s]);
   }
-  table->by_id.reserve(kept);
-  for (const auto& pr : old.by_id)
-    if (new_slot[pr.second] >= 0) table->by_id.emplace_back(pr.first, static_cast<uint32_t>(new_slot[pr.second]));
-  table->n_images = old.n_images - removed;
+  table->by_id.reserve(old.by_id.size());
+  for (const auto& pr : old.by_id) table->by_id.emplace_back(pr.first, static_cast<uint32_t>(new_slot[pr.second]));
+  table->n_images = old.n_images;
   auto next = std::make_shared<Snapshot>();
-  next->segments = {merge_segments(cur->segments, &new_slot, kept)};
+  next->segments = {merge_segments(cur->segments, old, &new_slot, kept)};
   next->n_entries = next->segments[0]->n_entries;
   next->slots = std::move(table);
   next->next_id = cur->next_id;
+  const int64_t dropped = cur->n_entries - next->n_entries;
   publish(std::move(next));
-  return removed;
+  return dropped;
 }
 
-std::shared_ptr<const Snapshot> InvertedFile::merged_snapshot() {
-  // A reader: merges the pinned snapshot privately (never waits for a writer), and publishes the
-  // merged form only if no writer is running and the snapshot is still the current one.
+uint64_t InvertedFile::verify() const {
   auto s = pin();
-  if (s->segments.size() == 1) return s;
-  auto merged = std::make_shared<Snapshot>(*s);
-  merged->segments = {merge_segments(s->segments, nullptr, 0)};
-  std::unique_lock<std::mutex> writer(write_mutex_, std::try_to_lock);
-  if (writer.owns_lock() && pin() == s) publish(merged);
-  return merged;
+  uint64_t bytes = 0;
+  for (const auto& seg : s->segments) {
+    if (!seg->page_crc) continue;
+    seg->verify_range(0, seg->data_bytes);
+    bytes += seg->data_bytes;
+  }
+  return bytes;
 }
+
+CsrContent InvertedFile::export_csr() const {
+  auto s = pin();
+  const SlotTable& t = *s->slots;
+  CsrContent c;
+  const int64_t n_slots = s->n_slots();
+  std::vector<int64_t> new_slot(n_slots, -1);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n_slots; ++i) {
+    if (t.is_dead(i)) continue;
+    new_slot[i] = kept++;
+    c.ids.push_back(t.ids[i]);
+    c.nwords.push_back(t.nwords[i]);
+  }
+  c.next_id = s->next_id;
+  c.offsets.assign(n_words_ + 1, 0);
+  std::vector<int64_t> counts(n_words_);
+  const int cb = code_bytes_;
+  auto keep = [&](int64_t x) { return !t.is_dead(x); };
+  auto map = [&](int64_t x) { return new_slot[x]; };
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    int64_t k = 0;
+    for (const auto& seg : s->segments)
+      for_blocks(*seg, w, cb, sc.block, [&](const Block& blk, const uint32_t* sl) {
+        for (int i = 0; i < blk.n; ++i) k += keep(seg->slot_begin + sl[i]);
+      });
+    counts[w] = k;
+  });
+  for (int64_t w = 0; w < n_words_; ++w) c.offsets[w + 1] = c.offsets[w] + counts[w];
+  c.slots.resize(c.offsets[n_words_]);
+  c.codes.resize(static_cast<size_t>(c.offsets[n_words_]) * cb);
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    gather_word(s->segments, w, cb, keep, map, 0, sc);
+    std::copy(sc.slots.begin(), sc.slots.end(), c.slots.begin() + c.offsets[w]);
+    std::copy(sc.codes.begin(), sc.codes.end(), c.codes.begin() + c.offsets[w] * cb);
+  });
+  return c;
+}
+
+namespace {
+
+// The slot table of n_slots slots with these ids and word counts, validated (O(n log n)).
+std::shared_ptr<SlotTable> make_table(const int64_t* image_ids, const int32_t* word_counts, int64_t n_slots,
+                                      bool multi_entry, int64_t next_id) {
+  D2R_CHECK(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
+  auto table = std::make_shared<SlotTable>();
+  table->ids.assign(image_ids, image_ids + n_slots);
+  table->nwords.assign(word_counts, word_counts + n_slots);
+  table->by_id.resize(n_slots);
+  int64_t max_id = -1;
+  for (int64_t s = 0; s < n_slots; ++s) {
+    D2R_CHECK(word_counts[s] >= 0, "corrupt index: negative word count");
+    D2R_CHECK(image_ids[s] >= 0 && image_ids[s] < kMaxId, "corrupt index: image id out of range");
+    table->by_id[s] = {image_ids[s], static_cast<uint32_t>(s)};
+    max_id = std::max(max_id, image_ids[s]);
+    table->n_images += (s == 0 || image_ids[s] != image_ids[s - 1]);
+  }
+  std::sort(table->by_id.begin(), table->by_id.end());
+  for (int64_t e = 1; e < n_slots; ++e) {
+    if (table->by_id[e].first != table->by_id[e - 1].first) continue;
+    D2R_CHECK(multi_entry && table->by_id[e].second == table->by_id[e - 1].second + 1,
+              "corrupt index: duplicate image id " + id_str(table->by_id[e].first));
+  }
+  D2R_CHECK(next_id > max_id && next_id <= kMaxId, "corrupt index: next_id must exceed every image id");
+  return table;
+}
+
+}  // namespace
 
 void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_slots,
-                               const int64_t* image_ids, const int32_t* word_counts, int64_t next_id,
-                               std::shared_ptr<const void> owner) {
+                               const int64_t* image_ids, const int32_t* word_counts, int64_t next_id) {
   D2R_CHECK(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
   D2R_CHECK(offsets[0] == 0, "corrupt index: posting offsets must start at 0");
   for (int64_t w = 0; w < n_words_; ++w)
@@ -334,49 +545,126 @@ void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, co
       counted[slots[j]]++;
     }
   }
-  auto table = std::make_shared<SlotTable>();
-  table->ids.assign(image_ids, image_ids + n_slots);
-  table->nwords.assign(word_counts, word_counts + n_slots);
-  table->by_id.resize(n_slots);
-  int64_t max_id = -1;
-  for (int64_t s = 0; s < n_slots; ++s) {
+  for (int64_t s = 0; s < n_slots; ++s)
     D2R_CHECK(counted[s] == word_counts[s], "corrupt index: word count of an image does not match its postings");
-    D2R_CHECK(image_ids[s] >= 0 && image_ids[s] < kMaxId, "corrupt index: image id out of range");
-    table->by_id[s] = {image_ids[s], static_cast<uint32_t>(s)};
-    max_id = std::max(max_id, image_ids[s]);
-    table->n_images += (s == 0 || image_ids[s] != image_ids[s - 1]);
-  }
-  std::sort(table->by_id.begin(), table->by_id.end());
-  for (int64_t e = 1; e < n_slots; ++e) {
-    if (table->by_id[e].first != table->by_id[e - 1].first) continue;
-    D2R_CHECK(multi_entry_ && table->by_id[e].second == table->by_id[e - 1].second + 1,
-              "corrupt index: duplicate image id " + id_str(table->by_id[e].first));
-  }
-  D2R_CHECK(next_id > max_id && next_id <= kMaxId, "corrupt index: next_id must exceed every image id");
-  auto seg = std::make_shared<Segment>();
-  seg->slot_begin = 0;
-  seg->slot_end = n_slots;
-  seg->n_entries = offsets[n_words_];
-  if (owner) {
-    seg->off = offsets;
-    seg->slot = slots;
-    seg->code = codes;
-    seg->owner = std::move(owner);
-  } else {
-    seg->own_off.assign(offsets, offsets + n_words_ + 1);
-    seg->own_slot.assign(slots, slots + seg->n_entries);
-    seg->own_code.assign(codes, codes + static_cast<size_t>(seg->n_entries) * code_bytes_);
-    seg->off = seg->own_off.data();
-    seg->slot = seg->own_slot.data();
-    seg->code = seg->own_code.data();
-  }
+  auto table = make_table(image_ids, word_counts, n_slots, multi_entry_, next_id);
   auto next = std::make_shared<Snapshot>();
-  next->segments = {std::move(seg)};
+  next->segments = {encode_segment(0, n_slots, offsets, slots, codes)};
   next->n_entries = offsets[n_words_];
   next->slots = std::move(table);
   next->next_id = next_id;
   std::lock_guard<std::mutex> writer(write_mutex_);
   publish(std::move(next));
+}
+
+void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const int64_t* image_ids,
+                                const int32_t* word_counts, int64_t n_slots, int64_t next_id) {
+  D2R_CHECK(!parts.empty(), "set_segments needs at least one segment");
+  auto table = make_table(image_ids, word_counts, n_slots, multi_entry_, next_id);
+  auto next = std::make_shared<Snapshot>();
+  int64_t slot = 0, entries = 0;
+  for (const auto& in : parts) {
+    D2R_CHECK(in.n_slots >= 0 && in.n_entries >= 0, "corrupt index: negative segment size");
+    D2R_CHECK(in.word_off[0] == 0 && in.word_off[n_words_] == in.data_bytes,
+              "corrupt index: the word table does not span the posting lists");
+    for (int64_t w = 0; w < n_words_; ++w)
+      D2R_CHECK(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
+    // Each block holds at least one posting of at least kBlockHeader + code bytes.
+    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (kBlockHeader + 4 + code_bytes_) &&
+                  in.data_bytes >= static_cast<uint64_t>(in.n_entries) * code_bytes_,
+              "corrupt index: posting bytes do not match the number of postings");
+    if (in.page_crc) {
+      D2R_CHECK(in.page_bytes > 0 && in.n_pages == static_cast<int64_t>((in.data_bytes + in.page_bytes - 1) / in.page_bytes),
+                "corrupt index: page checksum table does not match the posting lists");
+    }
+    auto seg = std::make_shared<Segment>();
+    seg->slot_begin = slot;
+    seg->slot_end = slot + in.n_slots;
+    seg->n_entries = in.n_entries;
+    seg->word_off = in.word_off;
+    seg->data = in.data;
+    seg->data_bytes = in.data_bytes;
+    if (in.page_crc) {
+      seg->page_crc = in.page_crc;
+      seg->page_bytes = in.page_bytes;
+      seg->n_pages = in.n_pages;
+      seg->page_ok.reset(new std::atomic<uint8_t>[in.n_pages]);
+      for (int64_t p = 0; p < in.n_pages; ++p) seg->page_ok[p].store(0, std::memory_order_relaxed);
+    }
+    seg->owner = in.owner;
+    slot += in.n_slots;
+    entries += in.n_entries;
+    next->segments.push_back(std::move(seg));
+  }
+  D2R_CHECK(slot == n_slots, "corrupt index: the segments' slots do not match the image table");
+  int64_t words = 0;
+  for (int64_t s = 0; s < n_slots; ++s) words += word_counts[s];
+  D2R_CHECK(words == entries, "corrupt index: the word counts do not add up to the postings");
+  next->n_entries = entries;
+  next->slots = std::move(table);
+  next->next_id = next_id;
+  std::lock_guard<std::mutex> writer(write_mutex_);
+  publish(std::move(next));
+}
+
+// ---- streaming writer ---------------------------------------------------------------------------
+
+PostingWriter::PostingWriter(std::shared_ptr<const Snapshot> snap, int64_t n_words, int code_bytes, int64_t page_bytes)
+    : page_bytes(page_bytes), snap_(std::move(snap)), n_words_(n_words), code_bytes_(code_bytes) {
+  D2R_CHECK(page_bytes > 0, "page_bytes must be positive");
+  const SlotTable& t = *snap_->slots;
+  const int64_t n = snap_->n_slots();
+  new_slot_.assign(n, -1);
+  int64_t kept = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    if (t.is_dead(s)) continue;
+    new_slot_[s] = kept++;
+    ids.push_back(t.ids[s]);
+    nwords.push_back(t.nwords[s]);
+  }
+  next_id = snap_->next_id;
+  word_off_.assign(1, 0);
+}
+
+void PostingWriter::crc_bytes(const uint8_t* p, size_t n) {
+  while (n > 0) {
+    const size_t take = std::min<size_t>(n, static_cast<size_t>(page_bytes - cur_fill_));
+    cur_crc_ = crc32(p, take, cur_crc_);
+    cur_fill_ += static_cast<int64_t>(take);
+    p += take;
+    n -= take;
+    if (cur_fill_ == page_bytes) {
+      page_crc_.push_back(cur_crc_);
+      cur_crc_ = 0;
+      cur_fill_ = 0;
+    }
+  }
+}
+
+std::vector<uint8_t> PostingWriter::next(uint64_t min_bytes) {
+  std::vector<uint8_t> out;
+  Scratch sc;
+  const SlotTable& t = *snap_->slots;
+  auto keep = [&](int64_t s) { return !t.is_dead(s); };
+  auto map = [&](int64_t s) { return new_slot_[s]; };
+  while (word_ < n_words_ && out.size() < min_bytes) {
+    gather_word(snap_->segments, word_, code_bytes_, keep, map, 0, sc);
+    const int64_t n = static_cast<int64_t>(sc.slots.size());
+    const size_t at = out.size();
+    out.resize(at + encoded_bytes(sc.slots.data(), n, code_bytes_));
+    encode_list(sc.slots.data(), sc.codes.data(), n, code_bytes_, out.data() + at);
+    n_entries += n;
+    written_ += out.size() - at;
+    word_off_.push_back(written_);
+    ++word_;
+  }
+  crc_bytes(out.data(), out.size());
+  if (word_ >= n_words_ && cur_fill_ > 0) {
+    page_crc_.push_back(cur_crc_);
+    cur_crc_ = 0;
+    cur_fill_ = 0;
+  }
+  return out;
 }
 
 // ---- scoring ------------------------------------------------------------------------------------
@@ -451,40 +739,72 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   // Float codes need not be unit vectors (Naive-R-ASMK): a sum of nq_words contributions stays exact
   // in fixed point while each |sigma| <= 2^31 / nq_words.
   const float limit = static_cast<float>(2147483648.0 / static_cast<double>(nq_words));
+  uint32_t buf[kBlock];
   for (const auto& segp : s.segments) {
     const Segment& seg = *segp;
     if (seg.slot_end <= slot_lo || seg.slot_begin >= slot_hi || seg.n_entries == 0) continue;
     const bool whole = seg.slot_begin >= slot_lo && seg.slot_end <= slot_hi;
+    // The segment's slots are local: a[local + shift] is the accumulator of slot slot_begin + local.
+    const int64_t shift = seg.slot_begin - slot_lo;
+    const int64_t lo = slot_lo - seg.slot_begin, hi = slot_hi - seg.slot_begin;  // range in local slots
+    const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
     for (int64_t e = qb; e < qe; ++e) {
       const int32_t w = q.words[e];
       const uint8_t* qc = q.codes + e * cb;
-      int64_t b = seg.off[w], end = seg.off[w + 1];
-      if (b == end) continue;
-      if (!whole) {
-        b = lower(seg.slot, b, end, slot_lo);
-        end = lower(seg.slot, b, end, slot_hi);
-      }
-      const uint32_t* sl = seg.slot;
-      const uint8_t* codes = seg.code;
-      if (binary_) {
-        if (cb == 16) {
-          for (int64_t j = b; j < end; ++j) a[sl[j] - slot_lo] += table[hamming16(qc, codes + j * 16)];
+      const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
+      if (wb == we) continue;
+      seg.verify_range(wb, we);
+      const uint8_t* ptr = seg.data + wb;
+      const uint8_t* end = seg.data + we;
+      int64_t prev = -1;
+      while (ptr < end) {
+        const Block blk = read_block(ptr, end, cb);
+        if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+        if (!whole) {
+          if (static_cast<int64_t>(blk.first) >= hi) break;
+          // Skip blocks entirely below the range: the next block's first slot says so without decoding.
+          if (blk.next + 4 <= end) {
+            uint32_t next_first;
+            std::memcpy(&next_first, blk.next, 4);
+            if (static_cast<int64_t>(next_first) <= lo) {
+              prev = static_cast<int64_t>(next_first) - 1;  // the skipped block's slots lie below next_first
+              ptr = blk.next;
+              continue;
+            }
+          }
+        }
+        const uint64_t last = decode_slots(blk, buf);
+        if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
+        prev = static_cast<int64_t>(last);
+        const uint8_t* codes = blk.codes;
+        const int n = blk.n;
+        int i0 = 0, i1 = n;
+        if (!whole) {
+          while (i0 < n && static_cast<int64_t>(buf[i0]) < lo) ++i0;
+          while (i1 > i0 && static_cast<int64_t>(buf[i1 - 1]) >= hi) --i1;
+        }
+        int64_t* ab = a + shift;
+        if (binary_) {
+          if (cb == 16) {
+            for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+          } else {
+            for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
+          }
         } else {
-          for (int64_t j = b; j < end; ++j) a[sl[j] - slot_lo] += table[hamming(qc, codes + j * cb, cb)];
+          float qv[1024];
+          const float* qf = reinterpret_cast<const float*>(qc);
+          if (dim <= 1024) {
+            std::memcpy(qv, qc, sizeof(float) * dim);
+            qf = qv;
+          }
+          for (int i = i0; i < i1; ++i) {
+            const float c = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
+            if (!(std::fabs(c) <= limit))
+              throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
+            ab[buf[i]] += score_to_fixed(c);
+          }
         }
-      } else {
-        float qv[1024];
-        const float* qf = reinterpret_cast<const float*>(qc);
-        if (dim <= 1024) {
-          std::memcpy(qv, qc, sizeof(float) * dim);
-          qf = qv;
-        }
-        for (int64_t j = b; j < end; ++j) {
-          const float c = selectivity(dot(qf, codes + j * cb, dim), p.alpha, p.tau);
-          if (!(std::fabs(c) <= limit))
-            throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
-          a[sl[j] - slot_lo] += score_to_fixed(c);
-        }
+        ptr = blk.next;
       }
     }
   }
@@ -529,10 +849,27 @@ AllScores InvertedFile::score_all(const CodesView& queries, const ScoreParams& p
   check_no_multi("score_all");
   check_codes(queries, n_words_);
   const auto snap = pin();
+  const SlotTable& t = *snap->slots;
+  const int64_t n = snap->n_slots();
   AllScores r;
-  r.ids = snap->slots->ids;
-  r.scores.resize(static_cast<size_t>(queries.n) * r.ids.size());
+  r.scores.resize(static_cast<size_t>(queries.n) * n);
   score_all_into(*snap, queries, p, r.scores.data());
+  if (!t.n_dead) {
+    r.ids = t.ids;
+    return r;
+  }
+  // Leave the removed images out: compact every row to the live slots.
+  for (int64_t i = 0; i < n; ++i)
+    if (!t.dead[i]) r.ids.push_back(t.ids[i]);
+  const int64_t live = static_cast<int64_t>(r.ids.size());
+  for (int64_t qi = 0; qi < queries.n; ++qi) {
+    const float* src = r.scores.data() + qi * n;
+    float* dst = r.scores.data() + qi * live;
+    int64_t o = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (!t.dead[i]) dst[o++] = src[i];
+  }
+  r.scores.resize(static_cast<size_t>(queries.n) * live);
   return r;
 }
 
@@ -543,7 +880,8 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   const Snapshot& s = *snap;
   const int64_t n = s.n_slots();
   const int64_t* ids = s.slots->ids.data();
-  TopK r = empty_topk(queries.n, k, n);
+  const uint8_t* dead = s.slots->n_dead ? s.slots->dead.data() : nullptr;
+  TopK r = empty_topk(queries.n, k, n - s.slots->n_dead);
   const int64_t kk = r.k;
   if (kk == 0 || queries.n == 0) return r;
   const std::vector<int64_t> table = hamming_table(p);
@@ -559,7 +897,7 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
       for (int64_t qi = 0; qi < queries.n; ++qi)
         errors.run([&] {
           score_slots(s, queries, qi, p, table.data(), 0, n, acc, scores.data());
-          topk(scores.data(), ids, n, kk, r.scores.data() + qi * kk, r.ids.data() + qi * kk);
+          topk(scores.data(), ids, n, kk, r.scores.data() + qi * kk, r.ids.data() + qi * kk, dead);
         });
     }
     errors.rethrow();
@@ -589,7 +927,10 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
         const int64_t kt = std::min(kk, hi - lo);
         cand_s[t].resize(kt);
         cand_i[t].resize(kt);
-        topk(scores.data() + lo, ids + lo, hi - lo, kt, cand_s[t].data(), cand_i[t].data());
+        const int64_t got = topk(scores.data() + lo, ids + lo, hi - lo, kt, cand_s[t].data(), cand_i[t].data(),
+                                 dead ? dead + lo : nullptr);
+        cand_s[t].resize(got);
+        cand_i[t].resize(got);
       });
     }
     errors.rethrow();
@@ -611,17 +952,22 @@ TopK InvertedFile::search_pooled(const CodesView& queries, bool mean, int64_t k,
   const Snapshot& s = *snap;
   const int64_t n = s.n_slots();
   const std::vector<int64_t>& slot_ids = s.slots->ids;
-  // An image's entries are consecutive slots: groups are the runs of equal ids.
-  std::vector<int64_t> run_start, run_id;
-  run_start.reserve(s.slots->n_images + 1);
-  run_id.reserve(s.slots->n_images);
+  // An image's entries are consecutive slots: groups are the runs of equal ids among live slots
+  // (an image's entries are removed together).
+  const SlotTable& t = *s.slots;
+  std::vector<int64_t> run_start, run_end, run_id;
+  run_start.reserve(t.n_images);
+  run_end.reserve(t.n_images);
+  run_id.reserve(t.n_images);
   for (int64_t i = 0; i < n; ++i) {
-    if (i == 0 || slot_ids[i] != slot_ids[i - 1]) {
+    if (t.is_dead(i)) continue;
+    if (run_id.empty() || run_end.back() != i || slot_ids[i] != run_id.back()) {
       run_start.push_back(i);
+      run_end.push_back(i);
       run_id.push_back(slot_ids[i]);
     }
+    run_end.back() = i + 1;
   }
-  run_start.push_back(n);
   const int64_t G = static_cast<int64_t>(run_id.size());
   TopK r = empty_topk(queries.n, k, G);
   const int64_t kk = r.k;
@@ -641,11 +987,11 @@ TopK InvertedFile::search_pooled(const CodesView& queries, bool mean, int64_t k,
     for (int64_t g = 0; g < G; ++g) {
       if (mean) {
         double acc = 0.0;
-        for (int64_t i = run_start[g]; i < run_start[g + 1]; ++i) acc += sc[i];
-        pooled[g] = static_cast<float>(acc / static_cast<double>(run_start[g + 1] - run_start[g]));
+        for (int64_t i = run_start[g]; i < run_end[g]; ++i) acc += sc[i];
+        pooled[g] = static_cast<float>(acc / static_cast<double>(run_end[g] - run_start[g]));
       } else {
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = run_start[g]; i < run_start[g + 1]; ++i) m = std::max(m, sc[i]);
+        for (int64_t i = run_start[g]; i < run_end[g]; ++i) m = std::max(m, sc[i]);
         pooled[g] = m;
       }
     }

@@ -6,10 +6,21 @@
 
 namespace d2r {
 
-void topk(const float* scores, const int64_t* ids, int64_t n, int64_t k, float* out_scores,
-          int64_t* out_ids) {
+int64_t topk(const float* scores, const int64_t* ids, int64_t n, int64_t k, float* out_scores,
+             int64_t* out_ids, const uint8_t* dead) {
+  if (dead) {
+    // The live items, then the plain selection over them.
+    std::vector<float> s;
+    std::vector<int64_t> i;
+    for (int64_t j = 0; j < n; ++j) {
+      if (dead[j]) continue;
+      s.push_back(scores[j]);
+      i.push_back(ids[j]);
+    }
+    return topk(s.data(), i.data(), static_cast<int64_t>(s.size()), k, out_scores, out_ids, nullptr);
+  }
   if (k < 0 || k > n) k = n;
-  if (k == 0) return;
+  if (k == 0) return 0;
   // "a ranks before b": higher score, then lower id.
   auto before = [&](int64_t a, int64_t b) {
     return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] < ids[b]);
@@ -37,6 +48,7 @@ void topk(const float* scores, const int64_t* ids, int64_t n, int64_t k, float* 
     out_scores[j] = scores[heap[j]];
     out_ids[j] = ids[heap[j]];
   }
+  return k;
 }
 
 }  // namespace d2r

@@ -12,6 +12,7 @@
 #include "aggregate.h"
 #include "common.h"
 #include "ivf.h"
+#include "postings.h"
 #include "quantize.h"
 
 #include "arrays.h"
@@ -84,6 +85,19 @@ struct CodesArrays {
   carray<uint8_t> codes;
   CodesView view;
 };
+
+// A per-slot array of the current snapshot, live slots only.
+template <class T>
+py::array_t<T> live_slots(const InvertedFile& ivf, std::vector<T> SlotTable::*field) {
+  auto s = ivf.snapshot();
+  const SlotTable& t = *s->slots;
+  std::vector<T> v;
+  v.reserve(t.ids.size() - t.n_dead);
+  for (size_t i = 0; i < t.ids.size(); ++i)
+    if (!t.is_dead(static_cast<int64_t>(i))) v.push_back((t.*field)[i]);
+  const auto n = static_cast<py::ssize_t>(v.size());
+  return to_numpy(std::move(v), {n});
+}
 
 void fill_codes(CodesArrays& c, const InvertedFile& ivf, const py::handle& offsets, const py::handle& words,
                 const py::handle& codes) {
@@ -211,6 +225,9 @@ PYBIND11_MODULE(_native, m) {
       if (p) std::rethrow_exception(p);
     } catch (const d2r::NotFound& e) {
       PyErr_SetString(PyExc_KeyError, e.what());
+    } catch (const d2r::CorruptIndex& e) {
+      py::object cls = py::module_::import("d2r.index_io").attr("IndexFileError");
+      PyErr_SetString(cls.ptr(), e.what());
     } catch (const std::system_error& e) {  // MappedFile: the OS said no
       if (e.code().value() == ENOMEM)
         PyErr_SetString(PyExc_MemoryError, e.what());
@@ -249,18 +266,10 @@ PYBIND11_MODULE(_native, m) {
         const auto n = static_cast<py::ssize_t>(v.size());
         return to_numpy(std::move(v), {n});
       })
-      .def("entry_ids", [](const InvertedFile& ivf) {
-        auto s = ivf.snapshot();
-        std::vector<int64_t> v = s->slots->ids;
-        const auto n = static_cast<py::ssize_t>(v.size());
-        return to_numpy(std::move(v), {n});
-      })
-      .def("word_counts", [](const InvertedFile& ivf) {
-        auto s = ivf.snapshot();
-        std::vector<int32_t> v = s->slots->nwords;
-        const auto n = static_cast<py::ssize_t>(v.size());
-        return to_numpy(std::move(v), {n});
-      })
+      .def("entry_ids", [](const InvertedFile& ivf) { return live_slots(ivf, &SlotTable::ids); },
+           "The id of every live entry (slot order)")
+      .def("word_counts", [](const InvertedFile& ivf) { return live_slots(ivf, &SlotTable::nwords); },
+           "The word count of every live entry (slot order)")
       .def(
           "add",
           [](InvertedFile& ivf, const py::handle& offsets, const py::handle& words, const py::handle& codes,
@@ -332,33 +341,23 @@ PYBIND11_MODULE(_native, m) {
           py::arg("alpha") = 3.0f, py::arg("tau") = 0.0f, py::arg("normalize") = true)
       .def(
           "export",
-          [](InvertedFile& ivf) {
-            // Views (no copies) of one merged snapshot, which their base keeps alive: later writers
-            // publish new snapshots and never touch this one.
-            auto snap = without_gil([&] { return ivf.merged_snapshot(); });
-            const Segment& seg = *snap->segments[0];
-            const SlotTable& t = *snap->slots;
-            auto* holder = new std::shared_ptr<const Snapshot>(snap);
-            py::capsule base(holder, [](void* p) { delete static_cast<std::shared_ptr<const Snapshot>*>(p); });
-            const int64_t n = snap->n_slots(), e = seg.n_entries, cb = ivf.code_bytes();
-            static const uint8_t none[8] = {};
-            auto ptr = [&](const void* p) { return p ? p : static_cast<const void*>(none); };
+          [](const InvertedFile& ivf) {
+            // The live content decoded to CSR (a copy: the postings are stored compressed).
+            CsrContent c = without_gil([&] { return ivf.export_csr(); });
+            const auto e = static_cast<py::ssize_t>(c.slots.size()), n = static_cast<py::ssize_t>(c.ids.size());
             py::dict d;
-            d["offsets"] = py::array_t<int64_t>({ivf.n_words() + 1}, static_cast<const int64_t*>(ptr(seg.off)), base);
-            d["slots"] = py::array_t<uint32_t>({e}, static_cast<const uint32_t*>(ptr(seg.slot)), base);
-            d["codes"] = py::array_t<uint8_t>({e, cb}, static_cast<const uint8_t*>(ptr(seg.code)), base);
-            d["image_ids"] = py::array_t<int64_t>({n}, static_cast<const int64_t*>(ptr(t.ids.data())), base);
-            d["word_counts"] = py::array_t<int32_t>({n}, static_cast<const int32_t*>(ptr(t.nwords.data())), base);
-            d["next_id"] = snap->next_id;
-            for (auto item : d)
-              if (py::isinstance<py::array>(item.second))
-                py::reinterpret_borrow<py::array>(item.second).attr("flags").attr("writeable") = false;
+            d["offsets"] = to_numpy(std::move(c.offsets), {static_cast<py::ssize_t>(ivf.n_words() + 1)});
+            d["slots"] = to_numpy(std::move(c.slots), {e});
+            d["codes"] = to_numpy(std::move(c.codes), {e, static_cast<py::ssize_t>(ivf.code_bytes())});
+            d["image_ids"] = to_numpy(std::move(c.ids), {n});
+            d["word_counts"] = to_numpy(std::move(c.nwords), {n});
+            d["next_id"] = c.next_id;
             return d;
           })
       .def(
           "set_content",
           [](InvertedFile& ivf, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
-             const py::handle& ids_o, const py::handle& counts_o, int64_t next_id, const py::handle& owner_o) {
+             const py::handle& ids_o, const py::handle& counts_o, int64_t next_id) {
             auto off = require<int64_t>(off_o, "offsets");
             auto slots = require<uint32_t>(slots_o, "slots");
             auto codes = require<uint8_t>(codes_o, "codes");
@@ -369,19 +368,91 @@ PYBIND11_MODULE(_native, m) {
             if (e < 0 || slots.size() != e || codes.size() != e * ivf.code_bytes())
               throw py::value_error("corrupt index: posting arrays size");
             if (ids.ndim() != 1 || ids.size() != counts.size()) throw py::value_error("corrupt index: image arrays size");
-            std::shared_ptr<const void> owner;
-            if (!owner_o.is_none()) {
-              auto file = owner_o.cast<std::shared_ptr<MappedFile>>();
-              // Used in place only if every posting array lies inside the mapping; else copied.
-              if (file->holds(off.data(), off.nbytes()) && file->holds(slots.data(), slots.nbytes()) &&
-                  file->holds(codes.data(), codes.nbytes()))
-                owner = file;
-            }
             without_gil([&] {
-              ivf.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data(), next_id,
-                              std::move(owner));
+              ivf.set_content(off.data(), slots.data(), codes.data(), ids.size(), ids.data(), counts.data(), next_id);
             });
           },
           py::arg("offsets"), py::arg("slots"), py::arg("codes"), py::arg("image_ids"), py::arg("word_counts"),
-          py::arg("next_id"), py::arg("owner") = py::none());
+          py::arg("next_id"))
+      .def(
+          "set_segments",
+          [](InvertedFile& ivf, const py::list& parts, const py::handle& ids_o, const py::handle& counts_o,
+             int64_t next_id) {
+            // parts: (n_slots, n_entries, word_offsets uint64, postings uint8, page_crc uint32 or None,
+            // page_bytes, owner MappedFile or None). Arrays inside a MappedFile are used in place
+            // (kept alive by it); others are copied into memory owned natively.
+            auto ids = require<int64_t>(ids_o, "image_ids");
+            auto counts = require<int32_t>(counts_o, "word_counts");
+            if (ids.ndim() != 1 || ids.size() != counts.size()) throw py::value_error("corrupt index: image arrays size");
+            std::vector<SegmentInput> in;
+            for (const auto& item : parts) {
+              auto t = item.cast<py::tuple>();
+              if (t.size() != 7) throw py::value_error("set_segments: each part is a 7-tuple");
+              SegmentInput si;
+              si.n_slots = t[0].cast<int64_t>();
+              si.n_entries = t[1].cast<int64_t>();
+              auto off = require<uint64_t>(t[2], "word_offsets");
+              auto data = require<uint8_t>(t[3], "postings");
+              if (off.ndim() != 1 || off.size() != ivf.n_words() + 1)
+                throw py::value_error("corrupt index: the word table has " + std::to_string(off.size()) + " entries, expected " +
+                                      std::to_string(ivf.n_words() + 1));
+              carray<uint32_t> crc;
+              if (!t[4].is_none()) crc = require<uint32_t>(t[4], "page_crc");
+              si.page_bytes = t[5].cast<int64_t>();
+              std::shared_ptr<MappedFile> file;
+              if (!t[6].is_none()) file = t[6].cast<std::shared_ptr<MappedFile>>();
+              const bool in_place = file && file->holds(off.data(), off.nbytes()) && file->holds(data.data(), data.nbytes()) &&
+                                    (t[4].is_none() || file->holds(crc.data(), crc.nbytes()));
+              if (in_place) {
+                si.word_off = off.data();
+                si.data = data.data();
+                si.page_crc = t[4].is_none() ? nullptr : crc.data();
+                si.owner = file;
+              } else {
+                // Copies, owned by one holder (released without the GIL).
+                struct Copy {
+                  std::vector<uint64_t> off;
+                  std::vector<uint8_t> data;
+                  std::vector<uint32_t> crc;
+                };
+                auto c = std::make_shared<Copy>();
+                c->off.assign(off.data(), off.data() + off.size());
+                c->data.assign(data.data(), data.data() + data.size());
+                if (!t[4].is_none()) c->crc.assign(crc.data(), crc.data() + crc.size());
+                si.word_off = c->off.data();
+                si.data = c->data.empty() ? reinterpret_cast<const uint8_t*>(c->off.data()) : c->data.data();
+                si.page_crc = t[4].is_none() ? nullptr : c->crc.data();
+                si.owner = c;
+              }
+              si.data_bytes = static_cast<uint64_t>(data.size());
+              si.n_pages = t[4].is_none() ? 0 : crc.size();
+              in.push_back(std::move(si));
+            }
+            without_gil([&] { ivf.set_segments(in, ids.data(), counts.data(), ids.size(), next_id); });
+          },
+          py::arg("parts"), py::arg("image_ids"), py::arg("word_counts"), py::arg("next_id"))
+      .def("verify", [](const InvertedFile& ivf) { return without_gil([&] { return ivf.verify(); }); },
+           "Verifies every page checksum now; returns the bytes verified (IndexFileError on a mismatch)")
+      .def("compact", [](InvertedFile& ivf) { return without_gil([&] { return ivf.compact(); }); })
+      .def_property_readonly("n_segments", &InvertedFile::n_segments)
+      .def_property_readonly("dead_images", &InvertedFile::dead_images)
+      .def("writer", [](const InvertedFile& ivf, int64_t page_bytes) {
+            return std::make_unique<PostingWriter>(ivf.snapshot(), ivf.n_words(), ivf.code_bytes(), page_bytes);
+          }, py::arg("page_bytes") = int64_t{1} << 20,
+          "A PostingWriter over the current snapshot (the live postings as one compressed segment)");
+
+  py::class_<PostingWriter>(m, "PostingWriter", "Streams a snapshot's postings compressed (csrc/ivf.h). One thread at a time.")
+      .def("next", [](PostingWriter& w, uint64_t min_bytes) {
+            auto v = without_gil([&] { return w.next(min_bytes); });
+            const auto n = static_cast<py::ssize_t>(v.size());
+            return to_numpy(std::move(v), {n});
+          }, py::arg("min_bytes") = uint64_t{64} << 20)
+      .def_property_readonly("done", &PostingWriter::done)
+      .def_readonly("n_entries", &PostingWriter::n_entries)
+      .def_readonly("next_id", &PostingWriter::next_id)
+      .def_readonly("page_bytes", &PostingWriter::page_bytes)
+      .def("word_offsets", [](const PostingWriter& w) { auto v = w.word_off(); const auto n = static_cast<py::ssize_t>(v.size()); return to_numpy(std::move(v), {n}); })
+      .def("page_crc", [](const PostingWriter& w) { auto v = w.page_crc(); const auto n = static_cast<py::ssize_t>(v.size()); return to_numpy(std::move(v), {n}); })
+      .def("image_ids", [](const PostingWriter& w) { auto v = w.ids; const auto n = static_cast<py::ssize_t>(v.size()); return to_numpy(std::move(v), {n}); })
+      .def("word_counts", [](const PostingWriter& w) { auto v = w.nwords; const auto n = static_cast<py::ssize_t>(v.size()); return to_numpy(std::move(v), {n}); });
 }

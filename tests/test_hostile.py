@@ -68,17 +68,37 @@ def saved_regional(tmp_path_factory, regional):
     return path
 
 
+def _plain(index, path, version=2):
+    """`index` saved in the plain layout of format `version` (1 or 2: posting arrays, not
+    compressed); returns (meta, sections)."""
+    ex = index._ivf.export()
+    meta, sections = dict(index._meta(), next_id=int(ex["next_id"])), {
+        "centroids": index.codebook.centroids, "image_ids": ex["image_ids"], "word_counts": ex["word_counts"],
+        "offsets": ex["offsets"], "slots": ex["slots"], "codes": ex["codes"]}
+    index_io.write_index_file(path, meta, sections, version=version)
+    return meta, sections
+
+
 @pytest.fixture(scope="module")
-def saved_regional_v01(tmp_path_factory, saved_regional):
-    """saved_regional as d2r <= 0.1 wrote it: region entry ids in image_ids, each entry's image id in
-    region_image (a removed entry: -1), and next_region."""
-    meta, sections, _ = index_io.read_index_file(saved_regional)
+def saved_v2(tmp_path_factory, index):
+    """`index` as d2r wrote it before format 3 (plain posting arrays)."""
+    path = tmp_path_factory.mktemp("saved") / "index-v2.d2r"
+    _plain(index, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_regional_v01(tmp_path_factory, regional):
+    """The regional index as d2r <= 0.1 wrote it: region entry ids in image_ids, each entry's image id
+    in region_image (a removed entry: -1), and next_region."""
+    path = tmp_path_factory.mktemp("saved") / "regional-v01.d2r"
+    meta, sections = _plain(regional, path, version=1)
+    meta.pop("codebook_fingerprint")
     owners = sections["image_ids"]
     n = owners.size
     region_image = np.concatenate([owners, [-1]]).astype(np.int64)    # one removed entry at the end
     sections = dict(sections, image_ids=np.arange(n, dtype=np.int64), region_image=region_image)
-    path = tmp_path_factory.mktemp("saved") / "regional-v01.d2r"
-    index_io.write_index_file(path, dict(meta, next_region=n + 1), sections)
+    index_io.write_index_file(path, dict(meta, next_region=n + 1), sections, version=1)
     return path
 
 
@@ -150,7 +170,8 @@ def _run_child(script, timeout=60):
 
 @pytest.mark.parametrize("section,dtype", [("centroids", ">f4"), ("centroids", "<f8"), ("centroids", "<i4"),
                                            ("image_ids", "<M8"), ("image_ids", "|V8"), ("image_ids", "<c8"),
-                                           ("codes", "|S1"), ("slots", "u4"), ("slots", None), ("slots", ["<u4"]),
+                                           ("postings", "|S1"), ("page_crc", "u4"), ("page_crc", None),
+                                           ("page_crc", ["<u4"]), ("word_offsets", "<i8"),
                                            ("word_counts", 4)])
 @pytest.mark.parametrize("mmap_", [False, True])
 def test_section_dtype_must_be_the_allowed_one(tmp_path, saved, section, dtype, mmap_):
@@ -179,14 +200,14 @@ def test_object_dtype_never_reaches_numpy(tmp_path, saved):
 
 
 def test_unknown_and_duplicate_sections(tmp_path, saved):
-    path = _craft(saved, tmp_path / "evil.d2r", lambda h: _section(h, "slots").update(name="evil"))
+    path = _craft(saved, tmp_path / "evil.d2r", lambda h: _section(h, "page_crc").update(name="evil"))
     _expect_file_error(path, "evil", "unknown section")
-    path = _craft(saved, tmp_path / "twice.d2r", lambda h: h["sections"].append(dict(_section(h, "offsets"))))
-    _expect_file_error(path, "offsets", "twice")
+    path = _craft(saved, tmp_path / "twice.d2r", lambda h: h["sections"].append(dict(_section(h, "word_offsets"))))
+    _expect_file_error(path, "word_offsets", "twice")
     # a caller may allow other sections (and dtypes)
     allowed = dict(index_io.SECTION_DTYPES, evil=("<u4",))
     _, sections, _ = index_io.read_index_file(tmp_path / "evil.d2r", dtypes=allowed)
-    assert "evil" in sections and "slots" not in sections
+    assert "evil" in sections and "page_crc" not in sections
 
 
 @pytest.mark.parametrize("field,value,words", [
@@ -195,22 +216,22 @@ def test_unknown_and_duplicate_sections(tmp_path, saved):
     ("offset", 1.5, ["offset"]), ("offset", -64, ["offset"]), ("offset", "64", ["offset"]), ("offset", 0, ["offset"]),
     ("nbytes", True, ["nbytes"]), ("nbytes", None, ["nbytes"]), ("nbytes", 3, ["nbytes"]),
     ("crc32", "x", ["crc32"]), ("crc32", 2**40, ["crc32"]), ("name", None, ["unknown section"]),
-    ("name", ["codes"], ["unknown section"]),
+    ("name", ["postings"], ["unknown section"]),
 ])
 def test_bad_section_fields(tmp_path, saved, field, value, words):
-    path = _craft(saved, tmp_path / "field.d2r", lambda h: _section(h, "codes").update({field: value}))
+    path = _craft(saved, tmp_path / "field.d2r", lambda h: _section(h, "postings").update({field: value}))
     for mmap_ in (False, True):
         _expect_file_error(path, *words, mmap=mmap_, verify=False)
 
 
 def test_misaligned_and_out_of_bounds_offsets(tmp_path, saved):
     h = _header(saved)
-    off = _section(h, "codes")["offset"]
-    path = _craft(saved, tmp_path / "align.d2r", lambda h: _section(h, "codes").update(offset=off + 8))
-    _expect_file_error(path, "codes", "offset")
+    off = _section(h, "postings")["offset"]
+    path = _craft(saved, tmp_path / "align.d2r", lambda h: _section(h, "postings").update(offset=off + 8))
+    _expect_file_error(path, "postings", "offset")
     size = saved.stat().st_size
-    path = _craft(saved, tmp_path / "far.d2r", lambda h: _section(h, "codes").update(offset=(size // 64 + 1) * 64))
-    _expect_file_error(path, "codes", "truncated", mmap=True, verify=False)
+    path = _craft(saved, tmp_path / "far.d2r", lambda h: _section(h, "postings").update(offset=(size // 64 + 1) * 64))
+    _expect_file_error(path, "postings", "truncated", mmap=True, verify=False)
 
 
 @pytest.mark.parametrize("header", [b"[1, 2]", b"42", b'"text"', b"null", b'{"sections": 5}', b'{"sections": {}}',
@@ -275,7 +296,7 @@ def test_mmap_returns_the_buffer_owner(saved, monkeypatch, native):
         assert isinstance(owner, mmap.mmap)
     whole = np.frombuffer(owner, np.uint8)
     assert whole.size == saved.stat().st_size
-    assert set(mapped) == set(plain) == {"centroids", "image_ids", "word_counts", "offsets", "slots", "codes"}
+    assert set(mapped) == set(plain) == set(index_io.COMPRESSED)
     for name, arr in mapped.items():
         assert not arr.flags.writeable
         assert np.shares_memory(arr, whole), name
@@ -355,22 +376,52 @@ def _mutations():
         ("negative word count", setitem("word_counts", 0, -1)),
         ("word counts off by one", setitem("word_counts", 2, 1)),
         ("fewer word counts", swap_first("word_counts", lambda a: a[:-1])),
-        ("decreasing offsets", setitem("offsets", 5, 10**6)),
-        ("offsets not from 0", setitem("offsets", 0, 1)),
-        ("offsets too short", swap_first("offsets", lambda a: a[:-1])),
-        ("fewer slots", swap_first("slots", lambda a: a[:-1])),
-        ("codes too narrow", swap_first("codes", lambda a: a[:, :-4])),
-        ("codes 1-D", swap_first("codes", lambda a: a.reshape(-1))),
+        ("decreasing word table", setitem("word_offsets", 5, 10**6)),
+        ("word table not from 0", setitem("word_offsets", 0, 1)),
+        ("word table too short", swap_first("word_offsets", lambda a: a[:-1])),
+        ("word table past the postings", swap_first("postings", lambda a: a[:-1])),
+        ("fewer page checksums", swap_first("page_crc", lambda a: a[:-1])),
+        ("more postings than bytes", lambda m, s: m.update(n_entries=m["n_entries"] * 100)),
         ("centroids wrong shape", swap_first("centroids", lambda a: a[:-1])),
         ("2-D image ids", swap_first("image_ids", lambda a: a.reshape(-1, 1))),
-        ("missing slots", lambda m, s: s.pop("slots")),
+        ("2-D postings", swap_first("postings", lambda a: a.reshape(1, -1))),
+        ("missing postings", lambda m, s: s.pop("postings")),
         ("image_ids beyond region_image", lambda m, s: s.update(region_image=np.arange(100, 105))),
+    ]
+
+
+def _mutations_v2():
+    """Structural corruptions of the plain posting arrays of format 2."""
+    def swap(section, value):
+        def f(m, s):
+            s[section] = value(s[section])
+        return f
+
+    def setitem(section, i, value):
+        def f(m, s):
+            s[section][i] = value
+        return f
+
+    return [
+        ("decreasing offsets", setitem("offsets", 5, 10**6)),
+        ("offsets not from 0", setitem("offsets", 0, 1)),
+        ("offsets too short", swap("offsets", lambda a: a[:-1])),
+        ("fewer slots", swap("slots", lambda a: a[:-1])),
+        ("codes too narrow", swap("codes", lambda a: a[:, :-4])),
+        ("codes 1-D", swap("codes", lambda a: a.reshape(-1))),
+        ("missing slots", lambda m, s: s.pop("slots")),
+        ("word counts off by one", setitem("word_counts", 2, 1)),
     ]
 
 
 @pytest.mark.parametrize("name,mutate", _mutations(), ids=[n for n, _ in _mutations()])
 def test_check_structure(saved, name, mutate):
     _check_mutated(saved, mutate)
+
+
+@pytest.mark.parametrize("name,mutate", _mutations_v2(), ids=[n for n, _ in _mutations_v2()])
+def test_check_structure_v2(saved_v2, name, mutate):
+    _check_mutated(saved_v2, mutate)
 
 
 def _check_mutated(path, mutate):
@@ -406,13 +457,13 @@ def test_check_structure_regional_v01(saved_regional_v01, name, mutate):
     _check_mutated(saved_regional_v01, mutate)
 
 
-def test_check_structure_accepts_float_codes(saved):
-    """The codes of a float kernel may be stored as <f4 (n, dim) as well as |u1 (n, 4 dim)."""
-    meta, sections = _meta(saved)
-    meta = index_io.validate_meta(meta, saved)
+def test_check_structure_accepts_float_codes(saved_v2):
+    """The codes of a float kernel may be stored as <f4 (n, dim) as well as |u1 (n, 4 dim) (format 2)."""
+    meta, sections = _meta(saved_v2)
+    meta = index_io.validate_meta(meta, saved_v2)
     sections["codes"] = sections["codes"].view(np.float32)
     assert sections["codes"].shape[1] == DIM
-    index_io.check_structure(meta, sections, saved)
+    index_io.check_structure(meta, sections, saved_v2)
 
 
 # ---- 1. through d2r.Index.load (needs Index.load to call validate_meta and check_structure) -------

@@ -482,7 +482,7 @@ def _expect_file_error(path, *words, **kw):
     return msg
 
 
-@pytest.mark.parametrize("section", ["centroids", "image_ids", "word_counts", "offsets", "slots", "codes"])
+@pytest.mark.parametrize("section", ["centroids", "image_ids", "word_counts", "word_offsets", "postings", "page_crc"])
 @pytest.mark.parametrize("mmap", [False, True])
 def test_flipped_byte_in_section_detected(tmp_path, saved, section, mmap):
     b, hlen, sec = _layout(saved)
@@ -494,6 +494,27 @@ def test_flipped_byte_in_section_detected(tmp_path, saved, section, mmap):
     path.write_bytes(bytes(b))
     msg = _expect_file_error(path, "checksum", "corrupt", mmap=mmap, verify=True)
     assert section in msg
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.999])
+def test_flipped_posting_byte_found_lazily(tmp_path, saved, data, where):
+    """A memory-mapped load checks the postings page by page as searches read them (verify="lazy",
+    its default): the load succeeds without reading them, the first search that reads the damaged
+    page raises IndexFileError naming the page, and verify() finds it without a search."""
+    b, hlen, sec = _layout(saved)
+    b = bytearray(b)
+    s = sec["postings"]
+    b[s["offset"] + int(s["nbytes"] * where)] ^= 0x01
+    path = tmp_path / "lazy.d2r"
+    path.write_bytes(bytes(b))
+    idx = d2r.Index.load(path, mmap=True)            # verify="lazy": loads
+    with pytest.raises(d2r.IndexFileError, match="checksum mismatch in postings page"):
+        idx.verify()
+    idx = d2r.Index.load(path, mmap=True)
+    with pytest.raises(d2r.IndexFileError, match="postings page"):
+        idx.search(data[0], k=None)                  # the database images as queries read every list
+    clean = d2r.Index.load(saved, mmap=True)
+    assert clean.verify() == s["nbytes"]
 
 
 def test_flipped_byte_in_header_detected(tmp_path, saved):
@@ -545,7 +566,8 @@ def test_newer_format_version(tmp_path, saved):
 
 def test_corrupt_files_never_crash(tmp_path, saved):
     """verify=False skips the checksums: flipped bytes in the posting structures and crafted but
-    self-consistent headers must raise IndexFileError (or load into a usable index), never crash.
+    self-consistent headers must raise IndexFileError (at load, or from the first operation that
+    decodes a damaged list) or load into a usable index, never crash.
     Run in a child process so that a crash shows up as a test failure."""
     script = textwrap.dedent(f"""
         import json, struct, zlib, sys
@@ -558,10 +580,10 @@ def test_corrupt_files_never_crash(tmp_path, saved):
         rng = np.random.default_rng(0)
         q = rng.standard_normal((20, {DIM})).astype(np.float32)
         out = {str(tmp_path / "c.d2r")!r}
-        n_loaded = n_err = 0
+        n_loaded = n_err = n_late = 0
 
         def attempt(data):
-            global n_loaded, n_err
+            global n_loaded, n_err, n_late
             open(out, "wb").write(data)
             try:
                 idx = d2r.Index.load(out, verify=False)
@@ -569,11 +591,16 @@ def test_corrupt_files_never_crash(tmp_path, saved):
                 n_err += 1
                 return
             n_loaded += 1
-            idx.search(q, k=None)
-            idx.score_all(q)
-            idx.add(q)
-            idx.remove(idx.ids[:2])
-            idx.search(q, k=3)
+            try:   # a damaged posting list is found when it is decoded
+                idx.search(q, k=None)
+                idx.score_all(q)
+                idx.add(q)
+                idx.remove(idx.ids[:2])
+                idx.search(q, k=3)
+                idx.compact()
+                idx.search(q, k=3)
+            except d2r.IndexFileError:
+                n_late += 1
 
         for s in header["sections"]:
             if s["nbytes"] == 0:
@@ -584,7 +611,7 @@ def test_corrupt_files_never_crash(tmp_path, saved):
                 b[pos] ^= int(rng.integers(1, 256))
                 attempt(bytes(b))
             # extreme values in the integer sections
-            if s["name"] in ("offsets", "slots", "word_counts", "image_ids"):
+            if s["name"] in ("word_offsets", "word_counts", "image_ids", "page_crc"):
                 dt = np.dtype(s["dtype"])
                 for val in (np.iinfo(dt).max, np.iinfo(dt).min, 0, 1):
                     arr = np.frombuffer(b0[s["offset"]:s["offset"] + s["nbytes"]], dt).copy()
@@ -594,7 +621,7 @@ def test_corrupt_files_never_crash(tmp_path, saved):
                     attempt(bytes(b))
 
         # crafted headers with a valid checksum: sections made shorter (nbytes consistent)
-        for name in ("image_ids", "word_counts", "offsets", "slots", "codes"):
+        for name in ("image_ids", "word_counts", "word_offsets", "postings", "page_crc"):
             h = json.loads(b0[20:20 + hlen])
             for s in h["sections"]:
                 if s["name"] == name and s["shape"][0] > 1:
@@ -604,7 +631,7 @@ def test_corrupt_files_never_crash(tmp_path, saved):
             hb = hb + b" " * (hlen - len(hb)) if len(hb) <= hlen else None
             if hb is not None:
                 attempt(struct.pack("<8sIII", b"D2RINDEX", ver, hlen, zlib.crc32(hb)) + hb + b0[20 + hlen:])
-        print("loaded", n_loaded, "errors", n_err)
+        print("loaded", n_loaded, "errors", n_err, "late", n_late)
     """)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(d2r.__file__).parent.parent), env.get("PYTHONPATH", "")])

@@ -15,11 +15,13 @@ from ._checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, 
 from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
                         as_assignments, check_fingerprint, kernel_spec, _concat_images)
 from .codebook import Codebook
-from .index_io import (FORMAT_VERSION, FormatWarning, IndexFileError, check_structure, read_index_file,
-                       validate_meta, write_index_file)
+from .index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, check_structure,
+                       read_index_file, validate_meta, write_index_file)
 
 # Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
 _CHUNK_DESCRIPTORS = 1 << 20
+# save() streams the compressed postings in chunks of at least this many bytes.
+_SAVE_CHUNK_BYTES = 64 << 20
 
 
 def _is_device_array(x) -> bool:
@@ -178,21 +180,55 @@ class _IndexBase:
 
     def save(self, path) -> None:
         """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
-        and removes: the file holds one consistent state."""
-        ex = self._ivf.export()
-        sections = {"centroids": self.codebook.centroids, "image_ids": ex["image_ids"],
-                    "word_counts": ex["word_counts"], "offsets": ex["offsets"], "slots": ex["slots"],
-                    "codes": ex["codes"]}
-        write_index_file(path, {**self._meta(), "next_id": int(ex["next_id"])}, sections)
+        and removes: the file holds one consistent state. The postings are streamed to the file
+        compressed, a few tens of MB at a time (never a second copy of the index in memory);
+        removed images' postings are left out."""
+        ivf = self._ivf
+        if self.device != "cpu":   # the GPU index: its content, compressed by a CPU inverted file
+            ex = ivf.export()
+            ivf = _native.InvertedFile(self.codebook.n_words, self.codebook.dim, self.spec.binary)
+            ivf.set_content(ex["offsets"], ex["slots"], ex["codes"], np.array(ex["image_ids"]),
+                            np.array(ex["word_counts"]), int(ex["next_id"]))
+        w = ivf.writer(PAGE_BYTES)
+
+        def chunks():
+            while not w.done:
+                yield w.next(_SAVE_CHUNK_BYTES)
+
+        def finish():
+            return ({"word_offsets": w.word_offsets(), "page_crc": w.page_crc()},
+                    {"n_entries": int(w.n_entries), "page_bytes": int(w.page_bytes)})
+
+        sections = {"centroids": self.codebook.centroids, "image_ids": w.image_ids(), "word_counts": w.word_counts()}
+        write_index_file(path, {**self._meta(), "next_id": int(w.next_id)}, sections,
+                         stream=("postings", chunks(), finish))
 
     @classmethod
-    def load(cls, path, mmap: bool = False, verify: bool = True, device: str = "cpu"):
-        """Load an index saved by `save`. mmap=True maps the posting lists instead of reading them
-        (verify=False then skips the checksums; structural checks still run). device="cuda" then
-        moves it to the GPU."""
+    def load(cls, path, mmap: bool = False, verify=None, device: str = "cpu"):
+        """Load an index saved by `save`.
+
+        mmap=True maps the file instead of reading it: opening reads the header, the codebook, the
+        image table and the word table, and a posting list is read from disk when a search first
+        needs it, so a million-image index opens in a fraction of a second and uses memory only
+        for what its searches touch.
+
+        verify: what is checked against the file's checksums. True: everything, at load (reads the
+        whole file). "lazy" (the default with mmap=True): everything but the postings at load, and
+        each 1 MiB page of postings when a search first reads it (a mismatch raises IndexFileError
+        from that search); ``index.verify()`` checks every page at once (it releases the GIL, so it
+        can run in a background thread beside searches). False: no checksums (the structure is
+        still checked, also as lists are decoded). Default: True, or "lazy" with mmap=True.
+
+        Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load (mmap
+        then reads them whole; save them again to map them). device="cuda" then moves the index to
+        the GPU."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
+        if verify is None:
+            verify = "lazy" if mmap else True
+        if verify not in (True, False, "lazy"):
+            raise ValueError(f"verify must be True, False or 'lazy', got {verify!r}")
         meta, sec, owner = read_index_file(path, mmap=mmap, verify=verify)
         meta = validate_meta(meta, path)
         check_structure(meta, sec, path)
@@ -215,14 +251,37 @@ class _IndexBase:
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
-        codes = sec["codes"]
-        codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
         try:
-            idx._ivf.set_content(sec["offsets"], sec["slots"], codes, ids, sec["word_counts"], meta["next_id"],
-                                 owner)
+            if "postings" in sec:
+                part = (int(ids.shape[0]), meta["n_entries"], sec["word_offsets"], sec["postings"],
+                        sec["page_crc"] if verify else None, meta["page_bytes"], owner)
+                idx._ivf.set_segments([part], ids, sec["word_counts"], meta["next_id"])
+                if verify is True:
+                    idx._ivf.verify()
+            else:
+                codes = sec["codes"]
+                codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
+                idx._ivf.set_content(sec["offsets"], sec["slots"], codes, ids, sec["word_counts"], meta["next_id"])
         except (TypeError, ValueError) as exc:
+            if isinstance(exc, IndexFileError):
+                raise IndexFileError(f"{path}: {exc}") from None
             raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
         return idx.to(device) if device != "cpu" else idx
+
+    def verify(self) -> int:
+        """Check every page of a memory-mapped index's postings against its checksums now (the
+        pages a search reads are checked anyway when first read). Releases the GIL: may run in a
+        background thread beside searches, adds and removes. Returns the bytes verified; a mismatch
+        raises IndexFileError."""
+        return int(self._ivf.verify()) if self.device == "cpu" else 0
+
+    def compact(self) -> int:
+        """Rewrite the postings without those of removed images (which `remove` only marks) and
+        merge the segments, in memory. Returns the number of postings dropped. For an index too large
+        to hold in memory, `save` it instead: the file leaves removed images out."""
+        if self.device != "cpu":
+            return 0
+        return int(self._ivf.compact())
 
 
 class Index(_IndexBase):
@@ -298,6 +357,9 @@ class Index(_IndexBase):
             "code_bytes": self._ivf.code_bytes,
             "bytes": b,
             "bytes_per_image": b / n if n else 0.0,
+            "bytes_per_posting": b / entries if entries else 0.0,
+            "removed_pending": int(getattr(self._ivf, "dead_images", 0)),  # tombstones until compact/save
+            "segments": int(getattr(self._ivf, "n_segments", 1)),
         }
 
     def aggregate(self, descriptors, query: bool = False) -> Aggregated:
@@ -379,8 +441,9 @@ class Index(_IndexBase):
 
     def remove(self, image_ids) -> int:
         """Remove images by id (every id must be indexed, else KeyError and nothing is removed).
-        Returns the number removed. Each call compacts the posting lists (O(index size)): remove in
-        batches."""
+        Returns the number removed. Removed images become tombstones (O(images), the postings are not
+        rewritten): searches skip them at once; `compact()`, `save` and later merges drop their
+        postings."""
         ids = as_ids(image_ids)
         return int(self._ivf.remove(ids)) if ids.size else 0
 

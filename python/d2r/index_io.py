@@ -1,4 +1,4 @@
-"""The saved-index file format (version 2; version 1 files still load).
+"""The saved-index file format (version 3; files of versions 1 and 2 still load).
 
 Layout::
 
@@ -16,9 +16,20 @@ crash never leaves a half-written index. Loading checks the magic, the version, 
 every section's name, dtype, shape and bounds and (unless verify=False) every section's CRC-32;
 `validate_meta` and `check_structure` check the header fields and the sections' consistency.
 
+Version 3 stores the posting lists compressed (csrc/postings.h: per word, blocks of up to 128
+postings, each a header with the block's first slot, bit-packed slot gaps and the codes), as the
+sections `word_offsets` (uint64, n_words + 1 byte offsets of each word's list), `postings` (the byte
+stream, written last among the large sections, streamed from the index without a second copy) and
+`page_crc` (uint32, the CRC-32 of each `page_bytes`-long page of `postings`), beside `image_ids`
+and `word_counts` per entry; the header adds `n_entries` and `page_bytes`. The postings' own
+section checksum is checked only when a whole-file verification is asked for (`verify=True`);
+a memory-mapped load checks each page when it is first read (`verify="lazy"`), so opening a
+million-image index reads only its header, image table and word table.
+
 Version 2 added `codebook_fingerprint` (``Codebook.fingerprint`` of the embedded codebook, checked at
 load) and the optional `extractor` (``d2r.extract.describe`` of the extractor the database features
-came from). Version 1 files load with a :class:`FormatWarning`.
+came from). Version 1 files load with a :class:`FormatWarning`; files of versions 1 and 2 (plain
+posting arrays) are compressed in memory as they load.
 """
 from __future__ import annotations
 
@@ -40,7 +51,9 @@ from ._checks import (MAX_ID, check_alpha, check_bool, check_choice, check_posit
 from .kernels import KERNELS, kernel_spec
 
 MAGIC = b"D2RINDEX"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Page size of the checksums of the postings (bytes).
+PAGE_BYTES = 1 << 20
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sIII")
 
@@ -53,7 +66,13 @@ SECTION_DTYPES = {
     "slots": ("<u4",),
     "codes": ("|u1", "<f4"),
     "region_image": ("<i8",),
+    "word_offsets": ("<u8",),
+    "postings": ("|u1",),
+    "page_crc": ("<u4",),
 }
+# Sections of each layout (format 3 compressed; formats 1 and 2 plain).
+COMPRESSED = ("centroids", "image_ids", "word_counts", "word_offsets", "postings", "page_crc")
+PLAIN = ("centroids", "image_ids", "word_counts", "offsets", "slots", "codes")
 KINDS = ("Index", "RegionalSearchIndex")
 
 
@@ -80,16 +99,76 @@ def _crc(arr: np.ndarray) -> int:
     return crc & 0xFFFFFFFF
 
 
-def write_index_file(path, meta: dict, sections: dict) -> None:
-    """Atomically write `meta` (JSON-serialisable) and the named numpy arrays in `sections`."""
+def write_index_file(path, meta: dict, sections: dict, stream=None, version: int = FORMAT_VERSION) -> None:
+    """Atomically write `meta` (JSON-serialisable) and the named numpy arrays in `sections`.
+    `version` is the format number written in the prefix (an older one only to write files of an
+    older layout, e.g. in tests of their loading).
+
+    stream: optional (name, chunks, finish): the section `name` is written after the others from
+    the uint8 arrays that the iterable `chunks` yields (never held whole in memory); then finish()
+    returns (trailing sections, meta additions), written after it. The header, whose length is not
+    known until then, is written last into space reserved at the start (padded with blanks)."""
     path = Path(path)
-    entries = []
-    arrays = []
+    entries, arrays = [], []
     for name, arr in sections.items():
         arr = np.ascontiguousarray(arr)
         entries.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
                         "nbytes": int(arr.nbytes), "crc32": _crc(arr)})
         arrays.append(arr)
+    if stream is None:
+        _write_plain(path, meta, entries, arrays, version)
+        return
+    name, chunks, finish = stream
+    big = 1 << 62
+    probe = [{**e, "offset": big} for e in entries] + [
+        {"name": n, "dtype": "<u8", "shape": [big], "nbytes": big, "crc32": 0xFFFFFFFF, "offset": big}
+        for n in (name, "trailing-0", "trailing-1", "trailing-2")]
+    reserve = len(json.dumps({**meta, "sections": probe, "n_entries": big, "page_bytes": big, "next_id": big},
+                             sort_keys=True).encode("utf-8")) + 4096
+    with atomic_write(path) as f:
+        f.write(b"\0" * (_PREFIX.size + reserve))
+        pos = _PREFIX.size + reserve
+        for e, arr in zip(entries, arrays):
+            pos = _pad_to(f, pos)
+            e["offset"] = pos
+            f.write(_bytes(arr))
+            pos += e["nbytes"]
+        pos = _pad_to(f, pos)
+        entry = {"name": name, "dtype": "|u1", "offset": pos, "crc32": 0}
+        n = 0
+        for chunk in chunks:
+            view = _bytes(chunk)
+            entry["crc32"] = zlib.crc32(view, entry["crc32"])
+            f.write(view)
+            n += len(view)
+        entry.update(nbytes=n, shape=[n], crc32=entry["crc32"] & 0xFFFFFFFF)
+        entries.append(entry)
+        pos += n
+        trailing, extra = finish()
+        for tname, arr in trailing.items():
+            arr = np.ascontiguousarray(arr)
+            pos = _pad_to(f, pos)
+            entries.append({"name": tname, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": pos,
+                            "nbytes": int(arr.nbytes), "crc32": _crc(arr)})
+            f.write(_bytes(arr))
+            pos += arr.nbytes
+        header = json.dumps({**meta, **extra, "sections": entries}, sort_keys=True).encode("utf-8")
+        if len(header) > reserve:
+            raise RuntimeError(f"index header of {len(header)} bytes exceeds its reserved {reserve} bytes (a bug)")
+        header += b" " * (reserve - len(header))   # JSON allows trailing blanks
+        f.seek(0)
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header) & 0xFFFFFFFF))
+        f.write(header)
+
+
+def _pad_to(f, pos: int) -> int:
+    """Writes zeros up to the next multiple of _ALIGN after pos; returns the new position."""
+    new = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+    f.write(b"\0" * (new - pos))
+    return new
+
+
+def _write_plain(path: Path, meta: dict, entries: list, arrays: list, version: int) -> None:
     # Offsets depend on the header length, which depends on the offsets' digits: iterate to a fixpoint.
     offsets = [0] * len(entries)
     while True:
@@ -106,7 +185,7 @@ def write_index_file(path, meta: dict, sections: dict) -> None:
             break
         offsets = new
     with atomic_write(path) as f:
-        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header) & 0xFFFFFFFF))
+        f.write(_PREFIX.pack(MAGIC, version, len(header), zlib.crc32(header) & 0xFFFFFFFF))
         f.write(header)
         for e, arr in zip(entries, arrays):
             f.write(b"\0" * (e["offset"] - f.tell()))
@@ -142,11 +221,13 @@ def _map_file(path: Path):
         os.close(fd)
 
 
-def read_index_file(path, mmap: bool = False, verify: bool = True, dtypes: dict | None = None):
+def read_index_file(path, mmap: bool = False, verify=True, dtypes: dict | None = None):
     """Returns (meta, sections, owner): the header without its section table, the named sections as
     read-only numpy arrays, and the buffer object (see `_map_file`) the sections view when mmap=True
-    (None otherwise). `dtypes` maps each allowed section name to its allowed dtypes (default
-    SECTION_DTYPES). Every problem with the file raises IndexFileError naming the path."""
+    (None otherwise). verify: True checks every section's checksum, "lazy" every one but the
+    postings' (checked page by page as they are used), False none. `dtypes` maps each allowed
+    section name to its allowed dtypes (default SECTION_DTYPES). Every problem with the file raises
+    IndexFileError naming the path."""
     path = Path(path)
     dtypes = SECTION_DTYPES if dtypes is None else dtypes
     if mmap:
@@ -196,7 +277,7 @@ def _parse(path: Path, size: int, read, verify: bool, dtypes: dict):
         if len(buf) != nbytes:
             raise IndexFileError(f"{path}: truncated index file (section {name!r})")
         arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
-        if verify and _crc(arr) != crc:
+        if (verify is True or (verify and name != "postings")) and _crc(arr) != crc:
             raise IndexFileError(f"{path}: corrupt index file (checksum mismatch in section {name!r})")
         sections[name] = arr
     return meta, sections
@@ -277,6 +358,9 @@ def validate_meta(meta: dict, path) -> dict:
         out["codebook_fingerprint"] = None
     if out.get("extractor") is not None:
         out["extractor"] = field("extractor", _check_extractor)
+    if out.get("format_version", FORMAT_VERSION) >= 3:
+        out["n_entries"] = field("n_entries", check_positive_int, "n_entries", 0, MAX_ID)
+        out["page_bytes"] = field("page_bytes", check_positive_int, "page_bytes", 1, 1 << 40)
     return out
 
 
@@ -304,26 +388,40 @@ def check_structure(meta: dict, sections: dict, path) -> None:
     def bad(what):
         raise IndexFileError(f"{path}: corrupt index file ({what})")
 
-    missing = [n for n in ("centroids", "image_ids", "word_counts", "offsets", "slots", "codes") if n not in sections]
+    compressed = meta.get("format_version", FORMAT_VERSION) >= 3
+    missing = [n for n in (COMPRESSED if compressed else PLAIN) if n not in sections]
     if missing:
         bad(f"missing section(s) {', '.join(missing)}")
     n_words, dim = meta["n_words"], meta["dim"]
     if sections["centroids"].shape != (n_words, dim):
         bad(f"centroids have shape {sections['centroids'].shape}, the header says ({n_words}, {dim})")
-    for name in ("image_ids", "word_counts", "offsets", "slots", "region_image"):
+    for name in ("image_ids", "word_counts", "offsets", "slots", "region_image", "word_offsets", "postings",
+                 "page_crc"):
         if name in sections and sections[name].ndim != 1:
             bad(f"section {name!r} must be 1-D, got shape {sections[name].shape}")
-    ids, counts, offs = sections["image_ids"], sections["word_counts"], sections["offsets"]
-    slots, codes = sections["slots"], sections["codes"]
-    if offs.shape[0] != n_words + 1 or offs[0] != 0 or np.any(offs[1:] < offs[:-1]):
-        bad(f"posting offsets must be {n_words + 1} non-decreasing values from 0")
-    n_post = int(offs[-1])
+    ids, counts = sections["image_ids"], sections["word_counts"]
     binary = KERNELS[meta["kernel"]].binary
     width = (dim + 7) // 8 if binary else 4 * dim        # bytes per code
-    if (slots.shape[0] != n_post or codes.ndim != 2 or codes.shape[0] != n_post
-            or codes.shape[1] * codes.itemsize != width or (binary and codes.dtype != np.uint8)):
-        bad(f"posting sections do not match: {n_post} postings, slots {slots.shape}, codes {codes.dtype} "
-            f"{codes.shape} ({width} bytes per {meta['kernel']!r} code)")
+    if compressed:
+        wo, post, crc = sections["word_offsets"], sections["postings"], sections["page_crc"]
+        n_post = meta["n_entries"]
+        if wo.shape[0] != n_words + 1 or wo[0] != 0 or np.any(wo[1:] < wo[:-1]) or int(wo[-1]) != post.shape[0]:
+            bad(f"the word table must be {n_words + 1} non-decreasing byte offsets from 0 to the "
+                f"{post.shape[0]} bytes of postings")
+        if crc.shape[0] != -(-post.shape[0] // meta["page_bytes"]):
+            bad(f"{crc.shape[0]} page checksums for {post.shape[0]} bytes of postings in pages of "
+                f"{meta['page_bytes']}")
+        if post.shape[0] < n_post * width:
+            bad(f"{post.shape[0]} bytes of postings cannot hold {n_post} postings of {width}-byte codes")
+    else:
+        offs, slots, codes = sections["offsets"], sections["slots"], sections["codes"]
+        if offs.shape[0] != n_words + 1 or offs[0] != 0 or np.any(offs[1:] < offs[:-1]):
+            bad(f"posting offsets must be {n_words + 1} non-decreasing values from 0")
+        n_post = int(offs[-1])
+        if (slots.shape[0] != n_post or codes.ndim != 2 or codes.shape[0] != n_post
+                or codes.shape[1] * codes.itemsize != width or (binary and codes.dtype != np.uint8)):
+            bad(f"posting sections do not match: {n_post} postings, slots {slots.shape}, codes {codes.dtype} "
+                f"{codes.shape} ({width} bytes per {meta['kernel']!r} code)")
     if ids.shape[0] != counts.shape[0]:
         bad(f"{ids.shape[0]} image ids but {counts.shape[0]} word counts")
     if counts.size and (counts.min() < 0 or counts.sum(dtype=np.int64) != n_post):

@@ -1,0 +1,96 @@
+#include "postings.h"
+
+#include <algorithm>
+#include <array>
+
+namespace d2r {
+
+namespace {
+
+// Slicing-by-8 tables of the reflected polynomial 0xEDB88320 (zlib's CRC-32).
+struct CrcTables {
+  std::array<std::array<uint32_t, 256>, 8> t{};
+  CrcTables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i)
+      for (int s = 1; s < 8; ++s) t[s][i] = (t[s - 1][i] >> 8) ^ t[0][t[s - 1][i] & 0xFF];
+  }
+};
+
+const CrcTables& crc_tables() {
+  static const CrcTables tables;
+  return tables;
+}
+
+inline int block_width(const uint32_t* slots, int64_t n) {
+  uint32_t widest = 0;
+  for (int64_t i = 1; i < n; ++i) widest = std::max(widest, slots[i] - slots[i - 1] - 1);
+  return bits_for(widest);
+}
+
+}  // namespace
+
+uint32_t crc32(const uint8_t* p, size_t n, uint32_t crc) {
+  const auto& t = crc_tables().t;
+  uint32_t c = ~crc;
+  while (n >= 8) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + 4, 4);
+    lo ^= c;  // little endian, as the tables assume (x86-64, aarch64)
+    c = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^ t[3][hi & 0xFF] ^
+        t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = t[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+  return ~c;
+}
+
+size_t encoded_bytes(const uint32_t* slots, int64_t n, int code_bytes) {
+  size_t total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min<int64_t>(kBlock, n - b);
+    total += block_bytes(m, block_width(slots + b, m), code_bytes);
+  }
+  return total;
+}
+
+size_t encode_list(const uint32_t* slots, const uint8_t* codes, int64_t n, int code_bytes, uint8_t* out) {
+  uint8_t* o = out;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min<int64_t>(kBlock, n - b);
+    const uint32_t* s = slots + b;
+    const int width = block_width(s, m);
+    std::memcpy(o, &s[0], 4);
+    o[4] = static_cast<uint8_t>(m - 1);
+    o[5] = static_cast<uint8_t>(width);
+    o += kBlockHeader;
+    const size_t packed = (static_cast<size_t>(m - 1) * width + 7) / 8;
+    std::memset(o, 0, packed);
+    uint64_t buf = 0;
+    int have = 0;
+    uint8_t* q = o;
+    for (int64_t i = 1; i < m; ++i) {
+      buf |= static_cast<uint64_t>(s[i] - s[i - 1] - 1) << have;
+      have += width;
+      while (have >= 8) {
+        *q++ = static_cast<uint8_t>(buf);
+        buf >>= 8;
+        have -= 8;
+      }
+    }
+    if (have > 0) *q++ = static_cast<uint8_t>(buf);
+    o += packed;
+    const size_t cbytes = static_cast<size_t>(m) * code_bytes;
+    std::memcpy(o, codes + static_cast<size_t>(b) * code_bytes, cbytes);
+    o += cbytes;
+  }
+  return static_cast<size_t>(o - out);
+}
+
+}  // namespace d2r
