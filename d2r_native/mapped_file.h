@@ -40,6 +40,10 @@ class MappedFile {
         throw std::system_error(err, std::generic_category(), path + ": mmap");
       }
       data_ = static_cast<const uint8_t*>(p);
+      // An index is read where its searches need it: without this, the kernel's readahead (up to
+      // read_ahead_kb, megabytes on some disks) would read far beyond each posting list on a cold
+      // cache. The core asks for each list's pages as it first reads them (MADV_WILLNEED).
+      ::madvise(p, size_, MADV_RANDOM);
     }
     ::close(fd);
   }

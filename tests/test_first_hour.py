@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -287,20 +286,17 @@ def test_aggregated_data_of_another_codebook_is_refused():
 
 
 def _rewrite_as_version_1(path):
-    """The file as d2r format 1 wrote it: no codebook fingerprint, version 1 in the prefix."""
+    """The index file as d2r format 1 wrote it: plain posting arrays, no codebook fingerprint, version 1
+    in the prefix."""
     from d2r import index_io
 
-    raw = bytearray(path.read_bytes())
-    magic, _, hlen, _ = index_io._PREFIX.unpack_from(raw)
-    header = json.loads(bytes(raw[index_io._PREFIX.size:index_io._PREFIX.size + hlen]))
-    header.pop("codebook_fingerprint")
-    header["d2r_format"] = 1
-    new = json.dumps(header, sort_keys=True).encode()
-    new += b" " * (hlen - len(new))   # same length: section offsets stay valid
-    assert len(new) == hlen
-    raw[index_io._PREFIX.size:index_io._PREFIX.size + hlen] = new
-    raw[:index_io._PREFIX.size] = index_io._PREFIX.pack(magic, 1, hlen, zlib.crc32(new) & 0xFFFFFFFF)
-    path.write_bytes(bytes(raw))
+    idx = d2r.Index.load(path)
+    ex = idx._ivf.export()
+    meta = dict(idx._meta(), next_id=int(ex["next_id"]), d2r_format=1)
+    meta.pop("codebook_fingerprint")
+    index_io.write_index_file(path, meta, {"centroids": idx.codebook.centroids, "image_ids": ex["image_ids"],
+                                           "word_counts": ex["word_counts"], "offsets": ex["offsets"],
+                                           "slots": ex["slots"], "codes": ex["codes"]}, version=1)
 
 
 def test_index_file_carries_the_codebook_fingerprint_and_old_files_load(tmp_path):
@@ -311,7 +307,7 @@ def test_index_file_carries_the_codebook_fingerprint_and_old_files_load(tmp_path
     index.extractor = {"name": "RootSIFT", "params": {"max_features": 5}, "fingerprint": "0123456789abcdef"}
     index.save(tmp_path / "db.d2r")
     raw = (tmp_path / "db.d2r").read_bytes()
-    assert struct.unpack_from("<I", raw, 8)[0] == 2 and ca.fingerprint.encode() in raw
+    assert struct.unpack_from("<I", raw, 8)[0] == d2r.index_io.FORMAT_VERSION and ca.fingerprint.encode() in raw
     back = d2r.Index.load(tmp_path / "db.d2r")
     assert back.codebook.fingerprint == ca.fingerprint and back.extractor == index.extractor
     _rewrite_as_version_1(tmp_path / "db.d2r")

@@ -205,36 +205,36 @@ def _train(args) -> int:
 
 # ---- index -------------------------------------------------------------------------------------------
 def _names_file(index_path) -> Path:
-    return Path(str(index_path) + ".names.txt")
+    from .build import names_file
+
+    return names_file(index_path)
 
 
 def _index(args) -> int:
+    from .build import build_index
     from .codebook import Codebook
-    from .features import load_features, store_info
-    from .index import Index
+    from .features import store_info
 
     codebook = Codebook.load(args.codebook)
     info = store_info(args.features)
-    names, feats = load_features(args.features)
-    dims = {f.descriptors.shape[1] for f in feats if f.descriptors.size}
-    if dims and dims != {codebook.dim}:
-        raise UsageError(f"{args.features} holds {sorted(dims)}-D descriptors but {args.codebook} has {codebook.dim}-D "
-                         "words; train the codebook on features of the same extractor")
-    index = Index(codebook, kernel=args.kernel, normalize=not args.no_gamma)
-    index.extractor = info["extractor"]
-    index.add([f.descriptors for f in feats], progress=not args.quiet)
-    index.save(args.out)
-    from ._atomic import atomic_write
-
-    with atomic_write(_names_file(args.out)) as f:
-        f.write(("\n".join(names) + "\n").encode("utf-8"))
+    if info["images"] == 0:
+        raise UsageError(f"{args.features}: the feature store holds no images; extract some with `d2r extract`")
+    if args.base is not None and not Path(args.base).is_file():
+        raise UsageError(f"--base {args.base}: no such index file (build it first with `d2r index`)")
+    index = build_index(args.features, args.out, codebook, kernel=args.kernel, base=args.base,
+                        normalize=not args.no_gamma, batch_images=args.batch_images, progress=not args.quiet)
     st = index.stats()
+    st["file_bytes"] = Path(args.out).stat().st_size
+    postings = st["postings"]
+    st["file_bytes_per_posting"] = ((st["file_bytes"] - codebook.centroids.nbytes) / postings) if postings else 0.0
     if args.json:
         _emit_json({"index": str(args.out), "names": str(_names_file(args.out)), **st,
                     "codebook_fingerprint": codebook.fingerprint})
     else:
-        print(f"{st['images']} images, {st['words_per_image']:.0f} words/image, {st['bytes_per_image']:.0f} "
-              f"bytes/image -> {args.out} (image names in {_names_file(args.out)})")
+        per_image = st["file_bytes"] / max(1, st["images"])
+        print(f"{st['images']} images, {st['words_per_image']:.0f} words/image, {per_image:.0f} bytes/image on disk "
+              f"({st['file_bytes_per_posting']:.2f} per posting) -> {args.out} (image names in "
+              f"{_names_file(args.out)})")
     return EXIT_OK
 
 
@@ -467,11 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("index", "build an index file from a feature store and a codebook (image names in OUT.names.txt)")
     p.add_argument("features", help="a feature store (folder or .npz) made by `d2r extract`")
     p.add_argument("--codebook", required=True, help="a codebook (.npy) from `d2r train-codebook`")
-    p.add_argument("--kernel", default="asmk*", choices=["asmk*", "asmk"],
-                   help="asmk*: binary codes (16 bytes per word for 128-D), asmk: float codes")
+    p.add_argument("--kernel", default="asmk*", choices=["asmk*", "asmk", "rasmk*", "rasmk", "naive-rasmk"],
+                   help="asmk*: binary codes (16 bytes per word for 128-D), asmk: float codes; rasmk*, rasmk, "
+                        "naive-rasmk: each image aggregated from its stored regions (a store made with regions)")
     p.add_argument("--no-gamma", action="store_true", help="disable gamma normalisation (scores not divided by "
                                                            "sqrt(|W_query| |W_image|))")
-    p.add_argument("--out", required=True, help="output index file (e.g. db.d2r)")
+    p.add_argument("--base", default=None, metavar="INDEX",
+                   help="an index whose images come first (e.g. distractors built once); it is not modified")
+    p.add_argument("--batch-images", type=int, default=10_000,
+                   help="images per resumable batch (memory is bounded by one batch, about 17 bytes per posting)")
+    p.add_argument("--out", required=True, help="output index file (e.g. db.d2r); an interrupted build resumes "
+                                                "from OUT.build/ when run again with the same arguments")
     _common(p)
     p.set_defaults(func=_index)
 
@@ -526,7 +532,7 @@ def _check_outputs(args) -> None:
 
 def _check_numbers(args) -> None:
     for name, low in (("words", 1), ("iters", 1), ("sample", 1), ("k", 1), ("max_features", 1), ("workers", 1),
-                      ("max_regions", 1), ("rerank_top", 1)):
+                      ("batch_images", 1), ("max_regions", 1), ("rerank_top", 1)):
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")

@@ -214,7 +214,7 @@ class _IndexBase:
 
         verify: what is checked against the file's checksums. True: everything, at load (reads the
         whole file). "lazy" (the default with mmap=True): everything but the postings at load, and
-        each 1 MiB page of postings when a search first reads it (a mismatch raises IndexFileError
+        each 64 KiB page of postings when a search first reads it (a mismatch raises IndexFileError
         from that search); ``index.verify()`` checks every page at once (it releases the GIL, so it
         can run in a background thread beside searches). False: no checksums (the structure is
         still checked, also as lists are decoded). Default: True, or "lazy" with mmap=True.
@@ -222,11 +222,30 @@ class _IndexBase:
         Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load (mmap
         then reads them whole; save them again to map them). device="cuda" then moves the index to
         the GPU."""
+        if verify is None:
+            verify = "lazy" if mmap else True
+        idx, part, ids, counts, plain = cls._read(path, mmap, verify)
+        try:
+            if plain is not None:
+                idx._ivf.set_content(plain["offsets"], plain["slots"], plain["codes"], ids, counts, idx._loaded_next_id)
+            else:
+                idx._ivf.set_segments([part], ids, counts, idx._loaded_next_id)
+                if verify is True:
+                    idx._ivf.verify()
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, IndexFileError):
+                raise IndexFileError(f"{path}: {exc}") from None
+            raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
+        return idx.to(device) if device != "cpu" else idx
+
+    @classmethod
+    def _read(cls, path, mmap, verify):
+        """(an empty index with the file's parameters, its compressed segment (the 7-tuple of
+        InvertedFile.set_segments) or None, image ids, word counts, plain posting arrays of a format 1
+        or 2 file or None), checked (header, structure, codebook fingerprint)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
-        if verify is None:
-            verify = "lazy" if mmap else True
         if verify not in (True, False, "lazy"):
             raise ValueError(f"verify must be True, False or 'lazy', got {verify!r}")
         meta, sec, owner = read_index_file(path, mmap=mmap, verify=verify)
@@ -242,31 +261,23 @@ class _IndexBase:
         if meta["codebook_fingerprint"] is None:
             warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
                           "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
-                          stacklevel=2)
+                          stacklevel=3)
         elif meta["codebook_fingerprint"] != codebook.fingerprint:
             raise IndexFileError(f"{path}: corrupt index file (the embedded codebook is {codebook.fingerprint}, the "
                                  f"header says {meta['codebook_fingerprint']})")
         idx = target._from_meta(meta, codebook)
         idx.extractor = meta.get("extractor")
+        idx._loaded_next_id = meta["next_id"]
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
-        try:
-            if "postings" in sec:
-                part = (int(ids.shape[0]), meta["n_entries"], sec["word_offsets"], sec["postings"],
-                        sec["page_crc"] if verify else None, meta["page_bytes"], owner)
-                idx._ivf.set_segments([part], ids, sec["word_counts"], meta["next_id"])
-                if verify is True:
-                    idx._ivf.verify()
-            else:
-                codes = sec["codes"]
-                codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
-                idx._ivf.set_content(sec["offsets"], sec["slots"], codes, ids, sec["word_counts"], meta["next_id"])
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, IndexFileError):
-                raise IndexFileError(f"{path}: {exc}") from None
-            raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
-        return idx.to(device) if device != "cpu" else idx
+        if "postings" in sec:
+            part = (int(ids.shape[0]), meta["n_entries"], sec["word_offsets"], sec["postings"],
+                    sec["page_crc"] if verify else None, meta["page_bytes"], owner)
+            return idx, part, ids, sec["word_counts"], None
+        codes = sec["codes"]
+        codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
+        return idx, None, ids, sec["word_counts"], {"offsets": sec["offsets"], "slots": sec["slots"], "codes": codes}
 
     def verify(self) -> int:
         """Check every page of a memory-mapped index's postings against its checksums now (the

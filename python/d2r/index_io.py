@@ -53,7 +53,7 @@ from .kernels import KERNELS, kernel_spec
 MAGIC = b"D2RINDEX"
 FORMAT_VERSION = 3
 #: Page size of the checksums of the postings (bytes).
-PAGE_BYTES = 1 << 20
+PAGE_BYTES = 1 << 16
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sIII")
 

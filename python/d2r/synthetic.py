@@ -102,3 +102,32 @@ def run_synthetic_demo(n_objects=60, n_clutter=600, n_words=1024, seed=0, out=sy
     print(f"\ntotal {time.perf_counter() - t0:.1f} s. Synthetic descriptors: see `d2r demo --help`; "
           "`d2r demo` (without --dataset synthetic) runs the real-photo pipeline.", file=out)
     return rows
+
+
+def zipf_word_probabilities(n_words: int, exponent: float) -> np.ndarray:
+    """p(word of rank r) proportional to r^-exponent, r = 1..n_words (word ids in rank order)."""
+    p = np.arange(1, n_words + 1, dtype=np.float64) ** -float(exponent)
+    return p / p.sum()
+
+
+def zipf_images(n_images: int, n_words: int, descriptors_per_image: int = 1000, exponent: float = 1.0,
+                code_bytes: int = 16, seed=0, fingerprint=None):
+    """Synthetic aggregated ASMK* images with realistic word statistics, for benchmarks at scale: each
+    image draws `descriptors_per_image` words independently from a Zipf law over `n_words` words
+    (:func:`zipf_word_probabilities`) and keeps the distinct ones (about 980 of 1,000 at 65,536
+    words and exponent 1), each with random binary code bytes. Returns a d2r.AggregatedBatch (made
+    by the codebook with `fingerprint`, if given). seed: an int or a numpy Generator."""
+    from .aggregate import AggregatedBatch
+
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    cdf = np.cumsum(zipf_word_probabilities(n_words, exponent))
+    draws = np.searchsorted(cdf, rng.random((n_images, descriptors_per_image)) * cdf[-1], side="right")
+    draws = np.minimum(draws, n_words - 1).astype(np.int32)
+    draws.sort(axis=1)
+    keep = np.ones(draws.shape, bool)
+    keep[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    words = draws[keep]
+    offsets = np.zeros(n_images + 1, np.int64)
+    offsets[1:] = np.cumsum(keep.sum(axis=1))
+    codes = np.frombuffer(rng.bytes(words.size * code_bytes), np.uint8).reshape(words.size, code_bytes)
+    return AggregatedBatch(offsets, words, codes, fingerprint=fingerprint)
