@@ -35,7 +35,7 @@ from .codebook import Codebook
 from .features import _load_file, _shards, store_info
 from .index import Index, _IndexBase
 
-__all__ = ["build_index", "names_file"]
+__all__ = ["build_index", "merge_index_files", "names_file"]
 
 JOURNAL = "journal.json"
 
@@ -202,27 +202,44 @@ def _add_shard(part: Index, feats, regs, ids, shard) -> None:
 
 
 def _merge(out: Path, parts, base, base_idx, probe, progress) -> Index:
-    """Streams the base's and the parts' postings into `out` (one compressed segment); returns `out`
-    loaded memory-mapped."""
     sources = ([base] if base is not None else []) + list(parts)
-    converted = Path(str(out) + ".base-v3.tmp")
-    pieces, ids, counts = [], [], []
-    for path in sources:
-        _, seg, pid, pcounts, plain = Index._read(path, True, "lazy")
-        if plain is not None:   # a base of format 1 or 2: saved in format 3 first, to be mapped
+    extractor = base_idx.extractor if base_idx is not None and base_idx.extractor is not None else probe.extractor
+    return merge_index_files(sources, out, extractor=extractor)
+
+
+def merge_index_files(paths, out, extractor=None) -> Index:
+    """Stream the index files `paths` (same codebook, kernel and parameters; disjoint image ids) into
+    one index file `out`, list by list: the inputs are memory-mapped side by side and the output
+    written as it is encoded, so memory stays bounded by the longest posting list. Image ids are
+    kept; removed images are left out. Returns `out` loaded memory-mapped. Files of format 1 or 2
+    are converted first. `extractor`: the record to store (default: the first file's)."""
+    out = Path(out)
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no index files to merge")
+    converted = Path(str(out) + ".v3.tmp")
+    pieces, ids, counts, next_ids, first = [], [], [], [0], None
+    for path in paths:
+        idx, seg, pid, pcounts, plain = Index._read(path, True, "lazy")
+        if plain is not None:   # format 1 or 2: saved in format 3 first, to be mapped
             Index.load(path).save(converted)
-            _, seg, pid, pcounts, _ = Index._read(converted, True, "lazy")
+            idx, seg, pid, pcounts, _ = Index._read(converted, True, "lazy")
+        if first is None:
+            first = idx
+        else:
+            _check_same(idx, first, path)
         pieces.append(seg)
         ids.append(np.asarray(pid))
         counts.append(np.asarray(pcounts))
-    merged = Index(probe.codebook, kernel=probe.kernel, alpha=probe.alpha, tau=probe.tau, normalize=probe.normalize,
-                   m_db=probe.m_db, m_query=probe.m_query)
-    merged.extractor = probe.extractor if base_idx is None or base_idx.extractor is None else base_idx.extractor
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    nid = int(all_ids.max()) + 1 if all_ids.size else 0
-    if base_idx is not None:
-        nid = max(nid, base_idx._next_id)
-    merged._ivf.set_segments(pieces, all_ids, np.concatenate(counts), nid)
+        next_ids.append(idx._loaded_next_id)
+    merged = type(first)._from_meta({**first._meta(), "next_id": 0}, first.codebook)
+    merged.extractor = extractor if extractor is not None else first.extractor
+    all_ids = np.concatenate(ids)
+    next_id = max(next_ids)
+    try:
+        merged._ivf.set_segments(pieces, all_ids, np.concatenate(counts), next_id)
+    except ValueError as exc:
+        raise ValueError(f"cannot merge {', '.join(map(str, paths))}: {exc}") from None
     merged.save(out)
     del merged, pieces
     if converted.exists():
