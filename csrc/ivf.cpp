@@ -122,12 +122,14 @@ void for_blocks(const Segment& seg, int64_t w, int cb, uint32_t* buf, F&& f) {
   const uint64_t b = seg.word_off[w], e = seg.word_off[w + 1];
   if (b == e) return;
   seg.verify_range(b, e);
-  const uint8_t* p = seg.data + b;
   const uint8_t* end = seg.data + e;
+  int64_t left = 0;
+  const uint8_t* p = read_count(seg.data + b, end, &left);
   const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
   int64_t prev = -1;
-  while (p < end) {
-    const Block blk = read_block(p, end, cb);
+  while (left > 0) {
+    const Block blk = read_block(p, end, static_cast<int>(std::min<int64_t>(left, kBlock)), cb);
+    left -= blk.n;
     if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
     const uint64_t last = decode_slots(blk, buf);
     if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
@@ -135,6 +137,7 @@ void for_blocks(const Segment& seg, int64_t w, int cb, uint32_t* buf, F&& f) {
     f(blk, buf);
     p = blk.next;
   }
+  if (p != end) throw CorruptIndex("corrupt index: posting list longer than its count");
 }
 
 // Gathers word w's live postings of `parts` into sc (slots mapped by map(abs) and made local to
@@ -597,7 +600,8 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
     for (int64_t w = 0; w < n_words_; ++w)
       D2R_CHECK(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
     // Each block holds at least one posting of at least kBlockHeader + code bytes.
-    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (kBlockHeader + 4 + code_bytes_) &&
+    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (kBlockHeader + 5 + code_bytes_) +
+                                   static_cast<uint64_t>(n_words_) * 5 &&
                   in.data_bytes >= static_cast<uint64_t>(in.n_entries) * code_bytes_,
               "corrupt index: posting bytes do not match the number of postings");
     if (in.page_crc) {
@@ -785,16 +789,18 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
       const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
       if (wb == we) continue;
       seg.verify_range(wb, we);
-      const uint8_t* ptr = seg.data + wb;
       const uint8_t* end = seg.data + we;
+      int64_t left = 0;
+      const uint8_t* ptr = read_count(seg.data + wb, end, &left);
       int64_t prev = -1;
-      while (ptr < end) {
-        const Block blk = read_block(ptr, end, cb);
+      while (left > 0) {
+        const Block blk = read_block(ptr, end, static_cast<int>(std::min<int64_t>(left, kBlock)), cb);
+        left -= blk.n;
         if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
         if (!whole) {
           if (static_cast<int64_t>(blk.first) >= hi) break;
           // Skip blocks entirely below the range: the next block's first slot says so without decoding.
-          if (blk.next + 4 <= end) {
+          if (left > 0 && blk.next + 4 <= end) {
             uint32_t next_first;
             std::memcpy(&next_first, blk.next, 4);
             if (static_cast<int64_t>(next_first) <= lo) {

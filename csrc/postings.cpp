@@ -26,26 +26,45 @@ const CrcTables& crc_tables() {
   return tables;
 }
 
-// Elias-Fano parameters of a block of m + 1 slots: x_i = s_i - s_0 - i for i = 1..m, U = x_m,
-// low bits l = floor(log2(U / m)) (0 when U < m), high part (U >> l) + m bits.
-struct EfParams {
-  int low_bits = 0;
-  int high_bytes = 0;
+// The Rice parameter of a block (slots s[0..n)) and its unary bytes: the cheapest k around log2 of
+// the mean v_i = s_i - s_{i-1} - 1 (cost (n - 1)(k + 1) + sum(v_i >> k) bits).
+struct RiceParams {
+  int k = 0;
+  int unary_bytes = 0;
 };
 
-inline EfParams ef_params(const uint32_t* s, int64_t n) {
-  EfParams p;
+inline RiceParams rice_params(const uint32_t* s, int64_t n) {
+  RiceParams best;
   const int64_t m = n - 1;
-  if (m <= 0) return p;
-  const uint64_t u = static_cast<uint64_t>(s[m]) - s[0] - static_cast<uint64_t>(m);
-  p.low_bits = u >= static_cast<uint64_t>(m) ? bits_for(u / static_cast<uint64_t>(m)) - 1 : 0;
-  p.high_bytes = static_cast<int>(((u >> p.low_bits) + static_cast<uint64_t>(m) + 7) / 8);
-  return p;
+  if (m <= 0) return best;
+  const uint64_t sum = static_cast<uint64_t>(s[m]) - s[0] - static_cast<uint64_t>(m);
+  const int k0 = std::max(0, bits_for(sum / static_cast<uint64_t>(m)) - 1);
+  uint64_t best_bits = ~uint64_t{0};
+  for (int k = std::max(0, k0 - 1); k <= std::min(31, k0 + 1); ++k) {
+    uint64_t unary = static_cast<uint64_t>(m);
+    for (int64_t i = 1; i <= m; ++i) unary += (static_cast<uint64_t>(s[i] - s[i - 1] - 1)) >> k;
+    const uint64_t bits = static_cast<uint64_t>(m) * k + unary;
+    if (bits < best_bits && (unary + 7) / 8 <= 0xFFFF) {
+      best_bits = bits;
+      best.k = k;
+      best.unary_bytes = static_cast<int>((unary + 7) / 8);
+    }
+  }
+  return best;
 }
 
-inline size_t block_bytes(int64_t n, const EfParams& p, int code_bytes) {
-  return kBlockHeader + (static_cast<size_t>(n - 1) * p.low_bits + 7) / 8 + static_cast<size_t>(p.high_bytes) +
+inline size_t block_bytes(int64_t n, const RiceParams& p, int code_bytes) {
+  return kBlockHeader + (static_cast<size_t>(n - 1) * p.k + 7) / 8 + static_cast<size_t>(p.unary_bytes) +
          static_cast<size_t>(n) * code_bytes;
+}
+
+inline size_t varint_bytes(uint64_t v) {
+  size_t b = 1;
+  while (v >= 0x80) {
+    v >>= 7;
+    ++b;
+  }
+  return b;
 }
 
 }  // namespace
@@ -68,48 +87,56 @@ uint32_t crc32(const uint8_t* p, size_t n, uint32_t crc) {
 }
 
 size_t encoded_bytes(const uint32_t* slots, int64_t n, int code_bytes) {
-  size_t total = 0;
+  if (n == 0) return 0;
+  size_t total = varint_bytes(static_cast<uint64_t>(n));
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - b);
-    total += block_bytes(m, ef_params(slots + b, m), code_bytes);
+    total += block_bytes(m, rice_params(slots + b, m), code_bytes);
   }
   return total;
 }
 
 size_t encode_list(const uint32_t* slots, const uint8_t* codes, int64_t n, int code_bytes, uint8_t* out) {
   uint8_t* o = out;
+  if (n == 0) return 0;
+  for (uint64_t v = static_cast<uint64_t>(n);; v >>= 7) {
+    *o++ = static_cast<uint8_t>((v & 0x7F) | (v >= 0x80 ? 0x80 : 0));
+    if (v < 0x80) break;
+  }
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t n_b = std::min<int64_t>(kBlock, n - b);
     const uint32_t* s = slots + b;
-    const EfParams ef = ef_params(s, n_b);
-    const int l = ef.low_bits;
+    const RiceParams rp = rice_params(s, n_b);
+    const int k = rp.k;
     std::memcpy(o, &s[0], 4);
-    o[4] = static_cast<uint8_t>(n_b - 1);
-    o[5] = static_cast<uint8_t>(l);
-    o[6] = static_cast<uint8_t>(ef.high_bytes);
+    o[4] = static_cast<uint8_t>(k);
+    o[5] = static_cast<uint8_t>(rp.unary_bytes & 0xFF);
+    o[6] = static_cast<uint8_t>(rp.unary_bytes >> 8);
     o += kBlockHeader;
-    const size_t low_bytes = (static_cast<size_t>(n_b - 1) * l + 7) / 8;
-    std::memset(o, 0, low_bytes + static_cast<size_t>(ef.high_bytes));
+    const size_t low_bytes = (static_cast<size_t>(n_b - 1) * k + 7) / 8;
+    std::memset(o, 0, low_bytes + static_cast<size_t>(rp.unary_bytes));
     uint64_t buf = 0;
     int have = 0;
     uint8_t* q = o;
-    uint8_t* high = o + low_bytes;
+    uint8_t* unary = o + low_bytes;
+    uint64_t pos = 0;
     for (int64_t i = 1; i < n_b; ++i) {
-      const uint64_t x = static_cast<uint64_t>(s[i]) - s[0] - static_cast<uint64_t>(i);
-      if (l > 0) {
-        buf |= (x & ((uint64_t{1} << l) - 1)) << have;
-        have += l;
+      const uint64_t v = static_cast<uint64_t>(s[i] - s[i - 1] - 1);
+      if (k > 0) {
+        buf |= (v & ((uint64_t{1} << k) - 1)) << have;
+        have += k;
         while (have >= 8) {
           *q++ = static_cast<uint8_t>(buf);
           buf >>= 8;
           have -= 8;
         }
       }
-      const uint64_t pos = (x >> l) + static_cast<uint64_t>(i - 1);
-      high[pos / 8] |= static_cast<uint8_t>(1u << (pos % 8));
+      pos += v >> k;  // that many zeros, then a one
+      unary[pos / 8] |= static_cast<uint8_t>(1u << (pos % 8));
+      ++pos;
     }
     if (have > 0) *q++ = static_cast<uint8_t>(buf);
-    o += low_bytes + static_cast<size_t>(ef.high_bytes);
+    o += low_bytes + static_cast<size_t>(rp.unary_bytes);
     const size_t cbytes = static_cast<size_t>(n_b) * code_bytes;
     std::memcpy(o, codes + static_cast<size_t>(b) * code_bytes, cbytes);
     o += cbytes;

@@ -112,7 +112,32 @@ def _demo(args) -> int:
 
 
 def _evaluate(args) -> int:
-    return _run_pipeline(args, rerank=args.rerank)
+    if args.index is None:
+        return _run_pipeline(args, rerank=args.rerank)
+    from .build import _read_names
+    from .evaluate import format_table
+    from .index import Index
+    from .pipeline import evaluate_index
+
+    if args.rerank:
+        raise UsageError("--rerank is not available with --index (the stored features are not at hand)")
+    if not Path(args.index).is_file():
+        raise UsageError(f"--index {args.index}: no such index file (build one with `d2r index`)")
+    index = Index.load(args.index, mmap=True)
+    names = _read_names(args.index)
+    if not names:
+        raise UsageError(f"{_names_file(args.index)} is missing: the image names link the index to the dataset")
+    ds = _dataset(args.dataset, progress=not args.quiet)
+    res = evaluate_index(index, names, ds, extractor=_query_extractor(index, args), progress=not args.quiet)
+    if args.json:
+        _emit_json({"dataset": args.dataset, "index": str(args.index), "images": res["images"],
+                    "distractors": res["distractors"], "query_ms": round(res["query_ms"], 2),
+                    **{p: {"map": round(100 * res["protocols"][p]["map"], 2)} for p in ("easy", "medium", "hard")}})
+    else:
+        print(f"{res['images']} images indexed ({res['distractors']} distractors), median search "
+              f"{res['query_ms']:.1f} ms per query")
+        print(format_table(res["protocols"]))
+    return EXIT_OK
 
 
 # ---- extract -----------------------------------------------------------------------------------------
@@ -173,6 +198,7 @@ def _extract(args) -> int:
         stored, errors = names, feats.errors
     else:
         stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions,
+                                         workers=workers,
                                          progress=not args.quiet, strict=args.strict)
     skipped = _skipped("extract", errors, args.json)
     if args.json:
@@ -440,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a folder (resumable: images already stored are skipped) or a file "
                                                 "name ending in .npz")
     p.add_argument("--max-features", type=int, default=1000, help="features kept per image (the strongest)")
-    p.add_argument("--workers", type=int, default=1, help="processes extracting in parallel (.npz output, RootSIFT)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes extracting in parallel (RootSIFT, without --detector/--proposals)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS",
                    help="extract DELF instead of RootSIFT, with weights from `d2r convert-delf` (needs PyTorch)")
     p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
@@ -501,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "the pipeline on a dataset with the Revisited evaluation (mAP Easy / Medium / Hard)")
     pipeline_options(p)
     p.add_argument("--rerank", action="store_true", help="spatial verification of the top 100")
+    p.add_argument("--index", default=None, metavar="INDEX",
+                   help="evaluate the dataset's queries against this prebuilt index (its database images plus "
+                        "distractors, e.g. from `d2r index STORE --base r1m.d2r`) instead of running the pipeline")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="features per query with --index (default: the index's record)")
+    p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
     p.set_defaults(func=_evaluate)
 
     p = add("convert-delf", "official DELF model (delf_gld_20190411, needs TensorFlow once) -> a weights file for "

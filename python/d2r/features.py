@@ -237,8 +237,30 @@ def _shards(folder: Path):
     return sorted(folder.glob("shard-*.npz"))
 
 
+def _extract_parallel(extractor, todo, shard_size, workers, strict, errors, names, stored_now, feats, regs, flush,
+                      bar):
+    """extract_dataset's loop with `workers` processes: a shard's images at a time through extract_many,
+    each shard flushed once complete."""
+    from .extract import UnreadableImagesWarning, extract_many
+
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start:start + shard_size]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImagesWarning)  # extract_dataset warns once for all
+            got = extract_many(extractor, chunk, workers=workers, progress=False, on_error="raise" if strict else "skip")
+        errors += [(str(n), e) for n, e in got.errors]
+        for img, f in zip(got.images, got):
+            names.append(str(img))
+            stored_now.add(str(img))
+            feats.append(f)
+            regs.append(None)
+        flush()
+        if bar is not None:
+            bar.update(len(chunk))
+
+
 def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
-                    max_regions: int = 5, strict: bool = False):
+                    max_regions: int = 5, strict: bool = False, workers: int = 1):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
     Images already in a shard are skipped (names are stored as absolute paths); the rest are extracted
@@ -257,6 +279,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     detector: optional ``image -> (boxes, scores)`` (a d2r.detect Detector, weight-free proposals
     included); the `max_regions` best boxes of each image then become regions, re-extracted on their
     crops and stored beside the whole-image features (``load_features(..., regions=True)``).
+
+    workers: processes extracting in parallel (without a detector; the extractor must be picklable,
+    e.g. RootSIFT): each shard's images are shared out among them, and shards are still written in
+    order, one at a time, so an interrupted run resumes the same way.
     """
     from .extract import ImageLoadError, NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
 
@@ -290,13 +316,15 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     n_stored = len(done)
 
     def flush():
-        nonlocal next_index, names, feats, regs, n_stored
+        nonlocal next_index, n_stored
         if names:
             save_features(folder / _SHARD.format(next_index), names, feats, regs if detector is not None else None,
                           extractor=info)
             next_index += 1
             n_stored += len(names)
-            names, feats, regs = [], [], []
+            names.clear()   # in place: the parallel loop holds these lists
+            feats.clear()
+            regs.clear()
 
     def write_errors():
         this_run = {n for n, _ in errors}
@@ -320,6 +348,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
 
     stored_now = set()
     try:
+        if workers > 1 and detector is None:
+            _extract_parallel(extractor, todo, shard_size, workers, strict, errors, names, stored_now, feats, regs,
+                              flush, bar)
+            todo = []
         for path in todo:
             try:
                 f, r = extract_one(path)

@@ -220,6 +220,54 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
             "boxes": boxes, "report": report}
 
 
+def evaluate_index(index, names, dataset, extractor=None, progress=True) -> dict:
+    """Evaluate a prebuilt index (e.g. a database plus the R1M distractors, from ``d2r index --base``)
+    on a dataset's queries with the Revisited protocol: the queries are extracted (cropped to their
+    box) with `extractor` (default: the one the index records, else RootSIFT), every indexed image
+    is ranked, and images that are not in the dataset's database count as distractors (never
+    positive). `names`: the image name (path) of each id, as ``d2r index`` writes them beside the
+    index (``d2r.build.names_file``). Every database image of the dataset must be in the index.
+    Returns ``{"protocols": revisited's dict, "distractors": count, "images": count, "query_ms": median
+    search time}``."""
+    import os
+
+    from .extract import RootSIFT
+
+    if extractor is None:
+        rec = getattr(index, "extractor", None) or {}
+        if rec.get("name") not in (None, "RootSIFT"):
+            raise ValueError(f"the index was built from {rec.get('name')} features: pass the same extractor")
+        extractor = RootSIFT(max_features=int(rec.get("params", {}).get("max_features") or 1000))
+    where = {os.path.abspath(str(p)): i for i, p in enumerate(dataset.imlist)}
+    n_db = len(dataset.imlist)
+    ids = np.asarray(index.ids)
+    column = np.empty(int(ids.max()) + 1 if ids.size else 0, np.int64)
+    found = np.zeros(n_db, bool)
+    n_distractors = 0
+    for i in ids:
+        name = os.path.abspath(names[i]) if i < len(names) else None
+        j = where.get(name) if name is not None else None
+        if j is None:
+            column[i] = n_db + n_distractors
+            n_distractors += 1
+        else:
+            column[i] = j
+            found[j] = True
+    if not found.all():
+        missing = [str(dataset.imlist[j]) for j in np.flatnonzero(~found)[:3]]
+        raise ValueError(f"{int((~found).sum())} of the dataset's {n_db} database images are not in the index "
+                         f"(e.g. {', '.join(missing)}); index them (d2r index ... --base DISTRACTORS)")
+    queries = extract_queries(dataset, extractor, progress=progress)
+    ranks, times = [], []
+    for q in iterate(queries, len(queries), "search", progress):
+        t = time.perf_counter()
+        _, got = index.search(q.descriptors, k=None)
+        times.append(time.perf_counter() - t)
+        ranks.append(column[got])
+    return {"protocols": revisited(np.vstack(ranks), dataset.gnd), "distractors": n_distractors,
+            "images": int(ids.size), "query_ms": float(np.median(times) * 1e3)}
+
+
 def summary(result) -> dict:
     """A JSON-ready summary of `run`'s result (what `d2r demo --json` prints): per method, mAP and
     mP@10 (in percent) for Easy / Medium / Hard, entries, bytes per image, median query ms, and the
