@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kMaxId = int64_t{1} << 62;  // ids stay far from int64 overflow (next_id = max + 1)
 constexpr size_t kMaxSegments = 16;
+constexpr int64_t kQueryGroup = 8;  // queries scored together by one thread (sharing list scans)
 
 std::string id_str(int64_t id) { return std::to_string(id); }
 
@@ -755,25 +756,35 @@ inline int64_t range_lo(int64_t n, int t, int T) { return n * t / T; }
 
 }  // namespace
 
-void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi, const ScoreParams& p,
+void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi0, int group, const ScoreParams& p,
                                const int64_t* table, int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc,
                                float* scores) const {
-  // scores covers slots [slot_lo, slot_hi). Contributions are summed in 64-bit fixed point
-  // (fixed_point.h), exactly as the CUDA path sums them.
+  // Queries qi0 .. qi0 + group - 1 over slots [slot_lo, slot_hi): scores is group rows of
+  // slot_hi - slot_lo. The queries' entries are merged by word, so a list shared by several queries
+  // of the group is read and decoded once (a batch shares the scan of popular words). Contributions
+  // are summed in 64-bit fixed point (fixed_point.h), exactly as the CUDA path sums them.
   const int64_t n_slots = slot_hi - slot_lo;
-  const int64_t qb = q.offsets[qi], qe = q.offsets[qi + 1];
-  const int64_t nq_words = qe - qb;
-  if (nq_words == 0) {
-    std::fill(scores, scores + n_slots, -1.0f);
-    return;
-  }
-  acc.assign(static_cast<size_t>(n_slots), 0);
-  int64_t* a = acc.data();
+  acc.assign(static_cast<size_t>(n_slots) * group, 0);
   const int cb = code_bytes_;
   const int dim = dim_;
-  // Float codes need not be unit vectors (Naive-R-ASMK): a sum of nq_words contributions stays exact
-  // in fixed point while each |sigma| <= 2^31 / nq_words.
-  const float limit = static_cast<float>(2147483648.0 / static_cast<double>(nq_words));
+  // (word, query in group, entry) of every query entry, by word.
+  struct Entry {
+    int32_t word;
+    int32_t j;
+    int64_t e;
+  };
+  std::vector<Entry> entries;
+  entries.reserve(static_cast<size_t>(q.offsets[qi0 + group] - q.offsets[qi0]));
+  std::vector<float> limit(group);
+  for (int j = 0; j < group; ++j) {
+    const int64_t qb = q.offsets[qi0 + j], qe = q.offsets[qi0 + j + 1];
+    // Float codes need not be unit vectors (Naive-R-ASMK): a sum of nq_words contributions stays
+    // exact in fixed point while each |sigma| <= 2^31 / nq_words.
+    limit[j] = static_cast<float>(2147483648.0 / static_cast<double>(std::max<int64_t>(1, qe - qb)));
+    for (int64_t e = qb; e < qe; ++e) entries.push_back({q.words[e], j, e});
+  }
+  if (group > 1)
+    std::stable_sort(entries.begin(), entries.end(), [](const Entry& x, const Entry& y) { return x.word < y.word; });
   uint32_t buf[kBlock];
   for (const auto& segp : s.segments) {
     const Segment& seg = *segp;
@@ -783,11 +794,15 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
     const int64_t shift = seg.slot_begin - slot_lo;
     const int64_t lo = slot_lo - seg.slot_begin, hi = slot_hi - seg.slot_begin;  // range in local slots
     const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
-    for (int64_t e = qb; e < qe; ++e) {
-      const int32_t w = q.words[e];
-      const uint8_t* qc = q.codes + e * cb;
+    for (size_t r0 = 0; r0 < entries.size();) {
+      const int32_t w = entries[r0].word;
+      size_t r1 = r0 + 1;
+      while (r1 < entries.size() && entries[r1].word == w) ++r1;
       const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
-      if (wb == we) continue;
+      if (wb == we) {
+        r0 = r1;
+        continue;
+      }
       seg.verify_range(wb, we);
       const uint8_t* end = seg.data + we;
       int64_t left = 0;
@@ -820,40 +835,54 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
           while (i0 < n && static_cast<int64_t>(buf[i0]) < lo) ++i0;
           while (i1 > i0 && static_cast<int64_t>(buf[i1 - 1]) >= hi) --i1;
         }
-        int64_t* ab = a + shift;
-        if (binary_) {
-          if (cb == 16) {
-            for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+        for (size_t r = r0; r < r1; ++r) {
+          const uint8_t* qc = q.codes + entries[r].e * cb;
+          int64_t* ab = acc.data() + static_cast<int64_t>(entries[r].j) * n_slots + shift;
+          if (binary_) {
+            if (cb == 16) {
+              for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+            } else {
+              for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
+            }
           } else {
-            for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
-          }
-        } else {
-          float qv[1024];
-          const float* qf = reinterpret_cast<const float*>(qc);
-          if (dim <= 1024) {
-            std::memcpy(qv, qc, sizeof(float) * dim);
-            qf = qv;
-          }
-          for (int i = i0; i < i1; ++i) {
-            const float c = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
-            if (!(std::fabs(c) <= limit))
-              throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
-            ab[buf[i]] += score_to_fixed(c);
+            float qv[1024];
+            const float* qf = reinterpret_cast<const float*>(qc);
+            if (dim <= 1024) {
+              std::memcpy(qv, qc, sizeof(float) * dim);
+              qf = qv;
+            }
+            const float lim = limit[entries[r].j];
+            for (int i = i0; i < i1; ++i) {
+              const float c = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
+              if (!(std::fabs(c) <= lim))
+                throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
+              ab[buf[i]] += score_to_fixed(c);
+            }
           }
         }
         ptr = blk.next;
       }
+      r0 = r1;
     }
   }
   const int32_t* nwords = s.slots->nwords.data();
-  for (int64_t i = 0; i < n_slots; ++i) {
-    const int32_t nw = nwords[slot_lo + i];
-    if (nw == 0) {
-      scores[i] = -1.0f;
+  for (int j = 0; j < group; ++j) {
+    const int64_t nq_words = q.offsets[qi0 + j + 1] - q.offsets[qi0 + j];
+    float* out = scores + static_cast<int64_t>(j) * n_slots;
+    const int64_t* a = acc.data() + static_cast<int64_t>(j) * n_slots;
+    if (nq_words == 0) {
+      std::fill(out, out + n_slots, -1.0f);
       continue;
     }
-    scores[i] = score_from_fixed(a[i]);
-    if (p.normalize) scores[i] *= gamma_pair(nq_words, nw);
+    for (int64_t i = 0; i < n_slots; ++i) {
+      const int32_t nw = nwords[slot_lo + i];
+      if (nw == 0) {
+        out[i] = -1.0f;
+        continue;
+      }
+      out[i] = score_from_fixed(a[i]);
+      if (p.normalize) out[i] *= gamma_pair(nq_words, nw);
+    }
   }
 }
 
@@ -868,7 +897,7 @@ void InvertedFile::score_all_into(const Snapshot& s, const CodesView& q, const S
       std::vector<int64_t> acc;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t qi = 0; qi < q.n; ++qi)
-        errors.run([&] { score_slots(s, q, qi, p, table.data(), 0, n, acc, out + qi * n); });
+        errors.run([&] { score_slots(s, q, qi, 1, p, table.data(), 0, n, acc, out + qi * n); });
     }
     errors.rethrow();
     return;
@@ -877,7 +906,7 @@ void InvertedFile::score_all_into(const Snapshot& s, const CodesView& q, const S
     parallel_team([&](int t, int T) {
       std::vector<int64_t> acc;
       const int64_t lo = range_lo(n, t, T), hi = range_lo(n, t + 1, T);
-      score_slots(s, q, qi, p, table.data(), lo, hi, acc, out + qi * n + lo);
+      score_slots(s, q, qi, 1, p, table.data(), lo, hi, acc, out + qi * n + lo);
     });
   }
 }
@@ -924,17 +953,26 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   const std::vector<int64_t> table = hamming_table(p);
   const int T = num_threads();
   if (queries.n >= T) {
+    // Many queries: groups of up to kQueryGroup queries per thread, each group sharing the reading
+    // and decoding of the lists its queries have in common (memory: kQueryGroup accumulators of
+    // 8 bytes per image per thread).
+    const int64_t G = std::max<int64_t>(1, std::min<int64_t>(kQueryGroup, queries.n / T));
+    const int64_t n_groups = (queries.n + G - 1) / G;
     ParallelErrors errors;
 #pragma omp parallel
     {
       std::vector<int64_t> acc;
       std::vector<float> scores;
-      errors.run([&] { scores.resize(n); });
+      errors.run([&] { scores.resize(static_cast<size_t>(n) * G); });
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t qi = 0; qi < queries.n; ++qi)
+      for (int64_t g = 0; g < n_groups; ++g)
         errors.run([&] {
-          score_slots(s, queries, qi, p, table.data(), 0, n, acc, scores.data());
-          topk(scores.data(), ids, n, kk, r.scores.data() + qi * kk, r.ids.data() + qi * kk, dead);
+          const int64_t q0 = g * G;
+          const int group = static_cast<int>(std::min(G, queries.n - q0));
+          score_slots(s, queries, q0, group, p, table.data(), 0, n, acc, scores.data());
+          for (int j = 0; j < group; ++j)
+            topk(scores.data() + static_cast<int64_t>(j) * n, ids, n, kk, r.scores.data() + (q0 + j) * kk,
+                 r.ids.data() + (q0 + j) * kk, dead);
         });
     }
     errors.rethrow();
@@ -960,7 +998,7 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
         D2R_CHECK(nt <= T, "OpenMP team larger than requested");
         const int64_t lo = range_lo(n, t, nt), hi = range_lo(n, t + 1, nt);
         std::vector<int64_t> acc;
-        score_slots(s, queries, qi, p, table.data(), lo, hi, acc, scores.data() + lo);
+        score_slots(s, queries, qi, 1, p, table.data(), lo, hi, acc, scores.data() + lo);
         const int64_t kt = std::min(kk, hi - lo);
         cand_s[t].resize(kt);
         cand_i[t].resize(kt);

@@ -225,8 +225,9 @@ class InvertedFile {
                                           int64_t n_kept) const;
   void compact_segments(std::vector<std::shared_ptr<const Segment>>& segs, const SlotTable& table) const;
   std::vector<int64_t> hamming_table(const ScoreParams& p) const;
-  void score_slots(const Snapshot& s, const CodesView& q, int64_t qi, const ScoreParams& p, const int64_t* table,
-                   int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc, float* scores) const;
+  void score_slots(const Snapshot& s, const CodesView& q, int64_t qi0, int group, const ScoreParams& p,
+                   const int64_t* table, int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc,
+                   float* scores) const;
   void score_all_into(const Snapshot& s, const CodesView& q, const ScoreParams& p, float* out) const;
   void check_no_multi(const char* what) const;
 
