@@ -3,11 +3,23 @@
 // A blocked product X C^T computed by a register-tiled SIMD micro-kernel over a pre-packed codebook,
 // fused with a running top-(m + margin) selection, so the descriptors x words distance matrix is
 // never materialised. The float32 candidates are then re-ranked with distances computed in double
-// precision, ties broken by the lower word id: the result equals a float64 brute force whenever the
-// true m nearest words are among the float32 top m + margin.
+// precision, ties broken by the lower word id, and the result is certified: a rigorous bound on the
+// float32 error proves that no word outside the candidates can be among the m nearest; a row that
+// the bound cannot certify (near-ties, duplicate words) is redone by a threshold scan that is exact
+// by construction. The result therefore always equals a float64 brute force (ties to the lower id).
+//
+// Large codebooks (>= kMinPruneWords words) are searched with exact pruning (see quantize.cpp):
+// the codebook is rotated onto its principal axes and ordered by a coarse k-means; every
+// (descriptor tile, word panel) product first accumulates the leading rotated dimensions, which give
+// a lower bound on each distance (two levels: 12, then 32 dimensions); the remaining dimensions are
+// computed only for the descriptors where some word of the panel can still beat an upper bound on the
+// m-th nearest distance. A codebook where this does not pay (not clustered) falls back to the full
+// product.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace d2r {
@@ -16,6 +28,9 @@ class Quantizer {
  public:
   // centroids: n_words x dim, row-major float32.
   Quantizer(const float* centroids, int64_t n_words, int dim);
+  ~Quantizer();
+  Quantizer(const Quantizer&) = delete;
+  Quantizer& operator=(const Quantizer&) = delete;
 
   int64_t n_words() const { return n_words_; }
   int dim() const { return dim_; }
@@ -27,14 +42,41 @@ class Quantizer {
 
   // Candidates kept by the float32 pass beyond m before the double-precision re-check.
   static constexpr int kMargin = 3;
+  // Codebooks with at least this many words (and dim >= 32) get the pruning structure.
+  static constexpr int64_t kMinPruneWords = 4096;
+
+  // Work counters, accumulated over all searches since construction / reset_stats() (for
+  // benchmarks). pairs: descriptor x word pairs asked; screened / screened2: pairs whose first
+  // screen_dims / screen_dims2 dimensions were computed for the lower bounds; full: pairs whose
+  // whole product was computed; fallback_rows:
+  // rows redone by the certified threshold scan; plain_blocks / pruned_blocks: blocks searched
+  // without / with pruning.
+  struct Stats {
+    int64_t rows = 0, pairs = 0, screened = 0, screened2 = 0, full = 0, fallback_rows = 0, plain_blocks = 0,
+            pruned_blocks = 0;
+    int screen_dims = 0, screen_dims2 = 0, dim = 0;
+  };
+  Stats stats() const;
+  void reset_stats() const;
+  bool pruning_enabled() const { return index_ != nullptr; }
+
+  // Implementation types (quantize.cpp).
+  struct Panels;
+  struct Index;
 
  private:
+  struct Counters {
+    std::atomic<int64_t> rows{0}, pairs{0}, screened{0}, screened2{0}, full{0}, fallback_rows{0}, plain_blocks{0},
+        pruned_blocks{0};
+  };
+
   int64_t n_words_;
   int dim_;
-  int64_t n_groups_;             // word groups of kGroup words
-  std::vector<float> centroids_; // row-major copy (for the exact re-check)
-  std::vector<float> packed_;    // [group][dim][kGroup]
-  std::vector<float> norms_;     // ||c||^2 per padded word (+inf for padding)
+  float cmax_;                    // an upper bound on max ||c||
+  std::vector<float> centroids_;  // row-major copy (for the exact re-check)
+  std::unique_ptr<Panels> plain_; // the codebook as given, packed (small codebooks)
+  std::unique_ptr<Index> index_;  // the pruning structure (large codebooks)
+  mutable Counters counters_;
 };
 
 }  // namespace d2r

@@ -191,7 +191,26 @@ PYBIND11_MODULE(_native, m) {
             without_gil([&] { q.search(x.data(), n, m, ids.mutable_data(), dists.mutable_data()); });
             return py::make_tuple(ids, dists);
           },
-          py::arg("descriptors"), py::arg("m") = 1);
+          py::arg("descriptors"), py::arg("m") = 1)
+      .def_property_readonly("pruning_enabled", &Quantizer::pruning_enabled)
+      .def("stats",
+           [](const Quantizer& q) {
+             const Quantizer::Stats s = q.stats();
+             py::dict d;
+             d["rows"] = s.rows;
+             d["pairs"] = s.pairs;
+             d["screened"] = s.screened;
+             d["screened2"] = s.screened2;
+             d["full"] = s.full;
+             d["fallback_rows"] = s.fallback_rows;
+             d["plain_blocks"] = s.plain_blocks;
+             d["pruned_blocks"] = s.pruned_blocks;
+             d["screen_dims"] = s.screen_dims;
+             d["screen_dims2"] = s.screen_dims2;
+             d["dim"] = s.dim;
+             return d;
+           })
+      .def("reset_stats", &Quantizer::reset_stats);
 
   m.def(
       "aggregate",

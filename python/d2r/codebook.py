@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
 from pathlib import Path
 
@@ -27,8 +28,19 @@ class Codebook:
         c = c.copy()
         c.setflags(write=False)
         self._centroids = c
-        self._quantizer = _native.Quantizer(c)
+        self._quantizer_obj = None        # built on first use (the pruning structure takes about 1 s at
+        self._quantizer_lock = threading.Lock()   # 65,536 words; loading an index never needs it)
         self._fingerprint = None
+
+    @property
+    def _quantizer(self):
+        q = self._quantizer_obj
+        if q is None:
+            with self._quantizer_lock:
+                if self._quantizer_obj is None:
+                    self._quantizer_obj = _native.Quantizer(self._centroids)
+                q = self._quantizer_obj
+        return q
 
     @classmethod
     def from_array(cls, centroids) -> "Codebook":
