@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import d2r  # noqa: E402
+from reference import nearest_words_exact  # noqa: E402
 
 
 def machine():
@@ -43,20 +45,8 @@ def machine():
 
 
 def brute_force(x, c, m):
-    """float64 m nearest words, ties to the lower id (see tests/test_quantize_exact.py)."""
-    x64, c64 = np.asarray(x, np.float64), np.asarray(c, np.float64)
-    cn = (c64 * c64).sum(1)
-    out = np.empty((x64.shape[0], m), np.int64)
-    for r0 in range(0, x64.shape[0], 256):
-        xs = x64[r0:r0 + 256]
-        d = (xs * xs).sum(1)[:, None] + cn[None, :] - 2.0 * xs @ c64.T
-        kth = np.partition(d, m - 1, axis=1)[:, m - 1]
-        for i in range(xs.shape[0]):
-            cand = np.flatnonzero(d[i] <= kth[i] + 1e-6 * (1.0 + abs(kth[i])))
-            diff = c64[cand] - xs[i]
-            exact = (diff * diff).sum(1)
-            out[r0 + i] = cand[np.lexsort((cand, exact))[:m]]
-    return out
+    """float64 m nearest words, ties to the lower id (tests/reference.py)."""
+    return nearest_words_exact(x, c, m)
 
 
 def descriptors(images_root, cache, max_desc, train_features):

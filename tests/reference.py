@@ -58,6 +58,25 @@ def quantize(x, centroids, m: int = 1):
     return ids, dist
 
 
+def nearest_words_exact(x, centroids, m: int = 1) -> np.ndarray:
+    """The m nearest words of each row, by the definition (the plain sum of squared differences in
+    float64), ties to the lower id; in blocks, for large codebooks: the expanded form ||x||^2 + ||c||^2
+    - 2 x.c selects every word within 1e-6 of the m-th distance, and those are re-ranked exactly."""
+    x64, c64 = _f64(x), _f64(centroids)
+    cn = (c64 * c64).sum(1)
+    out = np.empty((x64.shape[0], m), np.int64)
+    for r0 in range(0, x64.shape[0], 512):
+        xs = x64[r0:r0 + 512]
+        d = (xs * xs).sum(1)[:, None] + cn[None, :] - 2.0 * xs @ c64.T
+        kth = np.partition(d, m - 1, axis=1)[:, m - 1]
+        for i in range(xs.shape[0]):
+            cand = np.flatnonzero(d[i] <= kth[i] + 1e-6 * (1.0 + abs(kth[i])))
+            diff = c64[cand] - xs[i]
+            exact = (diff * diff).sum(1)
+            out[r0 + i] = cand[np.lexsort((cand, exact))[:m]]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # VLAD / ASMK
 

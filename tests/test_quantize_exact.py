@@ -12,27 +12,14 @@ import pytest
 import d2r
 from d2r import _native
 
+from reference import nearest_words_exact
+
 MIN_PRUNE_WORDS = 4096  # Quantizer::kMinPruneWords
 
 
 def brute_force(x, c, m):
-    """The m nearest words of each row: float64, ties to the lower id. The expanded form
-    ||x||^2 + ||c||^2 - 2 x.c selects every word within 1e-6 of the m-th distance; those are re-ranked
-    by the plain sum of squared differences in float64 (the definition), with a stable sort by id."""
-    x64, c64 = np.asarray(x, np.float64), np.asarray(c, np.float64)
-    cn = (c64 * c64).sum(1)
-    out = np.empty((x64.shape[0], m), np.int64)
-    for r0 in range(0, x64.shape[0], 512):
-        xs = x64[r0:r0 + 512]
-        d = (xs * xs).sum(1)[:, None] + cn[None, :] - 2.0 * xs @ c64.T
-        kth = np.partition(d, m - 1, axis=1)[:, m - 1]
-        for i in range(xs.shape[0]):
-            cand = np.flatnonzero(d[i] <= kth[i] + 1e-6 * (1.0 + abs(kth[i])))
-            diff = c64[cand] - xs[i]
-            exact = (diff * diff).sum(1)
-            order = np.lexsort((cand, exact))[:m]
-            out[r0 + i] = cand[order]
-    return out
+    """float64 m nearest words, ties to the lower id (tests/reference.py)."""
+    return nearest_words_exact(x, c, m)
 
 
 def unit(a):
