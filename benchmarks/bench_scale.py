@@ -88,48 +88,38 @@ def bandwidth(threads: int, gib: float = 2.0) -> float:
     return best
 
 
-def run_one(n: int, exponent: float, folder: Path, n_queries: int, seed: int) -> dict:
-    import d2r
-    from d2r.build import merge_index_files
-    from d2r.synthetic import zipf_images
-    from _machine import cpu_model
+class MemorySampler:
+    """Peak anonymous memory (RssAnon: the process's own allocations) and peak resident file pages
+    (RssFile: mapped index files, reclaimable page cache) of this process, sampled every 20 ms."""
 
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    cb = d2r.Codebook(rng.standard_normal((N_WORDS, DIM)).astype(np.float32))
-    res = {"images": n, "words": N_WORDS, "exponent": exponent, "cpu": cpu_model(), "threads": d2r.get_num_threads()}
-    t_gen = t_add = t_part = 0.0
-    parts = []
-    for b, start in enumerate(range(0, n, BATCH)):
-        m = min(BATCH, n - start)
-        t = time.perf_counter()
-        batch = zipf_images(m, N_WORDS, PER_IMAGE, exponent, seed=seed * 100_003 + b, fingerprint=cb.fingerprint)
-        t_gen += time.perf_counter() - t
-        t = time.perf_counter()
-        part = d2r.Index(cb, "asmk*")
-        part.add_aggregated(batch, image_ids=np.arange(start, start + m))
-        t_add += time.perf_counter() - t
-        t = time.perf_counter()
-        parts.append(folder / f"part-{b:05d}.d2r")
-        part.save(parts[-1])
-        t_part += time.perf_counter() - t
-        del part, batch
-    out = folder / "index.d2r"
-    t = time.perf_counter()
-    merged = merge_index_files(parts, out)
-    t_merge = time.perf_counter() - t
-    postings = int(merged.stats()["postings"])
-    del merged
-    for p in parts:
-        p.unlink()
-    size = out.stat().st_size
-    res.update(generate_s=t_gen, aggregate_add_s=t_add, part_save_s=t_part, merge_s=t_merge,
-               build_images_per_s=n / (t_add + t_part + t_merge), postings=postings,
-               words_per_image=postings / n, file_bytes=size,
-               bytes_per_image=(size - N_WORDS * DIM * 4) / n,
-               bytes_per_posting=(size - N_WORDS * DIM * 4) / postings,
-               peak_rss_build_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # load
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {k: v / 2**20 for k, v in self.peak.items()}
+
+
+def measure_queries(out: Path, cb, exponent: float, n_queries: int, seed: int, res: dict) -> None:
+    """Load (cold, warm) and query figures of the index file `out` into `res`."""
+    import d2r
+    from d2r import index_io
+    from d2r.synthetic import zipf_images
+
     _evict(out)
     t = time.perf_counter()
     idx = d2r.Index.load(out, mmap=True)
@@ -137,9 +127,6 @@ def run_one(n: int, exponent: float, folder: Path, n_queries: int, seed: int) ->
     t = time.perf_counter()
     d2r.Index.load(out, mmap=True)
     res["load_warm_s"] = time.perf_counter() - t
-    # queries
-    from d2r import index_io
-
     _, sec, _ = index_io.read_index_file(out, mmap=True, verify=False)
     wo = np.asarray(sec["word_offsets"], np.int64)
     q = zipf_images(n_queries, N_WORDS, PER_IMAGE, exponent, seed=seed + 7, fingerprint=cb.fingerprint)
@@ -176,6 +163,53 @@ def run_one(n: int, exponent: float, folder: Path, n_queries: int, seed: int) ->
     res["read_bandwidth_gb_s"] = bw / 1e9
     res["bound_ms"] = res["scanned_bytes_per_query_median"] / bw * 1e3
     res["latency_over_bound"] = res["query_ms_median"] / res["bound_ms"]
+
+
+def run_one(n: int, exponent: float, folder: Path, n_queries: int, seed: int) -> dict:
+    import d2r
+    from d2r.build import merge_index_files
+    from d2r.synthetic import zipf_images
+    from _machine import cpu_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cb = d2r.Codebook(rng.standard_normal((N_WORDS, DIM)).astype(np.float32))
+    res = {"images": n, "words": N_WORDS, "exponent": exponent, "cpu": cpu_model(), "threads": d2r.get_num_threads()}
+    t_gen = t_add = t_part = 0.0
+    parts = []
+    sampler = MemorySampler()
+    for b, start in enumerate(range(0, n, BATCH)):
+        m = min(BATCH, n - start)
+        t = time.perf_counter()
+        batch = zipf_images(m, N_WORDS, PER_IMAGE, exponent, seed=seed * 100_003 + b, fingerprint=cb.fingerprint)
+        t_gen += time.perf_counter() - t
+        t = time.perf_counter()
+        part = d2r.Index(cb, "asmk*")
+        part.add_aggregated(batch, image_ids=np.arange(start, start + m))
+        t_add += time.perf_counter() - t
+        t = time.perf_counter()
+        parts.append(folder / f"part-{b:05d}.d2r")
+        part.save(parts[-1])
+        t_part += time.perf_counter() - t
+        del part, batch
+    out = folder / "index.d2r"
+    t = time.perf_counter()
+    merged = merge_index_files(parts, out)
+    t_merge = time.perf_counter() - t
+    postings = int(merged.stats()["postings"])
+    del merged
+    for p in parts:
+        p.unlink()
+    size = out.stat().st_size
+    peaks = sampler.stop()
+    res.update(generate_s=t_gen, aggregate_add_s=t_add, part_save_s=t_part, merge_s=t_merge,
+               build_images_per_s=n / (t_add + t_part + t_merge), postings=postings,
+               words_per_image=postings / n, file_bytes=size,
+               bytes_per_image=(size - N_WORDS * DIM * 4) / n,
+               bytes_per_posting=(size - N_WORDS * DIM * 4) / postings,
+               peak_rss_build_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               peak_anon_build_mb=peaks["RssAnon"], peak_file_pages_build_mb=peaks["RssFile"])
+    measure_queries(out, cb, exponent, n_queries, seed, res)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if os.environ.get("D2R_SCALE_KEEP") != "1":
         out.unlink()
@@ -257,7 +291,27 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--asmk-one", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--requery", default=None, metavar="INDEX",
+                    help="measure load and queries again on an index file this benchmark built (kept with "
+                         "D2R_SCALE_KEEP=1), updating its entry in --json")
     args = ap.parse_args()
+    if args.requery is not None:
+        import d2r
+
+        rng = np.random.default_rng(args.seed)
+        cb = d2r.Codebook(rng.standard_normal((N_WORDS, DIM)).astype(np.float32))
+        res = {}
+        measure_queries(Path(args.requery), cb, args.exponent, args.queries, args.seed, res)
+        res["requeried"] = True
+        print(json.dumps(res))
+        if args.json:
+            results = json.loads(Path(args.json).read_text())
+            n = len(d2r.Index.load(args.requery, mmap=True))
+            for r in results["d2r"]:
+                if r["images"] == n:
+                    r.update(res)
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     if args.one is not None:
         print(json.dumps(run_one(args.one, args.exponent, Path(args.dir) / f"n{args.one}", args.queries, args.seed)))
         return

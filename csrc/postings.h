@@ -101,24 +101,24 @@ inline uint64_t decode_slots(const Block& b, uint32_t* out) {
   out[0] = b.first;
   const int m = b.n - 1;
   if (m == 0) return b.first;
-  uint32_t low[kBlock];
-  if (b.k == 0) {
-    for (int i = 0; i < m; ++i) low[i] = 0;
-  } else {
-    const uint8_t* p = b.low;
-    uint64_t buf = 0;
-    int have = 0;
-    const uint64_t mask = (uint64_t{1} << b.k) - 1;
-    for (int i = 0; i < m; ++i) {
-      while (have < b.k) {
-        buf |= static_cast<uint64_t>(*p++) << have;
-        have += 8;
-      }
-      low[i] = static_cast<uint32_t>(buf & mask);
-      buf >>= b.k;
-      have -= b.k;
+  const int k = b.k;
+  const uint64_t mask = (uint64_t{1} << k) - 1;
+  const size_t low_bytes = (static_cast<size_t>(m) * k + 7) / 8;
+  // The i-th low part sits at bit i k of `low`. An 8-byte load from any of its bytes stays inside the
+  // block when at least 8 bytes follow the low part (the unary part and the codes): then one
+  // unaligned load per value; else byte by byte.
+  const bool wide = b.next - (b.low + low_bytes) >= 8;
+  auto low_at = [&](int i) -> uint64_t {
+    const size_t bit = static_cast<size_t>(i) * k;
+    if (wide) {
+      uint64_t v;
+      std::memcpy(&v, b.low + bit / 8, 8);
+      return (v >> (bit % 8)) & mask;
     }
-  }
+    uint64_t v = 0;
+    for (int t = 0; t < k; ++t) v |= static_cast<uint64_t>((b.low[(bit + t) / 8] >> ((bit + t) % 8)) & 1) << t;
+    return v;
+  };
   // The unary codes: the i-th one bit (from 0) at position pos ends a run of pos - last - 1 zeros.
   int i = 0;
   uint64_t s = b.first;
@@ -129,7 +129,7 @@ inline uint64_t decode_slots(const Block& b, uint32_t* out) {
     while (w && i < m) {
       const int64_t pos = static_cast<int64_t>(byte) * 8 + __builtin_ctzll(w);
       const uint64_t q = static_cast<uint64_t>(pos - last - 1);
-      s += ((q << b.k) | low[i]) + 1;
+      s += ((q << k) | (k ? low_at(i) : 0)) + 1;
       out[i + 1] = static_cast<uint32_t>(s);
       last = pos;
       w &= w - 1;
