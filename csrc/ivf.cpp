@@ -26,7 +26,8 @@ namespace {
 
 constexpr int64_t kMaxId = int64_t{1} << 62;  // ids stay far from int64 overflow (next_id = max + 1)
 constexpr size_t kMaxSegments = 16;
-constexpr int64_t kQueryGroup = 8;  // queries scored together by one thread (sharing list scans)
+constexpr int64_t kQueryGroup = 8;          // queries scored together by one thread (sharing list scans)
+constexpr int64_t kGroupBytes = 4 << 20;     // at most this much accumulator per thread for a group
 
 std::string id_str(int64_t id) { return std::to_string(id); }
 
@@ -954,9 +955,12 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   const int T = num_threads();
   if (queries.n >= T) {
     // Many queries: groups of up to kQueryGroup queries per thread, each group sharing the reading
-    // and decoding of the lists its queries have in common (memory: kQueryGroup accumulators of
-    // 8 bytes per image per thread).
-    const int64_t G = std::max<int64_t>(1, std::min<int64_t>(kQueryGroup, queries.n / T));
+    // and decoding of the lists its queries have in common (memory: one accumulator of 8 bytes per
+    // image per query of the group, per thread).
+    // Groups only while their accumulators stay cache-sized (kGroupBytes per thread): beyond, the
+    // scattered adds into several large accumulators cost more than the shared decoding saves.
+    const int64_t G = std::max<int64_t>(
+        1, std::min<int64_t>({kQueryGroup, queries.n / T, kGroupBytes / std::max<int64_t>(1, n * 8)}));
     const int64_t n_groups = (queries.n + G - 1) / G;
     ParallelErrors errors;
 #pragma omp parallel
