@@ -220,7 +220,6 @@ def run_asmk(n: int, exponent: float, n_queries: int, seed: int) -> dict:
     """The asmk package's inverted file (asmk.inverted_file.IVF, binary kernel) on the same kind of
     synthetic aggregated images: build time, peak RSS growth, query latency."""
     from asmk import inverted_file as asmk_ivf
-    from asmk import functional as asmk_fn
     from d2r.synthetic import zipf_images
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -235,10 +234,13 @@ def run_asmk(n: int, exponent: float, n_queries: int, seed: int) -> dict:
         t_build += time.perf_counter() - t
     q = zipf_images(n_queries, N_WORDS, PER_IMAGE, exponent, seed=seed + 7)
 
-    def sim(query_code, db_codes, *args):
-        # asmk's binary similarity: Hamming similarity of the packed codes, then selectivity
-        ham = np.unpackbits(np.bitwise_xor(query_code[None, :], db_codes), axis=1).sum(axis=1)
-        return asmk_fn.asmk_kernel(1.0 - 2.0 * ham / (8 * query_code.size), alpha=3.0, similarity_threshold=0.0)
+    from asmk import kernel as asmk_kernel
+
+    kern = object.__new__(asmk_kernel.ASMKKernel)    # only its similarity (binary Hamming + selectivity)
+    kern.binary = True
+
+    def sim(qvec, vecs, image_ids):
+        return kern.similarity(qvec, vecs, image_ids, alpha=3.0, similarity_threshold=0.0)
 
     lat = []
     for i in range(n_queries):

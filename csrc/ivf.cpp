@@ -28,6 +28,7 @@ constexpr int64_t kMaxId = int64_t{1} << 62;  // ids stay far from int64 overflo
 constexpr size_t kMaxSegments = 16;
 constexpr int64_t kQueryGroup = 8;          // queries scored together by one thread (sharing list scans)
 constexpr int64_t kGroupBytes = 4 << 20;     // at most this much accumulator per thread for a group
+constexpr int64_t kTileSlots = 1 << 16;      // slots scored per tile (the accumulators' working set)
 
 std::string id_str(int64_t id) { return std::to_string(id); }
 
@@ -765,7 +766,6 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   // of the group is read and decoded once (a batch shares the scan of popular words). Contributions
   // are summed in 64-bit fixed point (fixed_point.h), exactly as the CUDA path sums them.
   const int64_t n_slots = slot_hi - slot_lo;
-  acc.assign(static_cast<size_t>(n_slots) * group, 0);
   const int cb = code_bytes_;
   const int dim = dim_;
   // (word, query in group, entry) of every query entry, by word.
@@ -786,103 +786,116 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   }
   if (group > 1)
     std::stable_sort(entries.begin(), entries.end(), [](const Entry& x, const Entry& y) { return x.word < y.word; });
+  std::vector<size_t> runs;  // run r: entries [runs[r], runs[r + 1]) share a word
+  for (size_t r = 0; r < entries.size(); ++r)
+    if (r == 0 || entries[r].word != entries[r - 1].word) runs.push_back(r);
+  const size_t n_runs = runs.size();
+  runs.push_back(entries.size());
+  // The slots are scored in tiles of kTileSlots, so that the accumulators (8 bytes per slot and
+  // query of the group) stay in cache while the lists are scattered into them; each (segment, word)
+  // keeps a cursor on its list, so a list is read once across the tiles (a block that straddles two
+  // tiles is decoded twice).
+  struct Cursor {
+    const uint8_t* ptr = nullptr;
+    const uint8_t* end = nullptr;
+    int64_t left = -1;  // postings not yet consumed; -1: not opened
+    int64_t prev = -1;  // the last slot consumed
+  };
+  std::vector<Cursor> cursors(s.segments.size() * n_runs);
+  const int64_t tile = std::min<int64_t>(std::max<int64_t>(n_slots, 1), kTileSlots);
+  acc.resize(static_cast<size_t>(tile) * group);
   uint32_t buf[kBlock];
-  for (const auto& segp : s.segments) {
-    const Segment& seg = *segp;
-    if (seg.slot_end <= slot_lo || seg.slot_begin >= slot_hi || seg.n_entries == 0) continue;
-    const bool whole = seg.slot_begin >= slot_lo && seg.slot_end <= slot_hi;
-    // The segment's slots are local: a[local + shift] is the accumulator of slot slot_begin + local.
-    const int64_t shift = seg.slot_begin - slot_lo;
-    const int64_t lo = slot_lo - seg.slot_begin, hi = slot_hi - seg.slot_begin;  // range in local slots
-    const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
-    for (size_t r0 = 0; r0 < entries.size();) {
-      const int32_t w = entries[r0].word;
-      size_t r1 = r0 + 1;
-      while (r1 < entries.size() && entries[r1].word == w) ++r1;
-      const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
-      if (wb == we) {
-        r0 = r1;
-        continue;
-      }
-      seg.verify_range(wb, we);
-      const uint8_t* end = seg.data + we;
-      int64_t left = 0;
-      const uint8_t* ptr = read_count(seg.data + wb, end, &left);
-      int64_t prev = -1;
-      while (left > 0) {
-        const Block blk = read_block(ptr, end, static_cast<int>(std::min<int64_t>(left, kBlock)), cb);
-        left -= blk.n;
-        if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
-        if (!whole) {
-          if (static_cast<int64_t>(blk.first) >= hi) break;
-          // Skip blocks entirely below the range: the next block's first slot says so without decoding.
-          if (left > 0 && blk.next + 4 <= end) {
+  const int32_t* nwords = s.slots->nwords.data();
+  for (int64_t t_lo = slot_lo; t_lo < slot_hi; t_lo += tile) {
+    const int64_t t_hi = std::min(slot_hi, t_lo + tile), tn = t_hi - t_lo;
+    std::fill(acc.begin(), acc.begin() + tn * group, 0);
+    for (size_t si = 0; si < s.segments.size(); ++si) {
+      const Segment& seg = *s.segments[si];
+      if (seg.slot_end <= t_lo || seg.slot_begin >= t_hi || seg.n_entries == 0) continue;
+      const int64_t shift = seg.slot_begin - t_lo;  // acc[local + shift] is slot slot_begin + local
+      const int64_t lo = t_lo - seg.slot_begin, hi = t_hi - seg.slot_begin;  // the tile in local slots
+      const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
+      for (size_t ri = 0; ri < n_runs; ++ri) {
+        Cursor& c = cursors[si * n_runs + ri];
+        if (c.left < 0) {
+          const int32_t w = entries[runs[ri]].word;
+          const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
+          if (wb == we) {
+            c.left = 0;
+            continue;
+          }
+          seg.verify_range(wb, we);
+          c.end = seg.data + we;
+          c.ptr = read_count(seg.data + wb, c.end, &c.left);
+        }
+        while (c.left > 0) {
+          const Block blk = read_block(c.ptr, c.end, static_cast<int>(std::min<int64_t>(c.left, kBlock)), cb);
+          if (static_cast<int64_t>(blk.first) <= c.prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+          if (static_cast<int64_t>(blk.first) >= hi) break;  // for a later tile
+          // Blocks entirely below the tile (a thread's range starting inside a segment): the next
+          // block's first slot says so without decoding.
+          if (c.left > blk.n && blk.next + 4 <= c.end) {
             uint32_t next_first;
             std::memcpy(&next_first, blk.next, 4);
             if (static_cast<int64_t>(next_first) <= lo) {
-              prev = static_cast<int64_t>(next_first) - 1;  // the skipped block's slots lie below next_first
-              ptr = blk.next;
+              c.prev = static_cast<int64_t>(next_first) - 1;
+              c.ptr = blk.next;
+              c.left -= blk.n;
               continue;
             }
           }
-        }
-        const uint64_t last = decode_slots(blk, buf);
-        if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
-        prev = static_cast<int64_t>(last);
-        const uint8_t* codes = blk.codes;
-        const int n = blk.n;
-        int i0 = 0, i1 = n;
-        if (!whole) {
+          const uint64_t last = decode_slots(blk, buf);
+          if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
+          const uint8_t* codes = blk.codes;
+          const int n = blk.n;
+          int i0 = 0, i1 = n;
           while (i0 < n && static_cast<int64_t>(buf[i0]) < lo) ++i0;
           while (i1 > i0 && static_cast<int64_t>(buf[i1 - 1]) >= hi) --i1;
-        }
-        for (size_t r = r0; r < r1; ++r) {
-          const uint8_t* qc = q.codes + entries[r].e * cb;
-          int64_t* ab = acc.data() + static_cast<int64_t>(entries[r].j) * n_slots + shift;
-          if (binary_) {
-            if (cb == 16) {
-              for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+          for (size_t r = runs[ri]; r < runs[ri + 1]; ++r) {
+            const uint8_t* qc = q.codes + entries[r].e * cb;
+            int64_t* ab = acc.data() + static_cast<int64_t>(entries[r].j) * tn + shift;
+            if (binary_) {
+              if (cb == 16) {
+                for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+              } else {
+                for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
+              }
             } else {
-              for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
-            }
-          } else {
-            float qv[1024];
-            const float* qf = reinterpret_cast<const float*>(qc);
-            if (dim <= 1024) {
-              std::memcpy(qv, qc, sizeof(float) * dim);
-              qf = qv;
-            }
-            const float lim = limit[entries[r].j];
-            for (int i = i0; i < i1; ++i) {
-              const float c = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
-              if (!(std::fabs(c) <= lim))
-                throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
-              ab[buf[i]] += score_to_fixed(c);
+              float qv[1024];
+              const float* qf = reinterpret_cast<const float*>(qc);
+              if (dim <= 1024) {
+                std::memcpy(qv, qc, sizeof(float) * dim);
+                qf = qv;
+              }
+              const float lim = limit[entries[r].j];
+              for (int i = i0; i < i1; ++i) {
+                const float cc = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
+                if (!(std::fabs(cc) <= lim))
+                  throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
+                ab[buf[i]] += score_to_fixed(cc);
+              }
             }
           }
+          if (static_cast<int64_t>(last) >= hi) break;  // straddles into the next tile: read again there
+          c.prev = static_cast<int64_t>(last);
+          c.ptr = blk.next;
+          c.left -= blk.n;
         }
-        ptr = blk.next;
       }
-      r0 = r1;
     }
-  }
-  const int32_t* nwords = s.slots->nwords.data();
-  for (int j = 0; j < group; ++j) {
-    const int64_t nq_words = q.offsets[qi0 + j + 1] - q.offsets[qi0 + j];
-    float* out = scores + static_cast<int64_t>(j) * n_slots;
-    const int64_t* a = acc.data() + static_cast<int64_t>(j) * n_slots;
-    if (nq_words == 0) {
-      std::fill(out, out + n_slots, -1.0f);
-      continue;
-    }
-    for (int64_t i = 0; i < n_slots; ++i) {
-      const int32_t nw = nwords[slot_lo + i];
-      if (nw == 0) {
-        out[i] = -1.0f;
-        continue;
+    for (int j = 0; j < group; ++j) {
+      const int64_t nq_words = q.offsets[qi0 + j + 1] - q.offsets[qi0 + j];
+      float* out = scores + static_cast<int64_t>(j) * n_slots + (t_lo - slot_lo);
+      const int64_t* a = acc.data() + static_cast<int64_t>(j) * tn;
+      for (int64_t i = 0; i < tn; ++i) {
+        const int32_t nw = nwords[t_lo + i];
+        if (nq_words == 0 || nw == 0) {
+          out[i] = -1.0f;
+          continue;
+        }
+        out[i] = score_from_fixed(a[i]);
+        if (p.normalize) out[i] *= gamma_pair(nq_words, nw);
       }
-      out[i] = score_from_fixed(a[i]);
-      if (p.normalize) out[i] *= gamma_pair(nq_words, nw);
     }
   }
 }
@@ -960,7 +973,8 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
     // Groups only while their accumulators stay cache-sized (kGroupBytes per thread): beyond, the
     // scattered adds into several large accumulators cost more than the shared decoding saves.
     const int64_t G = std::max<int64_t>(
-        1, std::min<int64_t>({kQueryGroup, queries.n / T, kGroupBytes / std::max<int64_t>(1, n * 8)}));
+        1, std::min<int64_t>({kQueryGroup, queries.n / T,
+                              kGroupBytes / std::max<int64_t>(1, std::min(n, kTileSlots) * 8)}));
     const int64_t n_groups = (queries.n + G - 1) / G;
     ParallelErrors errors;
 #pragma omp parallel
