@@ -230,7 +230,7 @@ def run_asmk(n: int, exponent: float, n_queries: int, seed: int) -> dict:
         batch = zipf_images(m, N_WORDS, PER_IMAGE, exponent, seed=seed * 100_003 + b)
         imids = np.repeat(np.arange(start, start + m), np.diff(batch.offsets))
         t = time.perf_counter()
-        ivf.add(batch.codes, batch.words.astype(np.int64), imids)
+        ivf.add(batch.codes.view(np.uint32).copy(), batch.words.astype(np.int64), imids)  # asmk: writable uint32 words
         t_build += time.perf_counter() - t
     q = zipf_images(n_queries, N_WORDS, PER_IMAGE, exponent, seed=seed + 7)
 
@@ -246,7 +246,7 @@ def run_asmk(n: int, exponent: float, n_queries: int, seed: int) -> dict:
     for i in range(n_queries):
         a = q[i]
         t = time.perf_counter()
-        ivf.search(a.codes, a.words.astype(np.int64), topk=100, similarity_func=sim)
+        ivf.search(a.codes.view(np.uint32).copy(), a.words.astype(np.int64), topk=100, similarity_func=sim)
         lat.append(time.perf_counter() - t)
     return {"images": n, "build_s": t_build, "build_images_per_s": n / t_build,
             "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
