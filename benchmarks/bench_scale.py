@@ -272,9 +272,13 @@ def plot(results, path):
     ax[0].set_ylabel("ms per query (after quantisation)")
     ax[0].legend()
     ax[1].loglog(n, [r["file_bytes"] / 1e9 for r in rows], "o-", label="index file, GB")
-    ax[1].loglog(n, [r["peak_rss_mb"] / 1e3 for r in rows], "s-", label="peak RSS, GB")
+    ax[1].loglog(n, [r["peak_rss_mb"] / 1e3 for r in rows], "s-",
+                 label="peak RSS, GB (mapped file pages and the 2 GiB bandwidth test included)")
+    anon = [(r["images"], r["peak_anon_build_mb"] / 1e3) for r in rows if "peak_anon_build_mb" in r]
+    if anon:
+        ax[1].loglog(*zip(*anon), "^-", label="build: peak anonymous memory, GB")
     ax[1].set_xlabel("images")
-    ax[1].legend()
+    ax[1].legend(fontsize=8)
     fig.suptitle(f"d2r ASMK*, 65,536 words, {rows[0]['cpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
