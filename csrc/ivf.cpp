@@ -718,11 +718,6 @@ std::vector<int64_t> InvertedFile::hamming_table(const ScoreParams& p) const {
 
 namespace {
 
-// First index j in [b, e) with slots[j] >= lo.
-inline int64_t lower(const uint32_t* slots, int64_t b, int64_t e, int64_t lo) {
-  return std::lower_bound(slots + b, slots + e, static_cast<uint32_t>(lo)) - slots;
-}
-
 inline int hamming16(const uint8_t* a, const uint8_t* b) {
   uint64_t a0, a1, b0, b1;
   std::memcpy(&a0, a, 8);
