@@ -92,6 +92,8 @@ def test_r1m_workflow_scaled_down(tmp_path, distractors):
     assert alone["distractors"] == 0
     for p in ("easy", "medium", "hard"):
         assert with_d[p]["map"] <= alone[p]["map"] + 1e-9, (p, with_d, alone)
-    # Measured (RootSIFT 1,000, 512 words, ASMK*, OpenCV 5): medium mAP about 48 alone and 45 with the
-    # 274 distractors; the thresholds leave room for other OpenCV builds.
+    print("mAP alone", {p: alone[p]["map"] for p in ("easy", "medium", "hard")},
+          "with distractors", {p: with_d[p]["map"] for p in ("easy", "medium", "hard")})
+    # Measured here (RootSIFT 1,000, 512 words, ASMK*, OpenCV 5, 2026-11-28): mAP E / M / H 77.6 / 42.0 /
+    # 22.8 alone, 72.2 / 36.9 / 17.8 with the 274 distractors; the thresholds leave about 7 points.
     assert alone["medium"]["map"] >= 35 and with_d["medium"]["map"] >= 30, (alone, with_d)
