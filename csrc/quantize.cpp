@@ -132,33 +132,27 @@ inline void row_accum(const float* __restrict x, const float* __restrict panel, 
   a1 += p1;
 }
 
-inline bool any_below(const vf& a, const vf& b, float thr) {
+// Whether some lane of a or b is below thr (kStrict) or at most thr.
+template <bool kStrict>
+inline bool any_lane(const vf& a, const vf& b, float thr) {
 #if defined(__AVX512F__)
+  constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m512 t = _mm512_set1_ps(thr);
-  return (_mm512_cmp_ps_mask((__m512)a, t, _CMP_LT_OQ) | _mm512_cmp_ps_mask((__m512)b, t, _CMP_LT_OQ)) != 0;
+  return (_mm512_cmp_ps_mask((__m512)a, t, pred) | _mm512_cmp_ps_mask((__m512)b, t, pred)) != 0;
 #elif defined(__AVX__)
+  constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m256 t = _mm256_set1_ps(thr);
-  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps((__m256)a, t, _CMP_LT_OQ), _mm256_cmp_ps((__m256)b, t, _CMP_LT_OQ))) != 0;
+  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps((__m256)a, t, pred), _mm256_cmp_ps((__m256)b, t, pred))) != 0;
 #else
   bool any = false;
-  for (int l = 0; l < kLanes; ++l) any |= (a[l] < thr) | (b[l] < thr);
+  for (int l = 0; l < kLanes; ++l)
+    any |= kStrict ? (a[l] < thr) | (b[l] < thr) : (a[l] <= thr) | (b[l] <= thr);
   return any;
 #endif
 }
 
-inline bool any_at_most(const vf& a, const vf& b, float thr) {
-#if defined(__AVX512F__)
-  const __m512 t = _mm512_set1_ps(thr);
-  return (_mm512_cmp_ps_mask((__m512)a, t, _CMP_LE_OQ) | _mm512_cmp_ps_mask((__m512)b, t, _CMP_LE_OQ)) != 0;
-#elif defined(__AVX__)
-  const __m256 t = _mm256_set1_ps(thr);
-  return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps((__m256)a, t, _CMP_LE_OQ), _mm256_cmp_ps((__m256)b, t, _CMP_LE_OQ))) != 0;
-#else
-  bool any = false;
-  for (int l = 0; l < kLanes; ++l) any |= (a[l] <= thr) | (b[l] <= thr);
-  return any;
-#endif
-}
+inline bool any_below(const vf& a, const vf& b, float thr) { return any_lane<true>(a, b, thr); }
+inline bool any_at_most(const vf& a, const vf& b, float thr) { return any_lane<false>(a, b, thr); }
 
 // v rounded to float; out-of-range values to +-inf (a plain cast would be undefined there).
 inline float to_float(double v) {

@@ -82,12 +82,11 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
                          "regions (`d2r extract --proposals ...` or `--detector ...`) or use kernel 'asmk*'")
     probe.extractor = info["extractor"]
     shards = _shards(store) if store.is_dir() else [store]
-    _, first_feats, _ = _load_file(shards[0])
-    dims = {f.descriptors.shape[1] for f in first_feats if f.descriptors.ndim == 2}
+    first = _load_file(shards[0])   # checked before any work; used again by the first batch
+    dims = {f.descriptors.shape[1] for f in first[1] if f.descriptors.ndim == 2}
     if dims and dims != {codebook.dim}:
         raise ValueError(f"{store} holds {sorted(dims)}-D descriptors but the codebook has {codebook.dim}-D words; "
                          "train the codebook on features of the same extractor")
-    del first_feats
     base_idx = None
     first_id = 0
     if base is not None:
@@ -102,6 +101,8 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
                 "batch_images": batch_images, "base": None if base is None else _file_key(base),
                 "shards": [p.name for p in shards]}
     journal = _open_journal(work, settings)
+    if journal["next_shard"] > 0:   # resumed past the first shard
+        first = None
     total = info["images"]
     done_images = sum(p["n"] for p in journal["parts"])
     bar = _bar(total, "index", progress, leave=True)
@@ -117,7 +118,9 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
             part_names, n_shards = [], 0
             while next_shard + n_shards < len(shards) and len(part_names) < batch_images:
                 shard = shards[next_shard + n_shards]
-                shard_names, feats, regs = _load_file(shard)
+                shard_names, feats, regs = first if shard == shards[0] else _load_file(shard)
+                if shard == shards[0]:
+                    first = None
                 if feats:
                     ids = first_id + done_images + len(part_names) + np.arange(len(feats), dtype=np.int64)
                     _add_shard(part, feats, regs, ids, shard)
@@ -220,10 +223,10 @@ def merge_index_files(paths, out, extractor=None) -> Index:
     converted = Path(str(out) + ".v3.tmp")
     pieces, ids, counts, next_ids, first = [], [], [], [0], None
     for path in paths:
-        idx, seg, pid, pcounts, plain = Index._read(path, True, "lazy")
+        idx, seg, pid, pcounts, plain, next_id = Index._read(path, True, "lazy")
         if plain is not None:   # format 1 or 2: saved in format 3 first, to be mapped
             Index.load(path).save(converted)
-            idx, seg, pid, pcounts, _ = Index._read(converted, True, "lazy")
+            idx, seg, pid, pcounts, _, next_id = Index._read(converted, True, "lazy")
         if first is None:
             first = idx
         else:
@@ -231,7 +234,7 @@ def merge_index_files(paths, out, extractor=None) -> Index:
         pieces.append(seg)
         ids.append(np.asarray(pid))
         counts.append(np.asarray(pcounts))
-        next_ids.append(idx._loaded_next_id)
+        next_ids.append(next_id)
     merged = type(first)._from_meta({**first._meta(), "next_id": 0}, first.codebook)
     merged.extractor = extractor if extractor is not None else first.extractor
     all_ids = np.concatenate(ids)

@@ -224,12 +224,12 @@ class _IndexBase:
         the GPU."""
         if verify is None:
             verify = "lazy" if mmap else True
-        idx, part, ids, counts, plain = cls._read(path, mmap, verify)
+        idx, part, ids, counts, plain, next_id = cls._read(path, mmap, verify)
         try:
             if plain is not None:
-                idx._ivf.set_content(plain["offsets"], plain["slots"], plain["codes"], ids, counts, idx._loaded_next_id)
+                idx._ivf.set_content(plain["offsets"], plain["slots"], plain["codes"], ids, counts, next_id)
             else:
-                idx._ivf.set_segments([part], ids, counts, idx._loaded_next_id)
+                idx._ivf.set_segments([part], ids, counts, next_id)
                 if verify is True:
                     idx._ivf.verify()
         except (TypeError, ValueError) as exc:
@@ -242,7 +242,7 @@ class _IndexBase:
     def _read(cls, path, mmap, verify):
         """(an empty index with the file's parameters, its compressed segment (the 7-tuple of
         InvertedFile.set_segments) or None, image ids, word counts, plain posting arrays of a format 1
-        or 2 file or None), checked (header, structure, codebook fingerprint)."""
+        or 2 file or None, next_id), checked (header, structure, codebook fingerprint)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such index file")
@@ -267,17 +267,17 @@ class _IndexBase:
                                  f"header says {meta['codebook_fingerprint']})")
         idx = target._from_meta(meta, codebook)
         idx.extractor = meta.get("extractor")
-        idx._loaded_next_id = meta["next_id"]
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
         if "postings" in sec:
             part = (int(ids.shape[0]), meta["n_entries"], sec["word_offsets"], sec["postings"],
                     sec["page_crc"] if verify else None, meta["page_bytes"], owner)
-            return idx, part, ids, sec["word_counts"], None
+            return idx, part, ids, sec["word_counts"], None, meta["next_id"]
         codes = sec["codes"]
         codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes
-        return idx, None, ids, sec["word_counts"], {"offsets": sec["offsets"], "slots": sec["slots"], "codes": codes}
+        plain = {"offsets": sec["offsets"], "slots": sec["slots"], "codes": codes}
+        return idx, None, ids, sec["word_counts"], plain, meta["next_id"]
 
     def verify(self) -> int:
         """Check every page of a memory-mapped index's postings against its checksums now (the
