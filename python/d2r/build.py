@@ -33,9 +33,9 @@ from ._checks import check_positive_int
 from ._progress import bar as _bar
 from .codebook import Codebook
 from .features import _load_file, _shards, store_info
-from .index import Index, _IndexBase
+from .index import Index, RegionalSearchIndex, _IndexBase
 
-__all__ = ["build_index", "merge_index_files", "names_file"]
+__all__ = ["build_index", "build_regional_search_index", "merge_index_files", "names_file"]
 
 JOURNAL = "journal.json"
 
@@ -59,7 +59,8 @@ def _file_key(path: Path) -> dict:
 
 def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha: float = 3.0, tau: float = 0.0,
                 normalize: bool = True, m_db: int = 1, m_query: int = 1, batch_images: int = 10_000,
-                progress: bool = True, keep_parts: bool = False):
+                progress: bool = True, keep_parts: bool = False, store_files=None, first_id: int | None = None,
+                write_names: bool = True):
     """Build the index file `out` from the feature store `store` (a folder or .npz made by
     ``d2r extract`` / ``extract_dataset``), streaming; returns the index, memory-mapped.
 
@@ -68,7 +69,11 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
     whole image plus the crops a detector or proposals gave; a store without regions is refused).
     base: an index file whose images come first (its codebook, kernel and parameters must match);
     it is read, never modified. batch_images: images per part (memory is bounded by one part).
-    Resumable: run again with the same arguments after an interruption."""
+    Resumable: run again with the same arguments after an interruption.
+
+    For the shards of a sharded index (``d2r.distributed``): store_files, the store's shard files to
+    index (a subset, in store order; default all); first_id, the id of their first image (default
+    the base's next id, or 0); write_names=False leaves out OUT.names.txt."""
     store, out = Path(store), Path(out)
     if not isinstance(codebook, Codebook):
         codebook = Codebook.load(codebook)
@@ -82,24 +87,36 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
                          "regions (`d2r extract --proposals ...` or `--detector ...`) or use kernel 'asmk*'")
     probe.extractor = info["extractor"]
     shards = _shards(store) if store.is_dir() else [store]
+    if store_files is not None:
+        known = {p.name: p for p in shards}
+        missing = [str(f) for f in store_files if Path(f).name not in known]
+        if missing or not store_files:
+            raise ValueError(f"{store}: store_files must name shards of the store (not found: {missing[:3]})")
+        shards = [known[Path(f).name] for f in store_files]
     first = _load_file(shards[0])   # checked before any work; used again by the first batch
     dims = {f.descriptors.shape[1] for f in first[1] if f.descriptors.ndim == 2}
     if dims and dims != {codebook.dim}:
         raise ValueError(f"{store} holds {sorted(dims)}-D descriptors but the codebook has {codebook.dim}-D words; "
                          "train the codebook on features of the same extractor")
     base_idx = None
-    first_id = 0
     if base is not None:
         base = Path(base)
         base_idx = Index.load(base, mmap=True)
         _check_same(base_idx, probe, base)
-        first_id = base_idx._next_id
+        first_id_base = base_idx._next_id
+    else:
+        first_id_base = 0
+    if first_id is None:
+        first_id = first_id_base
+    elif base is not None or int(first_id) < 0:
+        raise ValueError("first_id is for builds without a base, and at least 0")
+    first_id = int(first_id)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
     work = Path(str(out) + ".build")
     settings = {"store": str(store.resolve()), "codebook": codebook.fingerprint, "meta": _settings(probe),
                 "batch_images": batch_images, "base": None if base is None else _file_key(base),
-                "shards": [p.name for p in shards]}
+                "shards": [p.name for p in shards], "first_id": first_id}
     journal = _open_journal(work, settings)
     if journal["next_shard"] > 0:   # resumed past the first shard
         first = None
@@ -141,12 +158,54 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
         if bar is not None:
             bar.close()
     index = _merge(out, [work / p["file"] for p in journal["parts"]], base, base_idx, probe, progress)
-    with atomic_write(names_file(out)) as f:
-        all_names = (_read_names(base) if base is not None else []) + names
-        f.write(("\n".join(all_names) + "\n").encode("utf-8"))
+    if write_names:
+        with atomic_write(names_file(out)) as f:
+            all_names = (_read_names(base) if base is not None else []) + names
+            f.write(("\n".join(all_names) + "\n").encode("utf-8"))
     if not keep_parts:
         shutil.rmtree(work, ignore_errors=True)
     return index
+
+
+def build_regional_search_index(store, out, codebook, pooling: str = "max", kernel: str = "asmk*", *,
+                                alpha: float = 3.0, tau: float = 0.0, normalize: bool = True, m_db: int = 1,
+                                m_query: int = 1, progress: bool = True, store_files=None, first_id: int = 0,
+                                write_names: bool = True) -> RegionalSearchIndex:
+    """Build a RegionalSearchIndex file `out` from the regions of a feature store (every region,
+    the whole image included, one entry; an image's score pooled over its regions, `pooling` "max"
+    or "mean") and return it. Built in memory (no streaming build for regional search yet): memory
+    grows with the store. store_files, first_id and write_names as for :func:`build_index`."""
+    store, out = Path(store), Path(out)
+    if not isinstance(codebook, Codebook):
+        codebook = Codebook.load(codebook)
+    info = store_info(store)
+    if not info["regions"]:
+        raise ValueError(f"{store}: the store holds no regions for regional search; extract with regions "
+                         "(`d2r extract --proposals ...` or `--detector ...`)")
+    idx = RegionalSearchIndex(codebook, kernel, pooling, alpha=alpha, tau=tau, normalize=normalize, m_db=m_db,
+                              m_query=m_query)
+    idx.extractor = info["extractor"]
+    files = _shards(store) if store.is_dir() else [store]
+    if store_files is not None:
+        files = [store / Path(f).name if store.is_dir() else store for f in store_files]
+    names = []
+    bar = _bar(info["images"] if store_files is None else None, "index regions", progress, leave=True)
+    for f in files:
+        shard_names, feats, regs = _load_file(f)
+        if feats:
+            ids = int(first_id) + len(names) + np.arange(len(feats), dtype=np.int64)
+            regions = [[fe.descriptors] + [c.descriptors for c in crops] for fe, (_, crops) in zip(feats, regs)]
+            idx.add_regions_many(regions, image_ids=ids, progress=False)
+        names += [str(n) for n in shard_names]
+        if bar is not None:
+            bar.update(len(shard_names))
+    if bar is not None:
+        bar.close()
+    idx.save(out)
+    if write_names:
+        with atomic_write(names_file(out)) as fh:
+            fh.write(("\n".join(names) + "\n").encode("utf-8"))
+    return idx
 
 
 def _settings(idx: _IndexBase) -> dict:

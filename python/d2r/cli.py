@@ -191,7 +191,18 @@ def _extract(args) -> int:
                     {"grid": lambda: detect.GridProposals(levels=3), "mser": detect.MSERProposals,
                      "keypoints": detect.KeypointClusterProposals}[args.proposals]())
     on_error = "raise" if args.strict else "skip"
-    if str(args.out).endswith(".npz"):
+    if args.ray:
+        if str(args.out).endswith(".npz") or args.strict:
+            raise UsageError("--ray writes a feature-store folder (give --out a folder name) and skips unreadable "
+                             "images (no --strict)")
+        from . import distributed
+
+        distributed.connect(args.ray)
+        ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
+        stored, errors = distributed.extract(paths, args.out, ext, actors=args.workers if args.workers > 1 else None,
+                                             detector=detector, max_regions=args.max_regions,
+                                             progress=not args.quiet)
+    elif str(args.out).endswith(".npz"):
         feats = _extract_listing_skips(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
         names = [os.path.abspath(p) for p in feats.images]
         save_features(args.out, names, list(feats), extractor=describe(sift), errors=feats.errors)
@@ -236,8 +247,34 @@ def _names_file(index_path) -> Path:
     return names_file(index_path)
 
 
+def _index_sharded(args, codebook) -> int:
+    from . import distributed
+
+    if args.base is not None:
+        raise UsageError("--base is not supported with --shards / --ray (build the distractors into the store instead)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: a sharded index is a folder (manifest.json and one file per shard); "
+                         "give a folder name")
+    distributed.connect(args.ray or "local")
+    m = distributed.build_sharded_index(args.features, args.out, codebook, args.shards, kernel=args.kernel,
+                                        regional_search=args.regional_search, normalize=not args.no_gamma,
+                                        batch_images=args.batch_images, progress=not args.quiet)
+    sizes = [s["images"] for s in m["shards"]]
+    total_bytes = sum(Path(p).stat().st_size for p in m["paths"])
+    if args.json:
+        _emit_json({"index": str(args.out), "manifest": str(Path(args.out) / distributed.MANIFEST),
+                    "shards": len(sizes), "images_per_shard": sizes, "images": m["images"], "file_bytes": total_bytes,
+                    "kernel": m["kernel"], "regional_search": m["pooling"],
+                    "codebook_fingerprint": codebook.fingerprint})
+    else:
+        print(f"{m['images']} images in {len(sizes)} shards ({', '.join(map(str, sizes))} images), "
+              f"{total_bytes / max(1, m['images']):.0f} bytes/image on disk -> {args.out} (manifest.json, "
+              f"names in {distributed.NAMES})")
+    return EXIT_OK
+
+
 def _index(args) -> int:
-    from .build import build_index
+    from .build import build_index, build_regional_search_index
     from .codebook import Codebook
     from .features import store_info
 
@@ -247,8 +284,22 @@ def _index(args) -> int:
         raise UsageError(f"{args.features}: the feature store holds no images; extract some with `d2r extract`")
     if args.base is not None and not Path(args.base).is_file():
         raise UsageError(f"--base {args.base}: no such index file (build it first with `d2r index`)")
-    index = build_index(args.features, args.out, codebook, kernel=args.kernel, base=args.base,
-                        normalize=not args.no_gamma, batch_images=args.batch_images, progress=not args.quiet)
+    if args.regional_search and args.kernel not in ("asmk*", "asmk"):
+        raise UsageError(f"--regional-search indexes each stored region with a plain kernel: use --kernel asmk* or "
+                         f"asmk, not {args.kernel}")
+    if args.regional_search and not info["regions"]:
+        raise UsageError(f"{args.features}: the store holds no regions for --regional-search; extract with regions "
+                         "(`d2r extract --proposals ...` or `--detector ...`)")
+    if args.shards > 1 or args.ray:
+        return _index_sharded(args, codebook)
+    if args.regional_search:
+        if args.base is not None:
+            raise UsageError("--base is for whole-image and regional-kernel indexes, not --regional-search")
+        index = build_regional_search_index(args.features, args.out, codebook, args.regional_search, kernel=args.kernel,
+                                            normalize=not args.no_gamma, progress=not args.quiet)
+    else:
+        index = build_index(args.features, args.out, codebook, kernel=args.kernel, base=args.base,
+                            normalize=not args.no_gamma, batch_images=args.batch_images, progress=not args.quiet)
     st = index.stats()
     st["file_bytes"] = Path(args.out).stat().st_size
     postings = st["postings"]
@@ -268,30 +319,12 @@ def _index(args) -> int:
 def _query_extractor(index, args):
     """The extractor the index's database features were made with (recorded by `d2r index`), with
     --max-features applied; the CLI's RootSIFT for indexes without a record."""
-    from .extract import RootSIFT, describe
+    from .extract.describe import query_extractor
 
-    rec = index.extractor
-    if rec is None:
-        warnings.warn(f"{args.index} does not record the extractor of its database features (an index written by "
-                      "an older d2r or from the Python API); extracting queries with RootSIFT", UserWarning)
-        return RootSIFT(max_features=args.max_features or 1000)
-    if rec.get("name") == "RootSIFT":
-        params = dict(rec.get("params", {}))
-        if args.max_features is not None:
-            params["max_features"] = args.max_features
-        ext = RootSIFT(**params)
-    elif args.delf:
-        ext = _make_extractor(args)
-    else:
-        raise UsageError(f"{args.index} was built from {rec.get('name')} features; pass the same extractor "
-                         "(--delf WEIGHTS) to search it")
-    got = describe(ext)
-    if got["fingerprint"] != rec.get("fingerprint"):
-        from .features import _extractor_label
-
-        raise UsageError(f"{args.index} was built from {_extractor_label(rec)} features, the queries would be "
-                         f"{_extractor_label(got)}; use the same extractor (and weights)")
-    return ext
+    try:
+        return query_extractor(index.extractor, args.max_features, getattr(args, "delf", None), where=str(args.index))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _read_names(args, index):
@@ -312,10 +345,25 @@ def _search(args) -> int:
     from .extract import NoUsableImagesError
     from .index import Index
 
-    index = Index.load(args.index, mmap=True)
+    sharded = Path(args.index).is_dir() or Path(args.index).name == "manifest.json"
+    if sharded:
+        from . import distributed
+
+        if args.rerank:
+            raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+        distributed.connect(args.ray or "local")
+        index = distributed.ShardedIndex(args.index)
+        names = index.names
+    else:
+        if args.ray:
+            raise UsageError(f"--ray searches a sharded index (a folder from `d2r index --shards N`); {args.index} is "
+                             "one index file, searched in this process")
+        index = Index.load(args.index, mmap=True)
+        names = None
     if len(index) == 0:
         raise UsageError(f"{args.index} holds no images; build it with `d2r index`")
-    names = _read_names(args, index)
+    if not sharded:
+        names = _read_names(args, index)
     extractor = _query_extractor(index, args)
     db_feats = None
     if args.rerank:
@@ -389,6 +437,29 @@ def _rerank_features(args, index, names):
     return [feats[pos[n]] for n in names]
 
 
+# ---- serve -------------------------------------------------------------------------------------------
+def _serve(args) -> int:
+    from . import distributed, serve
+
+    target = Path(args.index)
+    if not target.exists():
+        raise UsageError(f"{args.index}: no such index file or sharded-index folder")
+    distributed.connect(args.ray or "local")
+    serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf, max_features=args.max_features,
+              blocking=False)
+    print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "
+          "Ctrl-C stops it", flush=True)
+    import time
+
+    from ray import serve as ray_serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        ray_serve.shutdown()
+
+
 # ---- info, converters --------------------------------------------------------------------------------
 def _info(args) -> int:
     from . import build_info
@@ -422,6 +493,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+def _ray_option(p, what):
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help=f"{what}: 'local' starts one on this machine, 'auto' joins the running one, or a Ray address "
+                        "(HOST:6379, ray://HOST:10001); needs pip install 'd2r[ray]'")
 
 
 def _common(p, json_out=True):
@@ -477,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-regions", type=int, default=5, help="regions kept per image")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it and list it)")
+    _ray_option(p, "extract on a Ray cluster (Ray Data, one extractor actor per CPU or GPU; --workers: the number "
+                   "of actors)")
     _common(p)
     p.set_defaults(func=_extract)
 
@@ -504,7 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-images", type=int, default=10_000,
                    help="images per resumable batch (memory is bounded by one batch, about 17 bytes per posting)")
     p.add_argument("--out", required=True, help="output index file (e.g. db.d2r); an interrupted build resumes "
-                                                "from OUT.build/ when run again with the same arguments")
+                                                "from OUT.build/ when run again with the same arguments; with "
+                                                "--shards, a folder")
+    p.add_argument("--regional-search", default=None, choices=["max", "mean"],
+                   help="index every stored region as its own entry (kernel asmk* or asmk) and pool an image's "
+                        "region scores (max or mean) at search time")
+    p.add_argument("--shards", type=int, default=1,
+                   help="build a sharded index (a folder: manifest.json, one index file per shard) on Ray, one task "
+                        "per shard; implies --ray local unless --ray is given")
+    _ray_option(p, "build the shards on a Ray cluster")
     _common(p)
     p.set_defaults(func=_index)
 
@@ -522,8 +609,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable query image")
+    _ray_option(p, "the Ray cluster for a sharded index (default: local)")
     _common(p)
     p.set_defaults(func=_search)
+
+    p = add("serve", "an HTTP query service (Ray Serve) for an index file or a sharded index",
+            "POST /search with an image (raw bytes or a multipart field 'image') or descriptors (JSON "
+            "{\"descriptors\": [[...]]} or a .npy file) -> JSON ranked ids, scores and names; GET /health, "
+            "GET /stats. See d2r.serve for the formats.")
+    p.add_argument("index", help="an index file from `d2r index`, or a sharded-index folder (`d2r index --shards N`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface; mind who can reach "
+                                                       "it)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("-k", type=int, default=10, help="results per query unless the request says (?k=N)")
+    p.add_argument("--max-features", type=int, default=None, help="features extracted per query image (default: the "
+                                                                  "index's record)")
+    p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
+    _ray_option(p, "the Ray cluster to serve on (default: local)")
+    p.set_defaults(func=_serve)
 
     p = add("evaluate", "the pipeline on a dataset with the Revisited evaluation (mAP Easy / Medium / Hard)")
     pipeline_options(p)
@@ -565,7 +668,7 @@ def _check_outputs(args) -> None:
 
 def _check_numbers(args) -> None:
     for name, low in (("words", 1), ("iters", 1), ("sample", 1), ("k", 1), ("max_features", 1), ("workers", 1),
-                      ("batch_images", 1), ("max_regions", 1), ("rerank_top", 1)):
+                      ("batch_images", 1), ("max_regions", 1), ("rerank_top", 1), ("shards", 1), ("port", 1)):
         v = getattr(args, name, None)
         if v is not None and v < low:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
@@ -642,9 +745,16 @@ def main(argv=None) -> int:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as exc:
-        print(f"{prefix}: error: a package this needs is not installed ({_one_line(exc)}); install d2r with its "
-              "extras, e.g. pip install \"d2r[demo]\"", file=sys.stderr)
+        hint = "" if "d2r[" in str(exc) else "; install d2r with its extras, e.g. pip install \"d2r[demo]\""
+        print(f"{prefix}: error: a package this needs is not installed ({_one_line(exc)}){hint}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        from .distributed import ShardUnavailableError
+
+        if not isinstance(exc, ShardUnavailableError):
+            return _internal(prefix, exc, "")
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_NOTHING_USABLE
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted (completed shards and files are kept; rerun to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED

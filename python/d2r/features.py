@@ -203,13 +203,74 @@ def _scan_store(path):
         info["regions"] = info["regions"] or "region_image_offsets" in z
         if "errors" in z:
             info["errors"] += [(e["image"], e["error"]) for e in json.loads(str(z["errors"]))]
-    if path.is_dir() and (path / "errors.json").exists():
-        try:
-            info["errors"] = [(e["image"], e["error"]) for e in json.loads((path / "errors.json").read_text("utf-8"))]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path / 'errors.json'}: corrupt ({exc}); delete it (it only lists unreadable images)") \
-                from None
+    if path.is_dir():
+        info["errors"] = _merged_errors(path, set(names))
     return info, names
+
+
+def _error_files(folder: Path):
+    """errors.json (a store's one merged list) and the per-writer lists (errors-WRITER.json) of parallel
+    writers (``d2r.distributed.extract``) not merged yet."""
+    return [p for p in [folder / "errors.json"] + sorted(folder.glob("errors-*.json")) if p.exists()]
+
+
+def _merged_errors(folder: Path, stored: set) -> list:
+    """The store's unreadable images: every error list merged (one entry per image, the latest list
+    wins), without the images that have been stored since."""
+    merged = {}
+    for f in _error_files(folder):
+        try:
+            for e in json.loads(f.read_text("utf-8")):
+                merged[e["image"]] = e["error"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{f}: corrupt ({exc}); delete it (it only lists unreadable images)") from None
+    return [(n, e) for n, e in merged.items() if n not in stored]
+
+
+def merge_store_errors(folder) -> list:
+    """Merge the per-writer error lists of a feature-store folder into its errors.json (atomically) and
+    delete them; returns the merged list of (image, reason). Run once the parallel writers are done."""
+    folder = Path(folder)
+    files = _error_files(folder)
+    _, names = _scan_store(folder)
+    errors = _merged_errors(folder, set(names))
+    if files:
+        _write_errors(folder / "errors.json", errors)
+        for f in files:
+            if f.name != "errors.json":
+                f.unlink()
+    return errors
+
+
+def drop_duplicate_images(folder) -> int:
+    """Keep one copy of each image in a feature-store folder (the first, in shard order): a shard that
+    repeats images stored before is rewritten without them (atomically), or deleted when nothing else
+    is left. Parallel writers can leave such copies when a writer dies after writing a shard but
+    before reporting it, and its batch is run again. Returns the number of copies dropped."""
+    folder = Path(folder)
+    seen, dropped = set(), 0
+    for shard in _shards(folder):
+        names = [str(n) for n in _read_npz(shard, {"names"})["names"]]
+        keep = [n not in seen for n in names]
+        seen.update(names)
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        if not any(keep):
+            shard.unlink()
+            continue
+        z = _read_npz(shard, {"extractor", "region_image_offsets"})
+        extractor = _extractor_of(z, shard)
+        n, f, r = _load_file(shard)
+        save_features(shard, [a for a, k in zip(n, keep) if k], [a for a, k in zip(f, keep) if k],
+                      [a for a, k in zip(r, keep) if k] if "region_image_offsets" in z else None,
+                      extractor=None if extractor == "absent" else extractor)
+    return dropped
+
+
+def _write_errors(path: Path, errors) -> None:
+    with atomic_write(path) as fh:
+        fh.write(json.dumps([{"image": n, "error": e} for n, e in errors], indent=1).encode("utf-8"))
 
 
 def _load_file(path: Path):
@@ -231,10 +292,41 @@ def _load_file(path: Path):
 
 
 _SHARD = "shard-{:05d}.npz"
+#: A parallel writer's shards: shard-WRITER-NNNNN.npz (WRITER: letters and digits, unique per writer).
+_WRITER_SHARD = "shard-{}-{:05d}.npz"
 
 
 def _shards(folder: Path):
     return sorted(folder.glob("shard-*.npz"))
+
+
+def _next_shard_number(shards, writer=None) -> int:
+    """The next free shard number of the one sequential writer (writer None: shard-NNNNN.npz) or of a
+    named parallel writer (shard-WRITER-NNNNN.npz)."""
+    numbers = []
+    for p in shards:
+        parts = p.stem.split("-")
+        if writer is None and len(parts) == 2 and parts[1].isdigit():
+            numbers.append(int(parts[1]))
+        elif writer is not None and len(parts) == 3 and parts[1] == writer and parts[2].isdigit():
+            numbers.append(int(parts[2]))
+    return max(numbers) + 1 if numbers else 0
+
+
+def _extract_one(extractor, detector, max_regions, path):
+    """(whole-image Features, (kept boxes, crop Features) or None) of one image path."""
+    if detector is None:
+        return extractor(path), None
+    from .extract import load_image_rgb
+    from .regions import regions_by_reextraction, select_boxes
+
+    img = load_image_rgb(path)
+    whole = extractor(img)
+    boxes, scores = detector(img)
+    kept, kept_scores, _ = select_boxes(boxes, scores, img.shape[:2], score_threshold=None, max_boxes=max_regions)
+    _, _, crops = regions_by_reextraction(img, extractor, kept, kept_scores, whole_features=whole,
+                                          score_threshold=None)
+    return whole, (kept, crops)
 
 
 def _extract_parallel(extractor, todo, shard_size, workers, strict, errors, names, stored_now, feats, regs, flush,
@@ -307,7 +399,7 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     folder.mkdir(parents=True, exist_ok=True)
     old_errors = stored_info["errors"]
     todo = [p for p in dict.fromkeys(images) if p not in done]
-    next_index = (int(shards[-1].stem.split("-")[1]) + 1) if shards else 0
+    next_index = _next_shard_number(shards)
     errors = []
     from ._progress import bar as progress_bar
 
@@ -329,22 +421,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     def write_errors():
         this_run = {n for n, _ in errors}
         kept = [(n, e) for n, e in old_errors if n not in done and n not in this_run and n not in stored_now]
-        with atomic_write(folder / "errors.json") as fh:
-            fh.write(json.dumps([{"image": n, "error": e} for n, e in kept + errors], indent=1).encode("utf-8"))
-
-    def extract_one(path):
-        if detector is None:
-            return extractor(path), None
-        from .extract import load_image_rgb
-        from .regions import regions_by_reextraction, select_boxes
-
-        img = load_image_rgb(path)
-        whole = extractor(img)
-        boxes, scores = detector(img)
-        kept, kept_scores, _ = select_boxes(boxes, scores, img.shape[:2], score_threshold=None, max_boxes=max_regions)
-        _, _, crops = regions_by_reextraction(img, extractor, kept, kept_scores, whole_features=whole,
-                                              score_threshold=None)
-        return whole, (kept, crops)
+        _write_errors(folder / "errors.json", kept + errors)
+        for f in _error_files(folder):   # merged now
+            if f.name != "errors.json":
+                f.unlink()
 
     stored_now = set()
     try:
@@ -354,7 +434,7 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
             todo = []
         for path in todo:
             try:
-                f, r = extract_one(path)
+                f, r = _extract_one(extractor, detector, max_regions, path)
             except ImageLoadError as exc:
                 errors.append((path, str(exc)))
                 if strict:

@@ -400,12 +400,17 @@ class Index(_IndexBase):
         `fingerprint`: the fingerprint of the codebook that made them (``codebook.fingerprint``), checked
         against the index's when given. Atomic: all the images are indexed, or none (an error leaves the
         index unchanged)."""
+        batches, n = self._db_batches(descriptors, offsets, progress, assignments, fingerprint)
+        ids = None if image_ids is None else as_ids(image_ids, n)
+        return self._insert(batches, ids)
+
+    def _db_batches(self, descriptors, offsets=None, progress=None, assignments=None, fingerprint=None):
+        """(aggregated batches, number of images) of images to add, as `add` aggregates them."""
         x, offs, _ = self._as_images(descriptors, offsets)
-        ids = None if image_ids is None else as_ids(image_ids, offs.shape[0] - 1)
         kern = self.kernel if self.spec.regional else self.spec.query_kernel
         batches = [b for _, b in self._aggregate_chunks(x, offs, kern, self.m_db, progress, assignments,
                                                         fingerprint, "index")]
-        return self._insert(batches, ids)
+        return batches, offs.shape[0] - 1
 
     def add_regions(self, regions, image_id=None) -> int:
         """Index one database image given by its regions (a list of arrays with region 0 the whole
@@ -419,16 +424,21 @@ class Index(_IndexBase):
         optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
         (for a region list: the regions' arrays concatenated in order), made by the codebook with
         `fingerprint` (checked when given). Atomic."""
+        regions_list = list(regions_list)
+        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
+        return self._insert(self._region_batches(regions_list, progress, batch_size, assignments, fingerprint), ids)
+
+    def _region_batches(self, regions_list, progress=None, batch_size: int = 512, assignments=None,
+                        fingerprint=None):
+        """The aggregated batches of images given by their regions, as `add_regions_many` makes them."""
         if not self.spec.regional:
             raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
                              "'naive-rasmk', or RegionalSearchIndex")
-        regions_list = list(regions_list)
         if assignments is not None and len(assignments) != len(regions_list):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
         if not regions_list:
             raise ValueError("no images given (empty list)")
         batch_size = check_positive_int(batch_size, "batch_size")
-        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         bar = _bar(len(regions_list), "aggregate regions",
                    progress if progress is not None else len(regions_list) >= 2000)
         batches = []
@@ -441,7 +451,7 @@ class Index(_IndexBase):
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        return self._insert(batches, ids)
+        return batches
 
     def add_aggregated(self, aggregated, image_ids=None) -> np.ndarray:
         """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
@@ -553,6 +563,19 @@ class RegionalSearchIndex(_IndexBase):
                          assignments=None, fingerprint=None) -> np.ndarray:
         """Index many images given by their regions (each region one entry). `assignments` and
         `fingerprint` as for Index.add_regions_many. Atomic."""
+        regions_list = list(regions_list)
+        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
+        b, owner = self._region_entries(regions_list, progress, assignments, fingerprint)
+        if ids is None:
+            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, None, owner)
+        else:
+            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, np.ascontiguousarray(ids[owner]))
+        first = np.searchsorted(owner, np.arange(len(regions_list)))
+        return entry_ids[first]
+
+    def _region_entries(self, regions_list, progress=None, assignments=None, fingerprint=None):
+        """(AggregatedBatch of the entries, entry -> image position int64) of images given by their
+        regions: one entry per region."""
         if assignments is not None:
             check_fingerprint(fingerprint, self.codebook.fingerprint, "the assignments")
         regions_list = [Regions.coerce(r, self.codebook.dim) for r in regions_list]
@@ -560,7 +583,6 @@ class RegionalSearchIndex(_IndexBase):
             raise ValueError("no images given (empty list)")
         if assignments is not None and len(assignments) != len(regions_list):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
-        ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         # Every region becomes one entry: a plain image made of that region's descriptors.
         flat, flat_assign, owner = [], [], []
         for k, r in enumerate(regions_list):
@@ -577,14 +599,7 @@ class RegionalSearchIndex(_IndexBase):
         flat_assign = np.concatenate(flat_assign) if assignments is not None else None
         batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, flat_assign,
                                                         desc="index regions")]
-        b = AggregatedBatch.concat(batches)
-        owner = np.asarray(owner, np.int64)
-        if ids is None:
-            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, None, owner)
-        else:
-            entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, np.ascontiguousarray(ids[owner]))
-        first = np.searchsorted(owner, np.arange(len(regions_list)))
-        return entry_ids[first]
+        return AggregatedBatch.concat(batches), np.asarray(owner, np.int64)
 
     def add_aggregated(self, aggregated, image_ids=None):
         raise NotImplementedError("RegionalSearchIndex indexes regions: use add_regions / add_regions_many")

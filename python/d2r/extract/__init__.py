@@ -11,6 +11,7 @@ from .rootsift import (
     TruncatedImageWarning,
     UnreadableImagesWarning,
     SIFTResult,
+    decode_image_rgb,
     extract_many,
     load_image_gray,
     load_image_rgb,
@@ -22,6 +23,7 @@ from .describe import describe
 
 __all__ = [
     "Features",
+    "decode_image_rgb",
     "RootSIFT",
     "SIFTResult",
     "ImageLoadError",

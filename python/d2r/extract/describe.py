@@ -48,3 +48,38 @@ def describe(extractor) -> dict:
                      sort_keys=True, default=str)
     info["fingerprint"] = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return info
+
+
+def query_extractor(record, max_features=None, delf=None, where: str = "the index"):
+    """The extractor to extract queries with for an index (or store) whose database features were made
+    by the extractor `record` (``describe``'s dict; None: not recorded, RootSIFT(1000) with a
+    UserWarning). RootSIFT is rebuilt from the record (`max_features` overrides its count); a
+    DELF-type record needs the same weights, `delf` (a path). ValueError when the queries would not
+    be comparable (another extractor, other weights)."""
+    import warnings
+
+    from .delf import DELF
+    from .rootsift import RootSIFT
+
+    if record is None:
+        warnings.warn(f"{where} does not record the extractor of its database features (an index written by an "
+                      "older d2r or from the Python API); extracting queries with RootSIFT", UserWarning,
+                      stacklevel=2)
+        return RootSIFT(max_features=max_features or 1000)
+    if record.get("name") == "RootSIFT":
+        params = dict(record.get("params", {}))
+        if max_features is not None:
+            params["max_features"] = max_features
+        ext = RootSIFT(**params)
+    elif delf:
+        ext = DELF(delf, max_features=max_features or 1000)
+    else:
+        raise ValueError(f"{where} was built from {record.get('name')} features; pass the same extractor "
+                         "(--delf WEIGHTS) to search it")
+    got = describe(ext)
+    if got["fingerprint"] != record.get("fingerprint"):
+        from ..features import _extractor_label
+
+        raise ValueError(f"{where} was built from {_extractor_label(record)} features, the queries would be "
+                         f"{_extractor_label(got)}; use the same extractor (and weights)")
+    return ext

@@ -192,6 +192,15 @@ def read_image_rgb(path: Union[str, "os.PathLike[str]"]) -> np.ndarray:
         buf = np.fromfile(p, dtype=np.uint8)
     except OSError as exc:
         raise ImageLoadError(f"cannot read image file {p!r}: {exc}") from exc
+    return decode_image_rgb(buf, p)
+
+
+def decode_image_rgb(data, name: str = "<bytes>") -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...; bytes or a uint8 array) decoded to HxWx3 uint8 RGB exactly
+    as read_image_rgb decodes a file holding them; `name` labels the errors."""
+    cv2 = _cv2()
+    p = name
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise ImageLoadError(f"cannot decode image file {p!r}: file is empty")
     try:

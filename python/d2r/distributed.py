@@ -1,0 +1,826 @@
+"""Beyond one machine, on Ray: distributed extraction, sharded indexes and fan-out search.
+
+Needs Ray (``pip install 'd2r[ray]'``); d2r must be installed on every node of the cluster, and the
+feature store and the index shards must live on storage every node sees under the same path (a
+shared POSIX file system: NFS, Lustre, CephFS, a local disk on one machine). Object-store URIs
+(``s3://``, ``gs://``) are not supported: a shard is memory-mapped, which needs a file.
+
+* :func:`connect` starts or joins a cluster (``"local"``: one on this machine; ``"auto"``: the
+  running one; or an address).
+* :func:`extract` runs any d2r extractor (and region source) over images with Ray Data
+  (``map_batches`` on a pool of extractor actors, ``num_gpus=1`` per actor where the cluster has
+  GPUs) and writes the same resumable feature store as ``d2r extract``; each actor writes its own
+  shards (``shard-WRITER-NNNNN.npz``) and error list, merged into ``errors.json`` at the end.
+* :func:`build_sharded_index` builds N shards in parallel (one Ray task per shard, each streaming
+  its part of the store like :func:`d2r.build.build_index`) into a folder: ``shard-NNNNN.d2r``
+  (each a normal index file: ``d2r.Index.load`` opens any of them alone), ``names.txt`` (image names
+  by id) and ``manifest.json`` (written last, atomically).
+* :class:`ShardedIndex` opens a manifest: one actor per shard memory-maps its file; a query is
+  quantised and aggregated once, sent to every shard, and the shards' top-k are merged with the
+  single index's tie rule (score descending, id ascending). ASMK scores are per-image sums with
+  per-image normalisation and d2r keeps no global statistics, so the merged ranking is exactly the
+  single index's.
+
+Routing: a shard owns a contiguous block of the ids the build gave (the images of consecutive store
+shards); an id at or after the build's last one (an image added later) belongs to shard
+``id % n_shards``. The manifest records both (``routing``).
+
+Faults: shard actors restart (``max_restarts``) and reload their shard file, then replay the
+shard's log (``shard-NNNNN.d2r.log``): an add or remove is written to the log and fsynced before it
+is acknowledged, so a restart loses nothing acknowledged; :meth:`ShardedIndex.checkpoint` saves the
+shards and empties the logs. A call that hits a dead or restarting shard is retried (``retries``
+times, with a growing wait) and then completes with the full answer, or raises
+:class:`ShardUnavailableError` naming the shard; ``allow_partial=True`` returns what the other shards
+answered with a record of which did.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ._atomic import atomic_write
+from ._checks import as_ids, check_k, check_positive_int
+from ._progress import bar as _bar
+from .aggregate import AggregatedBatch, Regions
+from .codebook import Codebook
+from .index import Index, RegionalSearchIndex
+from .kernels import code_bytes
+
+__all__ = ["ShardUnavailableError", "ShardedIndex", "build_sharded_index", "connect", "extract", "open_index",
+           "read_manifest", "route"]
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "d2r-sharded-index"
+MANIFEST_VERSION = 1
+NAMES = "names.txt"
+_SHARD_FILE = "shard-{:05d}.d2r"
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard did not answer after the bounded retries (its actor is dead, restarts exhausted, or
+    did not come back in time). `shards`: the shard numbers; `paths`: their files."""
+
+    def __init__(self, message, shards=(), paths=()):
+        super().__init__(message)
+        self.shards = list(shards)
+        self.paths = list(paths)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("d2r.distributed needs Ray: pip install 'd2r[ray]' (or pip install 'ray[data,serve]')") \
+            from None
+    return ray
+
+
+def connect(address: str | None = "local", num_cpus: int | None = None, **init_kwargs):
+    """Start or join a Ray cluster (once per process; a process already connected keeps its cluster).
+
+    address: "local" (or None) starts one on this machine with `num_cpus` CPUs (default: all);
+    "auto" joins the cluster running on this machine (``ray start --head``); anything else is a Ray
+    address (``HOST:6379`` or ``ray://HOST:10001``). Returns the cluster's resources."""
+    ray = _ray()
+    if not ray.is_initialized():
+        init_kwargs.setdefault("logging_level", logging.WARNING)   # not Ray's start-up notices
+        if address in (None, "local"):
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+        else:
+            if num_cpus is not None:
+                raise ValueError("num_cpus is for a local cluster; a running cluster has its own")
+            ray.init(address=address, **init_kwargs)
+    return ray.cluster_resources()
+
+
+def _require_connected():
+    ray = _ray()
+    if not ray.is_initialized():
+        raise RuntimeError("not connected to a Ray cluster: call d2r.distributed.connect('local' | 'auto' | ADDRESS) "
+                           "first (the command line's --ray)")
+    return ray
+
+
+# ---- extraction --------------------------------------------------------------------------------------
+class _ExtractActor:
+    """A Ray Data map_batches callable: extracts a batch of image paths and writes them as one shard
+    of its own (shard-WRITER-NNNNN.npz) plus its error list (errors-WRITER.json)."""
+
+    def __init__(self, store, extractor, detector, max_regions):
+        from .extract import describe
+        from .features import _next_shard_number, _shards
+
+        self.store = Path(store)
+        self.extractor = extractor() if isinstance(extractor, _Factory) else extractor
+        self.detector = detector() if isinstance(detector, _Factory) else detector
+        self.max_regions = max_regions
+        self.info = describe(self.extractor)
+        self.writer = uuid.uuid4().hex[:12]
+        self.next = _next_shard_number(_shards(self.store), self.writer)
+        self.errors = []
+
+    def __call__(self, batch):
+        from .extract import ImageLoadError
+        from .features import _WRITER_SHARD, _extract_one, _write_errors, save_features
+
+        names, feats, regs, ok, why = [], [], [], [], []
+        for path in batch["path"]:
+            path = str(path)
+            try:
+                f, r = _extract_one(self.extractor, self.detector, self.max_regions, path)
+            except ImageLoadError as exc:
+                self.errors.append((path, str(exc)))
+                ok.append(False)
+                why.append(str(exc))
+                continue
+            names.append(path)
+            feats.append(f)
+            regs.append(r)
+            ok.append(True)
+            why.append("")
+        if names:
+            save_features(self.store / _WRITER_SHARD.format(self.writer, self.next), names, feats,
+                          regs if self.detector is not None else None, extractor=self.info)
+            self.next += 1
+        if self.errors:
+            _write_errors(self.store / f"errors-{self.writer}.json", self.errors)
+        return {"path": np.asarray([str(p) for p in batch["path"]]), "ok": np.asarray(ok, bool),
+                "error": np.asarray(why, dtype=str)}
+
+
+class _Factory:
+    """A zero-argument constructor run inside each actor (for extractors that should not be pickled
+    whole, e.g. DELF with its weights): ``_Factory(DELF, weights, max_features=1000)``."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self):
+        return self.fn(*self.args, **self.kwargs)
+
+
+def extract(images, store, extractor=None, *, actors: int | None = None, shard_size: int = 64, detector=None,
+            max_regions: int = 5, num_gpus: float | None = None, cpus_per_actor: float = 1.0,
+            progress: bool = True):
+    """Extract `images` (paths) into the feature-store folder `store` on the Ray cluster, resumably:
+    the store's images are skipped, the rest go through Ray Data ``map_batches`` on a pool of `actors`
+    extractor actors (default: one per CPU of the cluster, or per GPU where it has GPUs), `shard_size`
+    images per shard. Each actor writes its own shards, so any number run at once; unreadable images
+    are listed (``errors.json``, merged at the end), never fatal.
+
+    extractor: a d2r extractor (default RootSIFT(1000)), pickled to every actor. detector: a region
+    source as in :func:`d2r.extract_dataset` (the kept boxes are re-extracted and stored as regions).
+    num_gpus: GPUs per actor (default: 1 where the cluster has GPUs, else 0).
+
+    Returns (the names stored by this run, errors of this run as (name, reason))."""
+    ray = _require_connected()
+    from .extract import NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
+    from .features import _scan_store, check_extractor, drop_duplicate_images, merge_store_errors
+
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise TypeError(f"images must be a list of image paths, got one path {images!r}")
+    shard_size = check_positive_int(shard_size, "shard_size")
+    store = Path(store).resolve()
+    if store.exists() and not store.is_dir():
+        raise ValueError(f"{store}: exists and is not a folder (a distributed extraction writes a store folder)")
+    extractor = extractor if extractor is not None else RootSIFT(max_features=1000)
+    info = describe(extractor() if isinstance(extractor, _Factory) else extractor)
+    stored = set()
+    if store.exists() and any(store.glob("shard-*.npz")):
+        stored_info, names = _scan_store(store)
+        check_extractor(stored_info["extractor"], info, store)
+        stored = set(names)
+    store.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in dict.fromkeys(os.path.abspath(os.fspath(p)) for p in images) if p not in stored]
+    errors, done = [], []
+    if todo:
+        res = ray.cluster_resources()
+        if num_gpus is None:
+            num_gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+        if actors is None:
+            actors = int(res.get("GPU", 0) // max(num_gpus, 1e-9)) if num_gpus else int(res.get("CPU", 1)
+                                                                                            // cpus_per_actor)
+        actors = max(1, min(check_positive_int(actors, "actors"), -(-len(todo) // shard_size)))
+        quiet = warnings.catch_warnings()   # Ray Data's own deprecation notices about its settings
+        quiet.__enter__()
+        warnings.filterwarnings("ignore", message=".*deprecated", module=r"ray(\.|$)")
+        ctx = ray.data.DataContext.get_current()   # d2r's own bar shows the progress, once
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // shard_size))
+        out = ds.map_batches(_ExtractActor, batch_size=shard_size,
+                             compute=ray.data.ActorPoolStrategy(size=actors),
+                             fn_constructor_args=(str(store), extractor, detector, max_regions),
+                             num_cpus=cpus_per_actor, num_gpus=num_gpus or None)
+        bar = _bar(len(todo), "extract (ray)", progress, leave=True)
+        try:
+            for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+                for p, ok, why in zip(b["path"], b["ok"], b["error"]):
+                    (done.append(str(p)) if ok else errors.append((str(p), str(why))))
+                if bar is not None:
+                    bar.update(len(b["path"]))
+        finally:
+            quiet.__exit__(None, None, None)
+            if bar is not None:
+                bar.close()
+    dropped = drop_duplicate_images(store)   # a batch run again after its actor died, its shard already written
+    if dropped:
+        done = sorted(set(done))
+    merge_store_errors(store)
+    if errors:
+        if not done and not stored:
+            raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); all "
+                                      f"are listed in {store / 'errors.json'}")
+        warnings.warn(f"{len(errors)} of {len(todo)} images could not be read and were skipped (first: "
+                      f"{errors[0][1]}); all are listed in {store / 'errors.json'}", UnreadableImagesWarning,
+                      stacklevel=2)
+    return done, errors
+
+
+# ---- manifest and routing ----------------------------------------------------------------------------
+def read_manifest(path) -> dict:
+    """The manifest of a sharded index (its folder or its manifest.json), checked; the shard paths
+    resolved against the folder (``"paths"``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such sharded-index manifest (build one with `d2r index --shards N`)")
+    try:
+        m = json.loads(path.read_text("utf-8"))
+        if m.get("format") != MANIFEST_FORMAT:
+            raise ValueError("not a d2r sharded-index manifest")
+        if m.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"manifest version {m.get('version')} (this d2r reads {MANIFEST_VERSION}): upgrade d2r")
+        n = len(m["shards"])
+        r = m["routing"]
+        if n < 1 or r["modulo"] != n or len(r["bounds"]) != n + 1 or np.any(np.diff(r["bounds"]) < 0):
+            raise ValueError("inconsistent shards and routing")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: corrupt or foreign manifest ({exc})") from None
+    m["paths"] = [str(path.parent / s["file"]) for s in m["shards"]]
+    m["folder"] = str(path.parent)
+    return m
+
+
+def route(manifest: dict, image_ids) -> np.ndarray:
+    """The shard of each image id: the shard whose build block holds it, or id % n_shards for ids at or
+    after the build's last (images added later)."""
+    ids = np.asarray(image_ids, np.int64)
+    bounds = np.asarray(manifest["routing"]["bounds"], np.int64)
+    n = len(bounds) - 1
+    in_blocks = np.clip(np.searchsorted(bounds, ids, side="right") - 1, 0, n - 1)
+    return np.where(ids < bounds[-1], in_blocks, ids % n).astype(np.int64)
+
+
+def _store_shard_sizes(store: Path):
+    from .features import _read_npz, _shards
+
+    files = _shards(store) if store.is_dir() else [store]
+    return files, [len(_read_npz(f, {"names"})["names"]) for f in files]
+
+
+def _split(sizes, n):
+    """Contiguous groups of store shards, n of them, balanced by image count: group boundaries."""
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    total = cum[-1]
+    cuts = [0]
+    for s in range(1, n):
+        cuts.append(max(cuts[-1], int(np.searchsorted(cum, total * s / n, side="left"))))
+    cuts.append(len(sizes))
+    return [min(c, len(sizes)) for c in cuts]
+
+
+def _build_one(store, files, out, centroids, kernel, pooling, params, first_id, batch_images):
+    """One shard: a streaming build of its store files (for regional search, an in-memory build);
+    returns (images, names)."""
+    from .build import build_index, build_regional_search_index
+    from .features import _read_npz, store_info
+
+    codebook = Codebook(centroids)
+    store, out = Path(store), Path(out)
+    if not files:   # an empty shard: it receives images added later
+        idx = RegionalSearchIndex(codebook, kernel, pooling, **params) if pooling else Index(codebook, kernel, **params)
+        idx.extractor = store_info(store)["extractor"]
+        idx.save(out)
+        return 0, []
+    if pooling:
+        idx = build_regional_search_index(store, out, codebook, pooling, kernel, progress=False, store_files=files,
+                                          first_id=first_id, write_names=False, **params)
+    else:
+        idx = build_index(store, out, codebook, kernel, progress=False, batch_images=batch_images, store_files=files,
+                          first_id=first_id, write_names=False, **params)
+    names = [str(n) for f in files for n in _read_npz(store / f if store.is_dir() else store, {"names"})["names"]]
+    return len(idx), names
+
+
+def build_sharded_index(store, out, codebook, shards: int, kernel: str = "asmk*", *, regional_search: str | None = None,
+                        alpha: float = 3.0, tau: float = 0.0, normalize: bool = True, m_db: int = 1, m_query: int = 1,
+                        batch_images: int = 10_000, cpus_per_task: float = 1.0, progress: bool = True) -> dict:
+    """Build a sharded index of the feature store `store` in the folder `out`, one Ray task per shard
+    (run in parallel as the cluster's CPUs allow), and return its manifest.
+
+    shards: the number of shards; each gets a contiguous block of the store's shards (balanced by
+    images), so each task reads only its part of the store. kernel: as for ``d2r index`` ("asmk*",
+    "asmk", or a regional kernel over stored regions); regional_search="max" | "mean": a
+    RegionalSearchIndex per shard instead (each region its own entry; built in memory per shard).
+    Resumable: shards already built (recorded in ``out/build.json``) are kept when run again with the
+    same arguments, and each shard's own build resumes as :func:`d2r.build.build_index` does. The
+    manifest is written last, atomically: a folder without one is an unfinished build."""
+    ray = _require_connected()
+    from .features import store_info
+
+    store, out = Path(store).resolve(), Path(out)
+    shards = check_positive_int(shards, "shards")
+    if not isinstance(codebook, Codebook):
+        codebook = Codebook.load(codebook)
+    info = store_info(store)
+    if info["images"] == 0:
+        raise ValueError(f"{store}: the feature store holds no images; extract some with `d2r extract`")
+    params = {"alpha": alpha, "tau": tau, "normalize": normalize, "m_db": m_db, "m_query": m_query}
+    probe = (RegionalSearchIndex(codebook, kernel, regional_search, **params) if regional_search
+             else Index(codebook, kernel, **params))   # checks the kernel and parameters here, before any task
+    if (probe.spec.regional or regional_search) and not info["regions"]:
+        what = "regional search" if regional_search else f"kernel {kernel!r}"
+        raise ValueError(f"{store}: the store holds no regions, which {what} needs; extract with regions "
+                         "(`d2r extract --proposals ...` or `--detector ...`) or use kernel 'asmk*'")
+    files, sizes = _store_shard_sizes(store)
+    cuts = _split(sizes, shards)
+    cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    bounds = [int(cum[c]) for c in cuts]
+    groups = [[f.name for f in files[cuts[s]:cuts[s + 1]]] for s in range(shards)]
+    out.mkdir(parents=True, exist_ok=True)
+    key = {"store": str(store), "files": [f.name for f in files], "codebook": codebook.fingerprint,
+           "meta": {k: v for k, v in probe._meta().items() if k != "extractor"}, "shards": shards,
+           "batch_images": batch_images}
+    record_path = out / "build.json"
+    record = {"key": key, "done": {}}
+    if record_path.exists():
+        old = json.loads(record_path.read_text("utf-8"))
+        if old.get("key") == key:
+            record = old
+    remote = ray.remote(num_cpus=cpus_per_task)(_build_one)
+    cref = ray.put(codebook.centroids)
+    pending = {}
+    for s in range(shards):
+        name = _SHARD_FILE.format(s)
+        if str(s) in record["done"] and (out / name).exists():
+            continue
+        pending[remote.remote(str(store), groups[s], str(out / name), cref, probe.kernel, regional_search, params,
+                              bounds[s], batch_images)] = s
+    bar = _bar(shards, "build shards", progress, unit="shard", leave=True)
+    if bar is not None:
+        bar.update(shards - len(pending))
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            s = pending.pop(ready[0])
+            n, names = ray.get(ready[0])
+            record["done"][str(s)] = {"images": n, "names": names}
+            with atomic_write(record_path) as f:
+                f.write(json.dumps(record).encode("utf-8"))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    with atomic_write(out / NAMES) as f:
+        names = [n for s in range(shards) for n in record["done"][str(s)]["names"]]
+        f.write(("\n".join(names) + "\n").encode("utf-8"))
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                "shards": [{"file": _SHARD_FILE.format(s), "images": record["done"][str(s)]["images"],
+                            "ids": [bounds[s], bounds[s + 1]]} for s in range(shards)],
+                "routing": {"bounds": bounds, "modulo": shards,
+                            "rule": "an id in [bounds[s], bounds[s+1]) belongs to shard s; an id >= bounds[-1] to "
+                                    "shard id % modulo"},
+                "kind": type(probe).__name__, "kernel": probe.kernel, "pooling": regional_search,
+                "params": params, "codebook_fingerprint": codebook.fingerprint, "extractor": info["extractor"],
+                "names": NAMES, "images": int(cum[-1]), "store": str(store)}
+    with atomic_write(out / MANIFEST) as f:
+        f.write(json.dumps(manifest, indent=1).encode("utf-8"))
+    return read_manifest(out)
+
+
+# ---- the shard log -----------------------------------------------------------------------------------
+_LOG_MAGIC = b"D2RL"
+_LOG_HEAD = struct.Struct("<4sBQI")   # magic, op (1 add, 2 remove), payload bytes, crc32 of the payload
+_ADD, _REMOVE = 1, 2
+
+
+def _log_record(op: int, **arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    payload = buf.getvalue()
+    return _LOG_HEAD.pack(_LOG_MAGIC, op, len(payload), zlib.crc32(payload)) + payload
+
+
+def _read_log(path: Path):
+    """[(op, arrays)] of the complete records, and the byte length they cover (a torn tail, from a
+    crash while appending a record that was never acknowledged, is past it)."""
+    data = path.read_bytes() if path.exists() else b""
+    pos, out = 0, []
+    while pos + _LOG_HEAD.size <= len(data):
+        magic, op, n, crc = _LOG_HEAD.unpack_from(data, pos)
+        end = pos + _LOG_HEAD.size + n
+        if magic != _LOG_MAGIC or op not in (_ADD, _REMOVE) or end > len(data):
+            break
+        payload = data[pos + _LOG_HEAD.size:end]
+        if zlib.crc32(payload) != crc:
+            break
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            out.append((op, {k: z[k] for k in z.files}))
+        pos = end
+    return out, pos, len(data)
+
+
+def _entries_subset(offsets, words, codes, entry_ids, keep):
+    """The entries of a CSR batch where `keep` (per entry) holds."""
+    sel = np.flatnonzero(keep)
+    lens = np.diff(offsets)[sel]
+    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sel]) if sel.size else np.zeros(0, np.int64)
+    new_off = np.zeros(sel.size + 1, np.int64)
+    new_off[1:] = np.cumsum(lens)
+    return new_off, np.ascontiguousarray(words[rows]), np.ascontiguousarray(codes[rows]), entry_ids[sel]
+
+
+class _ShardActor:
+    """One shard, memory-mapped, in a Ray actor. Restarted by Ray after a crash: __init__ runs again,
+    maps the shard file and replays its log. Searches may run concurrently (max_concurrency); adds,
+    removes and checkpoints take the actor's write lock, so the log's order is the order applied."""
+
+    def __init__(self, number: int, path: str, verify):
+        self.number = number
+        self.path = Path(path)
+        self.log_path = Path(path + ".log")
+        self.verify_mode = verify
+        self.lock = threading.Lock()
+        self.index = Index.load(self.path, mmap=True, verify=verify)
+        self.replayed = self._replay()
+        self.log = open(self.log_path, "ab")
+
+    # idempotent application: an add skips ids already present, a remove ids already absent, so
+    # replaying a log over a file that already holds some of it (a crash between a checkpoint's save
+    # and the log's truncation) gives the same state.
+    def _apply_add(self, offsets, words, codes, entry_ids):
+        present = self._contains(entry_ids)
+        if present.any():
+            offsets, words, codes, entry_ids = _entries_subset(offsets, words, codes, entry_ids, ~present)
+        if entry_ids.size:
+            self.index._ivf.add(offsets, words, code_bytes(codes), entry_ids)
+        return int(np.unique(entry_ids).size)
+
+    def _apply_remove(self, ids):
+        ids = ids[self._contains(ids)]
+        return int(self.index._ivf.remove(ids)) if ids.size else 0
+
+    def _contains(self, ids):
+        return np.fromiter((int(i) in self.index for i in ids), bool, count=len(ids))
+
+    def _replay(self) -> int:
+        records, good, size = _read_log(self.log_path)
+        for op, a in records:
+            if op == _ADD:
+                self._apply_add(a["offsets"], a["words"], a["codes"], a["ids"])
+            else:
+                self._apply_remove(a["ids"])
+        if good < size:
+            warnings.warn(f"{self.log_path}: dropped a torn record at byte {good} (a write that was never "
+                          "acknowledged)", RuntimeWarning)
+            with open(self.log_path, "r+b") as f:
+                f.truncate(good)
+        return len(records)
+
+    def _append(self, record: bytes):
+        """Write a record and fsync it; returns the log's length before, to undo with."""
+        start = self.log.tell()
+        self.log.write(record)
+        self.log.flush()
+        os.fsync(self.log.fileno())
+        return start
+
+    def _undo(self, start: int):
+        self.log.truncate(start)
+        self.log.seek(start)
+        self.log.flush()
+        os.fsync(self.log.fileno())
+
+    def hold(self, seconds: float):
+        """Keep this actor busy for `seconds` (fault injection: with max_concurrency=1, calls queue behind
+        it, so a kill meanwhile fails them in flight)."""
+        time.sleep(float(seconds))
+        return True
+
+    def ping(self):
+        return {"shard": self.number, "pid": os.getpid(), "replayed": self.replayed}
+
+    def search(self, batch, k):
+        offsets, words, codes, fp = batch
+        idx = self.index
+        return idx.search_aggregated(AggregatedBatch(offsets, words, codes, fp), None if k < 0 else k)
+
+    def contains(self, ids):
+        return self._contains(np.asarray(ids, np.int64))
+
+    def next_id(self):
+        return self.index._next_id
+
+    def add(self, offsets, words, codes, fp, entry_ids, retry: bool):
+        """Add entries (an image's entries share its id); durable before it returns. retry: ids
+        already present are taken as added by the failed attempt being retried."""
+        with self.lock:
+            self.index._check_aggregated(AggregatedBatch(offsets, words, codes, fp), "added")
+            present = self._contains(entry_ids)
+            if present.any():
+                if not retry:
+                    raise ValueError(f"shard {self.number}: image ids already indexed: "
+                                     f"{sorted(set(entry_ids[present].tolist()))[:5]}")
+                offsets, words, codes, entry_ids = _entries_subset(offsets, words, codes, entry_ids, ~present)
+                if not entry_ids.size:
+                    return 0
+            start = self._append(_log_record(_ADD, offsets=offsets, words=words, codes=codes, ids=entry_ids))
+            try:
+                return self._apply_add(offsets, words, codes, entry_ids)
+            except BaseException:
+                self._undo(start)   # not applied: not in the log either (the shard is as it was)
+                raise
+
+    def remove(self, ids, retry: bool):
+        with self.lock:
+            ids = np.asarray(ids, np.int64)
+            absent = ~self._contains(ids)
+            if absent.any() and not retry:
+                raise KeyError(f"shard {self.number}: image ids not indexed: {ids[absent][:5].tolist()}")
+            ids = ids[~absent]
+            if not ids.size:
+                return 0
+            start = self._append(_log_record(_REMOVE, ids=ids))
+            try:
+                return self._apply_remove(ids)
+            except BaseException:
+                self._undo(start)
+                raise
+
+    def checkpoint(self):
+        """Save the shard (adds and removes included) over its file, atomically, then empty the log
+        and map the new file."""
+        with self.lock:
+            self.index.save(self.path)
+            self.log.truncate(0)
+            self.log.seek(0)
+            self.log.flush()
+            os.fsync(self.log.fileno())
+            self.index = Index.load(self.path, mmap=True, verify=self.verify_mode)
+            return len(self.index)
+
+    def stats(self):
+        st = self.index.stats()
+        st["shard"] = self.number
+        st["file_bytes"] = self.path.stat().st_size
+        st["log_bytes"] = self.log_path.stat().st_size if self.log_path.exists() else 0
+        st["next_id"] = self.index._next_id
+        return st
+
+
+def _merge_topk(parts, k):
+    """Merge per-shard (scores, ids) 2-D results: score descending, id ascending, the first k."""
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((ids, -scores), axis=-1)
+    if k >= 0:
+        order = order[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+class ShardedIndex:
+    """A sharded index on Ray: one actor per shard (each memory-maps its shard file), fan-out
+    search with an exact merge, adds and removes routed to the owning shard.
+
+    manifest: the folder of :func:`build_sharded_index` or its manifest.json. max_restarts: restarts
+    of each shard actor after a crash (it reloads its file and replays its log). retries: attempts
+    after the first for a call that meets a dead or restarting shard (waiting retry_wait, doubled
+    each time). cpus_per_shard: the CPUs Ray reserves for each actor (fractions let several shards
+    share a CPU); max_concurrency: searches one actor runs at once.
+
+    Concurrency: any number of threads may search at once; adds, removes and checkpoints run one at a
+    time (a lock in this object). Open one ShardedIndex per manifest for writing: two writers would
+    allocate the same new ids (a shard refuses a duplicate id, so nothing is silently overwritten)."""
+
+    def __init__(self, manifest, *, max_restarts: int = 3, retries: int = 3, retry_wait: float = 0.5,
+                 cpus_per_shard: float = 0.25, max_concurrency: int = 2, verify="lazy"):
+        ray = _require_connected()
+        self.manifest = read_manifest(manifest)
+        self.retries = int(retries)
+        self.retry_wait = float(retry_wait)
+        m = self.manifest
+        # the prototype: an empty index with the shards' codebook and parameters, which aggregates
+        # queries and added images once, here
+        first = Index.load(m["paths"][0], mmap=True)
+        if first.codebook.fingerprint != m["codebook_fingerprint"]:
+            raise ValueError(f"{m['paths'][0]}: its codebook ({first.codebook.fingerprint}) is not the manifest's "
+                             f"({m['codebook_fingerprint']})")
+        self._proto = type(first)._from_meta(first._meta(), first.codebook)
+        self._proto.extractor = first.extractor
+        self.codebook = first.codebook
+        self.kernel = first.kernel
+        self.normalize = first.normalize
+        self.extractor = first.extractor
+        del first
+        actor_cls = ray.remote(_ShardActor).options(num_cpus=cpus_per_shard, max_restarts=int(max_restarts),
+                                                    max_concurrency=int(max_concurrency))
+        self.actors = [actor_cls.remote(s, p, verify) for s, p in enumerate(m["paths"])]
+        self._write_lock = threading.Lock()
+        next_ids = self._call("next_id", range(len(self.actors)))
+        self._next = max([m["routing"]["bounds"][-1]] + [int(next_ids[s]) for s in next_ids])
+        names = Path(m["folder"]) / m["names"]
+        self.names = names.read_text("utf-8").splitlines() if names.exists() else []
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.actors)
+
+    def __repr__(self) -> str:
+        return f"ShardedIndex({self.manifest['folder']!r}, shards={self.n_shards}, kernel={self.kernel!r})"
+
+    # ---- calls with bounded retries ---------------------------------------------------------------
+    def _call(self, method, shards, *args, allow_partial=False, retry_args=None):
+        """{shard: result} of actor method calls; a shard whose actor is dead or restarting is called
+        again up to `retries` times (retry_args: the arguments for those retries, default the same)."""
+        ray = _ray()
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        shards = list(shards)
+        refs = {s: getattr(self.actors[s], method).remote(*args) for s in shards}
+        out, last = {}, {}
+        for attempt in range(self.retries + 1):
+            for s, ref in list(refs.items()):
+                try:
+                    out[s] = ray.get(ref)
+                    del refs[s]
+                except (RayActorError, ActorUnavailableError, GetTimeoutError) as exc:
+                    last[s] = exc
+            if not refs or attempt == self.retries:
+                break
+            time.sleep(self.retry_wait * 2 ** attempt)
+            a = retry_args if retry_args is not None else args
+            refs = {s: getattr(self.actors[s], method).remote(*a) for s in refs}
+        if refs and not allow_partial:
+            missing = sorted(refs)
+            paths = [self.manifest["paths"][s] for s in missing]
+            raise ShardUnavailableError(
+                f"shard{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} ({', '.join(paths)}) did not "
+                f"answer after {self.retries} retries: {type(last[missing[0]]).__name__}: "
+                f"{str(last[missing[0]]).splitlines()[0] if str(last[missing[0]]) else ''}; pass allow_partial=True "
+                "for the other shards' results", missing, paths)
+        return out
+
+    # ---- search -----------------------------------------------------------------------------------
+    def search(self, queries, k: int | None = 10, allow_partial: bool = False, progress=None):
+        """As Index.search (one query: 1-D results; a list: 2-D), over every shard: the query is
+        aggregated once here, each shard returns its top k, and the lists are merged (score
+        descending, id ascending), exactly the single index's answer. allow_partial=True: a shard
+        that does not answer is left out instead of raising, and the result gains a third element,
+        ``{"answered": [shards], "missing": [shards]}``."""
+        batches, single = self._proto._query_batches(queries, progress, None)
+        return self._search(AggregatedBatch.concat(batches), check_k(k), single, allow_partial)
+
+    def search_aggregated(self, aggregated, k: int | None = 10, allow_partial: bool = False):
+        """As Index.search_aggregated, over every shard."""
+        batch, single = self._proto._as_batch(aggregated)
+        self._proto._check_aggregated(batch, "query")
+        return self._search(batch, check_k(k), single, allow_partial)
+
+    def _search(self, batch, kk, single, allow_partial):
+        ray = _ray()
+        ref = ray.put((batch.offsets, batch.words, batch.codes, batch.fingerprint))
+        got = self._call("search", range(self.n_shards), ref, kk, allow_partial=allow_partial)
+        if not got:
+            raise ShardUnavailableError("no shard answered", list(range(self.n_shards)), self.manifest["paths"])
+        s, i = _merge_topk([got[x] for x in sorted(got)], kk)
+        res = (s[0], i[0]) if single else (s, i)
+        if allow_partial:
+            return (*res, {"answered": sorted(got), "missing": sorted(set(range(self.n_shards)) - set(got))})
+        return res
+
+    # ---- adding and removing ----------------------------------------------------------------------
+    def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
+        """Add images (as Index.add; for a RegionalSearchIndex each image is one region), aggregated
+        here and routed to their shards. Returns their ids (default: consecutive after the largest id
+        so far). Acknowledged (returns) only once every shard involved has the images in its log on
+        disk. An image id already indexed raises ValueError and nothing is added."""
+        if isinstance(self._proto, RegionalSearchIndex):
+            x, offs, _ = self._proto._as_images(descriptors, offsets)
+            regions = [Regions(x[offs[i]:offs[i + 1]], np.array([0, offs[i + 1] - offs[i]], np.int64))
+                       for i in range(offs.shape[0] - 1)]
+            return self.add_regions_many(regions, image_ids, progress)
+        batches, n = self._proto._db_batches(descriptors, offsets, progress)
+        return self._add_entries(AggregatedBatch.concat(batches), np.arange(n, dtype=np.int64), n, image_ids)
+
+    def add_regions_many(self, regions_list, image_ids=None, progress=None) -> np.ndarray:
+        """Add images given by their regions (as Index / RegionalSearchIndex.add_regions_many)."""
+        regions_list = list(regions_list)
+        if isinstance(self._proto, RegionalSearchIndex):
+            batch, owner = self._proto._region_entries(regions_list, progress)
+        else:
+            batch = AggregatedBatch.concat(self._proto._region_batches(regions_list, progress))
+            owner = np.arange(len(regions_list), dtype=np.int64)
+        return self._add_entries(batch, owner, len(regions_list), image_ids)
+
+    def _add_entries(self, batch, owner, n, image_ids):
+        with self._write_lock:
+            ids = (np.arange(self._next, self._next + n, dtype=np.int64) if image_ids is None
+                   else as_ids(image_ids, n))
+            shard_of = route(self.manifest, ids)
+            targets = sorted(set(shard_of.tolist()))
+            present = self._call("contains", targets, ids)   # each shard answers for its own ids
+            dup = [int(i) for s in targets for i, p, o in zip(ids, present[s], shard_of) if p and o == s]
+            if dup:
+                raise ValueError(f"image ids already indexed: {dup[:5]}")
+            entry_ids = ids[owner]
+            done = []
+            try:
+                for s in targets:
+                    sel = shard_of[owner] == s
+                    o, w, c, e = _entries_subset(batch.offsets, batch.words, batch.codes, entry_ids, sel)
+                    args = (o, w, c, batch.fingerprint, e)
+                    self._call("add", [s], *args, False, retry_args=(*args, True))
+                    done.append((s, np.unique(e)))
+            except BaseException:
+                for s, e in done:   # roll back the shards that took their part (best effort)
+                    try:
+                        self._call("remove", [s], e, True)
+                    except Exception:   # noqa: BLE001 - the original error is the one to report
+                        pass
+                raise
+            self._next = max(self._next, int(ids.max()) + 1)
+            return ids
+
+    def remove(self, image_ids) -> int:
+        """Remove images by id from their shards (KeyError, and nothing removed, if one is absent)."""
+        ids = as_ids(image_ids)
+        if not ids.size:
+            return 0
+        with self._write_lock:
+            shard_of = route(self.manifest, ids)
+            targets = sorted(set(shard_of.tolist()))
+            present = self._call("contains", targets, ids)
+            missing = [int(i) for i, o, j in zip(ids, shard_of, range(len(ids))) if not present[o][j]]
+            if missing:
+                raise KeyError(f"image ids not indexed: {missing[:5]}")
+            n = 0
+            for s in targets:
+                sub = ids[shard_of == s]
+                n += self._call("remove", [s], sub, False, retry_args=(sub, True))[s]
+            return n
+
+    def checkpoint(self) -> None:
+        """Save every shard's adds and removes into its file (atomically) and empty the logs."""
+        with self._write_lock:
+            self._call("checkpoint", range(self.n_shards))
+
+    # ---- state ------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """{"shards": [per-shard stats], "images": total, "next_id": ...}."""
+        per = self._call("stats", range(self.n_shards))
+        shards = [per[s] for s in sorted(per)]
+        return {"shards": shards, "images": sum(s["images"] for s in shards), "n_shards": self.n_shards,
+                "kernel": self.kernel, "next_id": self._next}
+
+    def __len__(self) -> int:
+        return int(self.stats()["images"])
+
+    def name(self, image_id: int):
+        """The image name of an id (the store's path), or None for images without one (added later)."""
+        return self.names[image_id] if 0 <= image_id < len(self.names) else None
+
+    def close(self) -> None:
+        """Stop the shard actors (the files and logs stay)."""
+        ray = _ray()
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_index(path, **kwargs):
+    """A sharded index (its folder or manifest.json: a ShardedIndex, on the connected cluster) or a
+    single index file (d2r.Index.load, memory-mapped)."""
+    p = Path(path)
+    if p.is_dir() or p.name == MANIFEST:
+        return ShardedIndex(p, **kwargs)
+    return Index.load(p, mmap=True)
