@@ -479,3 +479,21 @@ def test_service_answers_over_http(realmix_index):
         assert status == 200 and st["images"] == 40 and len(st["shards"]) == 2
     finally:
         serve.shutdown()
+
+
+def test_shard_index_splits_a_single_file(cluster, world, store, tmp_path):
+    """An existing index file split into shards (d2r.distributed.shard_index) answers as the file does,
+    after removals too (ids not contiguous)."""
+    from d2r import distributed
+
+    cb = d2r.Codebook(world.centroids)
+    single = build_index(store, tmp_path / "one.d2r", cb, progress=False)
+    single.remove([0, 1, 30])
+    single.save(tmp_path / "holes.d2r")
+    m = distributed.shard_index(tmp_path / "holes.d2r", tmp_path / "sh", 4, progress=False)
+    sizes = [s["images"] for s in m["shards"]]
+    assert sum(sizes) == 50 and max(sizes) - min(sizes) <= 1   # balanced by images
+    with distributed.ShardedIndex(tmp_path / "sh") as si:
+        queries = [world.image() for _ in range(5)]
+        _same(si.search(queries, k=None), single.search(queries, k=None))
+        _same(si.search(queries, k=3), single.search(queries, k=3))

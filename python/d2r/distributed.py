@@ -58,7 +58,7 @@ from .index import Index, RegionalSearchIndex
 from .kernels import code_bytes
 
 __all__ = ["ShardUnavailableError", "ShardedIndex", "build_sharded_index", "connect", "extract", "open_index",
-           "read_manifest", "route"]
+           "read_manifest", "route", "shard_index"]
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "d2r-sharded-index"
@@ -398,18 +398,63 @@ def build_sharded_index(store, out, codebook, shards: int, kernel: str = "asmk*"
     with atomic_write(out / NAMES) as f:
         names = [n for s in range(shards) for n in record["done"][str(s)]["names"]]
         f.write(("\n".join(names) + "\n").encode("utf-8"))
+    return _write_manifest(out, probe, [record["done"][str(s)]["images"] for s in range(shards)], bounds,
+                           info["extractor"], source={"store": str(store)})
+
+
+def _write_manifest(out: Path, probe, sizes, bounds, extractor, source) -> dict:
+    """Write out/manifest.json atomically (last: a folder without one is an unfinished build)."""
+    n = len(sizes)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-                "shards": [{"file": _SHARD_FILE.format(s), "images": record["done"][str(s)]["images"],
-                            "ids": [bounds[s], bounds[s + 1]]} for s in range(shards)],
-                "routing": {"bounds": bounds, "modulo": shards,
+                "shards": [{"file": _SHARD_FILE.format(s), "images": int(sizes[s]), "ids": [bounds[s], bounds[s + 1]]}
+                           for s in range(n)],
+                "routing": {"bounds": [int(b) for b in bounds], "modulo": n,
                             "rule": "an id in [bounds[s], bounds[s+1]) belongs to shard s; an id >= bounds[-1] to "
                                     "shard id % modulo"},
-                "kind": type(probe).__name__, "kernel": probe.kernel, "pooling": regional_search,
-                "params": params, "codebook_fingerprint": codebook.fingerprint, "extractor": info["extractor"],
-                "names": NAMES, "images": int(cum[-1]), "store": str(store)}
+                "kind": type(probe).__name__, "kernel": probe.kernel, "pooling": getattr(probe, "pooling", None),
+                "params": {"alpha": probe.alpha, "tau": probe.tau, "normalize": probe.normalize, "m_db": probe.m_db,
+                           "m_query": probe.m_query},
+                "codebook_fingerprint": probe.codebook.fingerprint, "extractor": extractor, "names": NAMES,
+                "images": int(sum(sizes)), **source}
     with atomic_write(out / MANIFEST) as f:
         f.write(json.dumps(manifest, indent=1).encode("utf-8"))
     return read_manifest(out)
+
+
+def shard_index(index, out, shards: int, progress: bool = True) -> dict:
+    """Split an existing index file into a sharded index in the folder `out` (no Ray needed): shard s
+    gets the s-th block of the ids in ascending order (balanced by images), written by loading the
+    file memory-mapped, marking the other images removed and saving (which streams, leaving them
+    out). The names file beside the index (INDEX.names.txt) is copied to out/names.txt. Returns the
+    manifest. Reads the index once per shard."""
+    from .build import _read_names
+
+    path, out = Path(index), Path(out)
+    shards = check_positive_int(shards, "shards")
+    src = Index.load(path, mmap=True)
+    ids = np.sort(src.ids)
+    n = ids.size
+    cuts = [int(round(n * s / shards)) for s in range(shards + 1)]
+    bounds = [0] + [int(ids[c]) if c < n else src._next_id for c in cuts[1:-1]] + [max(src._next_id, 0)]
+    bounds = np.maximum.accumulate(bounds).tolist()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = []
+    bar = _bar(shards, "shard", progress, unit="shard", leave=True)
+    for s in range(shards):
+        part = Index.load(path, mmap=True)
+        drop = ids[(ids < bounds[s]) | (ids >= bounds[s + 1])]
+        if drop.size:
+            part.remove(drop)
+        part.save(out / _SHARD_FILE.format(s))
+        sizes.append(len(part))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    names = _read_names(path)
+    with atomic_write(out / NAMES) as f:
+        f.write(("\n".join(names) + "\n" if names else "").encode("utf-8"))
+    return _write_manifest(out, src, sizes, bounds, src.extractor, source={"index": str(path.resolve())})
 
 
 # ---- the shard log -----------------------------------------------------------------------------------
@@ -702,8 +747,10 @@ class ShardedIndex:
 
     def _search(self, batch, kk, single, allow_partial):
         ray = _ray()
-        ref = ray.put((batch.offsets, batch.words, batch.codes, batch.fingerprint))
-        got = self._call("search", range(self.n_shards), ref, kk, allow_partial=allow_partial)
+        payload = (batch.offsets, batch.words, batch.codes, batch.fingerprint)
+        if batch.codes.nbytes + batch.words.nbytes > 1 << 20 and self.n_shards > 1:
+            payload = ray.put(payload)   # large: stored once, read by every shard
+        got = self._call("search", range(self.n_shards), payload, kk, allow_partial=allow_partial)
         if not got:
             raise ShardUnavailableError("no shard answered", list(range(self.n_shards)), self.manifest["paths"])
         s, i = _merge_topk([got[x] for x in sorted(got)], kk)

@@ -15,7 +15,14 @@ with its fingerprint): a store refuses features of another extractor, and `d2r i
 record on to the index file so that `d2r search` extracts queries the same way. Stores written before
 d2r recorded it still load, with a :class:`~d2r.FormatWarning`. Image names are stored as absolute
 paths, so a store can be used from any folder; `errors.json` lists the images that could not be read
-(across runs, until they are stored)."""
+(across runs, until they are stored).
+
+Writers: `extract_dataset` is the one sequential writer (shards ``shard-NNNNN.npz``). Parallel writers
+(``d2r.distributed.extract``: one per Ray actor) write shards of their own, ``shard-WRITER-NNNNN.npz``,
+and error lists of their own, ``errors-WRITER.json``; readers see the union, with the error lists
+merged (:func:`merge_store_errors` folds them into ``errors.json``). Parallel writers must be given
+disjoint images (the Ray pipeline does so); :func:`drop_duplicate_images` removes the copies a writer
+that died after writing a shard can leave."""
 from __future__ import annotations
 
 import json
