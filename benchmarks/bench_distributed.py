@@ -3,7 +3,8 @@
 1. Fan-out search: a synthetic ASMK* index (``d2r.synthetic.zipf_images``: 65,536 words, about 990
    words per image, Zipf exponent 0.238 as measured on realmix, see bench_scale.py) searched in this
    process (d2r.Index, memory-mapped) and through ShardedIndex over 1, 2 and 4 shards
-   (``d2r.distributed.shard_index`` of the same file; each shard an actor with 0.25 CPU): single-query
+   (``d2r.distributed.shard_index`` of the same file; each shard an actor with 0.25 CPU, with Ray's
+   one native thread per actor and with the machine's cores shared out, ``threads_per_shard``): single-query
    latency (median, p95, k=100), batched throughput (64 queries per call) and concurrent throughput
    (4 client threads issuing single queries). The results are checked identical to the single index's.
 2. Shard builds: ``build_sharded_index`` of a synthetic feature store (random 128-D descriptors, a
@@ -101,15 +102,23 @@ def bench_search(tmp: Path, n_images: int, shard_counts, n_queries: int = 64, re
 
     rows = [measure(lambda q: single.search_aggregated(q, k=100), lambda b: single.search_aggregated(b, k=100),
                     "in-process")]
+    rows[0].update(shards=0, threads_per_shard=d2r.get_num_threads())
     want = single.search_aggregated(queries, k=100)
     for n in shard_counts:
         folder = tmp / f"sh{n}"
         distributed.shard_index(path, folder, n, progress=False)
-        with distributed.ShardedIndex(folder, cpus_per_shard=0.25, max_concurrency=4) as si:
-            got = si.search_aggregated(queries, k=100)
-            assert np.array_equal(got[1], want[1]) and got[0].tobytes() == want[0].tobytes(), "sharded != single"
-            rows.append(measure(lambda q: si.search_aggregated(q, k=100), lambda b: si.search_aggregated(b, k=100),
-                                f"{n} shard{'s' if n > 1 else ''}"))
+        for threads in (None, max(1, (os.cpu_count() or 1) // n)):
+            if threads is not None and threads == 1:
+                continue   # the same as Ray's default
+            with distributed.ShardedIndex(folder, cpus_per_shard=0.25, max_concurrency=4,
+                                          threads_per_shard=threads) as si:
+                got = si.search_aggregated(queries, k=100)
+                assert np.array_equal(got[1], want[1]) and got[0].tobytes() == want[0].tobytes(), "sharded != single"
+                label = f"{n} shard{'s' if n > 1 else ''}" + (f", {threads} thr" if threads else "")
+                row = measure(lambda q: si.search_aggregated(q, k=100), lambda b: si.search_aggregated(b, k=100),
+                              label)
+                row.update(shards=n, threads_per_shard=threads or 1)
+                rows.append(row)
         shutil.rmtree(folder)
     base = rows[0]
     for r in rows[1:]:

@@ -445,6 +445,9 @@ def _serve(args) -> int:
     if not target.exists():
         raise UsageError(f"{args.index}: no such index file or sharded-index folder")
     distributed.connect(args.ray or "local")
+    # Ray Serve's dependencies' own deprecation notices (pydantic) are not the user's concern
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=r"(ray|pydantic|starlette|fastapi)(\.|$)")
     serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf, max_features=args.max_features,
               blocking=False)
     print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "

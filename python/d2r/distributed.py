@@ -215,6 +215,7 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
         quiet = warnings.catch_warnings()   # Ray Data's own deprecation notices about its settings
         quiet.__enter__()
         warnings.filterwarnings("ignore", message=".*deprecated", module=r"ray(\.|$)")
+        logging.getLogger("ray.data").setLevel(logging.ERROR)   # its per-run notices; errors still show
         ctx = ray.data.DataContext.get_current()   # d2r's own bar shows the progress, once
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -504,7 +505,11 @@ class _ShardActor:
     maps the shard file and replays its log. Searches may run concurrently (max_concurrency); adds,
     removes and checkpoints take the actor's write lock, so the log's order is the order applied."""
 
-    def __init__(self, number: int, path: str, verify):
+    def __init__(self, number: int, path: str, verify, threads=None):
+        if threads is not None:   # Ray sets OMP_NUM_THREADS from the actor's CPUs (1 for a fraction)
+            from . import set_num_threads
+
+            set_num_threads(int(threads))
         self.number = number
         self.path = Path(path)
         self.log_path = Path(path + ".log")
@@ -655,14 +660,17 @@ class ShardedIndex:
     of each shard actor after a crash (it reloads its file and replays its log). retries: attempts
     after the first for a call that meets a dead or restarting shard (waiting retry_wait, doubled
     each time). cpus_per_shard: the CPUs Ray reserves for each actor (fractions let several shards
-    share a CPU); max_concurrency: searches one actor runs at once.
+    share a CPU); max_concurrency: searches one actor runs at once; threads_per_shard: the native
+    threads of each actor's searches (default: Ray's, OMP_NUM_THREADS = the actor's whole CPUs, 1 for
+    a fraction).
 
     Concurrency: any number of threads may search at once; adds, removes and checkpoints run one at a
     time (a lock in this object). Open one ShardedIndex per manifest for writing: two writers would
     allocate the same new ids (a shard refuses a duplicate id, so nothing is silently overwritten)."""
 
     def __init__(self, manifest, *, max_restarts: int = 3, retries: int = 3, retry_wait: float = 0.5,
-                 cpus_per_shard: float = 0.25, max_concurrency: int = 2, verify="lazy"):
+                 cpus_per_shard: float = 0.25, max_concurrency: int = 2, threads_per_shard: int | None = None,
+                 verify="lazy"):
         ray = _require_connected()
         self.manifest = read_manifest(manifest)
         self.retries = int(retries)
@@ -683,7 +691,7 @@ class ShardedIndex:
         del first
         actor_cls = ray.remote(_ShardActor).options(num_cpus=cpus_per_shard, max_restarts=int(max_restarts),
                                                     max_concurrency=int(max_concurrency))
-        self.actors = [actor_cls.remote(s, p, verify) for s, p in enumerate(m["paths"])]
+        self.actors = [actor_cls.remote(s, p, verify, threads_per_shard) for s, p in enumerate(m["paths"])]
         self._write_lock = threading.Lock()
         next_ids = self._call("next_id", range(len(self.actors)))
         self._next = max([m["routing"]["bounds"][-1]] + [int(next_ids[s]) for s in next_ids])
@@ -706,7 +714,12 @@ class ShardedIndex:
 
         shards = list(shards)
         refs = {s: getattr(self.actors[s], method).remote(*args) for s in shards}
-        out, last = {}, {}
+        last = {}
+        try:   # the common case, every shard answers: one wait for all
+            out = dict(zip(refs, ray.get(list(refs.values()))))
+            return out
+        except (RayActorError, ActorUnavailableError, GetTimeoutError):
+            out = {}
         for attempt in range(self.retries + 1):
             for s, ref in list(refs.items()):
                 try:
