@@ -199,6 +199,8 @@ def _extract(args) -> int:
 
         distributed.connect(args.ray)
         ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
+        if args.detector:   # a TensorFlow model: loaded in each actor, not pickled
+            detector = distributed._Factory(detect.TFSavedModelDetector, args.detector)
         stored, errors = distributed.extract(paths, args.out, ext, actors=args.workers if args.workers > 1 else None,
                                              detector=detector, max_regions=args.max_regions,
                                              progress=not args.quiet)
