@@ -173,6 +173,24 @@ def _make_extractor(args):
     return RootSIFT(max_features=args.max_features)
 
 
+def _region_spec(args):
+    """--regions, or the deprecated --proposals / --detector it replaces (with a warning)."""
+    spec = getattr(args, "regions", None)
+    old = None
+    if getattr(args, "proposals", None):
+        old = ("--proposals " + args.proposals, {"grid": "grid:3"}.get(args.proposals, args.proposals))
+    if getattr(args, "detector", None):
+        if old is not None:
+            raise UsageError("give one region source: --regions (--proposals and --detector are its old names)")
+        old = ("--detector " + args.detector, "detector:" + args.detector)
+    if old is not None:
+        if spec is not None:
+            raise UsageError(f"give one region source: --regions {spec} or {old[0]} (its old name), not both")
+        warnings.warn(f"{old[0]} is deprecated: use --regions {old[1]}", DeprecationWarning)
+        spec = old[1]
+    return spec
+
+
 def _extract(args) -> int:
     from .extract import describe
     from .features import extract_dataset, save_features
@@ -181,15 +199,24 @@ def _extract(args) -> int:
     sift = _make_extractor(args)
     workers = 1 if args.delf else args.workers
     detector = None
-    if args.detector or args.proposals:
+    spec = _region_spec(args)
+    if spec is not None:
         from . import detect
 
         if str(args.out).endswith(".npz"):
-            raise UsageError("regions (--proposals / --detector) are stored in a feature-store folder: give --out "
-                             "a folder name, not a .npz file")
-        detector = (detect.TFSavedModelDetector(args.detector) if args.detector else
-                    {"grid": lambda: detect.GridProposals(levels=3), "mser": detect.MSERProposals,
-                     "keypoints": detect.KeypointClusterProposals}[args.proposals]())
+            raise UsageError("regions (--regions) are stored in a feature-store folder: give --out a folder name, "
+                             "not a .npz file")
+        try:
+            detector = detect.region_source(spec, max_boxes=args.max_regions)
+            spec = detect.canonical_region_source(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        if detector is detect.DISCOVERED:
+            raise UsageError("--regions discovered needs the whole collection, not one image at a time, and "
+                             "`d2r extract` cannot make it yet; in Python, d2r.discover.discover_regions finds them "
+                             "from a store's features")
+        if detector is None:
+            spec = None
     on_error = "raise" if args.strict else "skip"
     if args.ray:
         if str(args.out).endswith(".npz") or args.strict:
@@ -199,10 +226,10 @@ def _extract(args) -> int:
 
         distributed.connect(args.ray)
         ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
-        if args.detector:   # a TensorFlow model: loaded in each actor, not pickled
-            detector = distributed._Factory(detect.TFSavedModelDetector, args.detector)
+        if spec is not None and spec.startswith("detector:"):   # a TensorFlow model: loaded in each actor
+            detector = distributed._Factory(detect.TFSavedModelDetector, spec.partition(":")[2])
         stored, errors = distributed.extract(paths, args.out, ext, actors=args.workers if args.workers > 1 else None,
-                                             detector=detector, max_regions=args.max_regions,
+                                             detector=detector, max_regions=args.max_regions, region_source=spec,
                                              progress=not args.quiet)
     elif str(args.out).endswith(".npz"):
         feats = _extract_listing_skips(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
@@ -211,6 +238,7 @@ def _extract(args) -> int:
         stored, errors = names, feats.errors
     else:
         stored, errors = extract_dataset(paths, args.out, sift, detector=detector, max_regions=args.max_regions,
+                                         region_source=spec,
                                          workers=workers,
                                          progress=not args.quiet, strict=args.strict)
     skipped = _skipped("extract", errors, args.json)
@@ -552,10 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes extracting in parallel (RootSIFT, without --detector/--proposals)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS",
                    help="extract DELF instead of RootSIFT, with weights from `d2r convert-delf` (needs PyTorch)")
+    p.add_argument("--regions", default=None, metavar="SOURCE",
+                   help="also store each image's regions, re-extracted on their crops: none, grid:L (an L-level R-MAC "
+                        "grid), mser, keypoints (keypoint clusters), ssd-coco (COCO SSD-MobileNet-v2 through "
+                        "OpenCV), detector:MODEL_DIR (an official D2R detector; needs TensorFlow), boxes:FILE "
+                        "(JSON or CSV boxes); discovered: not yet from this command (d2r.discover)")
     p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
-                   help="also store regions: weight-free proposals (grid: 3-level R-MAC), re-extracted on crops")
+                   help="deprecated: --regions grid:3 | mser | keypoints")
     p.add_argument("--detector", default=None, metavar="MODEL_DIR",
-                   help="also store regions from the official D2R detector (SavedModel; needs TensorFlow)")
+                   help="deprecated: --regions detector:MODEL_DIR")
     p.add_argument("--max-regions", type=int, default=5, help="regions kept per image")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it and list it)")

