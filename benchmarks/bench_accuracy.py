@@ -55,12 +55,12 @@ def main():
         if name == "demo":
             from d2r.datasets import make_demo_set
 
-            ds, proposals = make_demo_set(seed=args.seed), "dataset"
+            ds, proposals = make_demo_set(seed=args.seed), "dataset"   # the oracle boxes (section 4)
         else:
             from d2r.datasets import load_realmix
 
-            ds, proposals = load_realmix(), "grid"
-        res = run(ds, n_words=args.words, proposals=proposals, rerank=True, seed=args.seed, progress=False)
+            ds, proposals = load_realmix(), "grid:1"
+        res = run(ds, n_words=args.words, regions=proposals, rerank=True, seed=args.seed, progress=False)
         out[name] = summary(res)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -81,7 +81,7 @@ def test_pipeline_on_small_demo_set_writes_report(tmp_path):
     import io
 
     buf = io.StringIO()
-    res = run(ds, n_words=64, rerank=True, report_dir=tmp_path / "report", progress=False, out=buf)
+    res = run(ds, n_words=64, rerank=True, report_dir=tmp_path / "report", progress=False, out=buf, regions="dataset")
     names = [m.name for m in res["methods"]]
     assert names[0] == "ASMK*" and any(n.startswith("R-ASMK*") for n in names)
     # Measured (this demo set: 3 queries, 13 database images, 2 Medium positives per query; 64 words;
@@ -199,3 +199,42 @@ def test_feature_store_with_regions_re_extracted_on_crops(tmp_path):
     idx.add_regions_many([[f.descriptors] + [c.descriptors for c in crops] for f, (_, crops) in zip(feats, regions)])
     s, i = idx.search(feats[1].descriptors, k=3)
     assert i[0] == 1
+
+
+def test_pipeline_default_regions_are_discovered_and_the_oracle_is_apart(tmp_path):
+    """The headline regional rows use regions discovered from the database (no ground truth); the
+    dataset's own boxes only feed separate rows labelled as the oracle."""
+    pytest.importorskip("skimage", reason="the demo set is built from scikit-image's photos")
+    import io
+
+    from d2r.datasets import make_demo_set
+    from d2r.pipeline import ORACLE_METHODS, ORACLE_SUFFIX, run
+
+    ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
+                       objects=["astronaut", "coffee", "chelsea"])
+    buf = io.StringIO()
+    res = run(ds, n_words=64, progress=False, out=buf)
+    assert res["regions"] == "discovered"
+    names = [m.name for m in res["methods"]]
+    assert [n for n in names if n.endswith(ORACLE_SUFFIX)] == [m + ORACLE_SUFFIX for m in ORACLE_METHODS]
+    assert "oracle boxes\": the dataset's own ground-truth boxes" in buf.getvalue()
+    # the headline boxes are not the dataset's
+    assert res["oracle_boxes"] is not None
+    same = [np.array_equal(np.asarray(a).reshape(-1, 4), np.asarray(b).reshape(-1, 4)[:8])
+            for a, b in zip(res["boxes"], ds.db_boxes) if len(b)]
+    assert not all(same)
+    with pytest.warns(DeprecationWarning, match="proposals= is deprecated"):
+        old = run(ds, n_words=64, progress=False, out=io.StringIO(), proposals="dataset",
+                  methods=None)
+    assert old["regions"] == "dataset" and not any(m.name.endswith(ORACLE_SUFFIX) for m in old["methods"])
+
+
+def test_cli_regions_dataset_needs_boxes():
+    from d2r.datasets.realmix import find_realmix
+
+    if find_realmix() is None:
+        pytest.skip("../shared/data/realmix is absent")
+    r = run_cli("evaluate", "--dataset", "realmix", "--regions", "dataset", "-q")
+    assert r.returncode == 2 and "has no database boxes" in r.stderr
+    r = run_cli("evaluate", "--dataset", "realmix", "--regions", "bogus", "-q")
+    assert r.returncode == 2 and "unknown region source 'bogus'" in r.stderr

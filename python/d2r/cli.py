@@ -95,8 +95,27 @@ def _run_pipeline(args, rerank: bool) -> int:
 
     ds = _dataset(args.dataset, progress=not args.quiet)
     out = io.StringIO() if args.json else sys.stdout
-    result = run(ds, n_words=args.words, proposals=args.proposals, rerank=rerank, report_dir=args.report,
-                 seed=args.seed, progress=not args.quiet, out=out)
+    spec = args.regions
+    if args.proposals:
+        if spec is not None:
+            raise UsageError(f"give one region source: --regions {spec} or --proposals {args.proposals} (its old name)")
+        spec = {"grid": "grid:1"}.get(args.proposals, args.proposals)
+        warnings.warn(f"--proposals {args.proposals} is deprecated: use --regions {spec}", DeprecationWarning)
+    if spec is not None and spec not in ("dataset", "discovered"):
+        from .detect import region_source
+
+        try:
+            region_source(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        result = run(ds, n_words=args.words, regions=spec, rerank=rerank, report_dir=args.report,
+                     seed=args.seed, progress=not args.quiet, out=out)
+    except ValueError as exc:
+        if "regions='dataset'" in str(exc):
+            raise UsageError(f"--regions dataset: {args.dataset} has no database boxes; use another source, e.g. "
+                             "--regions discovered") from None
+        raise
     if args.json:
         _emit_json({"dataset": args.dataset, **summary(result)})
     return EXIT_OK
@@ -556,9 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     def pipeline_options(p):
         p.add_argument("--dataset", default="demo", help=f"the dataset: {DATASETS_HELP}")
         p.add_argument("--words", type=int, default=1024, help="codebook size (k-means on the database features)")
-        p.add_argument("--proposals", default="dataset", choices=["dataset", "grid", "none"],
-                       help="database regions: the dataset's boxes (the demo set has them; others fall back to grid), "
-                            "a weight-free R-MAC grid, or none")
+        p.add_argument("--regions", default=None, metavar="SOURCE",
+                       help="database regions: discovered (the default: verified neighbours in the database, "
+                            "d2r.discover), none, grid:L, mser, keypoints, ssd-coco, detector:MODEL_DIR, boxes:FILE, "
+                            "or dataset (the dataset's own boxes: an oracle). With a dataset that has boxes, the "
+                            "oracle rows (\"..., oracle boxes\") are printed separately")
+        p.add_argument("--proposals", default=None, choices=["dataset", "grid", "none"],
+                       help="deprecated: --regions dataset | grid:1 | none")
         p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
         p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")
         _common(p)

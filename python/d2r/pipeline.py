@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,12 +67,32 @@ def extract_queries(dataset, extractor, progress=True):
 
 def database_regions(dataset, extractor, db_features, proposals="dataset", max_boxes=8, progress=True):
     """Per database image: (region descriptor list with region 0 the whole image, boxes used, all
-    the image's features: the whole image's and the crops' with locations in whole-image pixels)."""
+    the image's features: the whole image's and the crops' with locations in whole-image pixels).
+
+    proposals: "dataset" (the dataset's boxes: the oracle), "none", "grid" (a 1-level grid), a region
+    source name (``d2r.detect.region_source``: "grid:3", "mser", "keypoints", "ssd-coco", ...), a
+    callable ``image -> (boxes, scores)``, or a list of per-image (n, 4) boxes (e.g. discovered)."""
     from .extract import Features
     from .regions import _load_image_rgb, grid_proposals, regions_by_reextraction
 
+    if isinstance(proposals, str) and proposals not in ("dataset", "none", "grid"):
+        from .detect import DISCOVERED, region_source
+
+        src = region_source(proposals, max_boxes=max_boxes)
+        if src is DISCOVERED:
+            raise ValueError("discovered regions need the collection: compute them with d2r.discover.discover_regions "
+                             "and pass the list of boxes (d2r.pipeline.run does)")
+        proposals = "none" if src is None else src
+    listed = isinstance(proposals, (list, tuple))
+    if listed and len(proposals) != len(dataset.imlist):
+        raise ValueError(f"{len(proposals)} box arrays given for {len(dataset.imlist)} database images")
     regions, boxes_used, region_feats = [], [], []
     for i, path in iterate(enumerate(dataset.imlist), len(dataset.imlist), "region features", progress):
+        if listed and len(proposals[i]) == 0:
+            regions.append([db_features[i].descriptors])
+            boxes_used.append(np.zeros((0, 4)))
+            region_feats.append(db_features[i])
+            continue
         if proposals == "none":
             regions.append([db_features[i].descriptors])
             boxes_used.append(np.zeros((0, 4)))
@@ -80,8 +101,12 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
         img = _load_image_rgb(path)
         if proposals == "dataset":
             boxes = np.asarray(getattr(dataset, "db_boxes")[i], dtype=np.float64).reshape(-1, 4)
-        elif proposals == "grid":
+        elif listed:
+            boxes = np.asarray(proposals[i], np.float64).reshape(-1, 4)
+        elif isinstance(proposals, str) and proposals == "grid":
             boxes = grid_proposals(img.shape[:2], levels=1)
+        elif getattr(proposals, "needs_path", False):
+            boxes, scores = proposals(path)
         elif callable(proposals):
             boxes, scores = proposals(img)
         else:
@@ -137,10 +162,42 @@ def _evaluate(ranks, gnd, families=None):
     return res, per_family
 
 
-def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8, rerank=False,
+#: The regional methods also run over the dataset's own boxes (when it has them and another region
+#: source is used), as separate rows named "NAME, oracle boxes": what a perfect detector would give.
+ORACLE_METHODS = ("R-ASMK* (gamma off, official)", "Regional search, max")
+ORACLE_SUFFIX = ", oracle boxes"
+
+
+def _resolve_regions(regions, proposals, dataset):
+    if proposals is not None:
+        if regions is not None:
+            raise ValueError("give regions= (proposals= is its old name), not both")
+        warnings.warn("proposals= is deprecated: use regions= (dataset, none, grid:L, mser, keypoints, discovered, "
+                      "ssd-coco, detector:MODEL_DIR, boxes:FILE)", DeprecationWarning, stacklevel=3)
+        regions = {"grid": "grid:1"}.get(proposals, proposals) if isinstance(proposals, str) else proposals
+    if regions is None:
+        regions = DEFAULT_REGIONS
+    if isinstance(regions, str) and regions == "dataset" and getattr(dataset, "db_boxes", None) is None:
+        raise ValueError("regions='dataset' needs a dataset with database boxes (the demo set has them); use a "
+                         "region source such as 'discovered'")
+    return regions
+
+
+#: The pipeline's default region source: regions discovered from the database (d2r.discover), the
+#: source that recovers the most of the oracle's gain on clutter composites (BENCHMARKS.md section 13).
+DEFAULT_REGIONS = "discovered"
+
+
+def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rerank=False,
         rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
-        codebook_sample=200_000, match_distance=None, codebook=None):
+        codebook_sample=200_000, match_distance=None, codebook=None, regions=None):
     """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}.
+    regions: the database regions' source: "discovered" (the default, d2r.discover), a name of
+    ``d2r.detect.region_source`` ("none", "grid:L", "mser", "keypoints", "ssd-coco",
+    "detector:MODEL_DIR", "boxes:FILE"), "dataset" (the dataset's boxes: an oracle), or a callable
+    detector. With another source than "dataset" on a dataset that has boxes, ORACLE_METHODS also run
+    over its boxes, as separate rows named "..., oracle boxes". proposals: the old name of regions
+    ("grid" was a 1-level grid), deprecated.
     Spatial verification uses the official settings (top 100, affine RANSAC, 1,000 trials, 10 px)
     with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
     attribute, else the official 0.9 for DELF). `codebook`: a d2r.Codebook to use instead of training
@@ -150,27 +207,41 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         from .extract import RootSIFT
 
         extractor = RootSIFT(max_features=1000)
-    if proposals == "dataset" and getattr(dataset, "db_boxes", None) is None:
-        proposals = "grid"
+    regions_spec = _resolve_regions(regions, proposals, dataset)
     db_paths = list(dataset.imlist)
     t = time.perf_counter()
     db_feat = [extractor(p) for p in iterate(db_paths, len(db_paths), "database features", progress)]
     q_feat = extract_queries(dataset, extractor, progress)
     t_extract = time.perf_counter() - t
-    t = time.perf_counter()
-    regions, boxes, region_feat = database_regions(dataset, extractor, db_feat, proposals, max_boxes, progress)
-    t_regions = time.perf_counter() - t
     print(f"features: {len(db_paths)} database images, {len(q_feat)} queries, "
-          f"{np.mean([len(f.descriptors) for f in db_feat]):.0f} descriptors/image ({t_extract:.1f} s); "
-          f"regions ({proposals}): {np.mean([len(r) for r in regions]):.1f}/image ({t_regions:.1f} s)", file=out)
-
+          f"{np.mean([len(f.descriptors) for f in db_feat]):.0f} descriptors/image ({t_extract:.1f} s)", file=out)
     if codebook is None:
         codebook = train_codebook(db_feat, n_words, seed, codebook_sample, progress=progress, out=out)
     else:
         print(f"codebook: given, {codebook.n_words} words", file=out)
 
+    t = time.perf_counter()
+    source = regions_spec
+    label = regions_spec if isinstance(regions_spec, str) else type(regions_spec).__name__
+    if isinstance(regions_spec, str) and regions_spec == "discovered":
+        from .discover import discover_regions
+
+        found = discover_regions(db_feat, codebook, max_regions=min(5, max_boxes), seed=seed, progress=progress)
+        source = [b for b, _ in found]
+    regions, boxes, region_feat = database_regions(dataset, extractor, db_feat, source, max_boxes, progress)
+    t_regions = time.perf_counter() - t
+    print(f"regions ({label}): {np.mean([len(r) - 1 for r in regions]):.1f} boxes/image ({t_regions:.1f} s, "
+          "re-extraction on the crops included)", file=out)
+    oracle = None
+    if (not (isinstance(regions_spec, str) and regions_spec == "dataset")
+            and getattr(dataset, "db_boxes", None) is not None and methods is None):
+        oracle = database_regions(dataset, extractor, db_feat, "dataset", max_boxes, progress)
+
     if methods is None:
         methods = default_methods(codebook)
+        if oracle is not None:
+            methods += [(name + ORACLE_SUFFIX, make, "oracle") for name, make, form in methods
+                        if name in ORACLE_METHODS]
     families = getattr(dataset, "query_families", None)
     md = match_distance if match_distance is not None else getattr(extractor, "match_distance", 0.9)
     results = []
@@ -181,7 +252,7 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         if form == "whole":
             index.add([f.descriptors for f in db_feat], progress=progress)
         else:
-            index.add_regions_many(regions, progress=progress)
+            index.add_regions_many(oracle[0] if form == "oracle" else regions, progress=progress)
         build = time.perf_counter() - t
         ranks = np.empty((len(q_feat), n_db), np.int64)
         scores = np.empty((len(q_feat), n_db), np.float32)
@@ -199,7 +270,8 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
             from .verify import rerank_protocol
 
             # regional methods verify against all the image's features (whole image + re-extracted crops)
-            mr.reranked = rerank_protocol(ranks, scores, q_feat, db_feat if form == "whole" else region_feat,
+            feats = {"whole": db_feat, "oracle": oracle[2] if oracle is not None else None}.get(form, region_feat)
+            mr.reranked = rerank_protocol(ranks, scores, q_feat, feats,
                                           dataset.gnd, top=rerank_top, seed=seed, max_distance=md,
                                           protocols=("easy", "medium", "hard"), progress=progress,
                                           desc=f"spatial verification: {name}")
@@ -217,7 +289,8 @@ def run(dataset, extractor=None, n_words=1024, proposals="dataset", max_boxes=8,
         print(f"report: {report}", file=out)
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
-            "boxes": boxes, "report": report}
+            "boxes": boxes, "report": report, "regions": label,
+            "oracle_boxes": oracle[1] if oracle is not None else None}
 
 
 def evaluate_index(index, names, dataset, extractor=None, progress=True) -> dict:
@@ -290,23 +363,28 @@ def summary(result) -> dict:
 
 
 def _print_table(results, out, rerank):
-    head = (f"{'method':31s} {'mAP E':>6s} {'mAP M':>6s} {'mAP H':>6s} {'mP@10 M':>8s} {'entries':>8s} "
+    w = max([31] + [len(r.name) for r in results])
+    head = (f"{'method':{w}s} {'mAP E':>6s} {'mAP M':>6s} {'mAP H':>6s} {'mP@10 M':>8s} {'entries':>8s} "
             f"{'bytes/img':>10s} {'query ms':>9s}")
     print("\n" + head, file=out)
     for r in results:
         e, m, h = (100 * r.results[p]["map"] for p in ("easy", "medium", "hard"))
-        print(f"{r.name:31s} {e:6.1f} {m:6.1f} {h:6.1f} {100 * r.results['medium']['mp'][-1]:8.1f} "
+        print(f"{r.name:{w}s} {e:6.1f} {m:6.1f} {h:6.1f} {100 * r.results['medium']['mp'][-1]:8.1f} "
               f"{r.entries:8d} {r.bytes_per_image:10.0f} {r.query_ms:9.2f}", file=out)
         if rerank and r.reranked is not None:
             rr = r.reranked
-            print(f"{'  + spatial verification':31s} {100 * rr['easy']['map']:6.1f} {100 * rr['medium']['map']:6.1f} "
+            print(f"{'  + spatial verification':{w}s} {100 * rr['easy']['map']:6.1f} {100 * rr['medium']['map']:6.1f} "
                   f"{100 * rr['hard']['map']:6.1f} {100 * rr['medium']['mp'][-1]:8.1f} {'':8s} {'':10s} "
                   f"{1e3 * rr['seconds_per_query']:9.1f}", file=out)
+    if any(r.name.endswith(ORACLE_SUFFIX) for r in results):
+        print("(rows ending in \"oracle boxes\": the dataset's own ground-truth boxes instead of the region source, "
+              "what a perfect detector would give; not a result without those boxes)", file=out)
 
 
 def _print_families(results, out):
     fams = sorted(results[0].per_family)
+    w = max([31] + [len(r.name) for r in results])
     print("\nmAP Medium per query family: " + ", ".join(
         f"{f} ({results[0].per_family[f]['medium']['n_queries']} q)" for f in fams), file=out)
     for r in results:
-        print(f"{r.name:31s} " + " ".join(f"{100 * r.per_family[f]['medium']['map']:7.1f}" for f in fams), file=out)
+        print(f"{r.name:{w}s} " + " ".join(f"{100 * r.per_family[f]['medium']['map']:7.1f}" for f in fams), file=out)

@@ -38,6 +38,10 @@ METHOD_DESCRIPTIONS = {
     "Regional search, mean": "One index entry per region (region 0 the whole image plus the boxes' re-extracted "
                              "features, ASMK* each); an image's score is the mean over its regions.",
 }
+for _name in ("R-ASMK* (gamma off, official)", "Regional search, max"):
+    METHOD_DESCRIPTIONS[_name + ", oracle boxes"] = (
+        "An oracle, not a result a user gets: the same method over the dataset's own (ground-truth) "
+        "boxes instead of the region source, i.e. what a perfect detector would give.")
 _UNKNOWN_METHOD = ("No description: a method not among d2r.pipeline.default_methods (passed to "
                    "d2r.pipeline.run(methods=...)); see the index factory it was given.")
 
