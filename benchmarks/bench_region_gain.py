@@ -26,11 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-import d2r
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model  # noqa: E402
+
+import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family
 from d2r.datasets.composites import paste_clutter_composite
 from d2r.detect import GridProposals, KeypointClusterProposals, box_iou
@@ -135,7 +139,7 @@ def main(argv=None):
             out = [b for b, _ in found]
         return out, (time.perf_counter() - t) / len(images)
 
-    res = {"machine": {"cpu": _cpu(), "cores": os.cpu_count()}, "queries": len(queries), "true": len(true),
+    res = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "queries": len(queries), "true": len(true),
            "clutter": N_CLUTTER, "features": FEATURES, "words": WORDS, "sources": {}}
     print(f"{'source':20s} {'recall@.5':>9s} {'mAP':>6s} {'gain share':>10s} {'regions':>7s} {'bytes x':>7s} "
           f"{'s/img':>6s} {'crops s/img':>11s}", flush=True)
@@ -174,16 +178,6 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return res
-
-
-def _cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 if __name__ == "__main__":
