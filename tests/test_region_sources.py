@@ -74,6 +74,7 @@ def test_cli_round_trip(photos, tmp_path, capsys, source):
     assert main(["index", str(store), "--codebook", str(tmp_path / "cb.npy"), "--kernel", "rasmk*", "--out",
                  str(tmp_path / "db.d2r"), "-q"]) == 0
     capsys.readouterr()
+    assert d2r.Index.load(tmp_path / "db.d2r", mmap=True).region_source == info["region_source"]   # recorded
     assert main(["search", str(tmp_path / "db.d2r"), views[1], "-k", "3", "--json"]) == 0
     top = json.loads(capsys.readouterr().out)["queries"][0]["results"]
     assert top[0]["name"] == views[1] and top[0]["score"] > 2 * top[1]["score"], top

@@ -84,8 +84,9 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
     probe = Index(codebook, kernel=kernel, alpha=alpha, tau=tau, normalize=normalize, m_db=m_db, m_query=m_query)
     if probe.spec.regional and not info["regions"]:
         raise ValueError(f"{store}: the store holds no regions, which kernel {kernel!r} aggregates; extract with "
-                         "regions (`d2r extract --proposals ...` or `--detector ...`) or use kernel 'asmk*'")
+                         "regions (`d2r extract ... --regions grid:3`, or another source) or use kernel 'asmk*'")
     probe.extractor = info["extractor"]
+    probe.region_source = info["region_source"] if probe.spec.regional else None
     shards = _shards(store) if store.is_dir() else [store]
     if store_files is not None:
         known = {p.name: p for p in shards}
@@ -132,6 +133,7 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
             part = Index(codebook, kernel=kernel, alpha=alpha, tau=tau, normalize=normalize, m_db=m_db,
                          m_query=m_query)
             part.extractor = info["extractor"]
+            part.region_source = probe.region_source
             part_names, n_shards = [], 0
             while next_shard + n_shards < len(shards) and len(part_names) < batch_images:
                 shard = shards[next_shard + n_shards]
@@ -181,10 +183,11 @@ def build_regional_search_index(store, out, codebook, pooling: str = "max", kern
     info = store_info(store)
     if not info["regions"]:
         raise ValueError(f"{store}: the store holds no regions for regional search; extract with regions "
-                         "(`d2r extract --proposals ...` or `--detector ...`)")
+                         "(`d2r extract ... --regions grid:3`, or another source)")
     idx = RegionalSearchIndex(codebook, kernel, pooling, alpha=alpha, tau=tau, normalize=normalize, m_db=m_db,
                               m_query=m_query)
     idx.extractor = info["extractor"]
+    idx.region_source = info["region_source"]
     files = _shards(store) if store.is_dir() else [store]
     if store_files is not None:
         files = [store / Path(f).name if store.is_dir() else store for f in store_files]
@@ -209,7 +212,7 @@ def build_regional_search_index(store, out, codebook, pooling: str = "max", kern
 
 
 def _settings(idx: _IndexBase) -> dict:
-    return {k: v for k, v in idx._meta().items() if k not in ("extractor",)}
+    return {k: v for k, v in idx._meta().items() if k not in ("extractor", "region_source")}
 
 
 def _check_same(base: _IndexBase, probe: _IndexBase, path: Path) -> None:
@@ -296,6 +299,7 @@ def merge_index_files(paths, out, extractor=None) -> Index:
         next_ids.append(next_id)
     merged = type(first)._from_meta({**first._meta(), "next_id": 0}, first.codebook)
     merged.extractor = extractor if extractor is not None else first.extractor
+    merged.region_source = first.region_source
     all_ids = np.concatenate(ids)
     next_id = max(next_ids)
     try:

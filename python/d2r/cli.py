@@ -338,7 +338,7 @@ def _index(args) -> int:
                          f"asmk, not {args.kernel}")
     if args.regional_search and not info["regions"]:
         raise UsageError(f"{args.features}: the store holds no regions for --regional-search; extract with regions "
-                         "(`d2r extract --proposals ...` or `--detector ...`)")
+                         "(`d2r extract ... --regions grid:3`, or another source)")
     if args.shards > 1 or args.ray:
         return _index_sharded(args, codebook)
     if args.regional_search:
@@ -355,7 +355,7 @@ def _index(args) -> int:
     st["file_bytes_per_posting"] = ((st["file_bytes"] - codebook.centroids.nbytes) / postings) if postings else 0.0
     if args.json:
         _emit_json({"index": str(args.out), "names": str(_names_file(args.out)), **st,
-                    "codebook_fingerprint": codebook.fingerprint})
+                    "codebook_fingerprint": codebook.fingerprint, "region_source": index.region_source})
     else:
         per_image = st["file_bytes"] / max(1, st["images"])
         print(f"{st['images']} images, {st['words_per_image']:.0f} words/image, {per_image:.0f} bytes/image on disk "

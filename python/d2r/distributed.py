@@ -359,7 +359,7 @@ def build_sharded_index(store, out, codebook, shards: int, kernel: str = "asmk*"
     if (probe.spec.regional or regional_search) and not info["regions"]:
         what = "regional search" if regional_search else f"kernel {kernel!r}"
         raise ValueError(f"{store}: the store holds no regions, which {what} needs; extract with regions "
-                         "(`d2r extract --proposals ...` or `--detector ...`) or use kernel 'asmk*'")
+                         "(`d2r extract ... --regions grid:3`, or another source) or use kernel 'asmk*'")
     files, sizes = _store_shard_sizes(store)
     cuts = _split(sizes, shards)
     cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

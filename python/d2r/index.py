@@ -75,6 +75,9 @@ class _IndexBase:
         #: (``d2r.extract.describe``), saved with the index; ``d2r index`` records it, ``d2r search``
         #: extracts queries with the same extractor.
         self.extractor = None
+        #: The name of the database regions' source (``d2r.detect.canonical_region_source``, e.g.
+        #: "grid:3") for an index built from stored regions, saved with the index; None otherwise.
+        self.region_source = None
 
     # ---- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -176,7 +179,8 @@ class _IndexBase:
                 "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
                 "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION,
                 "codebook_fingerprint": self.codebook.fingerprint,
-                **({"extractor": self.extractor} if self.extractor is not None else {})}
+                **({"extractor": self.extractor} if self.extractor is not None else {}),
+                **({"region_source": self.region_source} if self.region_source is not None else {})}
 
     def save(self, path) -> None:
         """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
@@ -267,6 +271,8 @@ class _IndexBase:
                                  f"header says {meta['codebook_fingerprint']})")
         idx = target._from_meta(meta, codebook)
         idx.extractor = meta.get("extractor")
+        rs = meta.get("region_source")
+        idx.region_source = rs if isinstance(rs, str) else None
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
