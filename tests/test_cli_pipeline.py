@@ -238,3 +238,10 @@ def test_cli_regions_dataset_needs_boxes():
     assert r.returncode == 2 and "has no database boxes" in r.stderr
     r = run_cli("evaluate", "--dataset", "realmix", "--regions", "bogus", "-q")
     assert r.returncode == 2 and "unknown region source 'bogus'" in r.stderr
+
+
+def test_cli_features_names_are_checked():
+    r = run_cli("evaluate", "--dataset", "demo", "--features", "sift2", "-q")
+    assert r.returncode == 2 and "unknown --features 'sift2': use rootsift, cnn or delf:WEIGHTS" in r.stderr
+    r = run_cli("evaluate", "--dataset", "demo", "--features", "delf:/no/such.npz", "-q")
+    assert r.returncode == 2 and "delf:WEIGHTS needs the weights file" in r.stderr

