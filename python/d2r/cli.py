@@ -259,9 +259,11 @@ def _extract(args) -> int:
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if detector is detect.DISCOVERED:
-            raise UsageError("--regions discovered needs the whole collection, not one image at a time, and "
-                             "`d2r extract` cannot make it yet; in Python, d2r.discover.discover_regions finds them "
-                             "from a store's features")
+            if args.ray:
+                raise UsageError("--regions discovered runs on this machine (not with --ray yet): its first pass "
+                                 "can be made on a cluster with `d2r extract --ray` into a store of its own, then "
+                                 "`d2r.discover.discover_regions` in Python")
+            return _extract_discovered(args, paths, sift, workers)
         if detector is None:
             spec = None
     on_error = "raise" if args.strict else "skip"
@@ -295,6 +297,89 @@ def _extract(args) -> int:
         where = "listed in errors.json" if not str(args.out).endswith(".npz") else "listed in the file's errors"
         print(f"{len(stored)} images stored in {args.out}" + (f" ({len(errors)} unreadable, {where})" if errors else ""))
     return EXIT_OK
+
+
+def _extract_discovered(args, paths, sift, workers) -> int:
+    """`d2r extract --regions discovered`: three passes, each resumable. 1. the whole images into
+    OUT/discover/whole (a store of its own); 2. a codebook (--codebook, or k-means with --words, saved
+    as OUT/discover/codebook.npy) and d2r.discover.discover_regions over an ASMK* index of all those
+    images, for the images not in OUT yet (so images added by a later run get their regions from the
+    collection as it is then), written to OUT/discover/boxes.json; 3. OUT: each image's stored
+    whole-image features (not extracted again) and its regions re-extracted on their crops."""
+    from . import detect
+    from .codebook import Codebook
+    from .discover import discover_regions
+    from .features import extract_dataset, load_features, store_info
+    from .pipeline import train_codebook
+
+    out = Path(args.out)
+    work = out / "discover"
+    quiet = args.quiet
+    stored1, errors = extract_dataset(paths, work / "whole", sift, workers=workers, progress=not quiet,
+                                      strict=args.strict)
+    names, feats = load_features(work / "whole")
+    if args.codebook:
+        codebook = Codebook.load(args.codebook)
+    elif (work / "codebook.npy").exists():
+        codebook = Codebook.load(work / "codebook.npy")
+    else:
+        n = sum(len(f.descriptors) for f in feats)
+        words = min(args.words, max(1, n // 10))
+        codebook = train_codebook(feats, words, progress=not quiet)
+        codebook.save(work / "codebook.npy")
+    if codebook.dim != feats[0].descriptors.shape[1]:
+        raise UsageError(f"--codebook {args.codebook}: {codebook.dim}-D words for {feats[0].descriptors.shape[1]}-D "
+                         "features")
+    done = set()
+    if out.is_dir() and any(out.glob("shard-*.npz")):
+        info = store_info(out)
+        if info.get("region_source") not in (None, "discovered"):
+            from .features import StoreMismatchError
+
+            raise StoreMismatchError(f"{out} holds regions from {info['region_source']}, not from discovered; "
+                                     "use the same --regions or another store")
+        done = set(load_features(out)[0])
+    wanted = {os.path.abspath(p) for p in paths}
+    new = [i for i, nm in enumerate(names) if nm not in done and nm in wanted]
+    boxes_file = work / "boxes.json"
+    boxes = json.loads(boxes_file.read_text()) if boxes_file.exists() else {}
+    todo = [i for i in new if names[i] not in boxes]
+    if todo:
+        found = discover_regions([feats[i] for i in todo], index=_whole_index(codebook, feats), db_features=feats,
+                                 ids=todo, max_regions=args.max_regions, progress=not quiet)
+        for i, (b, sc) in zip(todo, found):
+            boxes[names[i]] = [[*map(float, bb), float(s)] for bb, s in zip(b, sc)]
+        from ._atomic import atomic_write
+
+        with atomic_write(boxes_file) as f:
+            f.write(json.dumps(boxes).encode())
+    n_regions = [len(boxes.get(names[i], [])) for i in new]
+    stored, errors2 = extract_dataset([names[i] for i in new], out, sift, detector=detect.BoxesFromFile(boxes_file),
+                                      max_regions=args.max_regions, region_source="discovered",
+                                      progress=not quiet, strict=args.strict,
+                                      whole_features={names[i]: feats[i] for i in new})
+    skipped = _skipped("extract", errors, args.json)
+    summary = {"store": str(out), "images_stored": len(stored), "skipped": skipped,
+               "regions_per_image": sum(n_regions) / len(n_regions) if n_regions else 0.0,
+               "images_without_regions": int(sum(r == 0 for r in n_regions)),
+               "codebook_words": codebook.n_words}
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"{len(stored)} images stored in {out} with regions discovered from the collection "
+              f"({summary['regions_per_image']:.1f} per new image, {summary['images_without_regions']} new images "
+              f"without one; boxes in {boxes_file})" + (f" ({len(errors)} unreadable, listed in "
+                                                        f"{work / 'whole' / 'errors.json'})" if errors else ""))
+    return EXIT_OK
+
+
+def _whole_index(codebook, feats):
+    """An ASMK* index of whole-image features, ids 0..n-1 (discovery's first index)."""
+    from .index import Index
+
+    index = Index(codebook, "asmk*")
+    index.add([f.descriptors for f in feats], progress=False)
+    return index
 
 
 # ---- train-codebook ----------------------------------------------------------------------------------
@@ -367,6 +452,26 @@ def _index(args) -> int:
     if args.regional_search and not info["regions"]:
         raise UsageError(f"{args.features}: the store holds no regions for --regional-search; extract with regions "
                          "(`d2r extract ... --regions grid:3`, or another source)")
+    if args.regions is not None:   # a check: the store's regions must come from this source
+        from . import detect
+
+        try:
+            want = detect.canonical_region_source(args.regions)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        have = info.get("region_source") if info["regions"] else None
+        if want == "none":
+            if args.kernel not in ("asmk*", "asmk") or args.regional_search:
+                raise UsageError(f"--regions none with --kernel {args.kernel}"
+                                 + (" --regional-search" if args.regional_search else "")
+                                 + ": a regional index needs regions")
+        elif have != want:
+            raise UsageError(f"--regions {args.regions}: {args.features} holds "
+                             + (f"regions from {have}" if have else "no regions")
+                             + f"; make them with `d2r extract IMAGES --out STORE --regions {args.regions}`")
+        elif args.kernel in ("asmk*", "asmk") and not args.regional_search:
+            raise UsageError(f"--regions {args.regions} with --kernel {args.kernel} would ignore the stored regions: "
+                             "use --kernel rasmk* (or rasmk, naive-rasmk) or --regional-search max|mean")
     if args.shards > 1 or args.ray:
         return _index_sharded(args, codebook)
     if args.regional_search:
@@ -639,12 +744,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each image's regions, re-extracted on their crops: none, grid:L (an L-level R-MAC "
                         "grid), mser, keypoints (keypoint clusters), ssd-coco (COCO SSD-MobileNet-v2 through "
                         "OpenCV), detector:MODEL_DIR (an official D2R detector; needs TensorFlow), boxes:FILE "
-                        "(JSON or CSV boxes); discovered: not yet from this command (d2r.discover)")
+                        "(JSON or CSV boxes), discovered (found from the collection itself: each image verified "
+                        "against its nearest neighbours in a first ASMK* index; no weights; see --codebook)")
     p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
                    help="deprecated: --regions grid:3 | mser | keypoints")
     p.add_argument("--detector", default=None, metavar="MODEL_DIR",
                    help="deprecated: --regions detector:MODEL_DIR")
     p.add_argument("--max-regions", type=int, default=5, help="regions kept per image")
+    p.add_argument("--codebook", default=None,
+                   help="--regions discovered: the codebook of the first index (default: k-means with --words on "
+                        "the images' own features, saved in OUT/discover/)")
+    p.add_argument("--words", type=int, default=1024, help="--regions discovered: words of the codebook it trains")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it and list it)")
     _ray_option(p, "extract on a Ray cluster (Ray Data, one extractor actor per CPU or GPU; --workers: the number "
@@ -678,6 +788,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output index file (e.g. db.d2r); an interrupted build resumes "
                                                 "from OUT.build/ when run again with the same arguments; with "
                                                 "--shards, a folder")
+    p.add_argument("--regions", default=None, metavar="SOURCE",
+                   help="the region source the store's regions must come from (a check; the regions themselves are "
+                        "made by `d2r extract --regions SOURCE`)")
     p.add_argument("--regional-search", default=None, choices=["max", "mean"],
                    help="index every stored region as its own entry (kernel asmk* or asmk) and pool an image's "
                         "region scores (max or mean) at search time")

@@ -330,15 +330,17 @@ def _next_shard_number(shards, writer=None) -> int:
     return max(numbers) + 1 if numbers else 0
 
 
-def _extract_one(extractor, detector, max_regions, path):
-    """(whole-image Features, (kept boxes, crop Features) or None) of one image path."""
+def _extract_one(extractor, detector, max_regions, path, whole=None):
+    """(whole-image Features, (kept boxes, crop Features) or None) of one image path; `whole`: the
+    image's whole-image Features when already extracted (only the crops are then extracted)."""
     if detector is None:
-        return extractor(path), None
+        return (extractor(path) if whole is None else whole), None
     from .extract import load_image_rgb
     from .regions import regions_by_reextraction, select_boxes
 
     img = load_image_rgb(path)
-    whole = extractor(img)
+    if whole is None:
+        whole = extractor(img)
     boxes, scores = detector(path) if getattr(detector, "needs_path", False) else detector(img)
     kept, kept_scores, _ = select_boxes(boxes, scores, img.shape[:2], score_threshold=None, max_boxes=max_regions)
     _, _, crops = regions_by_reextraction(img, extractor, kept, kept_scores, whole_features=whole,
@@ -369,7 +371,8 @@ def _extract_parallel(extractor, todo, shard_size, workers, strict, errors, name
 
 
 def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
-                    max_regions: int = 5, strict: bool = False, workers: int = 1, region_source=None):
+                    max_regions: int = 5, strict: bool = False, workers: int = 1, region_source=None,
+                    whole_features=None):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
     Images already in a shard are skipped (names are stored as absolute paths); the rest are extracted
@@ -395,6 +398,10 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     workers: processes extracting in parallel (without a detector; the extractor must be picklable,
     e.g. RootSIFT): each shard's images are shared out among them, and shards are still written in
     order, one at a time, so an interrupted run resumes the same way.
+
+    whole_features: optional mapping {absolute image path: Features} of whole-image features already
+    extracted with the same extractor (e.g. by a first pass that found the regions): they are stored
+    as they are and only the crops are extracted.
     """
     from .extract import ImageLoadError, NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
 
@@ -458,7 +465,8 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
             todo = []
         for path in todo:
             try:
-                f, r = _extract_one(extractor, detector, max_regions, path)
+                f, r = _extract_one(extractor, detector, max_regions, path,
+                                    None if whole_features is None else whole_features.get(path))
             except ImageLoadError as exc:
                 errors.append((path, str(exc)))
                 if strict:
