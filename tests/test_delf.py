@@ -422,3 +422,32 @@ def test_delf_in_worker_processes_equals_serial():
     for a, b in zip(serial, parallel):
         np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-5)
         np.testing.assert_allclose(a.locations, b.locations, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_device_resident_path_equals_the_numpy_path():
+    """DELF.extract_device (selection, centres, L2, PCA as torch ops on the extractor's device: the
+    issue-14 device-resident query path) gives the features of DELF.__call__ (numpy selection), here
+    on the CPU; randomly initialised weights, every cell kept (threshold 0) then the 40 best."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    net = delf._build_net()
+    state = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(4)
+    pca = {"mean": rng.normal(size=1024).astype(np.float32) * 0.01,
+           "matrix": rng.normal(size=(64, 1024)).astype(np.float32)}
+    for p, dim in ((pca, 32), (None, 1024)):
+        ext = delf.DELF(state=state, pca=p, pca_dim=dim, scales=(0.7071, 1.0, 1.4142), score_threshold=0.0,
+                        max_features=40, device="cpu")
+        img = rng.integers(0, 256, (97, 130, 3)).astype(np.uint8)
+        ref = ext(img)
+        got = ext.extract_device(torch.as_tensor(img))
+        assert got["descriptors"].shape == (40, dim) and got["descriptors"].device.type == "cpu"
+        np.testing.assert_allclose(got["scores"].numpy(), ref.scores, rtol=1e-6)
+        np.testing.assert_array_equal(got["scales"].numpy(), ref.scales)
+        np.testing.assert_allclose(got["locations"].numpy(), ref.locations, atol=1e-4)
+        np.testing.assert_allclose(got["descriptors"].numpy(), ref.descriptors, atol=1e-5)
+        small = ext.extract_device(torch.zeros((8, 8, 3), dtype=torch.uint8))
+        assert small["descriptors"].shape == (0, dim)
+    with pytest.raises(ValueError, match="H x W x 3"):
+        ext.extract_device(torch.zeros((8, 8), dtype=torch.uint8))

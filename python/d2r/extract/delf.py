@@ -449,6 +449,62 @@ class DELF(RebuiltInWorkers):
                                                   np.concatenate(A), self.max_features)
         return cells_to_features(keypoint_centers(boxes), feats, scales, scores, self.pca, self.pca_dim)
 
+    def extract_device(self, image):
+        """The device-resident path: DELF features as torch tensors on ``self.device`` (a dict:
+        ``descriptors`` (n, d) float32, ``locations`` (n, 2) (y, x), ``scales`` (n,), ``scores`` (n,)).
+        image: an HxWx3 uint8 torch tensor (already on the device: no host copy), or anything
+        ``__call__`` takes. The pyramid, the attention threshold, the top ``max_features`` selection
+        (stable, as :func:`select_top`), the receptive-field centres, L2, PCA and L2 all run on the
+        device, so the descriptors can go straight to a GPU index (``d2r.cuda`` takes torch tensors
+        through DLPack). Same features as ``__call__`` (float32 on both paths; on a GPU, with TF32
+        off: ``torch.backends.cudnn.allow_tf32 = False``)."""
+        torch = _torch()
+        if torch.is_tensor(image):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"image tensor must be H x W x 3 (RGB), got shape {tuple(image.shape)}")
+            img = image.to(self.device)
+        else:
+            from .rootsift import load_image_rgb
+
+            img = torch.as_tensor(np.ascontiguousarray(load_image_rgb(image))).to(self.device)
+        H, W = int(img.shape[0]), int(img.shape[1])
+        dim = self.pca_dim if self.pca is not None else 1024
+        f32 = dict(dtype=torch.float32, device=self.device)
+        if min(H, W) < MIN_IMAGE_SIDE:
+            return {"descriptors": torch.zeros((0, dim), **f32), "locations": torch.zeros((0, 2), **f32),
+                    "scales": torch.zeros(0, **f32), "scores": torch.zeros(0, **f32)}
+        x = (img.permute(2, 0, 1).to(torch.float32) - 128.0) / 128.0
+        C, Fs, S, A = [], [], [], []
+        with torch.no_grad():
+            for s in self.scales:
+                h, w = scaled_size(H, W, s)
+                f, a = self.net(tf_resize_bilinear(x, h, w)[None])
+                hh, ww = a.shape[1:]
+                a = a[0].reshape(-1)
+                keep = torch.nonzero(a >= self.score_threshold).squeeze(1)
+                iy = torch.div(keep, ww, rounding_mode="floor").to(torch.float32)
+                ix = (keep % ww).to(torch.float32)
+                # the receptive box's centre, as keypoint_centers(receptive_boxes(...) / scale)
+                lo_y = (RF_STRIDE * iy - RF_PADDING) / np.float32(s)
+                lo_x = (RF_STRIDE * ix - RF_PADDING) / np.float32(s)
+                hi_y = (RF_STRIDE * iy + (RF_SIZE - 1 - RF_PADDING)) / np.float32(s)
+                hi_x = (RF_STRIDE * ix + (RF_SIZE - 1 - RF_PADDING)) / np.float32(s)
+                C.append(torch.stack([(lo_y + hi_y) / 2.0, (lo_x + hi_x) / 2.0], 1))
+                Fs.append(f[0].permute(1, 2, 0).reshape(-1, f.shape[1])[keep])
+                S.append(torch.full((keep.numel(),), s, **f32))
+                A.append(a[keep])
+            scores = torch.cat(A)
+            order = torch.sort(-scores, stable=True).indices[:self.max_features]
+            feats = torch.cat(Fs)[order]
+            d = feats / torch.clamp(torch.linalg.vector_norm(feats, dim=1, keepdim=True), min=1e-12)
+            if self.pca is not None:
+                mean = torch.as_tensor(np.asarray(self.pca["mean"], np.float32), device=self.device)
+                mat = torch.as_tensor(np.asarray(self.pca["matrix"], np.float32)[:self.pca_dim], device=self.device)
+                d = (d - mean[None, :]) @ mat.T
+                d = d / torch.clamp(torch.linalg.vector_norm(d, dim=1, keepdim=True), min=1e-12)
+        return {"descriptors": d.contiguous(), "locations": torch.cat(C)[order], "scales": torch.cat(S)[order],
+                "scores": scores[order]}
+
 
 class DelfTF:
     """The official DELF SavedModel run through TensorFlow (optional; ``pip install ".[tf]"``), with the
