@@ -67,7 +67,8 @@ def main():
            "mean_pixels": float(np.mean([im.shape[0] * im.shape[1] for im in images])), "extractors": {}}
 
     def report(name, sec, feats, note=""):
-        n = float(np.mean([len(f.descriptors) if hasattr(f, "descriptors") else len(f[0]) for f in feats]))
+        n = float(np.mean([len(f.descriptors) if hasattr(f, "descriptors") else
+                           len(f["descriptors"]) if isinstance(f, dict) else len(f[0]) for f in feats]))
         res["extractors"][name] = {"s_per_image": sec, "features_per_image": n, "note": note}
         print(f"{name:44s} {sec:8.3f} s/image  {n:7.1f} features or boxes / image  {note}", flush=True)
 
@@ -87,6 +88,25 @@ def main():
         delf = DELF(state=state, device=args.device, score_threshold=0.0)
         report("DELF (PyTorch, 7 scales, top 1000)", *timed(lambda ims: [delf(im) for im in ims], images),
                f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"))
+        def on_device(fn):   # the device path returns device tensors: wait for the device before timing
+            def run(ims):
+                out = fn(ims)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+            return run
+
+        tensors = [torch.as_tensor(im).to(args.device) for im in images]
+        report("DELF device path (extract_device)",
+               *timed(on_device(lambda ims: [delf.extract_device(t) for t in ims]), tensors),
+               "selection, centres, L2 and PCA on the device; images already there")
+        import cv2
+
+        h, w = images[0].shape[:2]   # one size for all, so that each pyramid level is one batch
+        same = [torch.as_tensor(cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA)).to(args.device) for im in images]
+        report(f"DELF device path, batched ({len(same)} images of {h}x{w})",
+               *timed(on_device(lambda ims: delf.extract_device_many(ims)), same),
+               "extract_device_many: one forward pass per level for all images")
         lite = EfficientNetLite0Features(device=args.device)
         report("EfficientNet-Lite0 dense (7 scales, top 1000)", *timed(lambda ims: [lite(im) for im in ims], images))
     except ImportError as exc:

@@ -451,3 +451,13 @@ def test_device_resident_path_equals_the_numpy_path():
         assert small["descriptors"].shape == (0, dim)
     with pytest.raises(ValueError, match="H x W x 3"):
         ext.extract_device(torch.zeros((8, 8), dtype=torch.uint8))
+    # several images: those of one size share each level's forward pass; each equals its own call
+    imgs = [rng.integers(0, 256, shape).astype(np.uint8) for shape in ((90, 120, 3), (90, 120, 3), (70, 100, 3),
+                                                                       (90, 120, 3), (8, 8, 3))]
+    many = ext.extract_device_many([torch.as_tensor(im) for im in imgs])
+    for im, got in zip(imgs, many):
+        ref = ext(im)
+        assert got["descriptors"].shape == ref.descriptors.shape
+        np.testing.assert_allclose(got["scores"].numpy(), ref.scores, rtol=1e-5)
+        np.testing.assert_allclose(got["locations"].numpy(), ref.locations, atol=1e-4)
+        np.testing.assert_allclose(got["descriptors"].numpy(), ref.descriptors, atol=1e-5)

@@ -458,41 +458,72 @@ class DELF(RebuiltInWorkers):
         device, so the descriptors can go straight to a GPU index (``d2r.cuda`` takes torch tensors
         through DLPack). Same features as ``__call__`` (float32 on both paths; on a GPU, with TF32
         off: ``torch.backends.cudnn.allow_tf32 = False``)."""
-        torch = _torch()
-        if torch.is_tensor(image):
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"image tensor must be H x W x 3 (RGB), got shape {tuple(image.shape)}")
-            img = image.to(self.device)
-        else:
-            from .rootsift import load_image_rgb
+        return self.extract_device_many([image])[0]
 
-            img = torch.as_tensor(np.ascontiguousarray(load_image_rgb(image))).to(self.device)
-        H, W = int(img.shape[0]), int(img.shape[1])
+    def extract_device_many(self, images):
+        """:meth:`extract_device` of several images, one dict each, in order. Images of the same size
+        go through the network together: one forward pass per pyramid level for the whole group
+        (the batch norm is in inference mode, so each image's maps are its own)."""
+        torch = _torch()
+        from .rootsift import load_image_rgb
+
+        tensors = []
+        for image in images:
+            if torch.is_tensor(image):
+                if image.ndim != 3 or image.shape[2] != 3:
+                    raise ValueError(f"image tensor must be H x W x 3 (RGB), got shape {tuple(image.shape)}")
+                tensors.append(image.to(self.device))
+            else:
+                tensors.append(torch.as_tensor(np.ascontiguousarray(load_image_rgb(image))).to(self.device))
+        groups = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((int(t.shape[0]), int(t.shape[1])), []).append(i)
+        out = [None] * len(tensors)
+        for (H, W), members in groups.items():
+            if min(H, W) < MIN_IMAGE_SIDE:
+                for i in members:
+                    out[i] = self._device_features([], [], [], [])
+                continue
+            x = (torch.stack([tensors[i] for i in members]).permute(0, 3, 1, 2).to(torch.float32) - 128.0) / 128.0
+            per = [([], [], [], []) for _ in members]
+            with torch.no_grad():
+                for s in self.scales:
+                    h, w = scaled_size(H, W, s)
+                    xs = torch.stack([tf_resize_bilinear(x[b], h, w) for b in range(len(members))])
+                    f, a = self.net(xs)
+                    for b in range(len(members)):
+                        self._device_cells(f[b], a[b], s, per[b])
+            for b, i in enumerate(members):
+                out[i] = self._device_features(*per[b])
+        return out
+
+    def _device_cells(self, f, a, s, acc):
+        """Append one pyramid level's kept cells (centres, features, scales, scores) to acc."""
+        torch = _torch()
+        ww = a.shape[1]
+        a = a.reshape(-1)
+        keep = torch.nonzero(a >= self.score_threshold).squeeze(1)
+        iy = torch.div(keep, ww, rounding_mode="floor").to(torch.float32)
+        ix = (keep % ww).to(torch.float32)
+        # the receptive box's centre, as keypoint_centers(receptive_boxes(...) / scale)
+        sc = np.float32(s)
+        lo_y, lo_x = (RF_STRIDE * iy - RF_PADDING) / sc, (RF_STRIDE * ix - RF_PADDING) / sc
+        hi_y = (RF_STRIDE * iy + (RF_SIZE - 1 - RF_PADDING)) / sc
+        hi_x = (RF_STRIDE * ix + (RF_SIZE - 1 - RF_PADDING)) / sc
+        acc[0].append(torch.stack([(lo_y + hi_y) / 2.0, (lo_x + hi_x) / 2.0], 1))
+        acc[1].append(f.permute(1, 2, 0).reshape(-1, f.shape[0])[keep])
+        acc[2].append(torch.full((keep.numel(),), s, dtype=torch.float32, device=self.device))
+        acc[3].append(a[keep])
+
+    def _device_features(self, C, Fs, S, A):
+        """The selection (stable top max_features), L2, PCA, L2 of an image's kept cells, on the device."""
+        torch = _torch()
         dim = self.pca_dim if self.pca is not None else 1024
-        f32 = dict(dtype=torch.float32, device=self.device)
-        if min(H, W) < MIN_IMAGE_SIDE:
-            return {"descriptors": torch.zeros((0, dim), **f32), "locations": torch.zeros((0, 2), **f32),
-                    "scales": torch.zeros(0, **f32), "scores": torch.zeros(0, **f32)}
-        x = (img.permute(2, 0, 1).to(torch.float32) - 128.0) / 128.0
-        C, Fs, S, A = [], [], [], []
+        if not A:
+            z = dict(dtype=torch.float32, device=self.device)
+            return {"descriptors": torch.zeros((0, dim), **z), "locations": torch.zeros((0, 2), **z),
+                    "scales": torch.zeros(0, **z), "scores": torch.zeros(0, **z)}
         with torch.no_grad():
-            for s in self.scales:
-                h, w = scaled_size(H, W, s)
-                f, a = self.net(tf_resize_bilinear(x, h, w)[None])
-                hh, ww = a.shape[1:]
-                a = a[0].reshape(-1)
-                keep = torch.nonzero(a >= self.score_threshold).squeeze(1)
-                iy = torch.div(keep, ww, rounding_mode="floor").to(torch.float32)
-                ix = (keep % ww).to(torch.float32)
-                # the receptive box's centre, as keypoint_centers(receptive_boxes(...) / scale)
-                lo_y = (RF_STRIDE * iy - RF_PADDING) / np.float32(s)
-                lo_x = (RF_STRIDE * ix - RF_PADDING) / np.float32(s)
-                hi_y = (RF_STRIDE * iy + (RF_SIZE - 1 - RF_PADDING)) / np.float32(s)
-                hi_x = (RF_STRIDE * ix + (RF_SIZE - 1 - RF_PADDING)) / np.float32(s)
-                C.append(torch.stack([(lo_y + hi_y) / 2.0, (lo_x + hi_x) / 2.0], 1))
-                Fs.append(f[0].permute(1, 2, 0).reshape(-1, f.shape[1])[keep])
-                S.append(torch.full((keep.numel(),), s, **f32))
-                A.append(a[keep])
             scores = torch.cat(A)
             order = torch.sort(-scores, stable=True).indices[:self.max_features]
             feats = torch.cat(Fs)[order]
