@@ -733,3 +733,89 @@ def test_gpu_bad_input_is_refused():
     with pytest.raises(ValueError, match="already"):
         idx.add(_images(rng, 1, 16, 5, 20), image_ids=[2])
     assert len(idx) == 3
+
+
+def _random_regions(rng, n_images, dim=128):
+    regions = []
+    for _ in range(n_images):
+        n = int(rng.integers(20, 120))
+        x = _unit(rng.standard_normal((n, dim)).astype(np.float32))
+        members, offs = [np.arange(n)], [0, n]
+        for _ in range(int(rng.integers(0, 4))):  # overlapping boxes, some empty
+            sel = np.sort(rng.choice(n, int(rng.integers(0, n)), replace=False))
+            members.append(sel)
+            offs.append(offs[-1] + sel.size)
+        regions.append(d2r.Regions(x, np.array(offs, np.int64), np.concatenate(members).astype(np.int64)))
+    return regions
+
+
+def test_regions_layout_and_the_gpu_branch_of_add_regions_on_the_cpu():
+    """CPU side of R-ASMK aggregation inside a GPU index's add_regions (issue 14): regions_layout builds
+    the layout a hand-made one gives, and the GPU branch of Index._region_batches hands d2r.cuda.aggregate
+    exactly what makes the CPU's batches (here d2r.cuda.aggregate is stood in for by the CPU kernel on
+    the layout it receives: the GPU kernel's equality with the CPU kernel on one layout is
+    test_gpu_regional_aggregation_equals_cpu). Naive-R-ASMK has no GPU aggregation: it stays on the CPU."""
+    from d2r import _native
+    from d2r import index as index_module
+    from d2r.aggregate import AggregatedBatch, regions_layout
+
+    rng = _rng(31)
+    cb = d2r.Codebook(_unit(rng.standard_normal((64, 128)).astype(np.float32)))
+    regions = _random_regions(rng, 9)
+    x, assign, ir, rm, mem = regions_layout(cb, regions)
+    base = np.cumsum([0] + [r.descriptors.shape[0] for r in regions])
+    np.testing.assert_array_equal(x, np.vstack([r.descriptors for r in regions]))
+    assert assign is None
+    np.testing.assert_array_equal(ir, np.cumsum([0] + [r.n_regions for r in regions]))
+    np.testing.assert_array_equal(rm, np.concatenate([[0], np.cumsum(np.concatenate([np.diff(r.offsets)
+                                                                                     for r in regions]))]))
+    np.testing.assert_array_equal(mem, np.concatenate([r.members + b for r, b in zip(regions, base[:-1])]))
+
+    calls = []
+
+    class FakeGpu:
+        @staticmethod
+        def aggregate(codebook, xs, image_regions, region_members, members, kernel, m, assignments=None,
+                      output="numpy", fingerprint=None):
+            calls.append((kernel, m, output, assignments is None))
+            a = codebook.quantize(xs, m)[0] if assignments is None else assignments
+            offs, words, codes = _native.aggregate(xs, a, codebook.centroids, image_regions, region_members, members,
+                                                   kind=0, binary=kernel.endswith("*"))
+            return AggregatedBatch(offs, words, codes, codebook.fingerprint)
+
+    for kernel, m in (("rasmk*", 1), ("rasmk", 2), ("naive-rasmk", 1)):
+        idx = d2r.Index(cb, kernel, m_db=m)
+        cpu = idx._region_batches(regions, batch_size=4)
+        calls.clear()
+        real = index_module.gpu
+        index_module.gpu = lambda: FakeGpu
+        idx.device = "cuda"   # only the branch under test: no GPU inverted file is touched
+        try:
+            got = idx._region_batches(regions, batch_size=4)
+        finally:
+            idx.device = "cpu"
+            index_module.gpu = real
+        assert len(got) == len(cpu) == 3
+        for a, b in zip(cpu, got):
+            np.testing.assert_array_equal(a.offsets, b.offsets)
+            np.testing.assert_array_equal(a.words, b.words)
+            np.testing.assert_array_equal(a.code_bytes, b.code_bytes)
+        assert calls == ([] if kernel == "naive-rasmk" else [(kernel, m, "device", True)] * 3), calls
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["rasmk*", "rasmk"])
+def test_gpu_index_add_regions_equals_cpu(kernel):
+    """add_regions_many on a GPU index aggregates on the GPU (R-ASMK, R-ASMK*): the same rankings and
+    scores as the CPU index."""
+    rng = _rng(32)
+    cb = d2r.Codebook(_unit(rng.standard_normal((128, 128)).astype(np.float32)))
+    regions = _random_regions(rng, 40)
+    cpu, gpu = _pair(cb, kernel)
+    ids = rng.permutation(1000)[:40]
+    cpu.add_regions_many(regions, image_ids=ids, batch_size=16)
+    gpu.add_regions_many(regions, image_ids=ids, batch_size=16)
+    queries = [r.descriptors[:50] for r in regions[:6]]
+    for k in (1, 10, None):
+        _assert_same_search(cpu, gpu, queries, k)

@@ -139,12 +139,12 @@ def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets:
     return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 
-def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1,
-                            assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
-    """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes).
-    `assignments`: optional list of precomputed word ids, one (n_i, m) array per image aligned with
-    its Regions.descriptors."""
-    spec = kernel_spec(kernel)
+def regions_layout(codebook: Codebook, regions_list, m: int = 1, assignments=None, fingerprint: str | None = None):
+    """The aggregation layout of many images given by their regions (anything Regions.coerce takes):
+    (descriptors (n, D) float32 concatenated, assignments (n, m) int32 or None when not given,
+    image_regions, region_members, members) as the native kernels take them, on the CPU
+    (``_native.aggregate``) and on the GPU (``d2r.cuda.aggregate``): image i owns regions
+    image_regions[i]:image_regions[i+1], region r the descriptors members[region_members[r]:region_members[r+1]]."""
     regs = [Regions.coerce(r, codebook.dim) for r in regions_list]
     desc_off = np.cumsum([0] + [r.descriptors.shape[0] for r in regs]).astype(np.int64)
     x = (np.concatenate([r.descriptors for r in regs], axis=0) if regs
@@ -162,19 +162,30 @@ def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: in
     region_members = np.zeros(int(image_regions[-1]) + 1, dtype=np.int64)
     if region_sizes:
         region_members[1:] = np.cumsum(np.concatenate(region_sizes))
-    if assignments is None:
-        assign, _ = codebook.quantize(np.ascontiguousarray(x), m)
-    else:
+    assign = None
+    if assignments is not None:
         check_fingerprint(fingerprint, codebook.fingerprint, "the assignments")
         assignments = list(assignments)
         if len(assignments) != len(regs):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regs)} images")
         assign = np.concatenate([as_assignments(a, r.descriptors.shape[0], m, codebook.n_words)
                                  for a, r in zip(assignments, regs)]) if regs else np.zeros((0, m), np.int32)
+    return np.ascontiguousarray(x), assign, image_regions, region_members, np.ascontiguousarray(members)
+
+
+def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1,
+                            assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
+    """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes).
+    `assignments`: optional list of precomputed word ids, one (n_i, m) array per image aligned with
+    its Regions.descriptors."""
+    spec = kernel_spec(kernel)
+    x, assign, image_regions, region_members, members = regions_layout(codebook, regions_list, m, assignments,
+                                                                       fingerprint)
+    if assign is None:
+        assign, _ = codebook.quantize(x, m)
     kind = spec.native_kind if spec.regional else 0
-    offs, words, codes = _native.aggregate(np.ascontiguousarray(x), assign, codebook.centroids, image_regions,
-                                           region_members, np.ascontiguousarray(members), kind=kind,
-                                           binary=spec.binary)
+    offs, words, codes = _native.aggregate(x, assign, codebook.centroids, image_regions, region_members, members,
+                                           kind=kind, binary=spec.binary)
     return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 

@@ -12,7 +12,7 @@ from ._devices import gpu
 from ._progress import bar as _bar
 from ._checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, check_positive_int,
                       check_score_params)
-from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
+from .aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch, regions_layout,
                         as_assignments, check_fingerprint, kernel_spec, _concat_images)
 from .codebook import Codebook
 from .index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, check_structure,
@@ -448,11 +448,17 @@ class Index(_IndexBase):
         bar = _bar(len(regions_list), "aggregate regions",
                    progress if progress is not None else len(regions_list) >= 2000)
         batches = []
+        on_gpu = self.device == "cuda" and self.spec.native_kind == 0   # R-ASMK(*): aggregated on the GPU
         for s in range(0, len(regions_list), batch_size):
             chunk = regions_list[s:s + batch_size]
-            batches.append(aggregate_regions_batch(self.codebook, chunk, self.kernel, self.m_db,
-                                                   None if assignments is None else assignments[s:s + batch_size],
-                                                   fingerprint))
+            a = None if assignments is None else assignments[s:s + batch_size]
+            if on_gpu:
+                x, assign, ir, rm, mem = regions_layout(self.codebook, chunk, self.m_db, a, fingerprint)
+                batches.append(gpu().aggregate(self.codebook, x, ir, rm, mem, self.kernel, self.m_db, assign,
+                                               output="device", fingerprint=None if assign is None else
+                                               self.codebook.fingerprint))
+            else:
+                batches.append(aggregate_regions_batch(self.codebook, chunk, self.kernel, self.m_db, a, fingerprint))
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
