@@ -323,3 +323,13 @@ def test_tf_savedmodel_detector_official_contract(tmp_path):
     np.testing.assert_array_equal(b2, boxes)
     with pytest.raises(FileNotFoundError, match="d2r_frcnn_20190411"):
         TFSavedModelDetector(tmp_path / "missing")
+
+
+def test_boxes_file_entry_with_no_boxes_is_not_matched_by_basename(tmp_path):
+    """An image listed with an empty list has no boxes: the file-name fallback must not hand it
+    another image's boxes (d2r extract --regions discovered writes such entries)."""
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps({"/a/x.jpg": [], "/b/x.jpg": [[1, 2, 3, 4, 1.0]]}))
+    det = BoxesFromFile(f)
+    assert det.boxes_for("/a/x.jpg")[0].shape == (0, 4)
+    np.testing.assert_array_equal(det.boxes_for("/b/x.jpg")[0], [[1, 2, 3, 4]])

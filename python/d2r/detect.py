@@ -176,8 +176,10 @@ class BoxesFromFile(Detector):
         rows = self._parse_json(text) if is_json else self._parse_csv(text)
         self._by_key: Dict[str, List[Tuple[float, ...]]] = {}
         for key, box, where in rows:
-            self._check_box(box, where)
-            self._by_key.setdefault(key, []).append(box)
+            listed = self._by_key.setdefault(key, [])
+            if box is not None:
+                self._check_box(box, where)
+                listed.append(box)
         self._by_norm: Dict[str, str] = {}
         self._by_base: Dict[str, List[str]] = {}
         for key in self._by_key:
@@ -197,6 +199,8 @@ class BoxesFromFile(Detector):
         for key, boxes in data.items():
             if not isinstance(boxes, list):
                 raise ValueError(f"{self.path}: entry {key!r}: expected a list of [x1, y1, x2, y2, score]")
+            if not boxes:   # listed with no boxes: found by its name, with none (not another image's by basename)
+                rows.append((str(key), None, f"{self.path}: entry {key!r}"))
             for j, box in enumerate(boxes):
                 where = f"{self.path}: entry {key!r}, box {j}"
                 if not isinstance(box, (list, tuple)) or len(box) != 5 or \
