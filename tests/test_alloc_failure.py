@@ -127,7 +127,7 @@ def _fill_heap(libc, hard):
 
 
 def child(out: Path, tmp: Path):
-    from d2r.aggregate import AggregatedBatch, aggregate_images
+    from d2r.core.aggregate import AggregatedBatch, aggregate_images
     from test_reference import World
 
     res = {"ops": {}}

@@ -75,7 +75,7 @@ def test_extract_train_index_search_round_trip(tmp_path, capsys):
 def test_pipeline_on_small_demo_set_writes_report(tmp_path):
     pytest.importorskip("skimage", reason="the demo set is built from scikit-image's photos")
     from d2r.datasets import make_demo_set
-    from d2r.pipeline import run
+    from d2r.workflows.pipeline import run
 
     ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
                        objects=["astronaut", "coffee", "chelsea"])
@@ -108,7 +108,8 @@ def test_pipeline_on_small_demo_set_writes_report(tmp_path):
 
 def test_feature_store_is_resumable_and_skips_bad_images(tmp_path):
     from d2r.extract import RootSIFT
-    from d2r.features import extract_dataset, load_features
+    from d2r.extract.store import load_features
+    from d2r.workflows.collection import extract_dataset
 
     paths = _images(tmp_path, n=5)
     (tmp_path / "empty.jpg").write_bytes(b"")
@@ -158,7 +159,7 @@ def test_feature_store_is_resumable_and_skips_bad_images(tmp_path):
     import json
     assert len(json.loads((store / "errors.json").read_text())) == 2
     # another extractor's features are refused, naming both
-    from d2r.features import StoreMismatchError
+    from d2r.extract.store import StoreMismatchError
     with pytest.raises(StoreMismatchError, match=r"RootSIFT\(.*contrast_threshold=0.04.*\).*not of RootSIFT\(.*contrast_threshold=0.02"):
         extract_dataset(paths, store, RootSIFT(contrast_threshold=0.02), progress=False)
     # the CLI takes the folder too
@@ -171,7 +172,7 @@ def test_feature_store_with_regions_re_extracted_on_crops(tmp_path):
     cv2 = pytest.importorskip("cv2")
     skdata = pytest.importorskip("skimage.data")
     from d2r import cli
-    from d2r.features import load_features
+    from d2r.extract.store import load_features
 
     paths = []
     for name in ("astronaut", "coffee", "chelsea"):
@@ -209,7 +210,7 @@ def test_pipeline_default_regions_are_discovered_and_the_oracle_is_apart(tmp_pat
     import io
 
     from d2r.datasets import make_demo_set
-    from d2r.pipeline import ORACLE_METHODS, ORACLE_SUFFIX, run
+    from d2r.workflows.pipeline import ORACLE_METHODS, ORACLE_SUFFIX, run
 
     ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
                        objects=["astronaut", "coffee", "chelsea"])
@@ -255,11 +256,11 @@ def test_pipeline_rasmk_equals_the_python_api_on_the_same_regions(tmp_path):
     pytest.importorskip("skimage", reason="the demo set is built from scikit-image's photos")
     import io
 
-    from d2r.build import build_index
+    from d2r.workflows.build import build_index
     from d2r.datasets import make_demo_set
-    from d2r.detect import region_source
+    from d2r.regions.detect import region_source
     from d2r.extract import RootSIFT
-    from d2r.pipeline import run
+    from d2r.workflows.pipeline import run
 
     ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
                        objects=["astronaut", "coffee", "chelsea"])

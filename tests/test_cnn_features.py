@@ -79,7 +79,7 @@ def test_pipeline_runs_with_cnn_features(tmp_path):
 
     from d2r.cli import pipeline_extractor
     from d2r.datasets import make_demo_set
-    from d2r.pipeline import run
+    from d2r.workflows.pipeline import run
 
     ds = make_demo_set(root=tmp_path / "data", n_views=3, n_distractors=4, size=480,
                        objects=["astronaut", "coffee", "chelsea"])

@@ -10,7 +10,7 @@ import pytest
 
 import d2r
 from d2r import cuda
-from d2r.aggregate import aggregate_images, aggregate_regions_batch
+from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
 
 needs_gpu = pytest.mark.skipif(not cuda.is_available(), reason="no CUDA device (or a build without CUDA)")
 
@@ -757,7 +757,7 @@ def test_regions_layout_and_the_gpu_branch_of_add_regions_on_the_cpu():
     test_gpu_regional_aggregation_equals_cpu). Naive-R-ASMK has no GPU aggregation: it stays on the CPU."""
     from d2r import _native
     from d2r import index as index_module
-    from d2r.aggregate import AggregatedBatch, regions_layout
+    from d2r.core.aggregate import AggregatedBatch, regions_layout
 
     rng = _rng(31)
     cb = d2r.Codebook(_unit(rng.standard_normal((64, 128)).astype(np.float32)))

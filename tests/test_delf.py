@@ -392,7 +392,7 @@ def test_cli_extract_with_delf(tmp_path):
     """`d2r extract --delf WEIGHTS` stores DELF features (converted tf-slim weights, low threshold)."""
     pytest.importorskip("torch")
     from d2r import cli
-    from d2r.features import load_features
+    from d2r.extract.store import load_features
 
     variables, _ = _tf_slim_model(seed=9)
     w = tmp_path / "delf.npz"

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from d2r.detect import (COCO_LABELS, BoxesFromFile, GridProposals, KeypointClusterProposals,
+from d2r.regions.detect import (COCO_LABELS, BoxesFromFile, GridProposals, KeypointClusterProposals,
                         MSERProposals, OpenCVDnnDetector, box_iou, nms, ssd_mobilenet_v2_coco_files)
 
 
@@ -297,7 +297,7 @@ def test_tf_savedmodel_detector_official_contract(tmp_path):
     """A SavedModel with the official D2R detector's tensor names (fixed normalised boxes): pixel boxes,
     score threshold, sorting and clipping."""
     tf = pytest.importorskip("tensorflow")
-    from d2r.detect import TFSavedModelDetector
+    from d2r.regions.detect import TFSavedModelDetector
 
     g = tf.Graph()
     with g.as_default():

@@ -15,8 +15,8 @@ pytest.importorskip("faiss", reason="Codebook.train needs faiss (pip install fai
 import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family  # noqa: E402
 from d2r.datasets.composites import paste_composite  # noqa: E402
-from d2r.detect import box_iou  # noqa: E402
-from d2r.discover import discover_regions  # noqa: E402
+from d2r.regions.detect import box_iou  # noqa: E402
+from d2r.regions.discover import discover_regions  # noqa: E402
 from d2r.extract import RootSIFT  # noqa: E402
 from d2r.extract.rootsift import read_image_rgb  # noqa: E402
 

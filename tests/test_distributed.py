@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r.build import build_index, build_regional_search_index
+from d2r.workflows.build import build_index, build_regional_search_index
 from d2r.extract import Features
-from d2r.features import save_features
+from d2r.extract.store import save_features
 
 from test_reference import World
 
@@ -147,7 +147,7 @@ def test_route_and_manifest_errors(tmp_path):
 
 
 def test_store_parallel_writers_and_merged_errors(world, tmp_path):
-    from d2r.features import (_next_shard_number, _shards, drop_duplicate_images, load_features,
+    from d2r.extract.store import (next_shard_number, shard_files, drop_duplicate_images, load_features,
                               merge_store_errors, store_info)
 
     folder = tmp_path / "store"
@@ -162,9 +162,9 @@ def test_store_parallel_writers_and_merged_errors(world, tmp_path):
                                                     {"image": "/c0", "error": "was bad once"}]))
     (folder / "errors-w1.json").write_text(json.dumps([{"image": "/x", "error": "not an image"}]))
     (folder / "errors-w2.json").write_text(json.dumps([{"image": "/y", "error": "empty"}]))
-    shards = _shards(folder)
-    assert _next_shard_number(shards) == 1 and _next_shard_number(shards, "w2") == 2
-    assert _next_shard_number(shards, "w9") == 0
+    shards = shard_files(folder)
+    assert next_shard_number(shards) == 1 and next_shard_number(shards, "w2") == 2
+    assert next_shard_number(shards, "w9") == 0
     # every error list merged, the images stored since (/c0) left out
     assert sorted(store_info(folder)["errors"]) == [("/old", "bad"), ("/x", "not an image"), ("/y", "empty")]
     assert drop_duplicate_images(folder) == 2   # /b1 in shard-w2-00000, /b0 (the whole of shard-w2-00001)
@@ -178,7 +178,7 @@ def test_store_parallel_writers_and_merged_errors(world, tmp_path):
     assert sorted(merged) == sorted(store_info(folder)["errors"])
     assert sorted(p.name for p in folder.glob("errors*.json")) == ["errors.json"]
     # a sequential writer goes on after its own numbers, whatever the parallel writers wrote
-    assert _next_shard_number(_shards(folder)) == 1
+    assert next_shard_number(shard_files(folder)) == 1
 
 
 # ---- on Ray -------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_ray_extraction_writes_the_same_store(realmix_stores):
 @pytest.fixture(scope="module")
 def realmix_index(realmix_stores):
     from d2r import distributed
-    from d2r.pipeline import train_codebook
+    from d2r.workflows.pipeline import train_codebook
 
     tmp = realmix_stores[0]
     names, feats = d2r.load_features(tmp / "ray-store")

@@ -4,7 +4,7 @@ compute_map (the independent reference below)."""
 import numpy as np
 import pytest
 
-from d2r.evaluate import compute_ap, compute_map, format_table, revisited
+from d2r.core.evaluate import compute_ap, compute_map, format_table, revisited
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_cli_errors_are_one_line_naming_problem_and_fix(built, photos, tmp_path,
 def test_third_party_errors_are_explained(built, capsys, monkeypatch):
     """An exception raised inside another package (a bug on d2r's side) is reported as an internal error
     naming that package, with the way to get the traceback, not passed through as if it were advice."""
-    import d2r.pipeline
+    import d2r.workflows.pipeline
 
     def broken(*a, **k):
         np.vstack([])
@@ -307,7 +307,7 @@ def test_index_file_carries_the_codebook_fingerprint_and_old_files_load(tmp_path
     index.extractor = {"name": "RootSIFT", "params": {"max_features": 5}, "fingerprint": "0123456789abcdef"}
     index.save(tmp_path / "db.d2r")
     raw = (tmp_path / "db.d2r").read_bytes()
-    assert struct.unpack_from("<I", raw, 8)[0] == d2r.index_io.FORMAT_VERSION and ca.fingerprint.encode() in raw
+    assert struct.unpack_from("<I", raw, 8)[0] == d2r.core.index_io.FORMAT_VERSION and ca.fingerprint.encode() in raw
     back = d2r.Index.load(tmp_path / "db.d2r")
     assert back.codebook.fingerprint == ca.fingerprint and back.extractor == index.extractor
     _rewrite_as_version_1(tmp_path / "db.d2r")
@@ -323,7 +323,8 @@ def test_index_file_carries_the_codebook_fingerprint_and_old_files_load(tmp_path
 
 def test_feature_store_fingerprint_and_old_stores(photos, tmp_path):
     from d2r.extract import RootSIFT, describe
-    from d2r.features import StoreMismatchError, extract_dataset
+    from d2r.extract.store import StoreMismatchError
+    from d2r.workflows.collection import extract_dataset
 
     a, b = RootSIFT(max_features=50), RootSIFT(max_features=80)
     assert describe(a)["fingerprint"] == describe(b)["fingerprint"]     # only the count differs: comparable

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import d2r
-import d2r._checks as checks
-import d2r.index_io as index_io
-from d2r._atomic import atomic_write
+import d2r.core.checks as checks
+import d2r.core.index_io as index_io
+from d2r.core.atomic import atomic_write
 
 from test_reference import World
 
@@ -552,7 +552,7 @@ def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path, ind
     target = tmp_path / "index.d2r"
     script = textwrap.dedent(f"""
         import sys, time
-        from d2r._atomic import atomic_write
+        from d2r.core.atomic import atomic_write
         with atomic_write({str(target)!r}) as f:
             f.write(b"\\0" * (4 << 20))
             f.flush()
@@ -693,7 +693,7 @@ def test_set_num_threads_bounds():
 
 
 def test_extract_dataset_rejects_one_path(tmp_path):
-    from d2r.features import extract_dataset
+    from d2r.workflows.collection import extract_dataset
 
     store = tmp_path / "store"
     for images in ("a/path", tmp_path / "img.jpg", b"a/path"):
@@ -717,7 +717,7 @@ def _features(rng, n):
     ("region_offsets", [0, 2, 4, 50]),
 ])
 def test_load_features_rejects_inconsistent_stores(tmp_path, key, value):
-    from d2r.features import load_features, save_features
+    from d2r.extract.store import load_features, save_features
 
     rng = np.random.default_rng(0)
     feats = [_features(rng, n) for n in (3, 4, 5)]

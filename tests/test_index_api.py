@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import d2r
-import d2r.index_io
+import d2r.core.index_io
 
 from test_reference import World
 
@@ -177,7 +177,7 @@ def test_add_is_atomic_across_aggregation_chunks(world, data, monkeypatch, cls):
     idx.add(imgs[:5])
     before = idx.search(queries, k=None)
     monkeypatch.setattr(d2r.index, "_CHUNK_DESCRIPTORS", 64)   # several chunks for the next add
-    real, calls = d2r.index.aggregate_images, []
+    real, calls = d2r.core.index.aggregate_images, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -424,7 +424,7 @@ def test_failed_save_keeps_old_file(tmp_path, world, data, monkeypatch, failure)
     old.save(path)
     old_bytes = path.read_bytes()
     new = _build(world, data)
-    import d2r._atomic as atomic  # every file d2r writes goes through atomic_write
+    import d2r.core.atomic as atomic  # every file d2r writes goes through atomic_write
 
     if failure == "write":
         real_fdopen = atomic.os.fdopen
@@ -557,7 +557,7 @@ def test_foreign_files(tmp_path):
 
 def test_newer_format_version(tmp_path, saved):
     b = bytearray(saved.read_bytes())
-    b[8:12] = struct.pack("<I", d2r.index_io.FORMAT_VERSION + 1)
+    b[8:12] = struct.pack("<I", d2r.core.index_io.FORMAT_VERSION + 1)
     path = tmp_path / "newer.d2r"
     path.write_bytes(bytes(b))
     msg = _expect_file_error(path, "newer")

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(r"""
     import sys
     import numpy as np
     import d2r
-    from d2r.aggregate import aggregate_images, aggregate_regions_batch
+    from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
     from test_reference import World
 
     out = {}

@@ -174,7 +174,7 @@ def test_tutorial_matches_demo(run_block, rootsift_memo, monkeypatch):
     if off:
         fmt = " / ".join
         pytest.fail(f"{block.where}: the tutorial's mAP E/M/H {fmt(f'{tutorial[p]:.2f}' for p in demo)} "
-                    f"differ from d2r.pipeline.run's {block.reproduces!r} {fmt(f'{demo[p]:.2f}' for p in demo)} "
+                    f"differ from d2r.workflows.pipeline.run's {block.reproduces!r} {fmt(f'{demo[p]:.2f}' for p in demo)} "
                     f"by more than {TOLERANCE} ({', '.join(f'{p} {d:+.2f}' for p, d in off.items())})\n"
                     f"--- the tutorial printed ---\n{_tail(res.stdout, 1500)}\n--- the pipeline printed ---\n"
                     f"{_tail(out.getvalue(), 1500)}", pytrace=False)
@@ -260,8 +260,8 @@ def test_parse_unclosed_fence():
     ("print(a)\na = 1\n", ["'a' is used before the block assigns it"]),
     ("import d2r\nd2r.nonexistent()\n", ["d2r.nonexistent does not resolve: d2r has no attribute 'nonexistent'"]),
     ("import d2r\nd2r.Index.no_such_method\n", ["d2r.Index.no_such_method does not resolve"]),
-    ("import d2r\nd2r.pipeline.run\n", ["d2r.pipeline is a submodule", "import d2r.pipeline"]),
-    ("from d2r.evaluate import no_such_name\n", ["d2r.evaluate has no 'no_such_name'"]),
+    ("import d2r\nd2r.pipeline.run\n", ["d2r.pipeline is a submodule", "import d2r.workflows.pipeline"]),
+    ("from d2r.core.evaluate import no_such_name\n", ["d2r.evaluate has no 'no_such_name'"]),
     ("import d2r.no_such_module\n", ["no module 'd2r.no_such_module'"]),
     ("from d2r import evaluate as ev\nev.no_such_function\n", ["ev.no_such_function does not resolve"]),
     ("d2r.Index\n", ["name 'd2r' is not defined in the block: a module, so import it"]),
@@ -283,7 +283,7 @@ def test_check_reports(code, expected):
 @pytest.mark.parametrize("code", [
     "# inputs: descriptors, paths\nimport d2r\ncb = d2r.Codebook.train(descriptors, n_words=4)\nprint(len(paths))\n",
     "import d2r\nprint(d2r.cuda.is_available(), d2r.Index.load, d2r.__version__)\n",
-    "import d2r.pipeline\nd2r.pipeline.run\nd2r.evaluate.format_table\n",    # pipeline imports evaluate
+    "import d2r.workflows.pipeline\nd2r.pipeline.run\nd2r.evaluate.format_table\n",    # pipeline imports evaluate
     "import numpy as np, d2r\nfrom d2r.evaluate import revisited, format_table\nformat_table.__name__\n",
     "from d2r import pipeline\npipeline.default_methods\n",
     "for i, (a, b) in enumerate([(1, 2)]):\n    c = a + b + i\nprint(c)\n",
@@ -348,7 +348,7 @@ def test_parse_map_summary():
 
 def test_format_table_summary_is_parsed():
     """The summary line format_table prints is the one parse_map_summary reads."""
-    from d2r.evaluate import format_table, revisited
+    from d2r.core.evaluate import format_table, revisited
 
     gnd = [{"easy": [0], "hard": [1], "junk": []}, {"easy": [2], "hard": [], "junk": [1]}]
     res = revisited(np.array([[0, 1, 2], [2, 0, 1]]), gnd)
@@ -358,7 +358,7 @@ def test_format_table_summary_is_parsed():
 
 def test_submodule_check_ignores_what_this_process_imported():
     """d2r.pipeline being loaded here (by another test) must not hide a block that never imports it."""
-    import d2r.pipeline  # noqa: F401
+    import d2r.workflows.pipeline  # noqa: F401
 
     assert hasattr(d2r, "pipeline")
     (problem,) = _problems("import d2r\nd2r.pipeline.run\n")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r.aggregate import aggregate_images, aggregate_regions_batch
+from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
 
 import reference as ref
 

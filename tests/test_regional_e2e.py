@@ -32,7 +32,7 @@ import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family  # noqa: E402
 from d2r.datasets.composites import paste_composite  # noqa: E402
 from d2r.extract import RootSIFT  # noqa: E402
-from d2r.regions import regions_by_reextraction, regions_by_selection  # noqa: E402
+from d2r.regions.select import regions_by_reextraction, regions_by_selection  # noqa: E402
 
 SEED = 0
 POS_PER_QUERY = 3

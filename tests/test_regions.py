@@ -6,7 +6,7 @@ import pytest
 
 import d2r
 from d2r.extract import Features
-from d2r.regions import (RegionStats, boxes_from_normalized, crop_bounds, regions_by_reextraction,
+from d2r.regions.select import (RegionStats, boxes_from_normalized, crop_bounds, regions_by_reextraction,
                          regions_by_selection, select_boxes)
 
 

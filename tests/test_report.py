@@ -29,8 +29,8 @@ def demo(tmp_path_factory):
     from d2r import Codebook
     from d2r.datasets import make_demo_set
     from d2r.extract import RootSIFT
-    from d2r.pipeline import default_methods, run
-    from d2r.verify import rerank_protocol
+    from d2r.workflows.pipeline import default_methods, run
+    from d2r.core.verify import rerank_protocol
 
     ds = make_demo_set(root=tmp_path_factory.mktemp("data"), size=512)
     assert len(ds.qimlist) == 12

@@ -18,9 +18,9 @@ import pytest
 
 import d2r
 from d2r import index_io
-from d2r.build import build_index, names_file
+from d2r.workflows.build import build_index, names_file
 from d2r.extract import Features
-from d2r.features import save_features
+from d2r.extract.store import save_features
 
 from test_reference import World
 
@@ -102,7 +102,7 @@ def test_killed_build_resumes_to_the_same_index(world, store, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import d2r.build as b
+        import d2r.workflows.build as b
         from test_reference import World
         real = b._write_journal
         def write(work, journal):
@@ -122,7 +122,7 @@ def test_killed_build_resumes_to_the_same_index(world, store, tmp_path):
     assert len(journal["parts"]) == 3 and not out.exists()
     mtimes = {p["file"]: (work / p["file"]).stat().st_mtime_ns for p in journal["parts"]}
     seen = []
-    import d2r.build as b
+    import d2r.workflows.build as b
     real = b.Index.save
 
     def save(self, path):
@@ -294,7 +294,7 @@ def test_mmap_load_reads_only_what_it_uses(tmp_path):
     memory-mapped load reads from disk only the header, codebook, image table and word table, and
     one query with 20 words reads about its 20 lists (rounded out to their 64 KiB checksum pages),
     counted by the kernel's per-process I/O accounting (/proc/self/io)."""
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.synthetic import zipf_images
 
     rng = np.random.default_rng(0)
     n_words, dim = 4096, 128
@@ -344,7 +344,7 @@ def test_scores_across_slot_tiles_equal_the_reference(world):
     slot range, with tombstones: every image's score equals the plain reference (tests/reference.py),
     single queries, batches and the top-k alike."""
     import reference as ref
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.synthetic import zipf_images
 
     n, n_words, dim = 140_000, 64, 128
     rng = np.random.default_rng(4)

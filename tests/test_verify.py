@@ -9,7 +9,7 @@ import pytest
 
 import d2r
 from d2r import _native
-from d2r.verify import (
+from d2r.core.verify import (
     MIN_MATCHES,
     PairVerification,
     match_descriptors,
@@ -494,7 +494,7 @@ def test_search_and_rerank_puts_the_verified_match_first():
     above one that only shares visual words; unverified tail keeps its order."""
     import d2r
     from d2r.extract import Features
-    from d2r.verify import search_and_rerank
+    from d2r.core.verify import search_and_rerank
 
     rng = np.random.default_rng(3)
     n, dim = 300, 32

@@ -8,41 +8,18 @@ Quick start::
     index.add([desc_img0, desc_img1, ...])
     scores, ids = index.search(query_descriptors, k=10)
 """
-import numbers as _numbers
-
-from ._version import __version__
-from . import _native
-from .aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
-from .codebook import Codebook
-from .index import Index, RegionalSearchIndex
-from .index_io import FormatWarning, IndexFileError
-from .features import StoreMismatchError, extract_dataset, load_features, save_features, store_info
-from . import cuda
+from d2r._version import __version__
+from d2r import _native
+from d2r.core.runtime import MAX_THREADS, build_info, get_num_threads, set_num_threads
+from d2r.core.aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
+from d2r.core.codebook import Codebook
+from d2r.core.index import Index, RegionalSearchIndex
+from d2r.core.index_io import FormatWarning, IndexFileError
+from d2r.extract.store import StoreMismatchError, load_features, save_features, store_info
+from d2r.workflows.collection import extract_dataset
+from d2r import cuda
 
 __all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "FormatWarning", "Index", "IndexFileError",
            "KERNELS", "RegionalSearchIndex", "Regions", "StoreMismatchError", "aggregate", "build_info", "cuda",
            "extract_dataset", "load_features", "save_features", "store_info", "get_num_threads",
            "set_num_threads", "vlad"]
-
-
-def build_info() -> dict:
-    """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
-    info = dict(_native.build_info())
-    info["version"] = __version__
-    info["cuda_devices"] = _native.cuda_device_count()
-    return info
-
-
-MAX_THREADS = 4096
-
-
-def set_num_threads(n: int) -> None:
-    """Threads used by the native core, 1 to MAX_THREADS (results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, _numbers.Integral) or not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"number of threads must be an integer from 1 to {MAX_THREADS}, got {n!r}")
-    _native.set_num_threads(int(n))
-
-
-def get_num_threads() -> int:
-    """Threads the native core uses (see set_num_threads)."""
-    return int(_native.get_num_threads())

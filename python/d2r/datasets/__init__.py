@@ -1,6 +1,6 @@
 """Datasets: realmix benchmark loader and cached RootSIFT features, the built-in demo set
 (generated from scikit-image sample photos), Revisited Oxford/Paris, plain folders and R1M."""
-from .demo import (
+from d2r.datasets.demo import (
     BACKGROUND_PHOTOS,
     LICENCES,
     OBJECT_PHOTOS,
@@ -10,7 +10,7 @@ from .demo import (
     make_demo_set,
     skimage_data_dir,
 )
-from .realmix import (
+from d2r.datasets.realmix import (
     FAMILIES,
     RealMix,
     default_cache_dir,
@@ -21,7 +21,7 @@ from .realmix import (
     realmix_family,
     realmix_rootsift,
 )
-from .revisited import (
+from d2r.datasets.revisited import (
     IMAGE_EXTENSIONS,
     REVISITED_NAMES,
     RevisitedSet,

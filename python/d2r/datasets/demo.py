@@ -126,7 +126,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .realmix import RealMix, default_cache_dir, load_realmix
+from d2r.datasets.realmix import RealMix, default_cache_dir, load_realmix
 
 __all__ = [
     "BACKGROUND_PHOTOS",
@@ -439,8 +439,9 @@ def _camera(rng, img: np.ndarray, strength: float) -> np.ndarray:
     if rng.random() < 0.4 + 0.4 * strength:
         q = int(rng.integers(30, 86))
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
-        if ok:
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        dec = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
+        if dec is not None:
+            img = dec
     return img
 
 
@@ -511,11 +512,12 @@ def _place(rng, obj: np.ndarray, W: int, H: int, *, area: Tuple[float, float],
             best, best_err = q, err
         if err == 0.0:
             break
+    assert best is not None   # the first try always improves on an infinite error
     return best
 
 
 def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
-          ) -> Tuple[np.ndarray, List[float]]:
+          ) -> Tuple[np.ndarray, Optional[List[float]]]:
     """One database view of ``obj``; returns (BGR image, gt box)."""
     h, w = obj.shape[:2]
     W, H = _canvas_size(rng, size, landscape=(w >= h) if kind == "easy" else None)
@@ -556,7 +558,7 @@ def _view(rng, kind: str, obj: np.ndarray, bgs: List[np.ndarray], size: int
 
 
 def _query(rng, obj: np.ndarray, bgs: List[np.ndarray], size: int
-           ) -> Tuple[np.ndarray, List[float]]:
+           ) -> Tuple[np.ndarray, Optional[List[float]]]:
     h, w = obj.shape[:2]
     W, H = _canvas_size(rng, size, landscape=w >= h)
     canvas = _clutter(rng, bgs, W, H)
@@ -672,7 +674,7 @@ def _write_jpeg(path: Path, img: np.ndarray) -> None:
 
 
 def _generate(out: Path, params, data_dir: Path, set_hash: str, progress: bool = True) -> None:
-    from .._progress import bar as progress_bar
+    from d2r.core.progress import bar as progress_bar
 
     objs, bg_names, sources = _source_info(data_dir, params)
     seed, size = params["seed"], params["size"]
@@ -688,7 +690,7 @@ def _generate(out: Path, params, data_dir: Path, set_hash: str, progress: bool =
             bar.update(1)
 
     db: List[Tuple[str, str, str, List[List[float]]]] = []  # (relpath, group, kind, boxes)
-    queries: List[Tuple[str, str, List[float]]] = []
+    queries: List[Tuple[str, str, Optional[List[float]]]] = []
     for name in objs:
         oi = OBJECT_PHOTOS.index(name)
         obj = _read_photo(data_dir / _FILES[name])

@@ -263,7 +263,7 @@ def _cv2_version() -> str:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    from .._atomic import atomic_write
+    from d2r.core.atomic import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
@@ -319,7 +319,7 @@ def _build_or_load(max_features: Optional[int], cache_dir: Optional[PathLike],
 
     data = None if recompute else _load_cache(path, rel, sizes, max_features, max_image_size)
     if data is None:
-        from ..extract.rootsift import RootSIFT, extract_many  # noqa: WPS433
+        from d2r.extract.rootsift import RootSIFT, extract_many  # noqa: WPS433
 
         ex = RootSIFT(max_features=max_features, max_image_size=max_image_size)
         raws = extract_many(_RawSIFT(ex), paths, workers=workers, progress=progress,
@@ -376,7 +376,7 @@ def realmix_rootsift(max_features: Optional[int] = 1000,
     """
     ds, data, path = _build_or_load(max_features, cache_dir, root, max_image_size,
                                     workers, progress, recompute)
-    from ..extract.rootsift import Features, rootsift_from_sift  # noqa: WPS433
+    from d2r.extract.rootsift import Features, rootsift_from_sift  # noqa: WPS433
 
     counts = data["counts"].astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
@@ -418,7 +418,7 @@ def realmix_descriptor_sample(n: Optional[int] = 100_000,
     """
     _, data, _ = _build_or_load(max_features, cache_dir, root, max_image_size,
                                 workers, progress, False)
-    from ..extract.rootsift import rootsift_from_sift  # noqa: WPS433
+    from d2r.extract.rootsift import rootsift_from_sift  # noqa: WPS433
 
     counts = data["counts"].astype(np.int64)
     n_db_rows = int(counts[: int(data["n_db"])].sum())

@@ -53,7 +53,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .realmix import RealMix
+from d2r.datasets.realmix import RealMix
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -113,7 +113,7 @@ def _load_pickle(path: Path):
 # Image helpers
 # --------------------------------------------------------------------------- #
 def _load_rgb(path: str) -> np.ndarray:
-    from ..regions import _load_image_rgb  # cv2 if installed, else Pillow
+    from d2r.extract.image import open_image_rgb as _load_image_rgb  # cv2 if installed, else Pillow
 
     return _load_image_rgb(path)
 
@@ -180,7 +180,7 @@ class RevisitedSet(RealMix):
             from PIL import Image
 
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = im.convert("RGB")  # type: ignore[assignment]
                 return im.crop(box) if box is not None else im
         img = _load_rgb(path)
         return _crop_padded(img, box) if box is not None else img
@@ -365,7 +365,7 @@ def load_folder(root: PathLike, pairs_csv: PathLike) -> RevisitedSet:
     qset = set(qimnames)
     imnames = [p for p in all_images if p not in qset]
     pos = {p: i for i, p in enumerate(imnames)}
-    gnd = [{"easy": [], "hard": [], "junk": [], "bbx": None} for _ in qimnames]
+    gnd: list[dict] = [{"easy": [], "hard": [], "junk": [], "bbx": None} for _ in qimnames]
     qidx = {q: i for i, q in enumerate(qimnames)}
     dropped = []
     for q, p, kind in rows:

@@ -1,5 +1,8 @@
-"""Local feature extraction: RootSIFT (OpenCV, the default) and DELF (PyTorch, optional)."""
-from .rootsift import (
+"""Local features: one image loader (:mod:`d2r.extract.image`), the feature type
+(:class:`Features`), the extractors (RootSIFT with OpenCV, the default; DELF and EfficientNet-Lite0 with
+PyTorch, optional), extraction of many images (:func:`extract_many`) and the feature store
+(:mod:`d2r.extract.store`, re-exported at the top level of d2r)."""
+from d2r.extract.rootsift import (
     MIN_IMAGE_SIDE,
     SIFT_DIM,
     Features,
@@ -17,9 +20,9 @@ from .rootsift import (
     load_image_rgb,
     rootsift_from_sift,
 )
-from .cnn import EfficientNetLite0Features, learn_pca
-from .delf import DELF, DelfTF
-from .describe import describe
+from d2r.extract.cnn import EfficientNetLite0Features, learn_pca
+from d2r.extract.delf import DELF, DelfTF
+from d2r.extract.describe import describe
 
 __all__ = [
     "Features",

@@ -15,9 +15,9 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .delf import (OFFICIAL_SCALES, RebuiltInWorkers, _torch, cells_to_features, no_cells, scaled_size, select_top,
+from d2r.extract.delf import (OFFICIAL_SCALES, RebuiltInWorkers, _torch, cells_to_features, no_cells, scaled_size, select_top,
                    tf_resize_bilinear)
-from .rootsift import MIN_IMAGE_SIDE, Features
+from d2r.extract.rootsift import MIN_IMAGE_SIDE, Features
 
 STRIDE = 16
 _STAGE_ENDS = (7, 10)  # EfficientNet-Lite0 blocks ending the stride-16 stages (80 and 112 channels)
@@ -84,7 +84,7 @@ class EfficientNetLite0Features(RebuiltInWorkers):
 
     def raw(self, image):
         """(locations (n, 2) y, x; raw 192-D features; scales; scores) before the post-processing."""
-        from .rootsift import load_image_rgb
+        from d2r.extract.rootsift import load_image_rgb
 
         img = load_image_rgb(image)
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
@@ -108,7 +108,8 @@ class EfficientNetLite0Features(RebuiltInWorkers):
                           self.max_features)
 
     def __call__(self, image) -> Features:
-        return cells_to_features(*self.raw(image), self.pca, self.pca_dim)
+        locations, feats, scales, scores = self.raw(image)
+        return cells_to_features(locations, feats, scales, scores, self.pca, self.pca_dim)
 
 
 def learn_pca(extractor: EfficientNetLite0Features, images: Iterable, max_per_image: int = 500, seed: int = 0):

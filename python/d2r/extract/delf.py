@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .rootsift import MIN_IMAGE_SIDE, Features
+from d2r.extract.rootsift import MIN_IMAGE_SIDE, Features
 
 OFFICIAL_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 RF_SIZE, RF_STRIDE, RF_PADDING = 291, 32, 145
@@ -69,7 +69,7 @@ def cells_to_features(locations, feats, scales, scores, pca=None, pca_dim: int =
     return Features(postprocess_descriptors(feats, pm, pmat, pca_dim), locations, scales, scores)
 
 
-def no_cells(dim: int):
+def no_cells(dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(locations, features, scales, scores) of an image too small to have features."""
     return (np.zeros((0, 2), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.float32),
             np.zeros(0, np.float32))
@@ -131,7 +131,8 @@ def parse_datum(data: bytes) -> np.ndarray:
 
 
 def _parse_list(msg: bytes, kind: int):
-    out, pos = [], 0
+    out: list = []
+    pos = 0
     while pos < len(msg):
         key, pos = _varint(msg, pos)
         field, wire = key >> 3, key & 7
@@ -347,13 +348,13 @@ def convert_tf_variables(variables: Dict[str, np.ndarray], resnet_scope: str = "
 
 def save_weights(path, state: Dict[str, np.ndarray], pca: Optional[Dict[str, np.ndarray]] = None) -> None:
     """A .npz of the converted network (and PCA) that DELF loads without TensorFlow."""
-    from .._atomic import atomic_write
+    from d2r.core.atomic import atomic_write
 
     arrays = {f"net/{k}": v for k, v in state.items()}
     if pca is not None:
         arrays.update({f"pca/{k}": np.asarray(v, np.float32) for k, v in pca.items()})
     with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]
 
 
 def load_weights(path):
@@ -430,7 +431,7 @@ class DELF(RebuiltInWorkers):
         return f[0].permute(1, 2, 0).cpu().numpy(), a[0].cpu().numpy()
 
     def __call__(self, image) -> Features:
-        from .rootsift import load_image_rgb
+        from d2r.extract.rootsift import load_image_rgb
 
         img = load_image_rgb(image)
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:
@@ -465,7 +466,7 @@ class DELF(RebuiltInWorkers):
         go through the network together: one forward pass per pyramid level for the whole group
         (the batch norm is in inference mode, so each image's maps are its own)."""
         torch = _torch()
-        from .rootsift import load_image_rgb
+        from d2r.extract.rootsift import load_image_rgb
 
         tensors = []
         for image in images:
@@ -577,7 +578,7 @@ class DelfTF:
 
     def raw(self, image):
         """The SavedModel's own outputs: (boxes, features, scales, scores) as numpy."""
-        from .rootsift import load_image_rgb
+        from d2r.extract.rootsift import load_image_rgb
 
         img = load_image_rgb(image)
         feed = dict(zip(self._inputs, (img, self.score_threshold, np.asarray(self.scales, np.float32),
@@ -586,7 +587,7 @@ class DelfTF:
         return boxes, feats, np.asarray(scales).reshape(-1), np.asarray(scores).reshape(-1)
 
     def __call__(self, image) -> Features:
-        from .rootsift import load_image_rgb
+        from d2r.extract.rootsift import load_image_rgb
 
         img = load_image_rgb(image)
         if min(img.shape[:2]) < MIN_IMAGE_SIDE:

@@ -58,8 +58,8 @@ def query_extractor(record, max_features=None, delf=None, where: str = "the inde
     be comparable (another extractor, other weights)."""
     import warnings
 
-    from .delf import DELF
-    from .rootsift import RootSIFT
+    from d2r.extract.delf import DELF
+    from d2r.extract.rootsift import RootSIFT
 
     if record is None:
         warnings.warn(f"{where} does not record the extractor of its database features (an index written by an "
@@ -72,14 +72,14 @@ def query_extractor(record, max_features=None, delf=None, where: str = "the inde
             params["max_features"] = max_features
         ext = RootSIFT(**params)
     elif delf:
-        ext = DELF(delf, max_features=max_features or 1000)
+        ext = DELF(delf, max_features=max_features or 1000)  # type: ignore[assignment]
     else:
         raise ValueError(f"{where} was built from {record.get('name')} features; pass the same extractor "
                          "(--delf WEIGHTS) to search it")
     got = describe(ext)
     if got["fingerprint"] != record.get("fingerprint"):
-        from ..features import _extractor_label
+        from d2r.extract.store import extractor_label
 
-        raise ValueError(f"{where} was built from {_extractor_label(record)} features, the queries would be "
-                         f"{_extractor_label(got)}; use the same extractor (and weights)")
+        raise ValueError(f"{where} was built from {extractor_label(record)} features, the queries would be "
+                         f"{extractor_label(got)}; use the same extractor (and weights)")
     return ext

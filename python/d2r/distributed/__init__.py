@@ -49,13 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_write
-from ._checks import as_ids, check_k, check_positive_int
-from ._progress import bar as _bar
-from .aggregate import AggregatedBatch, Regions
-from .codebook import Codebook
-from .index import Index, RegionalSearchIndex
-from .kernels import code_bytes
+from d2r.core.atomic import atomic_write
+from d2r.core.checks import as_ids, check_k, check_positive_int
+from d2r.core.progress import bar as _bar
+from d2r.core.aggregate import AggregatedBatch, Regions
+from d2r.core.codebook import Codebook
+from d2r.core.index import Index, RegionalSearchIndex
+from d2r.core.kernels import code_bytes
 
 __all__ = ["ShardUnavailableError", "ShardedIndex", "build_sharded_index", "connect", "extract", "open_index",
            "read_manifest", "route", "shard_index"]
@@ -118,8 +118,8 @@ class _ExtractActor:
     of its own (shard-WRITER-NNNNN.npz) plus its error list (errors-WRITER.json)."""
 
     def __init__(self, store, extractor, detector, max_regions, region_source=None):
-        from .extract import describe
-        from .features import _next_shard_number, _shards
+        from d2r.extract import describe
+        from d2r.extract.store import next_shard_number, shard_files
 
         self.store = Path(store)
         self.extractor = extractor() if isinstance(extractor, _Factory) else extractor
@@ -128,18 +128,19 @@ class _ExtractActor:
         self.region_source = region_source
         self.info = describe(self.extractor)
         self.writer = uuid.uuid4().hex[:12]
-        self.next = _next_shard_number(_shards(self.store), self.writer)
+        self.next = next_shard_number(shard_files(self.store), self.writer)
         self.errors = []
 
     def __call__(self, batch):
-        from .extract import ImageLoadError
-        from .features import _WRITER_SHARD, _extract_one, _write_errors, save_features
+        from d2r.extract import ImageLoadError
+        from d2r.extract.store import WRITER_SHARD, write_errors, save_features
+        from d2r.workflows.collection import extract_one
 
         names, feats, regs, ok, why = [], [], [], [], []
         for path in batch["path"]:
             path = str(path)
             try:
-                f, r = _extract_one(self.extractor, self.detector, self.max_regions, path)
+                f, r = extract_one(self.extractor, self.detector, self.max_regions, path)
             except ImageLoadError as exc:
                 self.errors.append((path, str(exc)))
                 ok.append(False)
@@ -151,12 +152,12 @@ class _ExtractActor:
             ok.append(True)
             why.append("")
         if names:
-            save_features(self.store / _WRITER_SHARD.format(self.writer, self.next), names, feats,
+            save_features(self.store / WRITER_SHARD.format(self.writer, self.next), names, feats,
                           regs if self.detector is not None else None, extractor=self.info,
                           region_source=self.region_source)
             self.next += 1
         if self.errors:
-            _write_errors(self.store / f"errors-{self.writer}.json", self.errors)
+            write_errors(self.store / f"errors-{self.writer}.json", self.errors)
         return {"path": np.asarray([str(p) for p in batch["path"]]), "ok": np.asarray(ok, bool),
                 "error": np.asarray(why, dtype=str)}
 
@@ -188,8 +189,8 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
 
     Returns (the names stored by this run, errors of this run as (name, reason))."""
     ray = _require_connected()
-    from .extract import NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
-    from .features import _scan_store, check_extractor, drop_duplicate_images, merge_store_errors
+    from d2r.extract import NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
+    from d2r.extract.store import scan_store, check_extractor, drop_duplicate_images, merge_store_errors
 
     if isinstance(images, (str, bytes, os.PathLike)):
         raise TypeError(f"images must be a list of image paths, got one path {images!r}")
@@ -201,7 +202,7 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
     info = describe(extractor() if isinstance(extractor, _Factory) else extractor)
     stored = set()
     if store.exists() and any(store.glob("shard-*.npz")):
-        stored_info, names = _scan_store(store)
+        stored_info, names = scan_store(store)
         check_extractor(stored_info["extractor"], info, store)
         stored = set(names)
     store.mkdir(parents=True, exist_ok=True)
@@ -290,10 +291,10 @@ def route(manifest: dict, image_ids) -> np.ndarray:
 
 
 def _store_shard_sizes(store: Path):
-    from .features import _read_npz, _shards
+    from d2r.extract.store import read_npz, shard_files
 
-    files = _shards(store) if store.is_dir() else [store]
-    return files, [len(_read_npz(f, {"names"})["names"]) for f in files]
+    files = shard_files(store) if store.is_dir() else [store]
+    return files, [len(read_npz(f, {"names"})["names"]) for f in files]
 
 
 def _split(sizes, n):
@@ -310,8 +311,8 @@ def _split(sizes, n):
 def _build_one(store, files, out, centroids, kernel, pooling, params, first_id, batch_images):
     """One shard: a streaming build of its store files (for regional search, an in-memory build);
     returns (images, names)."""
-    from .build import build_index, build_regional_search_index
-    from .features import _read_npz, store_info
+    from d2r.workflows.build import build_index, build_regional_search_index
+    from d2r.extract.store import read_npz, store_info
 
     codebook = Codebook(centroids)
     store, out = Path(store), Path(out)
@@ -326,7 +327,7 @@ def _build_one(store, files, out, centroids, kernel, pooling, params, first_id, 
     else:
         idx = build_index(store, out, codebook, kernel, progress=False, batch_images=batch_images, store_files=files,
                           first_id=first_id, write_names=False, **params)
-    names = [str(n) for f in files for n in _read_npz(store / f if store.is_dir() else store, {"names"})["names"]]
+    names = [str(n) for f in files for n in read_npz(store / f if store.is_dir() else store, {"names"})["names"]]
     return len(idx), names
 
 
@@ -344,7 +345,7 @@ def build_sharded_index(store, out, codebook, shards: int, kernel: str = "asmk*"
     same arguments, and each shard's own build resumes as :func:`d2r.build.build_index` does. The
     manifest is written last, atomically: a folder without one is an unfinished build."""
     ray = _require_connected()
-    from .features import store_info
+    from d2r.extract.store import store_info
 
     store, out = Path(store).resolve(), Path(out)
     shards = check_positive_int(shards, "shards")
@@ -353,7 +354,7 @@ def build_sharded_index(store, out, codebook, shards: int, kernel: str = "asmk*"
     info = store_info(store)
     if info["images"] == 0:
         raise ValueError(f"{store}: the feature store holds no images; extract some with `d2r extract`")
-    params = {"alpha": alpha, "tau": tau, "normalize": normalize, "m_db": m_db, "m_query": m_query}
+    params: dict = {"alpha": alpha, "tau": tau, "normalize": normalize, "m_db": m_db, "m_query": m_query}
     probe = (RegionalSearchIndex(codebook, kernel, regional_search, **params) if regional_search
              else Index(codebook, kernel, **params))   # checks the kernel and parameters here, before any task
     if (probe.spec.regional or regional_search) and not info["regions"]:
@@ -432,7 +433,7 @@ def shard_index(index, out, shards: int, progress: bool = True) -> dict:
     file memory-mapped, marking the other images removed and saving (which streams, leaving them
     out). The names file beside the index (INDEX.names.txt) is copied to out/names.txt. Returns the
     manifest. Reads the index once per shard."""
-    from .build import _read_names
+    from d2r.workflows.build import _read_names
 
     path, out = Path(index), Path(out)
     shards = check_positive_int(shards, "shards")
@@ -511,7 +512,7 @@ class _ShardActor:
 
     def __init__(self, number: int, path: str, verify, threads=None):
         if threads is not None:   # Ray sets OMP_NUM_THREADS from the actor's CPUs (1 for a fraction)
-            from . import set_num_threads
+            from d2r.core.runtime import set_num_threads
 
             set_num_threads(int(threads))
         self.number = number

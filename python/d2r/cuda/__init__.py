@@ -14,16 +14,16 @@ Without a GPU, or in a build without nvcc, ``is_available()`` is False and every
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from . import _devices, _native
-from ._checks import as_descriptors, check_positive_int
-from .kernels import AggregatedBatch, check_fingerprint, kernel_spec
+import d2r._native as _native
+from d2r.cuda._surface import surface as _binding
+from d2r.core.checks import as_descriptors, check_positive_int
+from d2r.core.kernels import AggregatedBatch, check_fingerprint, kernel_spec
 
 __all__ = ["is_available", "is_compiled", "device_count", "device_name", "memory_info", "CudaUnavailableError",
-           "CudaError", "CudaMemoryError", "DeviceArray", "quantize", "aggregate", "GpuInvertedFile", "kmeans"]
+           "CudaError", "CudaMemoryError", "DeviceArray", "quantize", "aggregate", "GpuInvertedFile", "kmeans",
+           "CUDA", "index_cpu_to_gpu", "index_gpu_to_cpu"]
 
 
 class CudaUnavailableError(RuntimeError):
@@ -44,11 +44,11 @@ MAX_K = 1024
 
 def is_compiled() -> bool:
     """True when this build of d2r contains the CUDA kernels (nvcc was found at build time)."""
-    return bool(_native.cuda_compiled())
+    return bool(_binding().cuda_compiled())
 
 
 def device_count() -> int:
-    return int(_native.cuda_device_count())
+    return int(_binding().cuda_device_count())
 
 
 def is_available() -> bool:
@@ -66,13 +66,13 @@ def require() -> None:
 
 def device_name(device: int = 0) -> str:
     require()
-    return _native.cuda_device_name(device)
+    return _binding().cuda_device_name(device)
 
 
 def memory_info() -> tuple[int, int]:
     """(free bytes, total bytes) of the current device."""
     require()
-    return tuple(_native.cuda_memory_info())
+    return tuple(_binding().cuda_memory_info())
 
 
 # ---- array interop ---------------------------------------------------------------------------------
@@ -194,11 +194,12 @@ def to_output(a, output: str, like=None):
 # ---- operations ------------------------------------------------------------------------------------
 def _quantizer(codebook):
     require()
-    q = getattr(codebook, "_gpu_quantizer", None)
-    if q is None:
-        q = _native.GpuQuantizer(codebook.centroids)
-        codebook._gpu_quantizer = q
-    return q
+    s = _binding()
+    cached = getattr(codebook, "_gpu_quantizer", None)   # (binding surface, quantizer)
+    if cached is None or cached[0] is not s:
+        cached = (s, s.GpuQuantizer(codebook.centroids))
+        codebook._gpu_quantizer = cached
+    return cached[1]
 
 
 def quantize(codebook, descriptors, m: int = 1, output: str = "numpy"):
@@ -263,7 +264,7 @@ def aggregate(codebook, descriptors, image_regions, region_members, members=None
             if a.keep.size and (a.keep.min() < 0 or a.keep.max() >= codebook.n_words):
                 raise ValueError(f"assignments hold word ids outside [0, {codebook.n_words})")
         a_ptr, a_dev, a_keep = a.ptr, a.on_device, a.keep
-    offs, words, codes = _native.gpu_aggregate(q, x.ptr, x.on_device, x.shape[0], a_ptr, a_dev, m, ir, rm, mem,
+    offs, words, codes = _binding().gpu_aggregate(q, x.ptr, x.on_device, x.shape[0], a_ptr, a_dev, m, ir, rm, mem,
                                                spec.binary)
     del a_keep
     batch = DeviceBatch(offs, words, codes, codebook.fingerprint)
@@ -468,7 +469,7 @@ class GpuInvertedFile:
 
     def __init__(self, n_words: int, dim: int, binary: bool):
         require()
-        self._f = _native.GpuInvertedFile(int(n_words), int(dim), bool(binary))
+        self._f = _binding().GpuInvertedFile(int(n_words), int(dim), bool(binary))
 
     n_words = property(lambda self: self._f.n_words)
     dim = property(lambda self: self._f.dim)
@@ -543,6 +544,14 @@ class GpuInvertedFile:
         """Test hook: the n-th device allocation of the next operation raises CudaMemoryError."""
         self._f._fail_after_allocations(int(n))
 
+    def verify(self) -> int:
+        """0: a device index holds no checksummed pages (its file is checked when loaded)."""
+        return 0
+
+    def compact(self) -> int:
+        """0: removes on the device rewrite the postings at once (no tombstones to drop)."""
+        return 0
+
 
 def kmeans(descriptors, n_words: int, niter: int = 20, seed: int = 0):
     """Lloyd k-means on the GPU (random initialisation from `seed`, exact assignment, deterministic
@@ -553,8 +562,12 @@ def kmeans(descriptors, n_words: int, niter: int = 20, seed: int = 0):
     n, dim = x.shape
     if n < n_words:
         raise ValueError(f"k-means needs at least n_words={n_words} descriptors, got {n}")
-    c, obj = _native.gpu_kmeans(x.ptr, x.on_device, n, dim, int(n_words), int(niter), int(seed))
+    c, obj = _binding().gpu_kmeans(x.ptr, x.on_device, n, dim, int(n_words), int(niter), int(seed))
     return c, list(obj)
 
 
-_devices.register_gpu(sys.modules[__name__])
+
+from d2r.cuda.backend import CUDA, index_cpu_to_gpu, index_gpu_to_cpu  # noqa: E402  (needs the names above)
+from d2r.core.backend import register_backend  # noqa: E402
+
+register_backend(CUDA)

@@ -43,20 +43,20 @@ class NothingUsable(Exception):
 def _dataset(spec: str, progress: bool = True):
     """'demo', 'realmix', 'synthetic', 'roxford5k:ROOT', 'rparis6k:ROOT' or 'folder:ROOT:PAIRS.csv'."""
     if spec == "demo":
-        from .datasets.demo import make_demo_set
+        from d2r.datasets.demo import make_demo_set
 
         return make_demo_set(progress=progress)
     if spec == "realmix":
-        from .datasets import load_realmix
+        from d2r.datasets import load_realmix
 
         return load_realmix()
     name, _, rest = spec.partition(":")
     if name in ("roxford5k", "rparis6k") and rest:
-        from .datasets.revisited import load_revisited
+        from d2r.datasets.revisited import load_revisited
 
         return load_revisited(rest, name)
     if name == "folder" and rest:
-        from .datasets.revisited import load_folder
+        from d2r.datasets.revisited import load_folder
 
         root, _, pairs = rest.partition(":")
         if not pairs:
@@ -72,7 +72,7 @@ def _emit_json(obj) -> None:
 def _extract_listing_skips(extractor, images, **kw):
     """extract_many for a command that lists every skipped image itself (`_skipped`): its summary
     warning, which points at the result's `.errors`, would only repeat them."""
-    from .extract import UnreadableImagesWarning, extract_many
+    from d2r.extract import UnreadableImagesWarning, extract_many
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnreadableImagesWarning)
@@ -91,7 +91,7 @@ def _skipped(command, errors, json_out):
 def _run_pipeline(args, rerank: bool) -> int:
     import io
 
-    from .pipeline import run, summary
+    from d2r.workflows.pipeline import run, summary
 
     ds = _dataset(args.dataset, progress=not args.quiet)
     out = io.StringIO() if args.json else sys.stdout
@@ -102,7 +102,7 @@ def _run_pipeline(args, rerank: bool) -> int:
         spec = {"grid": "grid:1"}.get(args.proposals, args.proposals)
         warnings.warn(f"--proposals {args.proposals} is deprecated: use --regions {spec}", DeprecationWarning)
     if spec is not None and spec not in ("dataset", "discovered"):
-        from .detect import region_source
+        from d2r.regions.detect import region_source
 
         try:
             region_source(spec)
@@ -128,11 +128,11 @@ def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int =
     name, _, arg = (spec or "rootsift").partition(":")
     name = name.strip().lower()
     if name == "rootsift" and not arg:
-        from .extract import RootSIFT
+        from d2r.extract import RootSIFT
 
         return RootSIFT(max_features=1000)
     if name == "cnn" and not arg:
-        from .extract import EfficientNetLite0Features, learn_pca
+        from d2r.extract import EfficientNetLite0Features, learn_pca
 
         if dataset is None:
             raise UsageError("--features cnn learns its PCA on the dataset's images: a dataset is needed")
@@ -143,7 +143,7 @@ def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int =
         if not arg or not Path(arg).is_file():
             raise UsageError(f"--features {spec}: delf:WEIGHTS needs the weights file from `d2r convert-delf` "
                              f"({arg or 'none given'} is not a file)")
-        from .extract import DELF
+        from d2r.extract import DELF
 
         return DELF(arg, max_features=1000)
     raise UsageError(f"unknown --features {spec!r}: use rootsift, cnn or delf:WEIGHTS")
@@ -151,7 +151,7 @@ def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int =
 
 def _demo(args) -> int:
     if args.dataset == "synthetic":
-        from .synthetic import run_synthetic_demo
+        from d2r.workflows.synthetic import run_synthetic_demo
 
         run_synthetic_demo(seed=args.seed, out=sys.stdout)
         return EXIT_OK
@@ -161,10 +161,10 @@ def _demo(args) -> int:
 def _evaluate(args) -> int:
     if args.index is None:
         return _run_pipeline(args, rerank=args.rerank)
-    from .build import _read_names
-    from .evaluate import format_table
-    from .index import Index
-    from .pipeline import evaluate_index
+    from d2r.workflows.build import _read_names
+    from d2r.core.evaluate import format_table
+    from d2r.core.index import Index
+    from d2r.workflows.pipeline import evaluate_index
 
     if args.rerank:
         raise UsageError("--rerank is not available with --index (the stored features are not at hand)")
@@ -212,10 +212,10 @@ def _images(paths):
 
 def _make_extractor(args):
     if getattr(args, "delf", None):
-        from .extract import DELF
+        from d2r.extract import DELF
 
         return DELF(args.delf, max_features=args.max_features)  # one process (the GPU when PyTorch sees one)
-    from .extract import RootSIFT
+    from d2r.extract import RootSIFT
 
     return RootSIFT(max_features=args.max_features)
 
@@ -239,8 +239,9 @@ def _region_spec(args):
 
 
 def _extract(args) -> int:
-    from .extract import describe
-    from .features import extract_dataset, save_features
+    from d2r.extract import describe
+    from d2r.extract.store import save_features
+    from d2r.workflows.collection import extract_dataset
 
     paths = _images(args.images)
     sift = _make_extractor(args)
@@ -248,7 +249,7 @@ def _extract(args) -> int:
     detector = None
     spec = _region_spec(args)
     if spec is not None:
-        from . import detect
+        from d2r.regions import detect
 
         if str(args.out).endswith(".npz"):
             raise UsageError("regions (--regions) are stored in a feature-store folder: give --out a folder name, "
@@ -271,7 +272,7 @@ def _extract(args) -> int:
         if str(args.out).endswith(".npz") or args.strict:
             raise UsageError("--ray writes a feature-store folder (give --out a folder name) and skips unreadable "
                              "images (no --strict)")
-        from . import distributed
+        from d2r import distributed
 
         distributed.connect(args.ray)
         ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
@@ -306,11 +307,12 @@ def _extract_discovered(args, paths, sift, workers) -> int:
     images, for the images not in OUT yet (so images added by a later run get their regions from the
     collection as it is then), written to OUT/discover/boxes.json; 3. OUT: each image's stored
     whole-image features (not extracted again) and its regions re-extracted on their crops."""
-    from . import detect
-    from .codebook import Codebook
-    from .discover import discover_regions
-    from .features import extract_dataset, load_features, store_info
-    from .pipeline import train_codebook
+    from d2r.regions import detect
+    from d2r.core.codebook import Codebook
+    from d2r.regions.discover import discover_regions
+    from d2r.extract.store import load_features, store_info
+    from d2r.workflows.collection import extract_dataset
+    from d2r.workflows.pipeline import train_codebook
 
     out = Path(args.out)
     work = out / "discover"
@@ -334,7 +336,7 @@ def _extract_discovered(args, paths, sift, workers) -> int:
     if out.is_dir() and any(out.glob("shard-*.npz")):
         info = store_info(out)
         if info.get("region_source") not in (None, "discovered"):
-            from .features import StoreMismatchError
+            from d2r.extract.store import StoreMismatchError
 
             raise StoreMismatchError(f"{out} holds regions from {info['region_source']}, not from discovered; "
                                      "use the same --regions or another store")
@@ -349,7 +351,7 @@ def _extract_discovered(args, paths, sift, workers) -> int:
                                  ids=todo, max_regions=args.max_regions, progress=not quiet)
         for i, (b, sc) in zip(todo, found):
             boxes[names[i]] = [[*map(float, bb), float(s)] for bb, s in zip(b, sc)]
-        from ._atomic import atomic_write
+        from d2r.core.atomic import atomic_write
 
         with atomic_write(boxes_file) as f:
             f.write(json.dumps(boxes).encode())
@@ -375,7 +377,7 @@ def _extract_discovered(args, paths, sift, workers) -> int:
 
 def _whole_index(codebook, feats):
     """An ASMK* index of whole-image features, ids 0..n-1 (discovery's first index)."""
-    from .index import Index
+    from d2r.core.index import Index
 
     index = Index(codebook, "asmk*")
     index.add([f.descriptors for f in feats], progress=False)
@@ -384,8 +386,8 @@ def _whole_index(codebook, feats):
 
 # ---- train-codebook ----------------------------------------------------------------------------------
 def _train(args) -> int:
-    from .features import load_features
-    from .pipeline import train_codebook
+    from d2r.extract.store import load_features
+    from d2r.workflows.pipeline import train_codebook
 
     _, feats = load_features(args.features)
     n = sum(len(f.descriptors) for f in feats)
@@ -404,13 +406,13 @@ def _train(args) -> int:
 
 # ---- index -------------------------------------------------------------------------------------------
 def _names_file(index_path) -> Path:
-    from .build import names_file
+    from d2r.workflows.build import names_file
 
     return names_file(index_path)
 
 
 def _index_sharded(args, codebook) -> int:
-    from . import distributed
+    from d2r import distributed
 
     if args.base is not None:
         raise UsageError("--base is not supported with --shards / --ray (build the distractors into the store instead)")
@@ -436,9 +438,9 @@ def _index_sharded(args, codebook) -> int:
 
 
 def _index(args) -> int:
-    from .build import build_index, build_regional_search_index
-    from .codebook import Codebook
-    from .features import store_info
+    from d2r.workflows.build import build_index, build_regional_search_index
+    from d2r.core.codebook import Codebook
+    from d2r.extract.store import store_info
 
     codebook = Codebook.load(args.codebook)
     info = store_info(args.features)
@@ -453,7 +455,7 @@ def _index(args) -> int:
         raise UsageError(f"{args.features}: the store holds no regions for --regional-search; extract with regions "
                          "(`d2r extract ... --regions grid:3`, or another source)")
     if args.regions is not None:   # a check: the store's regions must come from this source
-        from . import detect
+        from d2r.regions import detect
 
         try:
             want = detect.canonical_region_source(args.regions)
@@ -501,7 +503,7 @@ def _index(args) -> int:
 def _query_extractor(index, args):
     """The extractor the index's database features were made with (recorded by `d2r index`), with
     --max-features applied; the CLI's RootSIFT for indexes without a record."""
-    from .extract.describe import query_extractor
+    from d2r.extract.describe import query_extractor
 
     try:
         return query_extractor(index.extractor, args.max_features, getattr(args, "delf", None), where=str(args.index))
@@ -524,12 +526,12 @@ def _read_names(args, index):
 
 
 def _search(args) -> int:
-    from .extract import NoUsableImagesError
-    from .index import Index
+    from d2r.extract import NoUsableImagesError
+    from d2r.core.index import Index
 
     sharded = Path(args.index).is_dir() or Path(args.index).name == "manifest.json"
     if sharded:
-        from . import distributed
+        from d2r import distributed
 
         if args.rerank:
             raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
@@ -561,7 +563,7 @@ def _search(args) -> int:
     results = []
     for q, qf in zip(extracted.images, extracted):
         if args.rerank:
-            from .verify import search_and_rerank
+            from d2r.core.verify import search_and_rerank
 
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
                                                      max_distance=getattr(extractor, "match_distance", 0.9))
@@ -570,7 +572,7 @@ def _search(args) -> int:
             inliers = None
         rows = []
         for r, (s, i) in enumerate(zip(scores, ids)):
-            row = {"rank": r + 1, "id": int(i), "score": float(s)}
+            row: dict = {"rank": r + 1, "id": int(i), "score": float(s)}
             row["name"] = names[int(i)] if names is not None and int(i) < len(names) else None
             if inliers is not None:
                 row["inliers"] = int(inliers[r])
@@ -603,7 +605,7 @@ def _print_query(q, qf, rows, reranked, first, index, args):
 
 
 def _rerank_features(args, index, names):
-    from .features import load_features
+    from d2r.extract.store import load_features
 
     store = args.features
     if store is None:
@@ -621,7 +623,8 @@ def _rerank_features(args, index, names):
 
 # ---- serve -------------------------------------------------------------------------------------------
 def _serve(args) -> int:
-    from . import distributed, serve
+    from d2r import distributed
+    from d2r.distributed import serve
 
     target = Path(args.index)
     if not target.exists():
@@ -647,14 +650,14 @@ def _serve(args) -> int:
 
 # ---- info, converters --------------------------------------------------------------------------------
 def _info(args) -> int:
-    from . import build_info
+    from d2r.core.runtime import build_info
 
     print(json.dumps(build_info(), indent=2))
     return EXIT_OK
 
 
 def _convert_delf(args) -> int:
-    from .convert import convert_delf
+    from d2r.extract.convert import convert_delf
 
     info = convert_delf(args.model_dir, args.out, args.pca_dir)
     print(f"wrote {args.out}: {info['tensors']} tensors, PCA {info['pca'] or 'none'}")
@@ -662,7 +665,7 @@ def _convert_delf(args) -> int:
 
 
 def _convert_codebook(args) -> int:
-    from .convert import convert_codebook
+    from d2r.extract.convert import convert_codebook
 
     c = convert_codebook(args.checkpoint, args.out)
     print(f"wrote {args.out}: {c.shape[0]} words x {c.shape[1]} dimensions")
@@ -921,9 +924,9 @@ def main(argv=None) -> int:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
-    from . import _progress
-    from .extract import ImageLoadError, NoUsableImagesError
-    from .index_io import IndexFileError
+    from d2r.core import progress as _progress
+    from d2r.extract import ImageLoadError, NoUsableImagesError
+    from d2r.core.index_io import IndexFileError
 
     saved_show, saved_quiet = warnings.showwarning, _progress._quiet
     warnings.showwarning = show
@@ -955,7 +958,7 @@ def main(argv=None) -> int:
         print(f"{prefix}: error: a package this needs is not installed ({_one_line(exc)}){hint}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as exc:
-        from .distributed import ShardUnavailableError
+        from d2r.distributed import ShardUnavailableError
 
         if not isinstance(exc, ShardUnavailableError):
             return _internal(prefix, exc, "")

@@ -34,13 +34,13 @@ import copy
 import dataclasses
 import math
 import numbers
-import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .aggregate import Regions
+from d2r.core.aggregate import Regions
+from d2r.extract.image import as_image_array
 
 __all__ = [
     "DEFAULT_SCORE_THRESHOLD",
@@ -115,7 +115,7 @@ def _as_image_size(image_size) -> Tuple[int, int]:
         raise ValueError(f"image_size must be (H, W), got {image_size!r}") from exc
     for v in (h, w):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
-                or int(v) != v:
+                or int(v) != v:  # type: ignore[call-overload]
             raise ValueError(f"image_size must be two positive integers (H, W), got {image_size!r}")
     return int(h), int(w)
 
@@ -249,50 +249,6 @@ def regions_by_selection(features, boxes, scores=None, image_size=None, **select
 # Regions by re-extraction
 
 
-def _load_image_rgb(path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB: OpenCV (d2r.extract.read_image_rgb), Pillow without it."""
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        cv2 = None
-    if cv2 is not None:
-        from .extract.rootsift import read_image_rgb
-
-        return read_image_rgb(path)
-    from .extract.rootsift import ImageLoadError, ImageNotFoundError
-
-    p = os.fsdecode(os.fspath(path))
-    if not os.path.exists(p):
-        raise ImageNotFoundError(f"image file not found: {p!r}")
-    try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading an image file needs opencv-python-headless or Pillow") from exc
-    try:
-        with Image.open(p) as im:
-            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
-    except OSError as exc:
-        raise ImageLoadError(f"cannot decode image file {p!r}: {exc}") from exc
-
-
-def _as_image_array(image) -> np.ndarray:
-    """Path, PIL image or uint8 array (HxW, HxWx3, HxWx4) -> uint8 array (kept as given)."""
-    if isinstance(image, (str, bytes, os.PathLike)):
-        return _load_image_rgb(image)
-    mod = type(image).__module__ or ""
-    if mod.startswith("PIL"):
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        return np.ascontiguousarray(np.asarray(image))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image array must be uint8, got dtype {image.dtype}")
-        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
-            raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
-        return image
-    raise TypeError(f"image must be a path, a PIL image or a uint8 array, got {type(image).__name__}")
-
-
 def _shift_features(features, dy: float, dx: float):
     """A copy of features with locations moved by (dy, dx) (crop pixels -> whole-image pixels)."""
     _, loc = _features_parts(features, "extractor output")
@@ -323,12 +279,13 @@ def regions_by_reextraction(image, extractor: Callable, boxes, scores=None, whol
     """
     if not callable(extractor):
         raise TypeError(f"extractor must be callable (image -> Features), got {type(extractor).__name__}")
-    img = _as_image_array(image)
+    img = as_image_array(image)
     size = (int(img.shape[0]), int(img.shape[1]))
     sel, _, stats = select_boxes(boxes, scores, size, **select_kw)
 
     if whole_features is None:
         whole_features = extractor(img)
+    whole: np.ndarray | None
     if isinstance(whole_features, np.ndarray):
         whole = whole_features
     else:
