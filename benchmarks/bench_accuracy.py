@@ -32,7 +32,7 @@ from bench_ivf import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
 import d2r  # noqa: E402
-from d2r.pipeline import run  # noqa: E402
+from d2r.workflows.pipeline import run  # noqa: E402
 
 
 def summary(result):
@@ -53,7 +53,7 @@ def summary(result):
 
 
 def _maps(index, q_feat, gnd):
-    from d2r.pipeline import _evaluate
+    from d2r.workflows.pipeline import _evaluate
 
     ranks = np.stack([index.search(f.descriptors, k=None)[1] for f in q_feat])
     res, _ = _evaluate(ranks, gnd)
@@ -62,9 +62,9 @@ def _maps(index, q_feat, gnd):
 
 def sources_table(ds, sources, words, seed, max_regions=5):
     """Per region source on `ds`: R-ASMK* (gamma off) and regional search (max) mAP, regions, bytes, time."""
-    from d2r.discover import discover_regions
+    from d2r.regions.discover import discover_regions
     from d2r.extract import RootSIFT
-    from d2r.pipeline import database_regions, extract_queries, train_codebook
+    from d2r.workflows.pipeline import database_regions, extract_queries, train_codebook
 
     ex = RootSIFT(max_features=1000)
     db_feat = [ex(p) for p in ds.imlist]
@@ -103,7 +103,7 @@ def sources_table(ds, sources, words, seed, max_regions=5):
 def features_table(ds, names, words, seed):
     """ASMK* (and R-ASMK* over discovered regions) mAP on `ds` per extractor."""
     from d2r.cli import pipeline_extractor
-    from d2r.pipeline import extract_queries, train_codebook
+    from d2r.workflows.pipeline import extract_queries, train_codebook
 
     rows = {}
     for spec in names:

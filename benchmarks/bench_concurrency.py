@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import d2r
-from d2r.aggregate import aggregate_images
+from d2r.core.aggregate import aggregate_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model  # noqa: E402

@@ -50,7 +50,7 @@ def _quantiles(ts):
 def bench_search(tmp: Path, n_images: int, shard_counts, n_queries: int = 64, reps: int = 60) -> dict:
     import d2r
     from d2r import distributed
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.synthetic import zipf_images
 
     rng = np.random.default_rng(0)
     cb = d2r.Codebook(rng.standard_normal((N_WORDS, 128)).astype(np.float32))
@@ -129,7 +129,7 @@ def bench_build(tmp: Path, n_images: int, per_image: int = 300, shards: int = 4)
     import d2r
     from d2r import distributed
     from d2r.extract import Features
-    from d2r.features import save_features
+    from d2r.extract.store import save_features
 
     rng = np.random.default_rng(1)
     store = tmp / "store"

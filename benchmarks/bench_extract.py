@@ -112,7 +112,7 @@ def main():
     except ImportError as exc:
         print(f"(deep extractors skipped: {exc})")
     try:
-        from d2r.detect import OpenCVDnnDetector, ssd_mobilenet_v2_coco_files
+        from d2r.regions.detect import OpenCVDnnDetector, ssd_mobilenet_v2_coco_files
 
         det = OpenCVDnnDetector(*ssd_mobilenet_v2_coco_files())
         report("SSD-MobileNet-v2 COCO detector (OpenCV DNN)", *timed(lambda ims: [det(im) for im in ims], images))

@@ -20,7 +20,7 @@ import numpy as np
 
 from d2r.datasets import find_realmix, load_realmix, realmix_family
 from d2r.datasets.composites import paste_composite
-from d2r.detect import GridProposals, KeypointClusterProposals, MSERProposals, box_iou, region_source
+from d2r.regions.detect import GridProposals, KeypointClusterProposals, MSERProposals, box_iou, region_source
 from d2r.extract.rootsift import read_image_rgb
 
 
@@ -52,7 +52,7 @@ class Discovered:
     def __call__(self, image):
         if self.boxes is None:
             import d2r
-            from d2r.discover import discover_regions
+            from d2r.regions.discover import discover_regions
             from d2r.extract import RootSIFT
 
             ex = RootSIFT(max_features=2000)

@@ -38,11 +38,11 @@ from _machine import cpu_model, usable_region_sources  # noqa: E402
 import d2r  # noqa: E402
 from d2r.datasets import find_realmix, load_realmix, realmix_family
 from d2r.datasets.composites import paste_clutter_composite
-from d2r.detect import GridProposals, KeypointClusterProposals, box_iou, region_source
-from d2r.discover import discover_regions
+from d2r.regions.detect import GridProposals, KeypointClusterProposals, box_iou, region_source
+from d2r.regions.discover import discover_regions
 from d2r.extract import RootSIFT
 from d2r.extract.rootsift import read_image_rgb
-from d2r.regions import regions_by_reextraction
+from d2r.regions.select import regions_by_reextraction
 
 SEED = 0
 POS_PER_QUERY = 3

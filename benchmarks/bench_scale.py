@@ -118,7 +118,7 @@ def measure_queries(out: Path, cb, exponent: float, n_queries: int, seed: int, r
     """Load (cold, warm) and query figures of the index file `out` into `res`."""
     import d2r
     from d2r import index_io
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.synthetic import zipf_images
 
     _evict(out)
     t = time.perf_counter()
@@ -167,8 +167,8 @@ def measure_queries(out: Path, cb, exponent: float, n_queries: int, seed: int, r
 
 def run_one(n: int, exponent: float, folder: Path, n_queries: int, seed: int) -> dict:
     import d2r
-    from d2r.build import merge_index_files
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.build import merge_index_files
+    from d2r.workflows.synthetic import zipf_images
     from _machine import cpu_model
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def run_asmk(n: int, exponent: float, n_queries: int, seed: int) -> dict:
     """The asmk package's inverted file (asmk.inverted_file.IVF, binary kernel) on the same kind of
     synthetic aggregated images: build time, peak RSS growth, query latency."""
     from asmk import inverted_file as asmk_ivf
-    from d2r.synthetic import zipf_images
+    from d2r.workflows.synthetic import zipf_images
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ivf = asmk_ivf.IVF.initialize_empty(use_idf=False, codebook_size=N_WORDS)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import d2r  # noqa: E402
-from d2r.verify import rerank, verify_pair  # noqa: E402
+from d2r.core.verify import rerank, verify_pair  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ivf import machine  # noqa: E402
