@@ -176,8 +176,8 @@ def test_add_is_atomic_across_aggregation_chunks(world, data, monkeypatch, cls):
     idx = getattr(d2r, cls)(world.codebook)
     idx.add(imgs[:5])
     before = idx.search(queries, k=None)
-    monkeypatch.setattr(d2r.index, "_CHUNK_DESCRIPTORS", 64)   # several chunks for the next add
-    real, calls = d2r.core.index.aggregate_images, []
+    monkeypatch.setattr(d2r.core.index, "_CHUNK_DESCRIPTORS", 64)   # several chunks for the next add
+    real, calls = d2r.core.aggregate.aggregate_images, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -185,14 +185,14 @@ def test_add_is_atomic_across_aggregation_chunks(world, data, monkeypatch, cls):
             raise MemoryError("injected in the third chunk")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(d2r.index, "aggregate_images", failing)
+    monkeypatch.setattr(d2r.core.aggregate, "aggregate_images", failing)   # what the CPU backend calls
     with pytest.raises(MemoryError):
         idx.add(imgs[5:30])
     assert len(calls) == 3 and len(idx) == 5 and idx._next_id == 5
     after = idx.search(queries, k=None)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
-    monkeypatch.setattr(d2r.index, "aggregate_images", real)
+    monkeypatch.setattr(d2r.core.aggregate, "aggregate_images", real)
     assert idx.add(imgs[5:7]).tolist() == [5, 6]
 
 

@@ -13,9 +13,9 @@ Each block gets two tests, ids by README line (``L64``: the block's first code l
   declares ``# inputs:`` (the reader's own data).
 
 ``test_tutorial_matches_demo``: the block under the heading containing "tutorial" prints a Revisited
-table (``d2r.evaluate.format_table``); its mAP Easy / Medium / Hard equal, within 0.1, those of
-``d2r.pipeline.run`` on the demo set for the method the block names with ``# reproduces: <name>`` (a
-name from ``d2r.pipeline.default_methods``). RootSIFT extraction is memoised in this module (the blocks
+table (``d2r.core.evaluate.format_table``); its mAP Easy / Medium / Hard equal, within 0.1, those of
+``d2r.workflows.pipeline.run`` on the demo set for the method the block names with ``# reproduces: <name>`` (a
+name from ``d2r.workflows.pipeline.default_methods``). RootSIFT extraction is memoised in this module (the blocks
 and the pipeline run extract the same demo images; it is deterministic, so only the time changes).
 The harness itself lives in tests/readme_blocks.py and is unit-tested at the end of this file on
 synthetic README text.
@@ -139,7 +139,7 @@ def test_block_runs(block, run_block):
 
 @pytest.mark.slow
 def test_tutorial_matches_demo(run_block, rootsift_memo, monkeypatch):
-    from d2r import pipeline
+    from d2r.workflows import pipeline
     from d2r.datasets import make_demo_set
 
     try:
@@ -260,10 +260,10 @@ def test_parse_unclosed_fence():
     ("print(a)\na = 1\n", ["'a' is used before the block assigns it"]),
     ("import d2r\nd2r.nonexistent()\n", ["d2r.nonexistent does not resolve: d2r has no attribute 'nonexistent'"]),
     ("import d2r\nd2r.Index.no_such_method\n", ["d2r.Index.no_such_method does not resolve"]),
-    ("import d2r\nd2r.pipeline.run\n", ["d2r.pipeline is a submodule", "import d2r.workflows.pipeline"]),
-    ("from d2r.core.evaluate import no_such_name\n", ["d2r.evaluate has no 'no_such_name'"]),
+    ("import d2r\nd2r.workflows.pipeline.run\n", ["d2r.workflows.pipeline is a submodule", "import d2r.workflows.pipeline"]),
+    ("from d2r.core.evaluate import no_such_name\n", ["d2r.core.evaluate has no 'no_such_name'"]),
     ("import d2r.no_such_module\n", ["no module 'd2r.no_such_module'"]),
-    ("from d2r import evaluate as ev\nev.no_such_function\n", ["ev.no_such_function does not resolve"]),
+    ("from d2r.core import evaluate as ev\nev.no_such_function\n", ["ev.no_such_function does not resolve"]),
     ("d2r.Index\n", ["name 'd2r' is not defined in the block: a module, so import it"]),
     ("# inputs: a, b\nprint(a)\n", ["declares 'b', which the block never reads"]),
     ("x = 1\n# needs: gpu\n", ["'# needs:' must be the block's first line"]),
@@ -283,9 +283,9 @@ def test_check_reports(code, expected):
 @pytest.mark.parametrize("code", [
     "# inputs: descriptors, paths\nimport d2r\ncb = d2r.Codebook.train(descriptors, n_words=4)\nprint(len(paths))\n",
     "import d2r\nprint(d2r.cuda.is_available(), d2r.Index.load, d2r.__version__)\n",
-    "import d2r.workflows.pipeline\nd2r.pipeline.run\nd2r.evaluate.format_table\n",    # pipeline imports evaluate
-    "import numpy as np, d2r\nfrom d2r.evaluate import revisited, format_table\nformat_table.__name__\n",
-    "from d2r import pipeline\npipeline.default_methods\n",
+    "import d2r.workflows.pipeline\nd2r.workflows.pipeline.run\nd2r.core.evaluate.format_table\n",    # pipeline imports evaluate
+    "import numpy as np, d2r\nfrom d2r.core.evaluate import revisited, format_table\nformat_table.__name__\n",
+    "from d2r.workflows import pipeline\npipeline.default_methods\n",
     "for i, (a, b) in enumerate([(1, 2)]):\n    c = a + b + i\nprint(c)\n",
     "with open(__import__('os').devnull) as fh:\n    fh.read()\n",
     "try:\n    import cupy as cp\nexcept ImportError as e:\n    cp = None\n    print(e)\nprint(cp)\n",
@@ -357,10 +357,10 @@ def test_format_table_summary_is_parsed():
 
 
 def test_submodule_check_ignores_what_this_process_imported():
-    """d2r.pipeline being loaded here (by another test) must not hide a block that never imports it."""
+    """d2r.workflows.pipeline being loaded here (by another test) must not hide a block that never imports it."""
     import d2r.workflows.pipeline  # noqa: F401
 
-    assert hasattr(d2r, "pipeline")
-    (problem,) = _problems("import d2r\nd2r.pipeline.run\n")
-    assert "d2r.pipeline is a submodule that the block's imports do not load" in problem
-    assert _problems("import d2r\nimport d2r.pipeline\nd2r.pipeline.run\n") == []
+    assert hasattr(d2r.workflows, "pipeline")
+    (problem,) = _problems("import d2r\nd2r.workflows.pipeline.run\n")
+    assert "d2r.workflows.pipeline is a submodule that the block's imports do not load" in problem
+    assert _problems("import d2r\nimport d2r.workflows.pipeline\nd2r.workflows.pipeline.run\n") == []

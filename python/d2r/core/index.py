@@ -21,6 +21,8 @@ from d2r.core.index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexF
 
 # Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
 _CHUNK_DESCRIPTORS = 1 << 20
+# The application metadata keys the index file holds (d2r.core.index_io validates them on load).
+_METADATA_KEYS = ("extractor", "region_source")
 # save() streams the compressed postings in chunks of at least this many bytes.
 _SAVE_CHUNK_BYTES = 64 << 20
 
@@ -52,15 +54,37 @@ class _IndexBase:
             if m > codebook.n_words:
                 raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
         self._backend = CPU
-        #: Optional description of the extractor the database features came from
-        #: (``d2r.extract.describe``), saved with the index; ``d2r index`` records it, ``d2r search``
-        #: extracts queries with the same extractor.
-        self.extractor = None
-        #: The name of the database regions' source (``d2r.detect.canonical_region_source``, e.g.
-        #: "grid:3") for an index built from stored regions, saved with the index; None otherwise.
-        self.region_source = None
+        #: Application metadata saved with the index and given back by `load`, opaque to the engine:
+        #: ``"extractor"`` (``d2r.extract.describe`` of the extractor the database features came from;
+        #: ``d2r search`` extracts queries the same way) and ``"region_source"`` (the name of the
+        #: database regions' source, e.g. "grid:3") are the keys d2r's applications write.
+        self.metadata: dict[str, Any] = {}
 
     # ---- properties ---------------------------------------------------------------------------
+    @property
+    def extractor(self) -> dict | None:
+        """``metadata["extractor"]``: the extractor the database features came from, or None."""
+        return self.metadata.get("extractor")
+
+    @extractor.setter
+    def extractor(self, value: dict | None) -> None:
+        self._set_metadata("extractor", value)
+
+    @property
+    def region_source(self) -> str | None:
+        """``metadata["region_source"]``: the database regions' source, or None."""
+        return self.metadata.get("region_source")
+
+    @region_source.setter
+    def region_source(self, value: str | None) -> None:
+        self._set_metadata("region_source", value)
+
+    def _set_metadata(self, key: str, value: Any) -> None:
+        if value is None:
+            self.metadata.pop(key, None)
+        else:
+            self.metadata[key] = value
+
     @property
     def device(self) -> str:
         """Where the index lives and computes: "cpu", or "cuda" (the backend's name)."""
@@ -166,8 +190,7 @@ class _IndexBase:
                 "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
                 "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION,
                 "codebook_fingerprint": self.codebook.fingerprint,
-                **({"extractor": self.extractor} if self.extractor is not None else {}),
-                **({"region_source": self.region_source} if self.region_source is not None else {})}
+                **{k: v for k, v in self.metadata.items() if k in _METADATA_KEYS}}
 
     def save(self, path) -> None:
         """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
@@ -254,7 +277,7 @@ class _IndexBase:
         idx = target._from_meta(meta, codebook)
         idx.extractor = meta.get("extractor")
         rs = meta.get("region_source")
-        idx.region_source = rs if isinstance(rs, str) else None
+        idx.region_source = rs if isinstance(rs, str) else None   # the metadata keys the file format holds
         ids = sec["image_ids"]
         if "region_image" in sec:  # files of d2r <= 0.1: region entry ids and an entry -> image table
             ids = np.ascontiguousarray(sec["region_image"][ids])
@@ -565,8 +588,8 @@ class RegionalSearchIndex(_IndexBase):
                     flat_assign.append(a[rows])
                 owner.append(k)
         x, offs = _concat_images(flat, self.codebook.dim)
-        flat_assign = np.concatenate(flat_assign) if assignments is not None else None
-        batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, flat_assign,
+        joined = np.concatenate(flat_assign) if assignments is not None else None
+        batches = [b for _, b in self._aggregate_chunks(x, offs, self.kernel, self.m_db, progress, joined,
                                                         desc="index regions")]
         return AggregatedBatch.concat(batches), np.asarray(owner, np.int64)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from d2r.core.index_io import FormatWarning
-from d2r.extract.store import (SHARD, StoreMismatchError, check_extractor, error_files, extractor_label,
+from d2r.extract.store import (SHARD, StoreMismatchError, check_extractor, error_files, extractor_label, write_errors,
                                next_shard_number, save_features, scan_store, shard_files)
 
 __all__ = ["extract_dataset", "extract_one"]
@@ -136,7 +136,7 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
             feats.clear()
             regs.clear()
 
-    def write_errors():
+    def write_error_list():
         this_run = {n for n, _ in errors}
         kept = [(n, e) for n, e in old_errors if n not in done and n not in this_run and n not in stored_now]
         write_errors(folder / "errors.json", kept + errors)
@@ -171,7 +171,7 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
         flush()
         if bar is not None:
             bar.close()
-        write_errors()
+        write_error_list()
     if errors:
         if n_stored == 0:
             raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); "

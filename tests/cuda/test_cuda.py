@@ -12,7 +12,8 @@ import d2r
 from d2r import cuda
 from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
 
-needs_gpu = pytest.mark.skipif(not cuda.is_available(), reason="no CUDA device (or a build without CUDA)")
+# Tests marked gpu run on the real GPU or on the CPU stand-in (tests/cuda/conftest.py).
+needs_gpu = pytest.mark.gpu
 
 
 def _rng(seed=0):
@@ -516,7 +517,7 @@ def test_gpu_ivf_operations_roll_back_on_out_of_memory(binary):
         "remove": lambda f: f.remove(f.image_ids()[[0, 3, 41, 99]]),
         "remove_last": lambda f: f.remove(f.image_ids()[-2:]),
         "merge": lambda f: f.merge(),
-        "set_content": lambda f: f.set_content(content["offsets"], content["slots"], content["codes"][:, ::-1].copy(),
+        "set_content": lambda f: f.set_content(content["offsets"], content["slots"], content["codes"][::-1].copy(),
                                                content["image_ids"] + 1000, content["word_counts"], 5000),
         "search": lambda f: f.search(*q, 10, 3.0, 0.0, True),
         "search_all": lambda f: f.search(*q, -1, 3.0, 0.0, True),
@@ -578,7 +579,8 @@ def test_gpu_ivf_boundary_refuses_bad_input_and_keeps_the_index():
         raw.add(off, np.where(np.arange(w.size) == 1, 64, w).astype(np.int32), c, None)
     with pytest.raises(ValueError, match="ascending"):
         raw.add(off, w[::-1].copy(), c, None)
-    for ids, match in (([0, 1, 2, -3], "2\\^62"), ([0, 1, 2, 2**62], "2\\^62"), ([100, 101, 100, 102], "duplicate"),
+    # ids 0..29 are indexed: the range is checked per id before "already" (cuda/ivf.cu), so fresh ids here
+    for ids, match in (([100, 101, 102, -3], "2\\^62"), ([100, 101, 102, 2**62], "2\\^62"), ([100, 101, 100, 102], "duplicate"),
                        ([100, 101, 102, 5], "already")):
         with pytest.raises(ValueError, match=match):
             raw.add(off, w, c, np.array(ids, np.int64))
@@ -590,7 +592,7 @@ def test_gpu_ivf_boundary_refuses_bad_input_and_keeps_the_index():
             ("slots", lambda a: a[::-1].copy(), "sorted by slot|out of range"),
             ("word_counts", lambda a: a + 1, "word count"),
             ("image_ids", lambda a: np.where(np.arange(a.size) == 1, a[0], a), "duplicate"),
-            ("image_ids", lambda a: -a - 1, "negative"),
+            ("image_ids", lambda a: -a - 1, "negative|image id out of range"),   # cuda/ivf.cu: "out of range"
             ("offsets", lambda a: np.where(np.arange(a.size) == 5, a[6] + 1, a), "non-decreasing")):
         args = {k: v for k, v in ex.items()}
         args[key] = mutate(args[key])
@@ -749,15 +751,15 @@ def _random_regions(rng, n_images, dim=128):
     return regions
 
 
-def test_regions_layout_and_the_gpu_branch_of_add_regions_on_the_cpu():
-    """CPU side of R-ASMK aggregation inside a GPU index's add_regions (issue 14): regions_layout builds
-    the layout a hand-made one gives, and the GPU branch of Index._region_batches hands d2r.cuda.aggregate
-    exactly what makes the CPU's batches (here d2r.cuda.aggregate is stood in for by the CPU kernel on
-    the layout it receives: the GPU kernel's equality with the CPU kernel on one layout is
-    test_gpu_regional_aggregation_equals_cpu). Naive-R-ASMK has no GPU aggregation: it stays on the CPU."""
+def test_regions_layout_and_the_gpu_backend_of_add_regions():
+    """R-ASMK aggregation inside a GPU index's add_regions (issue 14): regions_layout builds the layout a
+    hand-made one gives, and the GPU backend hands d2r.cuda.aggregate exactly what makes the CPU's batches
+    (d2r.cuda.aggregate here is the CPU kernel on the layout it receives: the GPU kernel's equality with
+    the CPU kernel on one layout is test_gpu_regional_aggregation_equals_cpu). Naive-R-ASMK has no GPU
+    aggregation: it stays on the CPU."""
     from d2r import _native
-    from d2r import index as index_module
     from d2r.core.aggregate import AggregatedBatch, regions_layout
+    from d2r.cuda import backend as cuda_backend
 
     rng = _rng(31)
     cb = d2r.Codebook(_unit(rng.standard_normal((64, 128)).astype(np.float32)))
@@ -773,28 +775,26 @@ def test_regions_layout_and_the_gpu_branch_of_add_regions_on_the_cpu():
 
     calls = []
 
-    class FakeGpu:
-        @staticmethod
-        def aggregate(codebook, xs, image_regions, region_members, members, kernel, m, assignments=None,
-                      output="numpy", fingerprint=None):
-            calls.append((kernel, m, output, assignments is None))
-            a = codebook.quantize(xs, m)[0] if assignments is None else assignments
-            offs, words, codes = _native.aggregate(xs, a, codebook.centroids, image_regions, region_members, members,
-                                                   kind=0, binary=kernel.endswith("*"))
-            return AggregatedBatch(offs, words, codes, codebook.fingerprint)
+    def fake_aggregate(codebook, xs, image_regions, region_members, members, kernel, m, assignments=None,
+                       output="numpy", fingerprint=None):
+        calls.append((kernel, m, output, assignments is None))
+        a = codebook.quantize(xs, m)[0] if assignments is None else assignments
+        offs, words, codes = _native.aggregate(xs, a, codebook.centroids, image_regions, region_members, members,
+                                               kind=0, binary=kernel.endswith("*"))
+        return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
+    real = cuda_backend._cuda.aggregate
     for kernel, m in (("rasmk*", 1), ("rasmk", 2), ("naive-rasmk", 1)):
         idx = d2r.Index(cb, kernel, m_db=m)
         cpu = idx._region_batches(regions, batch_size=4)
         calls.clear()
-        real = index_module.gpu
-        index_module.gpu = lambda: FakeGpu
-        idx.device = "cuda"   # only the branch under test: no GPU inverted file is touched
+        idx._backend = cuda.CUDA   # only the aggregation under test: no GPU inverted file is touched
+        cuda_backend._cuda.aggregate = fake_aggregate
         try:
             got = idx._region_batches(regions, batch_size=4)
         finally:
-            idx.device = "cpu"
-            index_module.gpu = real
+            cuda_backend._cuda.aggregate = real
+            idx._backend = d2r.core.backend.CPU
         assert len(got) == len(cpu) == 3
         for a, b in zip(cpu, got):
             np.testing.assert_array_equal(a.offsets, b.offsets)
