@@ -80,7 +80,7 @@ py::tuple aggregated_to_python(Aggregated& out, bool binary, int dim) {
 
 }  // namespace
 
-void d2r_native::init_aggregate(py::module_& m) {
+void init_aggregate(py::module_& m) {
   m.def(
       "aggregate",
       [](const py::handle& x, const py::handle& assign, const py::handle& centroids, const py::handle& image_regions,

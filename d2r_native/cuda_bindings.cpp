@@ -218,7 +218,7 @@ py::array to_numpy(const DeviceArray& a) {
 }  // namespace
 #endif
 
-void d2r_native::init_cuda(py::module_& m) {
+void init_cuda(py::module_& m) {
 #ifdef D2R_WITH_CUDA
   m.def("cuda_compiled", []() { return true; });
   m.def("cuda_device_count", &gpu::device_count);

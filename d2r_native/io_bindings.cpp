@@ -15,7 +15,7 @@ namespace py = pybind11;
 using d2r_native::MappedFile;
 using d2r_native::without_gil;
 
-void d2r_native::init_io(py::module_& m) {
+void init_io(py::module_& m) {
   py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile", py::buffer_protocol(),
                                                         "A read-only memory map of a whole file, released without the GIL")
       .def(py::init([](const std::string& path) { return without_gil([&] { return std::make_shared<MappedFile>(path); }); }),

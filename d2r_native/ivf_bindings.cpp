@@ -76,7 +76,7 @@ py::tuple topk_to_python(TopK&& r) {
 
 }  // namespace
 
-void d2r_native::init_ivf(py::module_& m) {
+void init_ivf(py::module_& m) {
   py::class_<InvertedFile>(m, "InvertedFile",
                            "Inverted file (csrc/ivf.h). Thread-safe: readers run concurrently with each other and "
                            "with one writer at a time; every operation is atomic.")

@@ -19,8 +19,8 @@ PYBIND11_MODULE(_native, m) {
   // Bound in the order of the single file this was split from: pybind11 writes a function's signature
   // into its docstring when it is bound, naming a class by its Python name only if that class is bound
   // already (InvertedFile.writer's says "-> d2r::PostingWriter": PostingWriter is bound after it).
-  d2r_native::init_ransac(m);
-  d2r_native::init_cuda(m);  // registers its own translator (CudaError, CudaMemoryError)
+  init_ransac(m);
+  init_cuda(m);  // registers its own translator (CudaError, CudaMemoryError)
   m.doc() = "d2r native core (csrc/ CPU kernels, cuda/ GPU kernels)";
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
@@ -50,8 +50,8 @@ PYBIND11_MODULE(_native, m) {
     return d;
   });
 
-  d2r_native::init_quantize(m);
-  d2r_native::init_aggregate(m);
+  init_quantize(m);
+  init_aggregate(m);
 
   // Translators run newest first: this one, for the CPU core and MappedFile, before the CUDA one.
   py::register_exception_translator([](std::exception_ptr p) {
@@ -70,6 +70,6 @@ PYBIND11_MODULE(_native, m) {
     }
   });
 
-  d2r_native::init_io(m);
-  d2r_native::init_ivf(m);
+  init_io(m);
+  init_ivf(m);
 }

@@ -16,7 +16,7 @@ using d2r_native::check_2d;
 using d2r_native::require;
 using d2r_native::without_gil;
 
-void d2r_native::init_quantize(py::module_& m) {
+void init_quantize(py::module_& m) {
   py::class_<Quantizer>(m, "Quantizer")
       .def(py::init([](const py::handle& c) {
              auto a = require<float>(c, "centroids");

@@ -81,7 +81,7 @@ d2r::RansacParams ransac_params(float threshold, int max_trials, uint64_t seed, 
 
 }  // namespace
 
-void d2r_native::init_ransac(py::module_& m) {
+void init_ransac(py::module_& m) {
   m.def(
       "match_descriptors",
       [](const py::handle& qo, const py::handle& dbo, double max_distance) {
