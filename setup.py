@@ -62,6 +62,8 @@ class CMakeBuild(build_ext):
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
+    # The type stub of the extension (d2r/_native.pyi) and the PEP 561 marker ship with the package.
+    package_data={"d2r": ["py.typed", "_native.pyi"]},
     ext_modules=[CMakeExtension("d2r._native")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -31,6 +31,11 @@ carray<T> require(const pybind11::handle& obj, const std::string& name) {
   return carray<T>::ensure(a);
 }
 
+// ValueError unless a is 2-D ("<name> must be 2-D").
+inline void check_2d(const pybind11::array& a, const char* name) {
+  if (a.ndim() != 2) throw pybind11::value_error(std::string(name) + " must be 2-D");
+}
+
 // Runs f() with the GIL released and returns its result. The GIL is re-taken in ordinary control
 // flow, not in a destructor: at interpreter exit Python ends a thread that wants the GIL back by
 // unwinding it (pthread_exit), which must not pass through a noexcept destructor (std::terminate).

@@ -5,7 +5,8 @@
 // here; it is called with the GIL released (its own lock is then taken: no GIL is ever waited for while
 // it is held), and its results come back as owned vectors wrapped without a copy. Results stay on the device as DeviceArray objects (exposing
 // __cuda_array_interface__, so CuPy and PyTorch wrap them without a copy) or come back as numpy.
-// Without a CUDA build only cuda_compiled() / cuda_device_count() exist.
+// Without a CUDA build only cuda_compiled() / cuda_device_count() exist. module.cpp calls init_cuda(m):
+// the names are the module's own (d2r._native.GpuInvertedFile, ...), as d2r/cuda.py uses them.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -20,6 +21,7 @@
 #endif
 
 #include "arrays.h"
+#include "bindings.h"
 
 namespace py = pybind11;
 
@@ -216,7 +218,7 @@ py::array to_numpy(const DeviceArray& a) {
 }  // namespace
 #endif
 
-void bind_cuda(py::module_& m) {
+void init_cuda(py::module_& m) {
 #ifdef D2R_WITH_CUDA
   m.def("cuda_compiled", []() { return true; });
   m.def("cuda_device_count", &gpu::device_count);

@@ -1,5 +1,5 @@
 // pybind11 bindings of csrc/ransac.h (spatial verification for re-ranking); module.cpp calls
-// bind_ransac(m). Same conventions as module.cpp: no silent dtype conversion (TypeError), shape errors
+// init_ransac(m). Same conventions as module.cpp: no silent dtype conversion (TypeError), shape errors
 // are ValueError, core errors (d2r::InvalidArgument) become ValueError, the GIL is released while
 // the core computes.
 #include <pybind11/numpy.h>
@@ -13,6 +13,7 @@
 #include "ransac.h"
 
 #include "arrays.h"
+#include "bindings.h"
 
 namespace py = pybind11;
 
@@ -80,7 +81,7 @@ d2r::RansacParams ransac_params(float threshold, int max_trials, uint64_t seed, 
 
 }  // namespace
 
-void bind_ransac(py::module_& m) {
+void init_ransac(py::module_& m) {
   m.def(
       "match_descriptors",
       [](const py::handle& qo, const py::handle& dbo, double max_distance) {
