@@ -411,7 +411,7 @@ class GpuInvertedFile:
             self._allocate()
             return self._ivf.score_all(off, w, c, float(alpha), float(tau), bool(normalize))
 
-    def export(self) -> dict:
+    def export(self) -> Any:
         with self._operation():   # downloads only: allocates nothing on the device
             return self._ivf.export()
 

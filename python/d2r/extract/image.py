@@ -177,9 +177,12 @@ def load_image_gray(image: ImageInput) -> np.ndarray:
 
 def open_image_rgb(path) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB: OpenCV (:func:`read_image_rgb`), Pillow without it."""
-    import importlib.util
-
-    if importlib.util.find_spec("cv2") is not None:
+    try:
+        import cv2  # noqa: F401
+        have_cv2 = True
+    except ImportError:
+        have_cv2 = False
+    if have_cv2:
         return read_image_rgb(path)
     p = os.fsdecode(os.fspath(path))
     if not os.path.exists(p):

@@ -24,7 +24,7 @@ import d2r.core.checks as checks
 import d2r.core.index_io as index_io
 from d2r.core.atomic import atomic_write
 
-from test_reference import World
+from support import World
 
 DIM = 32
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX processes, FIFOs and signals")

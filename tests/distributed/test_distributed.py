@@ -20,7 +20,7 @@ from d2r.workflows.build import build_index, build_regional_search_index
 from d2r.extract import Features
 from d2r.extract.store import save_features
 
-from test_reference import World
+from support import World
 
 DIM = 32
 

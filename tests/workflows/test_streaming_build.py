@@ -22,7 +22,7 @@ from d2r.workflows.build import build_index, names_file
 from d2r.extract import Features
 from d2r.extract.store import save_features
 
-from test_reference import World
+from support import World
 
 DIM = 32
 
@@ -101,9 +101,9 @@ def test_killed_build_resumes_to_the_same_index(world, store, tmp_path):
     out = tmp_path / "db.d2r"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         import d2r.workflows.build as b
-        from test_reference import World
+        from support import World
         real = b._write_journal
         def write(work, journal):
             real(work, journal)

@@ -15,7 +15,7 @@ import pytest
 import d2r
 import d2r.core.index_io
 
-from test_reference import World
+from support import World
 
 DIM = 32
 STATS_KEYS = {"kernel", "images", "entries", "postings", "words_per_image", "code_bytes", "bytes",

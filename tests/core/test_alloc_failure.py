@@ -26,7 +26,7 @@ import pytest
 
 import d2r
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]   # tests/: support.py, reference.py
 MARGIN = 16 << 20  # bytes of address space allowed above the current use; every operation needs more
 
 OPERATIONS = ["add", "add_aggregated", "remove", "compact", "search_all", "score_all", "load", "load_mmap",
@@ -128,7 +128,7 @@ def _fill_heap(libc, hard):
 
 def child(out: Path, tmp: Path):
     from d2r.core.aggregate import AggregatedBatch, aggregate_images
-    from test_reference import World
+    from support import World
 
     res = {"ops": {}}
     try:

@@ -35,7 +35,7 @@ import d2r
 import readme_blocks as rb
 
 # $D2R_README: check another Markdown file (a draft) the same way
-README = Path(os.environ.get("D2R_README") or Path(__file__).resolve().parents[1] / "README.md").resolve()
+README = Path(os.environ.get("D2R_README") or Path(__file__).resolve().parents[2] / "README.md").resolve()
 TEXT = README.read_text(encoding="utf-8")
 BLOCKS, PARSE_PROBLEMS = rb.parse_markdown(TEXT)
 GPU = d2r.cuda.is_available()

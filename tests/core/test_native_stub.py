@@ -24,7 +24,7 @@ import pytest
 
 from d2r import _native
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STUB = Path(_native.__file__).with_name("_native.pyi")
 SOURCES = ROOT / "d2r_native"
 CUDA = bool(_native.cuda_compiled())

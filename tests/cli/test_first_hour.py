@@ -212,7 +212,7 @@ def test_third_party_errors_are_explained(built, capsys, monkeypatch):
     def broken(*a, **k):
         np.vstack([])
 
-    monkeypatch.setattr(d2r.pipeline, "train_codebook", broken)
+    monkeypatch.setattr(d2r.workflows.pipeline, "train_codebook", broken)
     rc, _, err = _run(capsys, "train-codebook", built / "store", "--words", "8", "--out", built / "c8.npy", "-q")
     assert rc == 3 and "internal error in numpy" in err and "D2R_DEBUG=1" in err
 

@@ -19,7 +19,7 @@ import d2r
 asmk = pytest.importorskip("asmk", reason="the asmk package is not installed (pip install asmk)")
 faiss = pytest.importorskip("faiss", reason="faiss is needed by asmk")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "asmk_baseline.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "asmk_baseline.py"
 
 
 @pytest.fixture(scope="module")

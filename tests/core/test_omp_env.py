@@ -14,15 +14,15 @@ import pytest
 
 import d2r
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]   # tests/: support.py, reference.py
 
-# The check script: small synthetic data (the World helper of test_reference.py), about 2 s a run.
+# The check script: small synthetic data (the World helper of tests/support.py), about 2 s a run.
 SCRIPT = textwrap.dedent(r"""
     import sys
     import numpy as np
     import d2r
     from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
-    from test_reference import World
+    from support import World
 
     out = {}
     w = World(seed=21, dim=32, n_objects=12, words_per_object=8)

@@ -24,7 +24,7 @@ import pytest
 
 import d2r
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]   # tests/: support.py, reference.py
 TIMEOUT_S = 120
 DIM = 32
 
@@ -107,7 +107,7 @@ def test_daemon_thread_inside_search_at_exit(tmp_path):
 
 
 def _world():
-    from test_reference import World
+    from support import World
 
     return World(seed=41, dim=DIM, n_objects=12, words_per_object=8)
 
