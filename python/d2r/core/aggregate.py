@@ -2,13 +2,27 @@
 Naive-R-ASMK, and dense VLAD / R-VLAD (METHOD.md section 3). The arithmetic runs in the native core."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 import d2r._native as _native
 from d2r.core.checks import as_descriptors, as_offsets, check_positive_int
 from d2r.core.codebook import Codebook
-from d2r.core.kernels import (KERNELS, Aggregated, AggregatedBatch, KernelSpec, check_fingerprint, code_bytes,  # noqa: F401
-                      kernel_spec)
+# Re-exported (the "X as X" form marks them as such for the type checker).
+from d2r.core.kernels import KERNELS as KERNELS
+from d2r.core.kernels import Aggregated as Aggregated
+from d2r.core.kernels import AggregatedBatch as AggregatedBatch
+from d2r.core.kernels import KernelSpec as KernelSpec
+from d2r.core.kernels import check_fingerprint as check_fingerprint
+from d2r.core.kernels import code_bytes as code_bytes
+from d2r.core.kernels import kernel_spec as kernel_spec
+
+# A database image given by its regions: Regions, a list of arrays, (descriptors, offsets, n_regions)
+# or (descriptors, offsets, members) (see Regions.coerce, which checks it at run time).
+RegionsLike = Any
 
 
 # --------------------------------------------------------------------------------------------------
@@ -22,8 +36,11 @@ class Regions:
     and count in R."""
 
     __slots__ = ("descriptors", "offsets", "members")
+    descriptors: NDArray[np.float32]
+    offsets: NDArray[np.int64]
+    members: NDArray[np.int64] | None
 
-    def __init__(self, descriptors, offsets, members=None, dim: int | None = None):
+    def __init__(self, descriptors: Any, offsets: Any, members: Any = None, dim: int | None = None) -> None:
         self.descriptors = as_descriptors(descriptors, dim)
         n = self.descriptors.shape[0]
         if members is None:
@@ -46,7 +63,7 @@ class Regions:
         return int(self.offsets.shape[0] - 1)
 
     @classmethod
-    def from_list(cls, arrays, dim: int | None = None) -> "Regions":
+    def from_list(cls, arrays: Iterable[Any], dim: int | None = None) -> "Regions":
         arrays = [as_descriptors(a, dim, name=f"region {i} descriptors") for i, a in enumerate(arrays)]
         if not arrays:
             raise ValueError("an image needs at least one region (region 0: the whole image)")
@@ -58,7 +75,7 @@ class Regions:
         return cls(np.concatenate(arrays, axis=0), offsets)
 
     @classmethod
-    def from_labels(cls, descriptors, region_ids, n_regions: int) -> "Regions":
+    def from_labels(cls, descriptors: Any, region_ids: ArrayLike, n_regions: int) -> "Regions":
         """One region id per descriptor (each descriptor in exactly one region)."""
         n_regions = check_positive_int(n_regions, "n_regions")
         x = as_descriptors(descriptors)
@@ -73,7 +90,7 @@ class Regions:
         return cls(x, offsets, order)
 
     @classmethod
-    def coerce(cls, regions, dim: int | None = None) -> "Regions":
+    def coerce(cls, regions: RegionsLike, dim: int | None = None) -> "Regions":
         """Accepts Regions, a list of arrays, (descriptors, offsets, n_regions) with contiguous regions,
         or (descriptors, offsets, members) with a CSR membership."""
         if isinstance(regions, Regions):
@@ -99,7 +116,7 @@ class Regions:
 # Batched native calls
 
 
-def _concat_images(images, dim):
+def _concat_images(images: Iterable[Any], dim: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """List of (n_i, D) arrays -> (descriptors, image offsets)."""
     arrays = [as_descriptors(a, dim, name=f"image {i} descriptors") for i, a in enumerate(images)]
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
@@ -108,7 +125,7 @@ def _concat_images(images, dim):
     return np.ascontiguousarray(x), offsets
 
 
-def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
+def as_assignments(assignments: Any, n: int, m: int, n_words: int) -> NDArray[np.int32]:
     """Precomputed word assignments: int (n, m) with ids in [0, n_words)."""
     a = np.asarray(assignments)
     if not np.issubdtype(a.dtype, np.integer):
@@ -123,7 +140,7 @@ def as_assignments(assignments, n: int, m: int, n_words: int) -> np.ndarray:
 
 
 def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets: np.ndarray, kernel: str,
-                     m: int = 1, assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
+                     m: int = 1, assignments: Any = None, fingerprint: str | None = None) -> AggregatedBatch:
     """Plain (one region per image) aggregation of many images given concatenated descriptors
     (and, optionally, their precomputed word assignments, made by the codebook with `fingerprint`)."""
     spec = kernel_spec(kernel)
@@ -139,7 +156,10 @@ def aggregate_images(codebook: Codebook, descriptors: np.ndarray, image_offsets:
     return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 
-def regions_layout(codebook: Codebook, regions_list, m: int = 1, assignments=None, fingerprint: str | None = None):
+def regions_layout(codebook: Codebook, regions_list: Iterable[RegionsLike], m: int = 1,
+                   assignments: Iterable[Any] | None = None, fingerprint: str | None = None
+                   ) -> tuple[NDArray[np.float32], NDArray[np.int32] | None, NDArray[np.int64], NDArray[np.int64],
+                              NDArray[np.int64]]:
     """The aggregation layout of many images given by their regions (anything Regions.coerce takes):
     (descriptors (n, D) float32 concatenated, assignments (n, m) int32 or None when not given,
     image_regions, region_members, members) as the native kernels take them, on the CPU
@@ -151,7 +171,8 @@ def regions_layout(codebook: Codebook, regions_list, m: int = 1, assignments=Non
          else np.zeros((0, codebook.dim), np.float32))
     image_regions = np.zeros(len(regs) + 1, dtype=np.int64)
     image_regions[1:] = np.cumsum([r.n_regions for r in regs])
-    member_parts, region_sizes = [], []
+    member_parts: list[NDArray[np.int64]] = []
+    region_sizes: list[NDArray[np.int64]] = []
     for r, base in zip(regs, desc_off[:-1]):
         if r.members is None:
             member_parts.append(np.arange(r.descriptors.shape[0], dtype=np.int64) + base)
@@ -173,8 +194,9 @@ def regions_layout(codebook: Codebook, regions_list, m: int = 1, assignments=Non
     return np.ascontiguousarray(x), assign, image_regions, region_members, np.ascontiguousarray(members)
 
 
-def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: int = 1,
-                            assignments=None, fingerprint: str | None = None) -> AggregatedBatch:
+def aggregate_regions_batch(codebook: Codebook, regions_list: Iterable[RegionsLike], kernel: str, m: int = 1,
+                            assignments: Iterable[Any] | None = None, fingerprint: str | None = None
+                            ) -> AggregatedBatch:
     """Regional aggregation of many images, each given as Regions (or anything Regions.coerce takes).
     `assignments`: optional list of precomputed word ids, one (n_i, m) array per image aligned with
     its Regions.descriptors."""
@@ -189,7 +211,7 @@ def aggregate_regions_batch(codebook: Codebook, regions_list, kernel: str, m: in
     return AggregatedBatch(offs, words, codes, codebook.fingerprint)
 
 
-def aggregate(descriptors, codebook: Codebook, kernel: str = "asmk*", m: int = 1) -> Aggregated:
+def aggregate(descriptors: Any, codebook: Codebook, kernel: str = "asmk*", m: int = 1) -> Aggregated:
     """Aggregate one image. For the regional kernels, `descriptors` is a region list (see Regions);
     for ASMK / ASMK* an (n, D) array."""
     spec = kernel_spec(kernel)
@@ -201,7 +223,7 @@ def aggregate(descriptors, codebook: Codebook, kernel: str = "asmk*", m: int = 1
     return aggregate_images(codebook, x, offsets, kernel, m)[0]
 
 
-def vlad(descriptors, codebook: Codebook, m: int = 1, l2: bool = True) -> np.ndarray:
+def vlad(descriptors: Any, codebook: Codebook, m: int = 1, l2: bool = True) -> NDArray[np.float32]:
     """Dense VLAD (C*D floats) of one image; with a region list, R-VLAD: each region's VLAD
     l2-normalised, summed, divided by R (or l2-normalised when l2=True)."""
     m = check_positive_int(m, "m")
@@ -213,4 +235,5 @@ def vlad(descriptors, codebook: Codebook, m: int = 1, l2: bool = True) -> np.nda
     members = regs.members if regs.members is not None else np.arange(regs.descriptors.shape[0], dtype=np.int64)
     out = _native.vlad(regs.descriptors, assign, codebook.centroids, np.array([0, regs.n_regions], np.int64),
                        regs.offsets, members, l2=bool(l2))
-    return out[0]
+    first: NDArray[np.float32] = out[0]
+    return first

@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,17 +61,17 @@ def _create_temporary(path: Path) -> tuple[int, str]:
 
 
 @contextmanager
-def atomic_write(path):
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """`with atomic_write(path) as f:` yields a binary file object; on success the file replaces `path`."""
-    path = Path(path)
-    _remove_stale_temporaries(path)
-    fd, tmp = _create_temporary(path)
+    target = Path(path)
+    _remove_stale_temporaries(target)
+    fd, tmp = _create_temporary(target)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -46,14 +46,14 @@ class Backend(Protocol):
                          assignments: Any = None) -> Any:
         """Aggregated plain images (one region each): an AggregatedBatch or a device batch."""
 
-    def aggregate_regions(self, codebook: Any, regions: list, kernel: str, m: int, assignments: Any = None,
+    def aggregate_regions(self, codebook: Any, regions: list[Any], kernel: str, m: int, assignments: Any = None,
                           fingerprint: str | None = None) -> Any:
         """Aggregated images given by their regions (R-ASMK, R-ASMK*, Naive-R-ASMK)."""
 
-    def insert(self, ivf: Any, batches: list, ids: np.ndarray | None) -> np.ndarray:
+    def insert(self, ivf: Any, batches: list[Any], ids: np.ndarray | None) -> np.ndarray:
         """Inserts aggregated batches into `ivf` in one atomic call; returns the ids."""
 
-    def join(self, batches: list) -> list:
+    def join(self, batches: list[Any]) -> list[Any]:
         """Query batches as the backend searches them (the CPU joins them into one call: one snapshot)."""
 
     def host_inverted_file(self, ivf: Any) -> Any:
@@ -105,19 +105,19 @@ class CpuBackend:
 
         return aggregate_images(codebook, x, offsets, kernel, m, assignments)
 
-    def aggregate_regions(self, codebook: Any, regions: list, kernel: str, m: int, assignments: Any = None,
+    def aggregate_regions(self, codebook: Any, regions: list[Any], kernel: str, m: int, assignments: Any = None,
                           fingerprint: str | None = None) -> Any:
         from d2r.core.aggregate import aggregate_regions_batch
 
         return aggregate_regions_batch(codebook, regions, kernel, m, assignments, fingerprint)
 
-    def insert(self, ivf: Any, batches: list, ids: np.ndarray | None) -> np.ndarray:
+    def insert(self, ivf: Any, batches: list[Any], ids: np.ndarray | None) -> np.ndarray:
         from d2r.core.kernels import AggregatedBatch
 
         b = AggregatedBatch.concat(batches)
         return np.asarray(ivf.add(b.offsets, b.words, b.code_bytes, ids))
 
-    def join(self, batches: list) -> list:
+    def join(self, batches: list[Any]) -> list[Any]:
         from d2r.core.kernels import AggregatedBatch
 
         return [AggregatedBatch.concat(batches)] if len(batches) > 1 else batches
@@ -172,10 +172,10 @@ class CpuBackend:
 #: The CPU backend (always available).
 CPU = CpuBackend()
 
-_BACKENDS: dict[str, Any] = {CPU.name: CPU}
+_BACKENDS: dict[str, Backend] = {CPU.name: CPU}
 
 
-def register_backend(backend: Any) -> None:
+def register_backend(backend: Backend) -> None:
     """Makes `backend` available by its name (``device=backend.name``). The GPU side calls it on import."""
     _BACKENDS[backend.name] = backend
 
@@ -184,7 +184,7 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(device: Any) -> Any:
+def get_backend(device: str | Backend) -> Backend:
     """The backend of a device name ("cpu", "cuda") or a backend object (returned as it is)."""
     if isinstance(device, str):
         b = _BACKENDS.get(device)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Collection
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
+
+# The values checked here come from users: they are typed Any (anything may be passed; what is not
+# acceptable raises TypeError or ValueError).
 
 MAX_ID = 1 << 62    # image ids lie in [0, 2**62); also the largest k (more than any index holds)
 ALPHA_MAX = 64.0    # sigma(u) = sign(u)|u|^alpha: larger exponents only underflow
 
 
-def as_descriptors(x, dim: int | None = None, name: str = "descriptors") -> np.ndarray:
+def as_descriptors(x: Any, dim: int | None = None, name: str = "descriptors") -> NDArray[np.float32]:
     """Return x as a C-contiguous float32 (n, dim) array. float64 is converted; other dtypes raise
     TypeError; wrong rank or dimension, NaN and Inf raise ValueError. Zero rows are allowed."""
     if not isinstance(x, np.ndarray):
@@ -36,7 +42,7 @@ def as_descriptors(x, dim: int | None = None, name: str = "descriptors") -> np.n
     return np.ascontiguousarray(x)
 
 
-def as_ids(ids, n: int | None = None, name: str = "image_ids") -> np.ndarray:
+def as_ids(ids: Any, n: int | None = None, name: str = "image_ids") -> NDArray[np.int64]:
     """int64 1-D ids, non-negative and unique."""
     arr = np.asarray(ids)
     if arr.ndim == 0:
@@ -59,7 +65,7 @@ def as_ids(ids, n: int | None = None, name: str = "image_ids") -> np.ndarray:
     return arr
 
 
-def as_offsets(offsets, n_rows: int, name: str = "offsets") -> np.ndarray:
+def as_offsets(offsets: Any, n_rows: int, name: str = "offsets") -> NDArray[np.int64]:
     """CSR offsets: int64, 1-D, starting at 0, non-decreasing, ending at n_rows."""
     arr = np.asarray(offsets)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -74,7 +80,7 @@ def as_offsets(offsets, n_rows: int, name: str = "offsets") -> np.ndarray:
     return arr
 
 
-def check_positive_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+def check_positive_int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -84,20 +90,20 @@ def check_positive_int(value, name: str, minimum: int = 1, maximum: int | None =
     return int(value)
 
 
-def check_choice(value, name: str, choices):
+def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
 
 
-def check_k(k) -> int:
+def check_k(k: Any) -> int:
     """k for top-k search: None (every image) -> -1; a positive integer, huge ones clamped to 2**62."""
     if k is None:
         return -1
     return min(check_positive_int(k, "k"), MAX_ID)
 
 
-def as_image_id(x) -> int | None:
+def as_image_id(x: Any) -> int | None:
     """x as an image id for `x in index`: None when x is not an integer (1.5, '1', True) or out of
     the id range, so that such an x is never in an index."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
@@ -106,7 +112,7 @@ def as_image_id(x) -> int | None:
     return x if 0 <= x < MAX_ID else None
 
 
-def _check_real(value, name: str) -> float:
+def _check_real(value: Any, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     try:
@@ -118,26 +124,26 @@ def _check_real(value, name: str) -> float:
     return v
 
 
-def check_alpha(alpha) -> float:
+def check_alpha(alpha: Any) -> float:
     a = _check_real(alpha, "alpha")
     if not 0 < a <= ALPHA_MAX:
         raise ValueError(f"alpha must be in (0, {ALPHA_MAX:g}], got {alpha!r}")
     return a
 
 
-def check_tau(tau) -> float:
+def check_tau(tau: Any) -> float:
     t = _check_real(tau, "tau")
     if not -1 <= t < 1:
         raise ValueError(f"tau must be in [-1, 1) (tau >= 1 would make every score 0), got {tau!r}")
     return t
 
 
-def check_bool(value, name: str) -> bool:
+def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
-def check_score_params(alpha, tau, normalize) -> tuple[float, float, bool]:
+def check_score_params(alpha: Any, tau: Any, normalize: Any) -> tuple[float, float, bool]:
     """The selectivity and normalisation parameters: alpha in (0, 64], tau in [-1, 1), normalize a bool."""
     return check_alpha(alpha), check_tau(tau), check_bool(normalize, "normalize")

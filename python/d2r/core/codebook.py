@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 import d2r._native as _native
 from d2r.core.atomic import atomic_write
@@ -17,7 +20,10 @@ class Codebook:
     """C visual words of dimension D (float32). Quantisation is exact: the m nearest words in squared
     L2 distance, ties broken by the lower word id, computed by the native fused kernel."""
 
-    def __init__(self, centroids):
+    #: Set by d2r.cuda on first GPU use: (binding surface, its GpuQuantizer of these centroids).
+    _gpu_quantizer: tuple[Any, Any]
+
+    def __init__(self, centroids: Any) -> None:
         c = as_descriptors(centroids, name="centroids")
         if c.shape[0] < 1:
             raise ValueError("a codebook needs at least one word")
@@ -26,12 +32,12 @@ class Codebook:
         c = c.copy()
         c.setflags(write=False)
         self._centroids = c
-        self._quantizer_obj = None        # built on first use (the pruning structure takes about 1 s at
-        self._quantizer_lock = threading.Lock()   # 65,536 words; loading an index never needs it)
-        self._fingerprint = None
+        self._quantizer_obj: _native.Quantizer | None = None  # built on first use (the pruning structure
+        self._quantizer_lock = threading.Lock()   # takes about 1 s at 65,536 words; loading an index never needs it)
+        self._fingerprint: str | None = None
 
     @property
-    def _quantizer(self):
+    def _quantizer(self) -> _native.Quantizer:
         q = self._quantizer_obj
         if q is None:
             with self._quantizer_lock:
@@ -41,12 +47,12 @@ class Codebook:
         return q
 
     @classmethod
-    def from_array(cls, centroids) -> "Codebook":
+    def from_array(cls, centroids: Any) -> "Codebook":
         return cls(centroids)
 
     @classmethod
-    def train(cls, descriptors, n_words: int, niter: int = 20, seed: int = 0, verbose: bool = False,
-              max_points_per_centroid: int = 256, device: str = "cpu", progress=None) -> "Codebook":
+    def train(cls, descriptors: Any, n_words: int, niter: int = 20, seed: int = 0, verbose: bool = False,
+              max_points_per_centroid: int = 256, device: str = "cpu", progress: bool | None = None) -> "Codebook":
         """k-means on a descriptor sample, seedable. device="cpu": faiss, which samples at most
         `max_points_per_centroid * n_words` points. device="cuda": d2r's GPU Lloyd iterations
         (d2r.cuda.kmeans: random initialisation, exact assignment, deterministic update) on the same
@@ -59,7 +65,7 @@ class Codebook:
         return cls(backend.kmeans(descriptors, n_words, niter, seed, max_points_per_centroid, verbose, progress))
 
     @classmethod
-    def load(cls, path) -> "Codebook":
+    def load(cls, path: str | os.PathLike[str]) -> "Codebook":
         """A codebook saved by :meth:`save` (or ``d2r train-codebook``): a .npy file of float32 (or
         float64) centroids, shape (n_words, dim)."""
         path = Path(path)
@@ -83,12 +89,12 @@ class Codebook:
                              f"{getattr(arr, 'dtype', type(arr))} of shape {getattr(arr, 'shape', '?')}")
         return cls(arr)
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         with atomic_write(path) as f:
             np.save(f, self._centroids)
 
     @property
-    def centroids(self) -> np.ndarray:
+    def centroids(self) -> NDArray[np.float32]:
         return self._centroids
 
     @property
@@ -104,11 +110,13 @@ class Codebook:
 
     @property
     def n_words(self) -> int:
-        return self._centroids.shape[0]
+        n: int = self._centroids.shape[0]
+        return n
 
     @property
     def dim(self) -> int:
-        return self._centroids.shape[1]
+        d: int = self._centroids.shape[1]
+        return d
 
     def __len__(self) -> int:
         return self.n_words
@@ -116,7 +124,7 @@ class Codebook:
     def __repr__(self) -> str:
         return f"Codebook(n_words={self.n_words}, dim={self.dim}, fingerprint={self.fingerprint!r})"
 
-    def quantize(self, descriptors, m: int = 1, device: str = "cpu", output: str = "numpy"):
+    def quantize(self, descriptors: Any, m: int = 1, device: str = "cpu", output: str = "numpy") -> tuple[Any, Any]:
         """Returns (ids int32 (n, m), squared distances float32 (n, m)), nearest first, ties by the
         lower word id. device="cuda" runs on the GPU (same answers; descriptors may be CuPy / PyTorch
         CUDA arrays; output="device" keeps the results there)."""

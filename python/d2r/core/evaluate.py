@@ -23,7 +23,11 @@ Queries without positives get NaN and are left out of the means.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["PROTOCOLS", "compute_ap", "compute_map", "format_table", "revisited"]
 
@@ -35,7 +39,7 @@ PROTOCOLS = ("easy", "medium", "hard")
 # Core metrics
 # ----------------------------------------------------------------------------------------------
 
-def compute_ap(ranks, n_positives) -> float:
+def compute_ap(ranks: ArrayLike, n_positives: Any) -> float:
     """Average precision by the trapezoidal rule, exactly as ``revisitop.compute_ap``.
 
     ``ranks``: 0-based positions of the positives in the ranking after junk removal, sorted
@@ -69,7 +73,8 @@ def compute_ap(ranks, n_positives) -> float:
     return float(np.sum(p0 + p1) / (2.0 * n_pos))
 
 
-def _query_metrics(pos: np.ndarray, junk: np.ndarray, n_pos: int, kappas: np.ndarray):
+def _query_metrics(pos: NDArray[np.int64], junk: NDArray[np.int64], n_pos: int, kappas: NDArray[np.int64]
+                   ) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
     """AP, precision@kappas (capped), recall@kappas of one query.
 
     ``pos`` and ``junk``: sorted 0-based positions in the ranking *before* junk removal.
@@ -87,7 +92,7 @@ def _query_metrics(pos: np.ndarray, junk: np.ndarray, n_pos: int, kappas: np.nda
     return ap, prec.astype(np.float64), rec.astype(np.float64)
 
 
-def _as_kappas(kappas) -> np.ndarray:
+def _as_kappas(kappas: Iterable[Any]) -> NDArray[np.int64]:
     k = np.asarray(list(kappas) if not isinstance(kappas, np.ndarray) else kappas)
     if k.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -96,7 +101,7 @@ def _as_kappas(kappas) -> np.ndarray:
     return k.astype(np.int64)
 
 
-def _id_array(values, name: str) -> np.ndarray:
+def _id_array(values: Any, name: str) -> NDArray[np.int64]:
     a = np.asarray(values if values is not None else [])
     if a.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -107,7 +112,7 @@ def _id_array(values, name: str) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _as_gnd_list(gnd) -> list:
+def _as_gnd_list(gnd: Any) -> list[Any]:
     if isinstance(gnd, (str, bytes, dict)):
         raise ValueError("gnd must be a sequence of per-query dicts")
     try:
@@ -116,7 +121,8 @@ def _as_gnd_list(gnd) -> list:
         raise ValueError(f"gnd must be a sequence of per-query dicts, got {type(gnd).__name__}") from exc
 
 
-def compute_map(ranks, gnd, kappas=(1, 5, 10)):
+def compute_map(ranks: ArrayLike, gnd: Any, kappas: Iterable[Any] = (1, 5, 10)
+                ) -> tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """``revisitop.compute_map``: returns ``(map, aps, pr, prs)``.
 
     ``ranks``: ``(n_database, n_queries)`` integer array, column i the ranking of query i (this is
@@ -164,7 +170,7 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def _validate_ranks(ranks, n_queries: int) -> np.ndarray:
+def _validate_ranks(ranks: ArrayLike, n_queries: int) -> NDArray[Any]:
     ranks = np.asarray(ranks)
     if ranks.ndim != 2:
         raise ValueError(f"ranks must be a 2-D (n_queries, n_database) array of database indices, "
@@ -183,13 +189,14 @@ def _validate_ranks(ranks, n_queries: int) -> np.ndarray:
     return ranks
 
 
-def _parse_gnd_entry(g, i: int, n_db: int):
+def _parse_gnd_entry(g: Any, i: int, n_db: int
+                     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64] | None]:
     """(easy, hard, junk, ok_only) as sorted unique int64 arrays; ok_only is set for old-style
     entries that carry only 'ok' (those count for the Medium protocol only)."""
     if not isinstance(g, dict):
         raise ValueError(f"gnd[{i}] must be a dict with 'easy', 'hard', 'junk' lists, "
                          f"got {type(g).__name__}")
-    arrs = {}
+    arrs: dict[str, NDArray[np.int64]] = {}
     for key in ("easy", "hard", "junk", "ok"):
         a = _id_array(g.get(key), f"gnd[{i}][{key!r}]")
         if a.size and (a.min() < 0 or a.max() >= n_db):
@@ -206,7 +213,7 @@ def _parse_gnd_entry(g, i: int, n_db: int):
     return easy, hard, junk, ok  # old-style entry: Medium only
 
 
-def revisited(ranks, gnd, kappas=(1, 5, 10)) -> dict:
+def revisited(ranks: ArrayLike, gnd: Any, kappas: Iterable[Any] = (1, 5, 10)) -> dict[str, dict[str, Any]]:
     """Evaluate rankings under the Revisited Oxford / Paris protocols.
 
     Parameters
@@ -274,7 +281,7 @@ def revisited(ranks, gnd, kappas=(1, 5, 10)) -> dict:
             r = out[proto]
             r["aps"][q], r["prs"][q], r["rs"][q] = ap, prec, rec
 
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for proto in PROTOCOLS:
         r = out[proto]
         valid = ~np.isnan(r["aps"])
@@ -288,11 +295,11 @@ def revisited(ranks, gnd, kappas=(1, 5, 10)) -> dict:
     return results
 
 
-def _pct(x) -> str:
+def _pct(x: Any) -> str:
     return "   nan" if x is None or not np.isfinite(x) else f"{100.0 * float(x):6.2f}"
 
 
-def format_table(results: dict) -> str:
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """A short text table of :func:`revisited` results: mAP, mP@k and mR@k in %, one row per
     protocol, and a one-line ``mAP E / M / H`` summary."""
     protos = [p for p in PROTOCOLS if p in results] + [p for p in results if p not in PROTOCOLS]

@@ -3,21 +3,31 @@ regional search (one entry per region, pooled per image)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 import d2r._native as _native
-from d2r.core.backend import CPU, get_backend
+from d2r.core.backend import CPU, Backend, get_backend
 from d2r.core.progress import bar as _bar
 from d2r.core.checks import (as_descriptors, as_ids, as_image_id, as_offsets, check_k, check_positive_int,
                       check_score_params)
 from d2r.core.aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
-                              as_assignments, check_fingerprint, kernel_spec, _concat_images)
+                              as_assignments, check_fingerprint, kernel_spec, _concat_images, RegionsLike)
 from d2r.core.codebook import Codebook
-from d2r.core.index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, check_structure,
+from d2r.core.index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, PathArg, check_structure,
                        read_index_file, validate_meta, write_index_file)
+
+if TYPE_CHECKING:
+    from d2r._native import _SegmentPart
+
+#: Aggregated images as add_aggregated / search_aggregated take them.
+AggregatedLike = Aggregated | AggregatedBatch | Iterable[Aggregated]
+#: (scores float32, image ids int64) of a search: 1-D for one query, 2-D (n_queries, k) for several.
+SearchResult = tuple[NDArray[np.float32], NDArray[np.int64]]
 
 # Work is split into chunks of this many descriptors (bounds memory, drives the progress bar).
 _CHUNK_DESCRIPTORS = 1 << 20
@@ -41,7 +51,7 @@ class _IndexBase:
     _ivf: Any   # the inverted file: the backend's (the native InvertedFile's interface)
 
     def __init__(self, codebook: Codebook, kernel: str, alpha: float, tau: float, normalize: bool,
-                 m_db: int, m_query: int):
+                 m_db: int, m_query: int) -> None:
         if not isinstance(codebook, Codebook):
             codebook = Codebook(codebook)
         self.codebook = codebook
@@ -53,7 +63,7 @@ class _IndexBase:
         for m in (self.m_db, self.m_query):
             if m > codebook.n_words:
                 raise ValueError(f"multiple assignment m={m} exceeds the number of words ({codebook.n_words})")
-        self._backend = CPU
+        self._backend: Backend = CPU
         #: Application metadata saved with the index and given back by `load`, opaque to the engine:
         #: ``"extractor"`` (``d2r.extract.describe`` of the extractor the database features came from;
         #: ``d2r search`` extracts queries the same way) and ``"region_source"`` (the name of the
@@ -62,12 +72,12 @@ class _IndexBase:
 
     # ---- properties ---------------------------------------------------------------------------
     @property
-    def extractor(self) -> dict | None:
+    def extractor(self) -> dict[str, Any] | None:
         """``metadata["extractor"]``: the extractor the database features came from, or None."""
         return self.metadata.get("extractor")
 
     @extractor.setter
-    def extractor(self, value: dict | None) -> None:
+    def extractor(self, value: dict[str, Any] | None) -> None:
         self._set_metadata("extractor", value)
 
     @property
@@ -91,30 +101,35 @@ class _IndexBase:
         return str(self._backend.name)
 
     @property
-    def backend(self):
+    def backend(self) -> Backend:
         """The backend object (d2r.core.backend) the index computes with, chosen at construction or by `to`."""
         return self._backend
 
     def __len__(self) -> int:
-        return self._ivf.n_images
+        n: int = self._ivf.n_images
+        return n
 
-    def __contains__(self, image_id) -> bool:
+    def __contains__(self, image_id: object) -> bool:
         i = as_image_id(image_id)
-        return i is not None and self._ivf.contains(i)
+        found: bool = i is not None and self._ivf.contains(i)
+        return found
 
     @property
-    def ids(self) -> np.ndarray:
+    def ids(self) -> NDArray[np.int64]:
         """The indexed image ids, in insertion order."""
-        return self._ivf.image_ids()
+        ids: NDArray[np.int64] = self._ivf.image_ids()
+        return ids
 
     @property
     def _next_id(self) -> int:
         return int(self._ivf.next_id)
 
     # ---- aggregation --------------------------------------------------------------------------
-    def _aggregate_chunks(self, x: np.ndarray, offsets: np.ndarray, kernel: str, m: int, progress,
-                          assignments=None, fingerprint=None, desc="aggregate"):
-        """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors."""
+    def _aggregate_chunks(self, x: Any, offsets: NDArray[np.int64], kernel: str, m: int, progress: bool | None,
+                          assignments: Any = None, fingerprint: str | None = None, desc: str = "aggregate"
+                          ) -> Iterator[tuple[int, Any]]:
+        """Yields (first image, AggregatedBatch) over chunks of about _CHUNK_DESCRIPTORS descriptors
+        (x: numpy, or an array of the device backend, which yields its own batches)."""
         n_img = offsets.shape[0] - 1
         backend = self._backend
         if assignments is not None:
@@ -137,7 +152,7 @@ class _IndexBase:
         if bar is not None:
             bar.close()
 
-    def _as_images(self, descriptors, offsets):
+    def _as_images(self, descriptors: Any, offsets: Any) -> tuple[Any, NDArray[np.int64], bool]:
         """(concatenated descriptors, offsets, single) from an array, an array + offsets or a list."""
         if isinstance(descriptors, (list, tuple)):
             if offsets is not None:
@@ -159,7 +174,8 @@ class _IndexBase:
             return x, np.array([0, x.shape[0]], np.int64), True
         return x, as_offsets(offsets, x.shape[0], "offsets"), False
 
-    def _query_batches(self, queries, progress, assignments, fingerprint=None):
+    def _query_batches(self, queries: Any, progress: bool | None, assignments: Any, fingerprint: str | None = None
+                       ) -> tuple[list[Any], bool]:
         """(batches of aggregated queries, single) for search."""
         single = isinstance(queries, np.ndarray) or not isinstance(queries, (list, tuple))
         x, offs, _ = self._as_images(queries if single else list(queries), None)
@@ -177,7 +193,7 @@ class _IndexBase:
         if batch.words.size and (batch.words.min() < 0 or batch.words.max() >= self.codebook.n_words):
             raise ValueError(f"{what} word ids out of range [0, {self.codebook.n_words})")
 
-    def _as_batch(self, aggregated) -> tuple[AggregatedBatch, bool]:
+    def _as_batch(self, aggregated: AggregatedLike) -> tuple[AggregatedBatch, bool]:
         if isinstance(aggregated, AggregatedBatch):
             return aggregated, False
         if isinstance(aggregated, Aggregated):
@@ -185,14 +201,14 @@ class _IndexBase:
         return AggregatedBatch.from_list(aggregated), False
 
     # ---- persistence --------------------------------------------------------------------------
-    def _meta(self) -> dict:
+    def _meta(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, "kernel": self.kernel, "alpha": self.alpha, "tau": self.tau,
                 "normalize": self.normalize, "m_db": self.m_db, "m_query": self.m_query,
                 "dim": self.codebook.dim, "n_words": self.codebook.n_words, "d2r_format": FORMAT_VERSION,
                 "codebook_fingerprint": self.codebook.fingerprint,
                 **{k: v for k, v in self.metadata.items() if k in _METADATA_KEYS}}
 
-    def save(self, path) -> None:
+    def save(self, path: PathArg) -> None:
         """Write the index (with its codebook) to one file, atomically. Safe beside concurrent adds
         and removes: the file holds one consistent state. The postings are streamed to the file
         compressed, a few tens of MB at a time (never a second copy of the index in memory);
@@ -200,11 +216,11 @@ class _IndexBase:
         ivf = self._backend.host_inverted_file(self._ivf)   # a device index: compressed by a CPU one
         w = ivf.writer(PAGE_BYTES)
 
-        def chunks():
+        def chunks() -> Iterator[NDArray[np.uint8]]:
             while not w.done:
                 yield w.next(_SAVE_CHUNK_BYTES)
 
-        def finish():
+        def finish() -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
             return ({"word_offsets": w.word_offsets(), "page_crc": w.page_crc()},
                     {"n_entries": int(w.n_entries), "page_bytes": int(w.page_bytes)})
 
@@ -213,7 +229,8 @@ class _IndexBase:
                          stream=("postings", chunks(), finish))
 
     @classmethod
-    def load(cls, path, mmap: bool = False, verify=None, device: str = "cpu"):
+    def load(cls, path: PathArg, mmap: bool = False, verify: bool | str | None = None,
+             device: str | Backend = "cpu") -> Any:
         """Load an index saved by `save`.
 
         mmap=True maps the file instead of reading it: opening reads the header, the codebook, the
@@ -230,7 +247,10 @@ class _IndexBase:
 
         Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load (mmap
         then reads them whole; save them again to map them). device="cuda" then moves the index to
-        the GPU."""
+        the GPU.
+
+        Returns an Index or a RegionalSearchIndex, whichever the file holds (Index.load takes both; typed
+        Any so that callers that know which they load need no cast)."""
         if verify is None:
             verify = "lazy" if mmap else True
         idx, part, ids, counts, plain, next_id = cls._read(path, mmap, verify)
@@ -248,7 +268,9 @@ class _IndexBase:
         return idx.to(device)
 
     @classmethod
-    def _read(cls, path, mmap, verify):
+    def _read(cls, path: PathArg, mmap: bool, verify: bool | str
+              ) -> tuple[Index | RegionalSearchIndex, _SegmentPart | None, NDArray[np.int64], NDArray[np.int32],
+                         dict[str, NDArray[Any]] | None, int]:
         """(an empty index with the file's parameters, its compressed segment (the 7-tuple of
         InvertedFile.set_segments) or None, image ids, word counts, plain posting arrays of a format 1
         or 2 file or None, next_id), checked (header, structure, codebook fingerprint)."""
@@ -260,7 +282,8 @@ class _IndexBase:
         meta, sec, owner = read_index_file(path, mmap=mmap, verify=verify)
         meta = validate_meta(meta, path)
         check_structure(meta, sec, path)
-        target = RegionalSearchIndex if meta["kind"] == "RegionalSearchIndex" else Index
+        target: type[Index] | type[RegionalSearchIndex] = (RegionalSearchIndex if meta["kind"] == "RegionalSearchIndex"
+                                                           else Index)
         if cls is not Index and target is not cls:
             raise IndexFileError(f"{path}: holds a {meta['kind']}, not a {cls.__name__}")
         centroids = np.array(sec["centroids"])
@@ -325,13 +348,13 @@ class Index(_IndexBase):
     """
 
     def __init__(self, codebook: Codebook, kernel: str = "asmk*", alpha: float = 3.0, tau: float = 0.0,
-                 normalize: bool = True, m_db: int = 1, m_query: int = 1, device: str = "cpu"):
+                 normalize: bool = True, m_db: int = 1, m_query: int = 1, device: str | Backend = "cpu") -> None:
         super().__init__(codebook, kernel, alpha, tau, normalize, m_db, m_query)
         self._backend = get_backend(device)
         self._backend.require()
         self._ivf = self._backend.inverted_file(self.codebook.n_words, self.codebook.dim, self.spec.binary)
 
-    def to(self, device) -> "Index":
+    def to(self, device: str | Backend) -> "Index":
         """Move the index to "cuda" (GPU memory) or "cpu", in place; returns the index. The conversion
         is done by the device side's backend (d2r.cuda), as faiss's GpuCloner does."""
         target = get_backend(device)
@@ -348,11 +371,12 @@ class Index(_IndexBase):
                 f"dim={self.codebook.dim}, alpha={self.alpha}, tau={self.tau}, normalize={self.normalize})")
 
     @property
-    def word_counts(self) -> np.ndarray:
+    def word_counts(self) -> NDArray[np.int32]:
         """Number of stored words of each indexed entry, in insertion order (as `ids`)."""
-        return self._ivf.word_counts()
+        counts: NDArray[np.int32] = self._ivf.word_counts()
+        return counts
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         n = len(self)
         entries = self._ivf.n_entries
         b = self._ivf.memory_bytes
@@ -370,7 +394,7 @@ class Index(_IndexBase):
             "segments": int(getattr(self._ivf, "n_segments", 1)),
         }
 
-    def aggregate(self, descriptors, query: bool = False) -> Aggregated:
+    def aggregate(self, descriptors: Any, query: bool = False) -> Aggregated:
         """Aggregate one image as this index stores it (query=True: as a query is aggregated). For a
         regional kernel a database image may be given as a region list."""
         m = self.m_query if query else self.m_db
@@ -381,12 +405,12 @@ class Index(_IndexBase):
         return aggregate_images(self.codebook, x, np.array([0, x.shape[0]], np.int64), kern, m)[0]  # carries the fingerprint
 
     # ---- adding and removing ------------------------------------------------------------------
-    def _insert(self, batches, ids) -> np.ndarray:
+    def _insert(self, batches: list[Any], ids: NDArray[np.int64] | None) -> np.ndarray:
         """Inserts aggregated batches in one atomic native call; ids None: allocated natively."""
         return self._backend.insert(self._ivf, batches, ids)
 
-    def add(self, descriptors, image_ids=None, offsets=None, progress=None, assignments=None,
-            fingerprint=None) -> np.ndarray:
+    def add(self, descriptors: Any, image_ids: ArrayLike | None = None, offsets: ArrayLike | None = None,
+            progress: bool | None = None, assignments: Any = None, fingerprint: str | None = None) -> np.ndarray:
         """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
         `offsets`). Returns the image ids (default: consecutive after the largest id so far).
         `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
@@ -398,7 +422,8 @@ class Index(_IndexBase):
         ids = None if image_ids is None else as_ids(image_ids, n)
         return self._insert(batches, ids)
 
-    def _db_batches(self, descriptors, offsets=None, progress=None, assignments=None, fingerprint=None):
+    def _db_batches(self, descriptors: Any, offsets: ArrayLike | None = None, progress: bool | None = None,
+                    assignments: Any = None, fingerprint: str | None = None) -> tuple[list[Any], int]:
         """(aggregated batches, number of images) of images to add, as `add` aggregates them."""
         x, offs, _ = self._as_images(descriptors, offsets)
         kern = self.kernel if self.spec.regional else self.spec.query_kernel
@@ -406,14 +431,15 @@ class Index(_IndexBase):
                                                         fingerprint, "index")]
         return batches, offs.shape[0] - 1
 
-    def add_regions(self, regions, image_id=None) -> int:
+    def add_regions(self, regions: RegionsLike, image_id: Any = None) -> int:
         """Index one database image given by its regions (a list of arrays with region 0 the whole
         image, (descriptors, offsets, n_regions), (descriptors, offsets, members) or d2r.Regions)."""
         ids = self.add_regions_many([regions], None if image_id is None else [image_id])
         return int(ids[0])
 
-    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
-                         assignments=None, fingerprint=None) -> np.ndarray:
+    def add_regions_many(self, regions_list: Iterable[RegionsLike], image_ids: ArrayLike | None = None,
+                         progress: bool | None = None, batch_size: int = 512, assignments: Sequence[Any] | None = None,
+                         fingerprint: str | None = None) -> np.ndarray:
         """Index many images, each given by its regions, in batched native calls. `assignments`:
         optional precomputed word ids, one (n_i, m_db) array per image aligned with its descriptors
         (for a region list: the regions' arrays concatenated in order), made by the codebook with
@@ -422,8 +448,8 @@ class Index(_IndexBase):
         ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         return self._insert(self._region_batches(regions_list, progress, batch_size, assignments, fingerprint), ids)
 
-    def _region_batches(self, regions_list, progress=None, batch_size: int = 512, assignments=None,
-                        fingerprint=None):
+    def _region_batches(self, regions_list: list[RegionsLike], progress: bool | None = None, batch_size: int = 512,
+                        assignments: Sequence[Any] | None = None, fingerprint: str | None = None) -> list[Any]:
         """The aggregated batches of images given by their regions, as `add_regions_many` makes them."""
         if not self.spec.regional:
             raise ValueError(f"kernel {self.kernel!r} is not regional; use 'rasmk*', 'rasmk' or "
@@ -435,7 +461,7 @@ class Index(_IndexBase):
         batch_size = check_positive_int(batch_size, "batch_size")
         bar = _bar(len(regions_list), "aggregate regions",
                    progress if progress is not None else len(regions_list) >= 2000)
-        batches = []
+        batches: list[Any] = []
         for s in range(0, len(regions_list), batch_size):
             chunk = regions_list[s:s + batch_size]
             a = None if assignments is None else assignments[s:s + batch_size]
@@ -446,14 +472,14 @@ class Index(_IndexBase):
             bar.close()
         return batches
 
-    def add_aggregated(self, aggregated, image_ids=None) -> np.ndarray:
+    def add_aggregated(self, aggregated: AggregatedLike, image_ids: ArrayLike | None = None) -> np.ndarray:
         """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
         batch, _ = self._as_batch(aggregated)
         self._check_aggregated(batch, "aggregated")
         ids = None if image_ids is None else as_ids(image_ids, len(batch))
         return self._insert([batch], ids)
 
-    def remove(self, image_ids) -> int:
+    def remove(self, image_ids: ArrayLike) -> int:
         """Remove images by id (every id must be indexed, else KeyError and nothing is removed).
         Returns the number removed. Removed images become tombstones (O(images), the postings are not
         rewritten): searches skip them at once; `compact()`, `save` and later merges drop their
@@ -462,7 +488,8 @@ class Index(_IndexBase):
         return int(self._ivf.remove(ids)) if ids.size else 0
 
     # ---- search -------------------------------------------------------------------------------
-    def search(self, queries, k: int | None = 10, progress=None, assignments=None, fingerprint=None):
+    def search(self, queries: Any, k: int | None = 10, progress: bool | None = None, assignments: Any = None,
+               fingerprint: str | None = None) -> SearchResult:
         """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
         (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
         ascending; k=None gives the full ranking. k larger than the index gives every image.
@@ -475,11 +502,13 @@ class Index(_IndexBase):
         scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return (scores[0], ids[0]) if single else (scores, ids)
 
-    def _search_batch(self, batch: AggregatedBatch, kk: int):
-        return self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha, self.tau,
-                                self.normalize)
+    def _search_batch(self, batch: Any, kk: int) -> SearchResult:
+        """Searches one batch (an AggregatedBatch, or the device backend's batch)."""
+        found: SearchResult = self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha,
+                                               self.tau, self.normalize)
+        return found
 
-    def search_aggregated(self, aggregated, k: int | None = 10):
+    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10) -> SearchResult:
         """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D)."""
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
@@ -487,7 +516,7 @@ class Index(_IndexBase):
         s, i = self._search_batch(batch, kk)
         return (s[0], i[0]) if single else (s, i)
 
-    def score_all(self, queries) -> tuple[np.ndarray, np.ndarray]:
+    def score_all(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
         """Scores of every indexed image for each query: (scores (n_queries, n_images), ids (n_images,))
         in insertion order, both from one state of the index."""
         single = isinstance(queries, np.ndarray)
@@ -498,7 +527,7 @@ class Index(_IndexBase):
         return (s[0] if single else s), ids
 
     @classmethod
-    def _from_meta(cls, meta, codebook):
+    def _from_meta(cls, meta: dict[str, Any], codebook: Codebook) -> Index:
         return cls(codebook, kernel=meta["kernel"], alpha=meta["alpha"], tau=meta["tau"],
                    normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])
 
@@ -512,7 +541,7 @@ class RegionalSearchIndex(_IndexBase):
     `add_aggregated` or `score_all` (use `search(queries, k=None)` for the full pooled ranking)."""
 
     def __init__(self, codebook: Codebook, kernel: str = "asmk*", pooling: str = "max", alpha: float = 3.0,
-                 tau: float = 0.0, normalize: bool = True, m_db: int = 1, m_query: int = 1):
+                 tau: float = 0.0, normalize: bool = True, m_db: int = 1, m_query: int = 1) -> None:
         if kernel_spec(kernel).regional:
             raise ValueError("RegionalSearchIndex indexes each region with a plain kernel: use 'asmk*' or 'asmk'")
         if pooling not in ("max", "mean"):
@@ -525,13 +554,13 @@ class RegionalSearchIndex(_IndexBase):
         return (f"RegionalSearchIndex(kernel={self.kernel!r}, pooling={self.pooling!r}, images={len(self)}, "
                 f"n_words={self.codebook.n_words})")
 
-    def to(self, device) -> "RegionalSearchIndex":
+    def to(self, device: str | Backend) -> "RegionalSearchIndex":
         if get_backend(device) is not CPU:
             raise ValueError("RegionalSearchIndex (pooled regional search) runs on the CPU; use Index with "
                              "kernel='rasmk*' for GPU regional aggregation")
         return self
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         n = len(self)
         entries = int(self._ivf.entry_ids().shape[0])
         postings = self._ivf.n_entries
@@ -540,19 +569,21 @@ class RegionalSearchIndex(_IndexBase):
                 "postings": postings, "words_per_image": postings / n if n else 0.0,
                 "code_bytes": self._ivf.code_bytes, "bytes": b, "bytes_per_image": b / n if n else 0.0}
 
-    def add(self, descriptors, image_ids=None, offsets=None, progress=None) -> np.ndarray:
+    def add(self, descriptors: Any, image_ids: ArrayLike | None = None, offsets: ArrayLike | None = None,
+            progress: bool | None = None) -> np.ndarray:
         """Plain images: each image is one region (equals Index.search with the same kernel)."""
         x, offs, _ = self._as_images(descriptors, offsets)
         regions = [Regions(x[offs[i]:offs[i + 1]], np.array([0, offs[i + 1] - offs[i]], np.int64))
                    for i in range(offs.shape[0] - 1)]
         return self.add_regions_many(regions, image_ids, progress)
 
-    def add_regions(self, regions, image_id=None) -> int:
+    def add_regions(self, regions: RegionsLike, image_id: Any = None) -> int:
         ids = self.add_regions_many([regions], None if image_id is None else [image_id])
         return int(ids[0])
 
-    def add_regions_many(self, regions_list, image_ids=None, progress=None, batch_size: int = 512,
-                         assignments=None, fingerprint=None) -> np.ndarray:
+    def add_regions_many(self, regions_list: Iterable[RegionsLike], image_ids: ArrayLike | None = None,
+                         progress: bool | None = None, batch_size: int = 512, assignments: Sequence[Any] | None = None,
+                         fingerprint: str | None = None) -> np.ndarray:
         """Index many images given by their regions (each region one entry). `assignments` and
         `fingerprint` as for Index.add_regions_many. Atomic."""
         regions_list = list(regions_list)
@@ -563,9 +594,12 @@ class RegionalSearchIndex(_IndexBase):
         else:
             entry_ids = self._ivf.add(b.offsets, b.words, b.code_bytes, np.ascontiguousarray(ids[owner]))
         first = np.searchsorted(owner, np.arange(len(regions_list)))
-        return entry_ids[first]
+        ids_of_images: NDArray[np.int64] = entry_ids[first]
+        return ids_of_images
 
-    def _region_entries(self, regions_list, progress=None, assignments=None, fingerprint=None):
+    def _region_entries(self, regions_list: list[RegionsLike], progress: bool | None = None,
+                        assignments: Sequence[Any] | None = None, fingerprint: str | None = None
+                        ) -> tuple[AggregatedBatch, NDArray[np.int64]]:
         """(AggregatedBatch of the entries, entry -> image position int64) of images given by their
         regions: one entry per region."""
         if assignments is not None:
@@ -576,7 +610,9 @@ class RegionalSearchIndex(_IndexBase):
         if assignments is not None and len(assignments) != len(regions_list):
             raise ValueError(f"{len(assignments)} assignment arrays given for {len(regions_list)} images")
         # Every region becomes one entry: a plain image made of that region's descriptors.
-        flat, flat_assign, owner = [], [], []
+        flat: list[NDArray[np.float32]] = []
+        flat_assign: list[NDArray[np.int32]] = []
+        owner: list[int] = []
         for k, r in enumerate(regions_list):
             a = None if assignments is None else as_assignments(assignments[k], r.descriptors.shape[0], self.m_db,
                                                                 self.codebook.n_words)
@@ -593,39 +629,40 @@ class RegionalSearchIndex(_IndexBase):
                                                         desc="index regions")]
         return AggregatedBatch.concat(batches), np.asarray(owner, np.int64)
 
-    def add_aggregated(self, aggregated, image_ids=None):
+    def add_aggregated(self, aggregated: object, image_ids: object = None) -> NoReturn:
         raise NotImplementedError("RegionalSearchIndex indexes regions: use add_regions / add_regions_many")
 
-    def score_all(self, queries):
+    def score_all(self, queries: object) -> NoReturn:
         raise NotImplementedError("use search(queries, k=None) for the full pooled ranking")
 
-    def remove(self, image_ids) -> int:
+    def remove(self, image_ids: ArrayLike) -> int:
         """Remove images (all their regions) by id; KeyError (and nothing removed) if one is absent."""
         ids = as_ids(image_ids)
         return int(self._ivf.remove(ids)) if ids.size else 0
 
-    def search(self, queries, k: int | None = 10, progress=None, assignments=None, fingerprint=None):
+    def search(self, queries: Any, k: int | None = 10, progress: bool | None = None, assignments: Any = None,
+               fingerprint: str | None = None) -> SearchResult:
         """As Index.search, with each image's score pooled over its regions."""
         kk = check_k(k)
         batches, single = self._query_batches(queries, progress, assignments, fingerprint)
         return self._search_pooled(AggregatedBatch.concat(batches), kk, single)
 
-    def search_aggregated(self, aggregated, k: int | None = 10):
+    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10) -> SearchResult:
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
         return self._search_pooled(batch, kk, single)
 
-    def _search_pooled(self, batch, kk, single):
+    def _search_pooled(self, batch: AggregatedBatch, kk: int, single: bool) -> SearchResult:
         """Scores every region entry and pools them per image (max or mean) in the native core."""
         s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
                                        self.alpha, self.tau, self.normalize)
         return (s[0], i[0]) if single else (s, i)
 
-    def _meta(self) -> dict:
+    def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "pooling": self.pooling}
 
     @classmethod
-    def _from_meta(cls, meta, codebook):
+    def _from_meta(cls, meta: dict[str, Any], codebook: Codebook) -> RegionalSearchIndex:
         return cls(codebook, kernel=meta["kernel"], pooling=meta["pooling"], alpha=meta["alpha"], tau=meta["tau"],
                    normalize=meta["normalize"], m_db=meta["m_db"], m_query=meta["m_query"])

@@ -41,9 +41,12 @@ import os
 import stat
 import struct
 import zlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 import d2r._native as _native
 from d2r.core.atomic import atomic_write
@@ -56,6 +59,11 @@ FORMAT_VERSION = 3
 PAGE_BYTES = 1 << 16
 _ALIGN = 64
 _PREFIX = struct.Struct("<8sIII")
+
+#: A file name (str or path).
+PathArg = str | os.PathLike[str]
+#: write_index_file's `stream`: (section name, its uint8 chunks, finish() -> (trailing sections, meta additions)).
+Stream = tuple[str, Iterable[NDArray[np.uint8]], Callable[[], tuple[Mapping[str, ArrayLike], dict[str, Any]]]]
 
 # The dtype (as numpy's dtype.str) each known section may have; any other name or dtype is an error.
 SECTION_DTYPES = {
@@ -99,7 +107,8 @@ def _crc(arr: np.ndarray) -> int:
     return crc & 0xFFFFFFFF
 
 
-def write_index_file(path, meta: dict, sections: dict, stream=None, version: int = FORMAT_VERSION) -> None:
+def write_index_file(path: PathArg, meta: dict[str, Any], sections: Mapping[str, ArrayLike],
+                     stream: Stream | None = None, version: int = FORMAT_VERSION) -> None:
     """Atomically write `meta` (JSON-serialisable) and the named numpy arrays in `sections`.
     `version` is the format number written in the prefix (an older one only to write files of an
     older layout, e.g. in tests of their loading).
@@ -109,7 +118,8 @@ def write_index_file(path, meta: dict, sections: dict, stream=None, version: int
     returns (trailing sections, meta additions), written after it. The header, whose length is not
     known until then, is written last into space reserved at the start (padded with blanks)."""
     path = Path(path)
-    entries, arrays = [], []
+    entries: list[dict[str, Any]] = []
+    arrays: list[NDArray[Any]] = []
     for name, arr in sections.items():
         arr = np.ascontiguousarray(arr)
         entries.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
@@ -134,7 +144,7 @@ def write_index_file(path, meta: dict, sections: dict, stream=None, version: int
             f.write(_bytes(arr))
             pos += e["nbytes"]
         pos = _pad_to(f, pos)
-        entry = {"name": name, "dtype": "|u1", "offset": pos, "crc32": 0}
+        entry: dict[str, Any] = {"name": name, "dtype": "|u1", "offset": pos, "crc32": 0}
         n = 0
         for chunk in chunks:
             view = _bytes(chunk)
@@ -161,14 +171,15 @@ def write_index_file(path, meta: dict, sections: dict, stream=None, version: int
         f.write(header)
 
 
-def _pad_to(f, pos: int) -> int:
+def _pad_to(f: BinaryIO, pos: int) -> int:
     """Writes zeros up to the next multiple of _ALIGN after pos; returns the new position."""
     new = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
     f.write(b"\0" * (new - pos))
     return new
 
 
-def _write_plain(path: Path, meta: dict, entries: list, arrays: list, version: int) -> None:
+def _write_plain(path: Path, meta: dict[str, Any], entries: list[dict[str, Any]], arrays: list[NDArray[Any]],
+                 version: int) -> None:
     # Offsets depend on the header length, which depends on the offsets' digits: iterate to a fixpoint.
     offsets = [0] * len(entries)
     while True:
@@ -176,7 +187,7 @@ def _write_plain(path: Path, meta: dict, entries: list, arrays: list, version: i
             e["offset"] = o
         header = json.dumps({**meta, "sections": entries}, sort_keys=True).encode("utf-8")
         pos = _PREFIX.size + len(header)
-        new = []
+        new: list[int] = []
         for e in entries:
             pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
             new.append(pos)
@@ -208,9 +219,10 @@ def _open_regular(path: Path) -> int:
     return fd
 
 
-def _map_file(path: Path):
+def _map_file(path: Path) -> Any:
     """A read-only memory map of the whole regular file `path`, as a buffer object:
-    d2r._native.MappedFile when the native core has it, else mmap.mmap."""
+    d2r._native.MappedFile when the native core has it, else mmap.mmap. (Typed Any: the stub of
+    MappedFile does not declare its buffer protocol, which memoryview() uses.)"""
     fd = _open_regular(path)
     try:
         if os.fstat(fd).st_size == 0:
@@ -221,7 +233,9 @@ def _map_file(path: Path):
         os.close(fd)
 
 
-def read_index_file(path, mmap: bool = False, verify=True, dtypes: dict | None = None):
+def read_index_file(path: PathArg, mmap: bool = False, verify: bool | str = True,
+                    dtypes: Mapping[str, tuple[str, ...]] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, NDArray[Any]], Any]:
     """Returns (meta, sections, owner): the header without its section table, the named sections as
     read-only numpy arrays, and the buffer object (see `_map_file`) the sections view when mmap=True
     (None otherwise). verify: True checks every section's checksum, "lazy" every one but the
@@ -235,14 +249,15 @@ def read_index_file(path, mmap: bool = False, verify=True, dtypes: dict | None =
         view = memoryview(owner).cast("B")
         return (*_parse(path, view.nbytes, lambda off, n: view[off:off + n], verify, dtypes), owner)
     with os.fdopen(_open_regular(path), "rb") as f:
-        def read(off, n):
+        def read(off: int, n: int) -> bytes:
             f.seek(off)
             return f.read(n)
 
         return (*_parse(path, os.fstat(f.fileno()).st_size, read, verify, dtypes), None)
 
 
-def _parse(path: Path, size: int, read, verify: bool, dtypes: dict):
+def _parse(path: Path, size: int, read: Callable[[int, int], bytes | memoryview], verify: bool | str,
+           dtypes: Mapping[str, tuple[str, ...]]) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
     """(meta, sections) of a file of `size` bytes; read(offset, n) returns (at most) n bytes."""
     prefix = read(0, _PREFIX.size)
     if len(prefix) < _PREFIX.size or bytes(prefix[:8]) != MAGIC:
@@ -268,7 +283,7 @@ def _parse(path: Path, size: int, read, verify: bool, dtypes: dict):
     entries = meta.pop("sections", None)
     if not isinstance(entries, list):
         raise IndexFileError(f"{path}: corrupt index header ('sections' must be a list, got {entries!r:.80})")
-    sections = {}
+    sections: dict[str, NDArray[Any]] = {}
     for i, e in enumerate(entries):
         name, dtype, shape, offset, nbytes, crc = _check_entry(path, i, e, dtypes, _PREFIX.size + hlen, size)
         if name in sections:
@@ -283,14 +298,15 @@ def _parse(path: Path, size: int, read, verify: bool, dtypes: dict):
     return meta, sections
 
 
-def _check_entry(path: Path, i: int, e, dtypes: dict, data_start: int, size: int):
+def _check_entry(path: Path, i: int, e: Any, dtypes: Mapping[str, tuple[str, ...]], data_start: int, size: int
+                 ) -> tuple[str, np.dtype[Any], tuple[int, ...], int, int, int]:
     """(name, dtype, shape, offset, nbytes, crc32) of section table entry i, checked before any array
     is built: a known name, its dtype, non-negative integer fields, in bounds of the file."""
-    def bad(what):
+    def bad(what: str) -> IndexFileError:
         return IndexFileError(f"{path}: corrupt index header (section {i}"
                               f"{'' if name is None else f' {name!r}'}: {what})")
 
-    name = None
+    name: str | None = None
     if not isinstance(e, dict):
         raise bad(f"a JSON {type(e).__name__}, not an object")
     name = e.get("name")
@@ -319,14 +335,14 @@ def _check_entry(path: Path, i: int, e, dtypes: dict, data_start: int, size: int
     return name, dtype, tuple(shape), offset, nbytes, crc
 
 
-def _is_count(v) -> bool:
+def _is_count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def validate_meta(meta: dict, path) -> dict:
+def validate_meta(meta: dict[str, Any], path: PathArg) -> dict[str, Any]:
     """The header fields d2r.Index.load uses, checked and normalised (a copy of `meta`); any missing or
     invalid field raises IndexFileError naming the path and the field."""
-    def field(name, check, *args):
+    def field(name: str, check: Callable[..., Any], *args: Any) -> Any:
         if name not in meta:
             raise IndexFileError(f"{path}: invalid index header (field {name!r} is missing)")
         try:
@@ -364,13 +380,13 @@ def validate_meta(meta: dict, path) -> dict:
     return out
 
 
-def _check_hex16(v) -> str:
+def _check_hex16(v: Any) -> str:
     if not (isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)):
         raise ValueError(f"expected 16 hexadecimal digits, got {v!r:.40}")
     return v
 
 
-def _check_extractor(v) -> dict:
+def _check_extractor(v: Any) -> dict[str, Any]:
     if not (isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("params", {}), dict)):
         raise ValueError("expected an object with a 'name' and 'params'")
     if "fingerprint" in v:
@@ -378,14 +394,14 @@ def _check_extractor(v) -> dict:
     return v
 
 
-def check_structure(meta: dict, sections: dict, path) -> None:
+def check_structure(meta: dict[str, Any], sections: Mapping[str, NDArray[Any]], path: PathArg) -> None:
     """Cheap (O(images + words)) consistency checks of the sections of an index with header `meta`
     (as returned by validate_meta), run even when the checksums are not verified: the sections are
     present with the shapes the header implies, posting offsets are monotone and match the postings,
     word counts add up, image ids lie in [0, next_id) and (for an Index) are unique. Files of
     d2r <= 0.1 hold region entry ids in image_ids and each entry's image id (-1: removed) in
     region_image. Raises IndexFileError."""
-    def bad(what):
+    def bad(what: str) -> NoReturn:
         raise IndexFileError(f"{path}: corrupt index file ({what})")
 
     compressed = meta.get("format_version", FORMAT_VERSION) >= 3

@@ -3,9 +3,12 @@ by the CPU side (d2r.aggregate, d2r.index) and the GPU side (d2r.cuda), which de
 and never the reverse."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ def kernel_spec(kernel: str) -> KernelSpec:
     return KERNELS[kernel.lower()]
 
 
-def check_fingerprint(given, expected: str, what: str) -> None:
+def check_fingerprint(given: str | None, expected: str, what: str) -> None:
     """Raises ValueError naming both when `given` (a codebook fingerprint or None: not known) is not
     `expected`."""
     if given is not None and given != expected:
@@ -41,7 +44,7 @@ def check_fingerprint(given, expected: str, what: str) -> None:
                          "aggregate (or quantise) with the index's codebook (index.codebook)")
 
 
-def common_fingerprint(items) -> str | None:
+def common_fingerprint(items: Iterable[Aggregated | AggregatedBatch]) -> str | None:
     """The one codebook fingerprint of several aggregated objects (None where none is known)."""
     known = {x.fingerprint for x in items if x.fingerprint is not None}
     if len(known) > 1:
@@ -57,7 +60,11 @@ class Aggregated:
 
     __slots__ = ("words", "codes", "fingerprint")
 
-    def __init__(self, words, codes, fingerprint: str | None = None):
+    words: NDArray[np.int32]
+    codes: NDArray[np.float32] | NDArray[np.uint8]
+    fingerprint: str | None
+
+    def __init__(self, words: ArrayLike, codes: ArrayLike, fingerprint: str | None = None) -> None:
         words = np.ascontiguousarray(words, dtype=np.int32)
         codes = np.ascontiguousarray(codes)
         if words.ndim != 1 or codes.ndim != 2 or codes.shape[0] != words.shape[0]:
@@ -74,7 +81,7 @@ class Aggregated:
 
     @property
     def binary(self) -> bool:
-        return self.codes.dtype == np.uint8
+        return bool(self.codes.dtype == np.uint8)
 
     def __len__(self) -> int:
         return int(self.words.shape[0])
@@ -96,7 +103,13 @@ class AggregatedBatch:
 
     __slots__ = ("offsets", "words", "codes", "fingerprint")
 
-    def __init__(self, offsets, words, codes, fingerprint: str | None = None):
+    offsets: NDArray[np.int64]
+    words: NDArray[np.int32]
+    codes: NDArray[np.float32] | NDArray[np.uint8]
+    fingerprint: str | None
+
+    def __init__(self, offsets: NDArray[np.int64], words: NDArray[np.int32],
+                 codes: NDArray[np.float32] | NDArray[np.uint8], fingerprint: str | None = None) -> None:
         self.offsets = offsets
         self.words = words
         self.codes = codes
@@ -114,11 +127,11 @@ class AggregatedBatch:
         b, e = int(self.offsets[i]), int(self.offsets[i + 1])
         return Aggregated(self.words[b:e], self.codes[b:e], self.fingerprint)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Aggregated]:
         return (self[i] for i in range(len(self)))
 
     @classmethod
-    def from_list(cls, items) -> "AggregatedBatch":
+    def from_list(cls, items: Iterable[Aggregated]) -> "AggregatedBatch":
         items = list(items)
         if not items:
             raise ValueError("no aggregated images given")
@@ -136,7 +149,7 @@ class AggregatedBatch:
 
 
     @classmethod
-    def concat(cls, batches) -> "AggregatedBatch":
+    def concat(cls, batches: Iterable[AggregatedBatch]) -> "AggregatedBatch":
         """One batch holding the images of several host batches, in order."""
         batches = list(batches)
         if len(batches) == 1:

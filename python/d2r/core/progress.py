@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 _quiet = False
 
@@ -15,7 +19,7 @@ def set_quiet(quiet: bool) -> None:
     _quiet = bool(quiet)
 
 
-def bar(total, desc: str, enabled=True, unit: str = "img", leave: bool = False):
+def bar(total: float | None, desc: str, enabled: bool = True, unit: str = "img", leave: bool = False) -> Any:
     """A tqdm bar, or None when disabled (by the call or by set_quiet)."""
     if not enabled or _quiet:
         return None
@@ -24,17 +28,19 @@ def bar(total, desc: str, enabled=True, unit: str = "img", leave: bool = False):
     return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
 
-def iterate(it, total, desc: str, enabled=True, unit: str = "img"):
+def iterate(it: Iterable[_T], total: float | None, desc: str, enabled: bool = True,
+            unit: str = "img") -> Iterable[_T]:
     """`it` wrapped in a tqdm bar when enabled."""
     if not enabled or _quiet:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, total=total, desc=desc, unit=unit, leave=False)
+    wrapped: Iterable[_T] = tqdm(it, total=total, desc=desc, unit=unit, leave=False)
+    return wrapped
 
 
 @contextlib.contextmanager
-def busy(desc: str, enabled=True):
+def busy(desc: str, enabled: bool = True) -> Iterator[None]:
     """A sign of life for one long call that reports no steps (e.g. faiss k-means): a bar showing the
     elapsed time, refreshed twice a second from a background thread."""
     b = bar(None, desc, enabled, unit="s")
@@ -43,7 +49,7 @@ def busy(desc: str, enabled=True):
         return
     stop = threading.Event()
 
-    def tick():
+    def tick() -> None:
         t0 = time.perf_counter()
         while not stop.wait(0.5):
             b.set_postfix_str(f"{time.perf_counter() - t0:.0f} s", refresh=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers as _numbers
+from typing import Any
 
 import d2r._native as _native
 from d2r._version import __version__
@@ -10,7 +11,7 @@ from d2r._version import __version__
 __all__ = ["MAX_THREADS", "build_info", "get_num_threads", "set_num_threads"]
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
     info = dict(_native.build_info())
     info["version"] = __version__

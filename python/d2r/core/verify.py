@@ -57,9 +57,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple, overload
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from d2r.core.checks import as_descriptors
 import d2r._native as _native
@@ -90,6 +92,13 @@ NUM_RANSAC_TRIALS = 1000
 MIN_MATCHES = 4
 
 _UINT64_MAX = (1 << 64) - 1
+
+
+class SearchIndex(Protocol):
+    """What search_and_rerank searches: an Index, a RegionalSearchIndex, or anything with their `search`
+    (e.g. d2r.distributed.ShardedIndex)."""
+
+    def search(self, queries: Any, k: int | None = ...) -> tuple[Any, Any]: ...
 
 
 # --------------------------------------------------------------------------- #
@@ -128,11 +137,11 @@ def _unpack(features: Any, name: str, dim: Optional[int] = None) -> Tuple[np.nda
 def _int(value: Any, name: str, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
+    v = int(value)
+    if v < minimum or (maximum is not None and v > maximum):
         hi = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{hi}, got {value}")
-    return value
+        raise ValueError(f"{name} must be >= {minimum}{hi}, got {v}")
+    return v
 
 
 def _float(value: Any, name: str) -> float:
@@ -141,7 +150,8 @@ def _float(value: Any, name: str) -> float:
     return float(value)
 
 
-def _params(max_distance, threshold, max_trials, seed, stop_probability, min_matches) -> dict:
+def _params(max_distance: Any, threshold: Any, max_trials: Any, seed: Any, stop_probability: Any,
+            min_matches: Any) -> dict[str, Any]:
     max_distance = _float(max_distance, "max_distance")
     if not max_distance > 0:  # inf allowed: every nearest neighbour is a match
         raise ValueError(f"max_distance must be > 0, got {max_distance}")
@@ -164,8 +174,18 @@ def _params(max_distance, threshold, max_trials, seed, stop_probability, min_mat
 # --------------------------------------------------------------------------- #
 # public API
 # --------------------------------------------------------------------------- #
-def match_descriptors(q_desc, db_desc, max_distance: float = MAX_DISTANCE, *,
-                      return_distances: bool = False):
+@overload
+def match_descriptors(q_desc: Any, db_desc: Any, max_distance: float = ..., *,
+                      return_distances: Literal[False] = ...) -> NDArray[np.int64]: ...
+@overload
+def match_descriptors(q_desc: Any, db_desc: Any, max_distance: float = ..., *,
+                      return_distances: Literal[True]) -> tuple[NDArray[np.int64], NDArray[np.float32]]: ...
+@overload
+def match_descriptors(q_desc: Any, db_desc: Any, max_distance: float = ..., *, return_distances: bool
+                      ) -> NDArray[np.int64] | tuple[NDArray[np.int64], NDArray[np.float32]]: ...
+def match_descriptors(q_desc: Any, db_desc: Any, max_distance: float = MAX_DISTANCE, *,
+                      return_distances: bool = False
+                      ) -> NDArray[np.int64] | tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Putative matches: the nearest database descriptor of every query descriptor.
 
     Returns an ``(M, 2)`` int64 array of ``(query_index, database_index)``
@@ -208,7 +228,7 @@ class PairVerification(NamedTuple):
     matches: np.ndarray
 
 
-def verify_pair(q_features, db_features, *, max_distance: float = MAX_DISTANCE,
+def verify_pair(q_features: Any, db_features: Any, *, max_distance: float = MAX_DISTANCE,
                 threshold: float = RESIDUAL_THRESHOLD, max_trials: int = NUM_RANSAC_TRIALS,
                 seed: int = 0, stop_probability: Optional[float] = 1.0,
                 min_matches: int = MIN_MATCHES) -> PairVerification:
@@ -235,10 +255,11 @@ def verify_pair(q_features, db_features, *, max_distance: float = MAX_DISTANCE,
     return PairVerification(int(inliers), model, np.asarray(mask, dtype=bool), matches)
 
 
-def rerank(query_features, candidate_features_list: Sequence[Any], initial_scores=None,
+def rerank(query_features: Any, candidate_features_list: Sequence[Any], initial_scores: ArrayLike | None = None,
            top: Optional[int] = NUM_TO_RERANK, *, max_distance: float = MAX_DISTANCE,
            threshold: float = RESIDUAL_THRESHOLD, max_trials: int = NUM_RANSAC_TRIALS, seed: int = 0,
-           stop_probability: Optional[float] = 1.0, min_matches: int = MIN_MATCHES):
+           stop_probability: Optional[float] = 1.0, min_matches: int = MIN_MATCHES
+           ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Re-rank candidates by spatial verification (DELF ``RerankByGeometricVerification``).
 
     Parameters
@@ -289,7 +310,8 @@ def rerank(query_features, candidate_features_list: Sequence[Any], initial_score
     selected = initial_order[:min(top, n)]
 
     qd, qxy = _unpack(query_features, "query_features")
-    descs, xys = [], []
+    descs: list[NDArray[np.float32]] = []
+    xys: list[NDArray[np.float32]] = []
     for i in selected:
         d, xy = _unpack(candidate_features_list[int(i)], f"candidate_features_list[{int(i)}]", dim=qd.shape[1])
         descs.append(d)
@@ -307,9 +329,10 @@ def rerank(query_features, candidate_features_list: Sequence[Any], initial_score
     return order.astype(np.int64), inliers
 
 
-def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = NUM_TO_RERANK, seed: int = 0,
-                    protocols=("medium", "hard"), progress: bool = False, desc: str = "spatial verification",
-                    **verify_kw) -> dict:
+def rerank_protocol(ranks: ArrayLike, scores: ArrayLike, query_features: Sequence[Any], db_features: Sequence[Any],
+                    gnd: Sequence[Mapping[str, Any]], top: int = NUM_TO_RERANK, seed: int = 0,
+                    protocols: Sequence[str] = ("medium", "hard"), progress: bool = False,
+                    desc: str = "spatial verification", **verify_kw: Any) -> dict[str, Any]:
     """The official protocol-aware re-ranking inside the Revisited evaluation: for Medium and Hard
     separately, the top `top` non-junk results of each query (junk as that protocol defines it) are
     spatially verified and re-sorted by (inliers, initial score); the rest keep their order. Each
@@ -332,7 +355,7 @@ def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = 
         g = gnd[qi]
         easy, hard, junk = (set(int(i) for i in g.get(k, [])) for k in ("easy", "hard", "junk"))
         ignored = {"medium": junk, "hard": junk | easy, "easy": junk | hard}
-        heads = {}
+        heads: dict[str, list[int]] = {}
         for p in protocols:
             keep = [int(j) for j in ranks[qi] if int(j) not in ignored[p]]
             heads[p] = keep[:top]
@@ -351,14 +374,15 @@ def rerank_protocol(ranks, scores, query_features, db_features, gnd, top: int = 
             rest = [int(j) for j in ranks[qi] if int(j) not in head_set]
             out_ranks[p][qi] = np.asarray(new_head + rest, dtype=ranks.dtype)
     seconds = (time.perf_counter() - t0) / max(1, ranks.shape[0])
-    result = {p: revisited(out_ranks[p], gnd)[p] for p in protocols}
+    result: dict[str, Any] = {p: revisited(out_ranks[p], gnd)[p] for p in protocols}
     result["ranks"] = out_ranks
     result["seconds_per_query"] = seconds
     return result
 
 
-def search_and_rerank(index, query_features, db_features, k: int = 100, top: int = NUM_TO_RERANK, seed: int = 0,
-                      **verify_kw):
+def search_and_rerank(index: SearchIndex, query_features: Any, db_features: Any, k: int = 100,
+                      top: int = NUM_TO_RERANK, seed: int = 0, **verify_kw: Any
+                      ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
     """Search, then spatially verify the plain top `top` results (the search-API entry point; the
     evaluation uses :func:`rerank_protocol`).
 

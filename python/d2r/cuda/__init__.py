@@ -14,12 +14,20 @@ Without a GPU, or in a build without nvcc, ``is_available()`` is False and every
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, SupportsInt
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 import d2r._native as _native
 from d2r.cuda._surface import surface as _binding
 from d2r.core.checks import as_descriptors, check_positive_int
 from d2r.core.kernels import AggregatedBatch, check_fingerprint, kernel_spec
+
+if TYPE_CHECKING:
+    from d2r._native import _IndexContent
+    from d2r.core.codebook import Codebook
 
 __all__ = ["is_available", "is_compiled", "device_count", "device_name", "memory_info", "CudaUnavailableError",
            "CudaError", "CudaMemoryError", "DeviceArray", "quantize", "aggregate", "GpuInvertedFile", "kmeans",
@@ -31,12 +39,12 @@ class CudaUnavailableError(RuntimeError):
 
 
 #: A CUDA runtime error (a RuntimeError); RuntimeError itself in a build without CUDA.
-CudaError = getattr(_native, "CudaError", RuntimeError)
+CudaError: type[RuntimeError] = getattr(_native, "CudaError", RuntimeError)
 #: Out of GPU memory (a MemoryError); MemoryError itself in a build without CUDA.
-CudaMemoryError = getattr(_native, "CudaMemoryError", MemoryError)
+CudaMemoryError: type[MemoryError] = getattr(_native, "CudaMemoryError", MemoryError)
 #: A GPU array returned with ``output="device"``, wrapped without a copy by CuPy and PyTorch through
 #: ``__cuda_array_interface__``; None in a build without CUDA.
-DeviceArray = getattr(_native, "DeviceArray", None)
+DeviceArray: Any = getattr(_native, "DeviceArray", None)
 
 # The largest k a GPU top-k search selects on the device (larger k: dense scores, ranked on the host).
 MAX_K = 1024
@@ -66,7 +74,8 @@ def require() -> None:
 
 def device_name(device: int = 0) -> str:
     require()
-    return _binding().cuda_device_name(device)
+    name: str = _binding().cuda_device_name(device)
+    return name
 
 
 def memory_info() -> tuple[int, int]:
@@ -76,14 +85,14 @@ def memory_info() -> tuple[int, int]:
 
 
 # ---- array interop ---------------------------------------------------------------------------------
-def is_device_array(x) -> bool:
+def is_device_array(x: Any) -> bool:
     try:
         return hasattr(x, "__cuda_array_interface__")
     except Exception:  # pragma: no cover - torch CPU tensors raise on the attribute
         return False
 
 
-def _framework(x) -> str:
+def _framework(x: Any) -> str:
     mod = type(x).__module__.split(".")[0]
     return mod if mod in ("torch", "cupy") else "other"
 
@@ -92,12 +101,16 @@ class DeviceInput:
     """A resolved input: pointer, shape, whether it is on the device, and what keeps it alive."""
 
     __slots__ = ("ptr", "shape", "on_device", "keep")
+    ptr: int
+    shape: tuple[int, ...]
+    on_device: bool
+    keep: Any  # the numpy or CUDA array the pointer points into
 
-    def __init__(self, ptr, shape, on_device, keep):
+    def __init__(self, ptr: SupportsInt, shape: Iterable[int], on_device: bool, keep: Any) -> None:
         self.ptr, self.shape, self.on_device, self.keep = int(ptr), tuple(shape), bool(on_device), keep
 
 
-def _contiguous_device(x, dtype: np.dtype, name: str):
+def _contiguous_device(x: Any, dtype: np.dtype[Any], name: str) -> Any:
     """x (a CUDA array) as a C-contiguous array of dtype on the same device, converting through its own
     framework only when needed."""
     cai = x.__cuda_array_interface__
@@ -105,7 +118,8 @@ def _contiguous_device(x, dtype: np.dtype, name: str):
     strides = cai.get("strides")
     shape = tuple(cai["shape"])
     if strides is not None:
-        expect, acc = [], dtype.itemsize
+        expect: list[int] = []
+        acc = dtype.itemsize
         for s in reversed(shape):
             expect.append(acc)
             acc *= s
@@ -133,7 +147,7 @@ def _contiguous_device(x, dtype: np.dtype, name: str):
                     f"pass a C-contiguous {dtype} array")
 
 
-def _device_all_finite(x) -> bool:
+def _device_all_finite(x: Any) -> bool:
     fw = _framework(x)
     if fw == "torch":
         import torch
@@ -146,7 +160,7 @@ def _device_all_finite(x) -> bool:
     return True  # other producers: not checked (documented)
 
 
-def as_input_matrix(x, dim: int | None, name: str = "descriptors", dtype=np.float32) -> DeviceInput:
+def as_input_matrix(x: Any, dim: int | None, name: str = "descriptors", dtype: DTypeLike = np.float32) -> DeviceInput:
     """A 2-D float32 (or int32) matrix from numpy, CuPy or PyTorch, validated like the CPU path."""
     dtype = np.dtype(dtype)
     if is_device_array(x):
@@ -160,6 +174,7 @@ def as_input_matrix(x, dim: int | None, name: str = "descriptors", dtype=np.floa
         if dtype.kind == "f" and shape[0] and not _device_all_finite(x):
             raise ValueError(f"{name} contain NaN or Inf")
         return DeviceInput(cai["data"][0], shape, True, x)
+    arr: NDArray[Any]
     if dtype.kind == "f":
 
         arr = as_descriptors(x, dim, name)
@@ -173,7 +188,7 @@ def as_input_matrix(x, dim: int | None, name: str = "descriptors", dtype=np.floa
     return DeviceInput(arr.ctypes.data, arr.shape, False, arr)
 
 
-def to_output(a, output: str, like=None):
+def to_output(a: Any, output: str, like: Any = None) -> Any:
     """A DeviceArray as numpy ("numpy"), as itself ("device"), or as the framework of `like`."""
     if output == "numpy":
         return a.numpy()
@@ -192,7 +207,7 @@ def to_output(a, output: str, like=None):
 
 
 # ---- operations ------------------------------------------------------------------------------------
-def _quantizer(codebook):
+def _quantizer(codebook: Codebook) -> Any:
     require()
     s = _binding()
     cached = getattr(codebook, "_gpu_quantizer", None)   # (binding surface, quantizer)
@@ -202,7 +217,7 @@ def _quantizer(codebook):
     return cached[1]
 
 
-def quantize(codebook, descriptors, m: int = 1, output: str = "numpy"):
+def quantize(codebook: Codebook, descriptors: Any, m: int = 1, output: str = "numpy") -> tuple[Any, Any]:
     """The m nearest words of each descriptor on the GPU: (ids int32 (n, m), squared distances float32
     (n, m)), the CPU Codebook.quantize's answer."""
 
@@ -220,7 +235,12 @@ class DeviceBatch:
 
     __slots__ = ("offsets", "words", "codes", "fingerprint")
 
-    def __init__(self, offsets, words, codes, fingerprint=None):
+    offsets: NDArray[np.int64]
+    words: Any  # DeviceArray (int32)
+    codes: Any  # DeviceArray (uint8 packed bits or float32)
+    fingerprint: str | None
+
+    def __init__(self, offsets: NDArray[np.int64], words: Any, codes: Any, fingerprint: str | None = None) -> None:
         self.offsets, self.words, self.codes = offsets, words, codes
         self.fingerprint = fingerprint  # the codebook's, as AggregatedBatch.fingerprint
 
@@ -228,16 +248,17 @@ class DeviceBatch:
         return int(self.offsets.shape[0] - 1)
 
     @property
-    def code_bytes(self):
+    def code_bytes(self) -> Any:
         return self.codes  # the device inverted file reads the raw bytes through the pointer
 
-    def to_host(self):
+    def to_host(self) -> AggregatedBatch:
 
         return AggregatedBatch(self.offsets, self.words.numpy(), self.codes.numpy(), self.fingerprint)
 
 
-def aggregate(codebook, descriptors, image_regions, region_members, members=None, kernel: str = "asmk*", m: int = 1,
-              assignments=None, output: str = "numpy", fingerprint=None):
+def aggregate(codebook: Codebook, descriptors: Any, image_regions: ArrayLike, region_members: ArrayLike,
+              members: ArrayLike | None = None, kernel: str = "asmk*", m: int = 1, assignments: Any = None,
+              output: str = "numpy", fingerprint: str | None = None) -> AggregatedBatch | DeviceBatch:
     """ASMK / ASMK* / R-ASMK / R-ASMK* aggregation on the GPU with the CPU layout (see
     d2r.aggregate): image i owns regions image_regions[i]:image_regions[i+1], region r the members
     region_members[r]:region_members[r+1] (indices into the descriptors when `members` is given).
@@ -275,7 +296,7 @@ def aggregate(codebook, descriptors, image_regions, region_members, members=None
     return batch
 
 
-def _check_layout(ir, rm, mem, n_desc):
+def _check_layout(ir: NDArray[np.int64], rm: NDArray[np.int64], mem: NDArray[np.int64] | None, n_desc: int) -> None:
     if ir.ndim != 1 or ir.size < 1 or ir[0] != 0 or np.any(np.diff(ir) < 0):
         raise ValueError("image_regions must be non-decreasing offsets starting at 0")
     if rm.ndim != 1 or rm.size < 1 or rm[0] != 0 or np.any(np.diff(rm) < 0):
@@ -292,8 +313,9 @@ def _check_layout(ir, rm, mem, n_desc):
             raise ValueError("members hold descriptor indices out of range")
 
 
-def aggregate_images(codebook, descriptors, offsets, kernel: str = "asmk*", m: int = 1, assignments=None,
-                     output: str = "numpy", fingerprint=None):
+def aggregate_images(codebook: Codebook, descriptors: Any, offsets: ArrayLike, kernel: str = "asmk*", m: int = 1,
+                     assignments: Any = None, output: str = "numpy",
+                     fingerprint: str | None = None) -> AggregatedBatch | DeviceBatch:
     """Plain images (one region each) on the GPU: image i is descriptors[offsets[i]:offsets[i+1]]."""
     offs = np.ascontiguousarray(offsets, dtype=np.int64)
     n = offs.shape[0] - 1
@@ -305,7 +327,7 @@ def aggregate_images(codebook, descriptors, offsets, kernel: str = "asmk*", m: i
 # Plain functions (no device needed, so the CPU tests exercise them): the dtypes, shapes and sizes of what
 # crosses into the native GPU inverted file, checked before any device call. The native side checks them
 # again together with the content (offsets, word ids and their order, ids against the index) under its lock.
-def _shape_dtype(a):
+def _shape_dtype(a: Any) -> tuple[tuple[int, ...], np.dtype[Any], bool]:
     """(shape, dtype, on_device) of a numpy or CUDA array, without reading device memory."""
     if is_device_array(a):
         cai = a.__cuda_array_interface__
@@ -315,7 +337,7 @@ def _shape_dtype(a):
     return a.shape, a.dtype, False
 
 
-def _as_offsets(offsets, name: str = "word_offsets") -> np.ndarray:
+def _as_offsets(offsets: ArrayLike, name: str = "word_offsets") -> NDArray[np.int64]:
     off = np.asarray(offsets)
     if off.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got {off.dtype}")
@@ -329,7 +351,8 @@ def _as_offsets(offsets, name: str = "word_offsets") -> np.ndarray:
     return off
 
 
-def _check_batch(offsets, words, codes, n_words: int, code_bytes: int, binary: bool, what: str = ""):
+def _check_batch(offsets: ArrayLike, words: Any, codes: Any, n_words: int, code_bytes: int, binary: bool,
+                 what: str = "") -> tuple[NDArray[np.int64], Any, Any]:
     """Validated (offsets int64, words, codes) of a batch for the GPU inverted file: offsets int64 from 0,
     non-decreasing, ending at the number of words; words int32 1-D; codes uint8 (n, code_bytes) (packed
     bits, or the raw bytes of float codes) or, for a float index, float32 (n, code_bytes / 4). Host arrays
@@ -379,7 +402,7 @@ def _check_batch(offsets, words, codes, n_words: int, code_bytes: int, binary: b
 _MAX_ID = 1 << 62  # as the native indexes: ids stay far from int64 overflow (next_id = max + 1)
 
 
-def _check_new_ids(image_ids, n: int):
+def _check_new_ids(image_ids: ArrayLike | None, n: int) -> NDArray[np.int64] | None:
     """image_ids as int64 (n,): non-negative and unique (None stays None: the index allocates them).
     Whether they are already in the index is checked natively, under its lock."""
     if image_ids is None:
@@ -399,8 +422,10 @@ def _check_new_ids(image_ids, n: int):
     return ids
 
 
-def _check_content(offsets, slots, codes, image_ids, word_counts, next_id, n_words: int, code_bytes: int,
-                   binary: bool):
+def _check_content(offsets: ArrayLike, slots: ArrayLike, codes: ArrayLike, image_ids: ArrayLike, word_counts: ArrayLike,
+                   next_id: Any, n_words: int, code_bytes: int, binary: bool
+                   ) -> tuple[NDArray[np.int64], NDArray[np.uint32], NDArray[Any], NDArray[np.int64], NDArray[np.int32],
+                              int]:
     """set_content's arrays, validated for their structure (the per-posting content, slots in range and
     ascending per word with the word counts matching, is checked natively): returns them as
     (offsets int64, slots uint32, codes uint8 (E, code_bytes) or float32 (E, dim), image ids int64, word
@@ -454,7 +479,7 @@ def _check_content(offsets, slots, codes, image_ids, word_counts, next_id, n_wor
             np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(counts, dtype=np.int32), next_id)
 
 
-def _batch_codes(batch):
+def _batch_codes(batch: AggregatedBatch | DeviceBatch) -> Any:
     """A batch's codes for the inverted file: its own codes array (host AggregatedBatch or DeviceBatch)."""
     return batch.codes
 
@@ -467,9 +492,9 @@ class GpuInvertedFile:
     native index's lock, accessors included; the GIL is released while it waits for and holds the lock,
     so threads may add, remove and search concurrently."""
 
-    def __init__(self, n_words: int, dim: int, binary: bool):
+    def __init__(self, n_words: int, dim: int, binary: bool) -> None:
         require()
-        self._f = _binding().GpuInvertedFile(int(n_words), int(dim), bool(binary))
+        self._f: Any = _binding().GpuInvertedFile(int(n_words), int(dim), bool(binary))
 
     n_words = property(lambda self: self._f.n_words)
     dim = property(lambda self: self._f.dim)
@@ -481,28 +506,32 @@ class GpuInvertedFile:
     next_id = property(lambda self: self._f.next_id)
     n_parts = property(lambda self: self._f.n_parts)
 
-    def contains(self, image_id) -> bool:
-        return self._f.contains(int(image_id))
+    def contains(self, image_id: SupportsInt) -> bool:
+        found: bool = self._f.contains(int(image_id))
+        return found
 
-    def _batch(self, offsets, words, codes, what=""):
+    def _batch(self, offsets: ArrayLike, words: Any, codes: Any, what: str = "") -> tuple[NDArray[np.int64], Any, Any]:
         return _check_batch(offsets, words, codes, self.n_words, self.code_bytes, self.binary, what)
 
-    def add(self, word_offsets, words, codes, image_ids=None) -> np.ndarray:
+    def add(self, word_offsets: ArrayLike, words: Any, codes: Any, image_ids: ArrayLike | None = None) -> np.ndarray:
         """Adds images (host or device arrays); image_ids None: consecutive ids from next_id, allocated
         atomically. Returns the ids. All or nothing."""
         off, w, c = self._batch(word_offsets, words, codes)
         ids = _check_new_ids(image_ids, off.shape[0] - 1)
-        return self._f.add(off, w, c, ids)
+        added: NDArray[np.int64] = self._f.add(off, w, c, ids)
+        return added
 
-    def add_batches(self, batches, image_ids=None) -> np.ndarray:
+    def add_batches(self, batches: Iterable[AggregatedBatch | DeviceBatch], image_ids: ArrayLike | None = None
+                    ) -> np.ndarray:
         """Adds several batches (objects with .offsets, .words, .codes: AggregatedBatch or DeviceBatch)
         atomically: all or nothing. Returns the ids."""
         batches = list(batches)
         args = [self._batch(b.offsets, b.words, _batch_codes(b), f"batch {i}: ") for i, b in enumerate(batches)]
         ids = _check_new_ids(image_ids, sum(a[0].shape[0] - 1 for a in args))
-        return self._f.add_batches(args, ids)
+        added: NDArray[np.int64] = self._f.add_batches(args, ids)
+        return added
 
-    def remove(self, image_ids) -> int:
+    def remove(self, image_ids: ArrayLike) -> int:
         """Removes images by id (KeyError, and no change, when one is absent); filtered on the device."""
         ids = np.asarray(image_ids)
         if ids.size == 0:
@@ -514,27 +543,37 @@ class GpuInvertedFile:
     def merge(self) -> None:
         self._f.merge()
 
-    def search(self, word_offsets, words, codes, k, alpha, tau, normalize):
+    def search(self, word_offsets: ArrayLike, words: Any, codes: Any, k: SupportsInt, alpha: float, tau: float,
+               normalize: bool) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """Top-k per query (k < 0: every image): (scores float32 (nq, kk), ids int64 (nq, kk))."""
         off, w, c = self._batch(word_offsets, words, codes, "query ")
-        return self._f.search(off, w, c, int(k), float(alpha), float(tau), bool(normalize))
+        found: tuple[NDArray[np.float32], NDArray[np.int64]] = self._f.search(
+            off, w, c, int(k), float(alpha), float(tau), bool(normalize))
+        return found
 
-    def score_all(self, word_offsets, words, codes, alpha, tau, normalize):
+    def score_all(self, word_offsets: ArrayLike, words: Any, codes: Any, alpha: float, tau: float,
+                  normalize: bool) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """(scores float32 (nq, n_images), ids int64 (n_images,)) in slot order, from one state."""
         off, w, c = self._batch(word_offsets, words, codes, "query ")
-        return self._f.score_all(off, w, c, float(alpha), float(tau), bool(normalize))
+        scored: tuple[NDArray[np.float32], NDArray[np.int64]] = self._f.score_all(
+            off, w, c, float(alpha), float(tau), bool(normalize))
+        return scored
 
-    def image_ids(self) -> np.ndarray:
-        return self._f.image_ids()
+    def image_ids(self) -> NDArray[np.int64]:
+        ids: NDArray[np.int64] = self._f.image_ids()
+        return ids
 
-    def word_counts(self) -> np.ndarray:
-        return self._f.word_counts()
+    def word_counts(self) -> NDArray[np.int32]:
+        counts: NDArray[np.int32] = self._f.word_counts()
+        return counts
 
-    def export(self) -> dict:
+    def export(self) -> _IndexContent:
         """offsets, slots, codes (E, code_bytes) uint8, image_ids, word_counts (owned numpy copies), next_id."""
-        return self._f.export()
+        content: _IndexContent = self._f.export()
+        return content
 
-    def set_content(self, offsets, slots, codes, image_ids, word_counts, next_id, owner=None) -> None:
+    def set_content(self, offsets: ArrayLike, slots: ArrayLike, codes: ArrayLike, image_ids: ArrayLike,
+                    word_counts: ArrayLike, next_id: Any, owner: object = None) -> None:
         """Replaces the content (validated; atomic). owner is ignored: the arrays are copied to the device."""
         args = _check_content(offsets, slots, codes, image_ids, word_counts, next_id, self.n_words,
                               self.code_bytes, self.binary)
@@ -553,7 +592,7 @@ class GpuInvertedFile:
         return 0
 
 
-def kmeans(descriptors, n_words: int, niter: int = 20, seed: int = 0):
+def kmeans(descriptors: Any, n_words: int, niter: int = 20, seed: int = 0) -> tuple[NDArray[np.float32], list[float]]:
     """Lloyd k-means on the GPU (random initialisation from `seed`, exact assignment, deterministic
     float64 update, faiss-style split of empty clusters). Returns (centroids float32 (k, D), objective
     per iteration)."""

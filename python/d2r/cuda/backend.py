@@ -57,7 +57,7 @@ class CudaBackend:
                          assignments: Any = None) -> Any:
         return _cuda.aggregate_images(codebook, x, offsets, kernel, m, assignments, output="device")
 
-    def aggregate_regions(self, codebook: Any, regions: list, kernel: str, m: int, assignments: Any = None,
+    def aggregate_regions(self, codebook: Any, regions: list[Any], kernel: str, m: int, assignments: Any = None,
                           fingerprint: str | None = None) -> Any:
         """R-ASMK(*) on the GPU; Naive-R-ASMK (no GPU kernel) on the CPU, inserted from the host."""
         from d2r.core.kernels import kernel_spec
@@ -68,10 +68,10 @@ class CudaBackend:
         return _cuda.aggregate(codebook, x, ir, rm, mem, kernel, m, assign, output="device",
                                fingerprint=None if assign is None else codebook.fingerprint)
 
-    def insert(self, ivf: Any, batches: list, ids: np.ndarray | None) -> np.ndarray:
+    def insert(self, ivf: Any, batches: list[Any], ids: np.ndarray | None) -> np.ndarray:
         return np.asarray(ivf.add_batches(batches, ids))
 
-    def join(self, batches: list) -> list:
+    def join(self, batches: list[Any]) -> list[Any]:
         return batches
 
     def host_inverted_file(self, ivf: Any) -> Any:

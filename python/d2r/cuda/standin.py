@@ -17,11 +17,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from typing import Any, Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 import numpy as np
 
 import d2r._native as _native
+
+if TYPE_CHECKING:
+    from d2r._native import _IndexContent
+
+_T = TypeVar("_T")
 
 __all__ = ["DeviceArray", "GpuInvertedFile", "GpuQuantizer", "activate", "active", "cuda_compiled",
            "cuda_device_count", "cuda_device_name", "cuda_memory_info", "cuda_runtime_info", "deactivate",
@@ -45,11 +51,11 @@ class DeviceArray:
         return tuple(int(s) for s in self._a.shape)
 
     @property
-    def dtype(self) -> np.dtype:
+    def dtype(self) -> np.dtype[Any]:
         return self._a.dtype
 
     @property
-    def __cuda_array_interface__(self) -> dict:
+    def __cuda_array_interface__(self) -> dict[str, Any]:
         return {"shape": self.shape, "typestr": self._a.dtype.str, "data": (int(self._a.ctypes.data), False),
                 "version": 3, "strides": None}
 
@@ -214,7 +220,7 @@ def cuda_device_name(device: int = 0) -> str:
     return _DEVICE_NAME
 
 
-def cuda_runtime_info() -> dict:
+def cuda_runtime_info() -> dict[str, Any]:
     return {"runtime": 0, "driver": 0, "standin": True}
 
 
@@ -306,7 +312,7 @@ class GpuInvertedFile:
     memory_bytes = property(lambda self: self._locked(lambda: int(self._ivf.memory_bytes)))
     n_parts = property(lambda self: 1)
 
-    def _locked(self, fn: Any) -> Any:
+    def _locked(self, fn: Callable[[], _T]) -> _T:
         with self._lock:
             return fn()
 
@@ -411,7 +417,7 @@ class GpuInvertedFile:
             self._allocate()
             return self._ivf.score_all(off, w, c, float(alpha), float(tau), bool(normalize))
 
-    def export(self) -> Any:
+    def export(self) -> _IndexContent:
         with self._operation():   # downloads only: allocates nothing on the device
             return self._ivf.export()
 
