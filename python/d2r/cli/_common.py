@@ -150,7 +150,7 @@ def _origin(exc: BaseException) -> str | None:
     while tb is not None:
         last = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the d2r package, every layer
     if last is None or os.path.abspath(last).startswith(here):
         return None
     parts = Path(last).parts
