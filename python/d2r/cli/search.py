@@ -1,0 +1,139 @@
+"""`d2r search`: query images against an index file or a sharded index; the ranked images with their
+scores."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from d2r.cli._common import (EXIT_OK, NothingUsable, UsageError, _common, _emit_json, _extract_listing_skips,
+                             _images, _names_file, _query_extractor, _ray_option, _skipped, add_command)
+
+
+def register(sub) -> None:
+    p = add_command(sub, "search", "search an index with query images; prints the ranked images with their scores")
+    p.add_argument("index", help="an index file from `d2r index`")
+    p.add_argument("queries", nargs="+", help="query image files, folders or .txt lists")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--max-features", type=int, default=None,
+                   help="features extracted per query (default: as many as for the indexed images, recorded by "
+                        "`d2r index`; 1000 when not recorded)")
+    p.add_argument("--rerank", action="store_true",
+                   help="spatially verify the top results (affine RANSAC) and sort them by inliers; needs --features")
+    p.add_argument("--rerank-top", type=int, default=100, help="results verified with --rerank")
+    p.add_argument("--features", default=None, metavar="STORE",
+                   help="the feature store the index was built from (for --rerank)")
+    p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable query image")
+    _ray_option(p, "the Ray cluster for a sharded index (default: local)")
+    _common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from d2r.extract import NoUsableImagesError
+    from d2r.core.index import Index
+
+    sharded = Path(args.index).is_dir() or Path(args.index).name == "manifest.json"
+    if sharded:
+        from d2r import distributed
+
+        if args.rerank:
+            raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+        distributed.connect(args.ray or "local")
+        index = distributed.ShardedIndex(args.index)
+        names = index.names
+    else:
+        if args.ray:
+            raise UsageError(f"--ray searches a sharded index (a folder from `d2r index --shards N`); {args.index} is "
+                             "one index file, searched in this process")
+        index = Index.load(args.index, mmap=True)
+        names = None
+    if len(index) == 0:
+        raise UsageError(f"{args.index} holds no images; build it with `d2r index`")
+    if not sharded:
+        names = _read_names(args, index)
+    extractor = _query_extractor(index, args)
+    db_feats = None
+    if args.rerank:
+        db_feats = _rerank_features(args, index, names)
+    queries = _images(args.queries)
+    try:   # the one policy for unreadable images (skip and list, or stop with --strict)
+        extracted = _extract_listing_skips(extractor, queries, progress=len(queries) > 1, desc="query features",
+                                           on_error="raise" if args.strict else "skip")
+    except NoUsableImagesError:
+        raise NothingUsable("no query image could be read" + (f" (of {len(queries)})" if len(queries) > 1 else "")) \
+            from None
+    skipped = _skipped("search", extracted.errors, args.json)
+    results = []
+    for q, qf in zip(extracted.images, extracted):
+        if args.rerank:
+            from d2r.core.verify import search_and_rerank
+
+            ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
+                                                     max_distance=getattr(extractor, "match_distance", 0.9))
+        else:
+            scores, ids = index.search(qf.descriptors, k=args.k)
+            inliers = None
+        rows = []
+        for r, (s, i) in enumerate(zip(scores, ids)):
+            row: dict = {"rank": r + 1, "id": int(i), "score": float(s)}
+            row["name"] = names[int(i)] if names is not None and int(i) < len(names) else None
+            if inliers is not None:
+                row["inliers"] = int(inliers[r])
+            rows.append(row)
+        results.append({"query": q, "descriptors": int(len(qf.descriptors)), "results": rows})
+        if not args.json:
+            _print_query(q, qf, rows, inliers is not None, first=len(results) == 1, index=index, args=args)
+    if args.json:
+        _emit_json({"index": str(args.index), "k": args.k, "kernel": index.kernel, "normalize": index.normalize,
+                    "reranked": bool(args.rerank), "queries": results, "skipped": skipped})
+    return EXIT_OK
+
+
+def _read_names(args, index):
+    path = _names_file(args.index)
+    if not path.exists():
+        warnings.warn(f"{path} is missing: results are shown as image ids (d2r index writes the names beside the "
+                      "index; keep the two files together)", UserWarning)
+        return None
+    names = path.read_text(encoding="utf-8").splitlines()
+    ids = index.ids
+    if ids.size and int(ids.max()) >= len(names):
+        warnings.warn(f"{path} lists {len(names)} names but the index has ids up to {int(ids.max())}: it does not "
+                      "belong to this index; ids without a name are shown as numbers", UserWarning)
+    return names
+
+
+def _print_query(q, qf, rows, reranked, first, index, args):
+    if first:
+        scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
+                 else " (gamma normalisation off: grows with the number of shared words)")
+        print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
+              f"query and the image share{scale}, 0 = no word in common, -1 = no features")
+        if reranked:
+            print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
+                  f"{args.rerank_top}; -1: not verified); results are sorted by inliers, then score")
+    print(f"query: {q} ({len(qf.descriptors)} features)")
+    head = f"{'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if reranked else "") + "image"
+    print(head)
+    for row in rows:
+        name = row["name"] if row["name"] is not None else f"id {row['id']}"
+        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + (f"{row['inliers']:>7}  " if reranked else "") + name)
+    print()
+
+
+def _rerank_features(args, index, names):
+    from d2r.extract.store import load_features
+
+    store = args.features
+    if store is None:
+        raise UsageError("--rerank needs the database features: --features STORE (the store `d2r index` was built from)")
+    store_names, feats = load_features(store)
+    if names is None:
+        raise UsageError(f"--rerank needs {_names_file(args.index)} to match images to their stored features")
+    pos = {n: i for i, n in enumerate(store_names)}
+    missing = [n for n in names if n not in pos]
+    if missing:
+        raise UsageError(f"{store} lacks the features of {len(missing)} indexed images (first: {missing[0]}); give the "
+                         "store the index was built from")
+    return [feats[pos[n]] for n in names]
