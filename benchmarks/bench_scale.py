@@ -117,7 +117,7 @@ class MemorySampler:
 def measure_queries(out: Path, cb, exponent: float, n_queries: int, seed: int, res: dict) -> None:
     """Load (cold, warm) and query figures of the index file `out` into `res`."""
     import d2r
-    from d2r import index_io
+    from d2r.core import index_io
     from d2r.workflows.synthetic import zipf_images
 
     _evict(out)

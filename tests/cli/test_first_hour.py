@@ -288,7 +288,7 @@ def test_aggregated_data_of_another_codebook_is_refused():
 def _rewrite_as_version_1(path):
     """The index file as d2r format 1 wrote it: plain posting arrays, no codebook fingerprint, version 1
     in the prefix."""
-    from d2r import index_io
+    from d2r.core import index_io
 
     idx = d2r.Index.load(path)
     ex = idx._ivf.export()

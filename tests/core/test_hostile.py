@@ -183,7 +183,7 @@ def test_object_dtype_never_reaches_numpy(tmp_path, saved):
     """A '|O' section (nbytes consistent) would build object arrays over file bytes: a segfault."""
     path = _craft(saved, tmp_path / "object.d2r", lambda h: _section(h, "image_ids").update(dtype="|O"))
     out = _run_child(f"""
-        import d2r, d2r.index_io as io
+        import d2r, d2r.core.index_io as io
         path = {str(path)!r}
         n = 0
         for mmap in (False, True):
@@ -253,7 +253,7 @@ def test_fifo_is_rejected_without_blocking(tmp_path):
     fifo = tmp_path / "index.d2r"
     os.mkfifo(fifo)
     out = _run_child(f"""
-        import d2r, d2r.index_io as io
+        import d2r, d2r.core.index_io as io
         path = {str(fifo)!r}
         n = 0
         for load in (io.read_index_file, d2r.Index.load):

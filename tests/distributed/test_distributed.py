@@ -426,7 +426,7 @@ def test_service_answers_over_http(realmix_index):
     from ray import serve
 
     from d2r import distributed
-    from d2r import serve as d2r_serve
+    from d2r.distributed import serve as d2r_serve
     from d2r.extract import RootSIFT
 
     tmp, cb, single, feats = realmix_index

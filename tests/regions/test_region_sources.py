@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r import detect
+from d2r.regions import detect
 from d2r.cli import main
 
 pytest.importorskip("cv2", reason="RootSIFT needs opencv-python-headless")

@@ -18,7 +18,7 @@ import pytest
 cv2 = pytest.importorskip("cv2", reason="the pipeline and the report need opencv-python-headless")
 pytest.importorskip("skimage", reason="the demo set is built from scikit-image's photos")
 
-from d2r import report  # noqa: E402
+from d2r.workflows import report  # noqa: E402
 
 METHODS = ("ASMK*", "R-ASMK* (gamma on)")
 FIGURES_PER_QUERY = len(METHODS) + 1  # one ranking strip per shown method + the spatial-verification figure

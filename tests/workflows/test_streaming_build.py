@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r import index_io
+from d2r.core import index_io
 from d2r.workflows.build import build_index, names_file
 from d2r.extract import Features
 from d2r.extract.store import save_features
