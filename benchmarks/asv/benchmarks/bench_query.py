@@ -116,7 +116,8 @@ class Load(_IndexFiles):
     params = [SIZES, ["memory", "mmap"]]
     param_names = ["n_images", "load"]
     number = 1
-    repeat = (2, 5, 30.0)
+    rounds = 1
+    repeat = (3, 5, 30.0)
 
     def setup(self, cache, n_images, mode):
         _data.set_threads()

@@ -19,7 +19,7 @@ def _build():
     x, w = _data.descriptors_near(c, N_IMAGES * PER_IMAGE, seed=11)
     regions, assign = _regions(d2r, x, w, N_IMAGES, PER_IMAGE, seed=12)
     idx = d2r.RegionalSearchIndex(cb, kernel="asmk*", pooling="max")
-    idx.add_regions_many(regions, assignments=assign, fingerprint=cb.fingerprint)
+    idx.add_regions_many(regions, progress=False, assignments=assign, fingerprint=cb.fingerprint)
     qx, _ = _data.descriptors_near(c, 1000, seed=13)
     q = d2r.aggregate(qx, cb, "asmk*")
     return idx, q
