@@ -37,7 +37,9 @@ start=$(date +%s)
 "$ASV" continuous --machine "$MACHINE" --factor "$FACTOR" -b "$BENCH" --show-stderr "${extra[@]}" "$base" "$head"
 rc=$?
 echo "asv continuous: exit ${rc}, $(( $(date +%s) - start )) s"
-table="$("$ASV" compare --machine "$MACHINE" --factor "$FACTOR" --sort ratio "$base" "$head")"
+# Rows with no ratio (n/a: a benchmark not run for one of the commits this time) are left out.
+table="$("$ASV" compare --machine "$MACHINE" --factor "$FACTOR" --sort ratio "$base" "$head" |
+        awk -F'|' '$5 !~ /^ *n\/a *$/')"
 echo "$table"
 if [ -n "${OUT:-}" ]; then
     {
