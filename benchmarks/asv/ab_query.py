@@ -5,6 +5,7 @@ a machine whose load changes from minute to minute (other jobs' builds) a whole 
 can run 2 to 4 times slower than the next. This script keeps both builds loaded at once, in two
 worker processes, and alternates short bursts of queries between them (A, B, A, B, ...): each burst
 pair sees the same load, and the median of the per-pair ratios B/A is the slowdown.
+(--modes regional / add do the same for bench_regional's search and bench_add.AddDescriptors.)
 
 The index is the one of bench_query (same data, same seed: 65,536 words, ~990 words per image,
 Zipf exponent 0.238), built by each build for itself and saved to DIR. One native thread.
@@ -34,6 +35,23 @@ def worker(path: str, mode: str) -> None:
     from benchmarks import _data
     from benchmarks.bench_query import BUILD_CHUNK, N_WORDS, _codebook, _queries
 
+    if mode == "regional":                                # bench_regional's index and query
+        from benchmarks.bench_regional import _build
+
+        _data.set_threads(1)
+        idx, q = _build()
+        return _serve(lambda: idx.search_aggregated(q, k=100))
+    if mode == "add":                                     # bench_add.AddDescriptors' operation
+        from benchmarks.bench_add import AddDescriptors
+
+        bench = AddDescriptors()
+
+        def add():
+            bench.setup()                                 # a new empty index (not timed below: cached data)
+            t = time.perf_counter()
+            bench.time_add_asmk_star()
+            return time.perf_counter() - t
+        return _serve(None, timed=add)
     _data.set_threads(2)
     cb = _codebook()
     n = 100_000
@@ -50,19 +68,26 @@ def worker(path: str, mode: str) -> None:
     idx = d2r.Index.load(path, mmap=(mode == "mmap"))
     qs = _queries()
     idx.search_aggregated(qs, k=100)                      # warm
-    q = qs[0]
+    _serve(lambda: idx.search_aggregated(qs[0], k=100), lambda: idx.search_aggregated(qs, k=100))
+
+
+def _serve(single, batch=None, timed=None) -> None:
+    """Answers "single N" (N timed calls of `single`, or of `timed`, which returns its own time) and
+    "batch N" (one timed call of `batch`: the 64 queries) with the list of times."""
+    if timed is None:
+        def timed():
+            t = time.perf_counter()
+            single()
+            return time.perf_counter() - t
+    timed()                                               # warm
     print("ready", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "single":
-            ts = []
-            for _ in range(int(cmd[1])):
-                t = time.perf_counter()
-                idx.search_aggregated(q, k=100)
-                ts.append(time.perf_counter() - t)
-        else:                                             # batch: 64 queries in one call
+            ts = [timed() for _ in range(int(cmd[1]))]
+        else:
             t = time.perf_counter()
-            idx.search_aggregated(qs, k=100)
+            batch()
             ts = [time.perf_counter() - t]
         print(json.dumps(ts), flush=True)
 
@@ -72,7 +97,9 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="folder holding build A's d2r package (the base)")
     ap.add_argument("--b", required=True, help="folder holding build B's d2r package")
     ap.add_argument("--dir", required=True, help="where the index files go (one per build)")
-    ap.add_argument("--modes", nargs="+", default=["mmap", "memory"])
+    ap.add_argument("--modes", nargs="+", default=["mmap", "memory"],
+                    help="mmap, memory (the 100,000-image query), regional (bench_regional's search), "
+                         "add (bench_add.AddDescriptors)")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--burst", type=int, default=10, help="single queries per burst")
     ap.add_argument("--json")
@@ -90,7 +117,7 @@ def main() -> None:
                                            "--worker", f, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           text=True, env=env)
             assert procs[key].stdout.readline().strip() == "ready"   # built (if needed) and loaded
-        for kind in ("single", "batch"):
+        for kind in (("single",) if mode in ("regional", "add") else ("single", "batch")):
             med = {"a": [], "b": []}
             n_pairs = args.pairs if kind == "single" else max(4, args.pairs // 3)
             for i in range(n_pairs):
