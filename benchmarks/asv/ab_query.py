@@ -92,6 +92,14 @@ def _serve(single, batch=None, timed=None) -> None:
         print(json.dumps(ts), flush=True)
 
 
+def _build_id(root) -> str:
+    """8 hex digits of the SHA-1 of the build's native module (a file made by another build is not reused)."""
+    import hashlib
+
+    so = sorted(Path(root, "d2r").glob("_native*.so"))
+    return hashlib.sha1(so[0].read_bytes()).hexdigest()[:8] if so else "nonative"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", required=True, help="folder holding build A's d2r package (the base)")
@@ -112,7 +120,7 @@ def main() -> None:
         procs = {}
         for key, root in (("a", args.a), ("b", args.b)):
             env = {**os.environ, "PYTHONPATH": root}
-            f = str(Path(args.dir) / f"ab_100000_{Path(root).name}.d2r")
+            f = str(Path(args.dir) / f"ab_100000_{Path(root).name}_{_build_id(root)}.d2r")  # one file per build
             procs[key] = subprocess.Popen([sys.executable, __file__, "--a", "-", "--b", "-", "--dir", "-",
                                            "--worker", f, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           text=True, env=env)
