@@ -16,7 +16,9 @@
 #include "fixed_point.h"
 #include "parallel.h"
 #include "postings.h"
+#include "postings_v3.h"
 #include "reduce.h"
+#include "scan.h"
 #include "selectivity.h"
 #include "topk.h"
 
@@ -102,7 +104,7 @@ namespace {
 struct Scratch {
   std::vector<uint32_t> slots;
   std::vector<uint8_t> codes;
-  uint32_t block[kBlock];
+  uint32_t block[kBlock + 16];
 };
 
 // for (w in [0, n_words)) f(w, scratch), word-parallel; exceptions rethrown after the loop.
@@ -122,6 +124,7 @@ void for_words(int64_t n_words, F&& f) {
 // f(block, local slots) per block.
 template <class F>
 void for_blocks(const Segment& seg, int64_t w, int cb, uint32_t* buf, F&& f) {
+  const auto decode = scan_kernels().decode;
   const uint64_t b = seg.word_off[w], e = seg.word_off[w + 1];
   if (b == e) return;
   seg.verify_range(b, e);
@@ -134,7 +137,7 @@ void for_blocks(const Segment& seg, int64_t w, int cb, uint32_t* buf, F&& f) {
     const Block blk = read_block(p, end, static_cast<int>(std::min<int64_t>(left, kBlock)), cb);
     left -= blk.n;
     if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
-    const uint64_t last = decode_slots(blk, buf);
+    const uint64_t last = decode(blk, buf);
     if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
     prev = static_cast<int64_t>(last);
     f(blk, buf);
@@ -602,14 +605,23 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
               "corrupt index: the word table does not span the posting lists");
     for (int64_t w = 0; w < n_words_; ++w)
       D2R_CHECK(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
-    // Each block holds at least one posting of at least kBlockHeader + code bytes.
-    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (kBlockHeader + 5 + code_bytes_) +
+    D2R_CHECK(in.format == 3 || in.format == 4, "unknown posting layout " + std::to_string(in.format));
+    // A posting costs at most a block header, 16 gap bytes (format 3: 5) and its code; a list at
+    // most 5 bytes more (its count).
+    const uint64_t per = in.format == 3 ? v3::kBlockHeader3 + 5 : kBlockHeader + 16;
+    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (per + code_bytes_) +
                                    static_cast<uint64_t>(n_words_) * 5 &&
                   in.data_bytes >= static_cast<uint64_t>(in.n_entries) * code_bytes_,
               "corrupt index: posting bytes do not match the number of postings");
     if (in.page_crc) {
       D2R_CHECK(in.page_bytes > 0 && in.n_pages == static_cast<int64_t>((in.data_bytes + in.page_bytes - 1) / in.page_bytes),
                 "corrupt index: page checksum table does not match the posting lists");
+    }
+    if (in.format == 3) {
+      next->segments.push_back(convert_v3(in, slot));
+      slot += in.n_slots;
+      entries += in.n_entries;
+      continue;
     }
     auto seg = std::make_shared<Segment>();
     seg->slot_begin = slot;
@@ -639,6 +651,77 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
   next->next_id = next_id;
   std::lock_guard<std::mutex> writer(write_mutex_);
   publish(std::move(next));
+}
+
+std::shared_ptr<Segment> InvertedFile::convert_v3(const SegmentInput& in, int64_t slot_begin) const {
+  // Checksums first (the whole stream: it is read whole), then per word: the format-3 list decoded
+  // (every block checked as for_blocks checks format 4) and encoded again; two word-parallel passes
+  // (sizes, then the lists at their offsets), so memory holds the output only.
+  Segment src;
+  src.slot_begin = slot_begin;
+  src.slot_end = slot_begin + in.n_slots;
+  src.word_off = in.word_off;
+  src.data = in.data;
+  src.data_bytes = in.data_bytes;
+  if (in.page_crc) {
+    src.page_crc = in.page_crc;
+    src.page_bytes = in.page_bytes;
+    src.n_pages = in.n_pages;
+    src.page_ok.reset(new std::atomic<uint8_t>[in.n_pages]);
+    for (int64_t p = 0; p < in.n_pages; ++p) src.page_ok[p].store(0, std::memory_order_relaxed);
+    src.verify_range(0, in.data_bytes);
+  }
+  const int cb = code_bytes_;
+  const uint64_t n_local = static_cast<uint64_t>(in.n_slots);
+  auto decode_list = [&](int64_t w, Scratch& sc) {
+    sc.slots.clear();
+    sc.codes.clear();
+    const uint64_t b = in.word_off[w], e = in.word_off[w + 1];
+    if (b == e) return;
+    const uint8_t* end = in.data + e;
+    int64_t left = 0;
+    const uint8_t* p = read_count(in.data + b, end, &left);
+    int64_t prev = -1;
+    uint32_t buf[v3::kBlock3];
+    while (left > 0) {
+      const v3::Block blk = v3::read_block(p, end, static_cast<int>(std::min<int64_t>(left, v3::kBlock3)), cb);
+      left -= blk.n;
+      if (static_cast<int64_t>(blk.first) <= prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+      const uint64_t last = v3::decode_slots(blk, buf);
+      if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
+      prev = static_cast<int64_t>(last);
+      sc.slots.insert(sc.slots.end(), buf, buf + blk.n);
+      sc.codes.insert(sc.codes.end(), blk.codes, blk.codes + static_cast<size_t>(blk.n) * cb);
+      p = blk.next;
+    }
+    if (p != end) throw CorruptIndex("corrupt index: posting list longer than its count");
+  };
+  auto seg = std::make_shared<Segment>();
+  seg->slot_begin = slot_begin;
+  seg->slot_end = slot_begin + in.n_slots;
+  seg->own_off.assign(n_words_ + 1, 0);
+  uint64_t* off = seg->own_off.data();
+  std::vector<int64_t> counts(n_words_, 0);
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    decode_list(w, sc);
+    counts[w] = static_cast<int64_t>(sc.slots.size());
+    off[w + 1] = encoded_bytes(sc.slots.data(), counts[w], cb);
+  });
+  for (int64_t w = 0; w < n_words_; ++w) {
+    off[w + 1] += off[w];
+    seg->n_entries += counts[w];
+  }
+  if (seg->n_entries != in.n_entries) throw CorruptIndex("corrupt index: the posting lists do not hold n_entries postings");
+  seg->own_data.resize(off[n_words_]);
+  uint8_t* data = seg->own_data.data();
+  for_words(n_words_, [&](int64_t w, Scratch& sc) {
+    decode_list(w, sc);
+    encode_list(sc.slots.data(), sc.codes.data(), static_cast<int64_t>(sc.slots.size()), cb, data + off[w]);
+  });
+  seg->word_off = off;
+  seg->data = data;
+  seg->data_bytes = off[n_words_];
+  return seg;
 }
 
 // ---- streaming writer ---------------------------------------------------------------------------
@@ -718,15 +801,6 @@ std::vector<int64_t> InvertedFile::hamming_table(const ScoreParams& p) const {
 
 namespace {
 
-inline int hamming16(const uint8_t* a, const uint8_t* b) {
-  uint64_t a0, a1, b0, b1;
-  std::memcpy(&a0, a, 8);
-  std::memcpy(&a1, a + 8, 8);
-  std::memcpy(&b0, b, 8);
-  std::memcpy(&b1, b + 8, 8);
-  return __builtin_popcountll(a0 ^ b0) + __builtin_popcountll(a1 ^ b1);
-}
-
 inline float dot(const float* a, const uint8_t* braw, int dim) {
   // Codes sit unaligned in the compressed blocks: loaded through memcpy.
   float s = 0.0f;
@@ -799,7 +873,8 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   std::vector<Cursor> cursors(s.segments.size() * n_runs);
   const int64_t tile = std::min<int64_t>(std::max<int64_t>(n_slots, 1), kTileSlots);
   acc.resize(static_cast<size_t>(tile) * group);
-  uint32_t buf[kBlock];
+  uint32_t buf[kBlock + 16];
+  const ScanKernels& kern = scan_kernels();
   const int32_t* nwords = s.slots->nwords.data();
   for (int64_t t_lo = slot_lo; t_lo < slot_hi; t_lo += tile) {
     const int64_t t_hi = std::min(slot_hi, t_lo + tile), tn = t_hi - t_lo;
@@ -833,13 +908,16 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
             uint32_t next_first;
             std::memcpy(&next_first, blk.next, 4);
             if (static_cast<int64_t>(next_first) <= lo) {
+              // The skipped block's n slots lie in [first, next_first).
+              if (static_cast<uint64_t>(next_first) < static_cast<uint64_t>(blk.first) + static_cast<uint64_t>(blk.n))
+                throw CorruptIndex("corrupt index: posting list not sorted by slot");
               c.prev = static_cast<int64_t>(next_first) - 1;
               c.ptr = blk.next;
               c.left -= blk.n;
               continue;
             }
           }
-          const uint64_t last = decode_slots(blk, buf);
+          const uint64_t last = kern.decode(blk, buf);
           if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
           const uint8_t* codes = blk.codes;
           const int n = blk.n;
@@ -851,7 +929,10 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
             int64_t* ab = acc.data() + static_cast<int64_t>(entries[r].j) * tn + shift;
             if (binary_) {
               if (cb == 16) {
-                for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
+                // acc index = local slot - lo, in [0, tn): modular uint32 arithmetic (lo < 0 when
+                // the segment starts inside the tile).
+                kern.bin16(table, qc, codes, buf, i0, i1, static_cast<uint32_t>(lo),
+                           acc.data() + static_cast<int64_t>(entries[r].j) * tn);
               } else {
                 for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
               }

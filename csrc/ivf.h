@@ -125,6 +125,10 @@ struct SegmentInput {
   const uint32_t* page_crc = nullptr;  // optional
   int64_t page_bytes = 0, n_pages = 0;
   std::shared_ptr<const void> owner;   // keeps the memory alive
+  // The postings' layout: 4 (postings.h), or 3 (postings_v3.h: Golomb-Rice gaps of index files of
+  // format 3), converted to 4 into memory owned by the segment as it is set (checksums verified
+  // first, when given).
+  int format = 4;
 };
 
 // Streams a snapshot's live postings as one compressed segment (slots renumbered densely, dead ones
@@ -223,6 +227,7 @@ class InvertedFile {
   std::shared_ptr<Segment> merge_segments(const std::vector<std::shared_ptr<const Segment>>& parts,
                                           const SlotTable& table, const std::vector<int64_t>* new_slot_of_old,
                                           int64_t n_kept) const;
+  std::shared_ptr<Segment> convert_v3(const SegmentInput& in, int64_t slot_begin) const;
   void compact_segments(std::vector<std::shared_ptr<const Segment>>& segs, const SlotTable& table) const;
   std::vector<int64_t> hamming_table(const ScoreParams& p) const;
   void score_slots(const Snapshot& s, const CodesView& q, int64_t qi0, int group, const ScoreParams& p,

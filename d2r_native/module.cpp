@@ -14,6 +14,7 @@
 #include "ivf.h"
 #include "postings.h"
 #include "quantize.h"
+#include "scan.h"
 
 #include "arrays.h"
 #include "mapped_file.h"
@@ -144,6 +145,10 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &d2r::num_threads);
+  m.def("scan_variants", &d2r::scan_variants, "The posting-scan kernels this CPU runs (csrc/scan.h), scalar first");
+  m.def("scan_variant", &d2r::scan_variant, "The posting-scan kernels in use");
+  m.def("set_scan_variant", &d2r::set_scan_variant, py::arg("name"),
+        "Selects the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)");
   m.def("build_info", []() {
     py::dict d;
     d["compiler"] = D2R_COMPILER;
@@ -398,7 +403,8 @@ PYBIND11_MODULE(_native, m) {
           [](InvertedFile& ivf, const py::list& parts, const py::handle& ids_o, const py::handle& counts_o,
              int64_t next_id) {
             // parts: (n_slots, n_entries, word_offsets uint64, postings uint8, page_crc uint32 or None,
-            // page_bytes, owner MappedFile or None). Arrays inside a MappedFile are used in place
+            // page_bytes, owner MappedFile or None[, layout: 4 (default) or 3, the index format
+            // that wrote the postings; 3 is converted to 4 into memory]). Arrays inside a MappedFile are used in place
             // (kept alive by it); others are copied into memory owned natively.
             auto ids = require<int64_t>(ids_o, "image_ids");
             auto counts = require<int32_t>(counts_o, "word_counts");
@@ -406,8 +412,9 @@ PYBIND11_MODULE(_native, m) {
             std::vector<SegmentInput> in;
             for (const auto& item : parts) {
               auto t = item.cast<py::tuple>();
-              if (t.size() != 7) throw py::value_error("set_segments: each part is a 7-tuple");
+              if (t.size() != 7 && t.size() != 8) throw py::value_error("set_segments: each part is a 7- or 8-tuple");
               SegmentInput si;
+              if (t.size() == 8) si.format = t[7].cast<int>();
               si.n_slots = t[0].cast<int64_t>();
               si.n_entries = t[1].cast<int64_t>();
               auto off = require<uint64_t>(t[2], "word_offsets");
