@@ -887,6 +887,17 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
       const uint64_t n_local = static_cast<uint64_t>(seg.slot_end - seg.slot_begin);
       for (size_t ri = 0; ri < n_runs; ++ri) {
         Cursor& c = cursors[si * n_runs + ri];
+        if (ri + 8 < n_runs) __builtin_prefetch(&seg.word_off[entries[runs[ri + 8]].word]);
+        if (ri + 2 < n_runs) {
+          // The start of the list after next, asked for now: a list's first bytes (its count and
+          // first block header) are read before anything could have streamed them in.
+          const Cursor& c2 = cursors[si * n_runs + ri + 2];
+          const uint8_t* at = c2.left < 0 ? seg.data + seg.word_off[entries[runs[ri + 2]].word] : c2.ptr;
+          if (c2.left != 0 && at) {
+            __builtin_prefetch(at);
+            __builtin_prefetch(at + 64);
+          }
+        }
         if (c.left < 0) {
           const int32_t w = entries[runs[ri]].word;
           const uint64_t wb = seg.word_off[w], we = seg.word_off[w + 1];
@@ -901,10 +912,15 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
         while (c.left > 0) {
           const Block blk = read_block(c.ptr, c.end, static_cast<int>(std::min<int64_t>(c.left, kBlock)), cb);
           if (static_cast<int64_t>(blk.first) <= c.prev) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+          if (blk.first >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
           if (static_cast<int64_t>(blk.first) >= hi) break;  // for a later tile
+          if (c.left > blk.n) {  // the next block's header
+            __builtin_prefetch(blk.next);
+            __builtin_prefetch(blk.next + 64);
+          }
           // Blocks entirely below the tile (a thread's range starting inside a segment): the next
           // block's first slot says so without decoding.
-          if (c.left > blk.n && blk.next + 4 <= c.end) {
+          if (static_cast<int64_t>(blk.first) < lo && c.left > blk.n && blk.next + 4 <= c.end) {
             uint32_t next_first;
             std::memcpy(&next_first, blk.next, 4);
             if (static_cast<int64_t>(next_first) <= lo) {
@@ -956,6 +972,7 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
           c.prev = static_cast<int64_t>(last);
           c.ptr = blk.next;
           c.left -= blk.n;
+          if (c.left == 0 && c.ptr != c.end) throw CorruptIndex("corrupt index: posting list longer than its count");
         }
       }
     }
