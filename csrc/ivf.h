@@ -27,6 +27,8 @@
 
 namespace d2r {
 
+struct ScanKernels;
+
 struct ScoreParams {
   float alpha = 3.0f;
   float tau = 0.0f;
@@ -233,6 +235,8 @@ class InvertedFile {
   void score_slots(const Snapshot& s, const CodesView& q, int64_t qi0, int group, const ScoreParams& p,
                    const int64_t* table, int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc,
                    float* scores) const;
+  void score_block(const uint8_t* qc, float lim, const ScoreParams& p, const int64_t* table, const uint8_t* codes,
+                   const uint32_t* slots, int i0, int i1, uint32_t base, int64_t* acc, const ScanKernels& kern) const;
   void score_all_into(const Snapshot& s, const CodesView& q, const ScoreParams& p, float* out) const;
   void check_no_multi(const char* what) const;
 
