@@ -1098,9 +1098,26 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
     // image per query of the group, per thread).
     // Groups only while their accumulators stay cache-sized (kGroupBytes per thread): beyond, the
     // scattered adds into several large accumulators cost more than the shared decoding saves.
-    const int64_t G = std::max<int64_t>(
+    int64_t G = std::max<int64_t>(
         1, std::min<int64_t>({kQueryGroup, queries.n / T,
                               kGroupBytes / std::max<int64_t>(1, std::min(n, kTileSlots) * 8)}));
+    // And only where the queries of a group share lists: with a large codebook (65,536 words, about
+    // 1,000 words per image) consecutive queries share a few percent of their words, and a group's
+    // larger accumulators cost more than the shared decoding saves (measured: 7.7 ms of CPU per
+    // query grouped by 8 against 6.2 ms one by one, 100k images). The groups' sharing: entries per
+    // distinct word over the first groups; under 1.5, one query at a time. (Scores do not depend
+    // on the grouping: integer sums.)
+    if (G > 1) {
+      int64_t entries = 0, distinct = 0;
+      std::vector<int32_t> w;
+      for (int64_t q0 = 0; q0 + G <= queries.n && q0 < 8 * G; q0 += G) {
+        w.assign(queries.words + queries.offsets[q0], queries.words + queries.offsets[q0 + G]);
+        std::sort(w.begin(), w.end());
+        entries += static_cast<int64_t>(w.size());
+        distinct += std::unique(w.begin(), w.end()) - w.begin();
+      }
+      if (2 * entries < 3 * distinct) G = 1;
+    }
     const int64_t n_groups = (queries.n + G - 1) / G;
     ParallelErrors errors;
 #pragma omp parallel

@@ -1,6 +1,8 @@
 #include "scan.h"
 
+#include <array>
 #include <atomic>
+#include <utility>
 #include <cstdlib>
 #include <cstring>
 
@@ -36,9 +38,50 @@ const ScanKernels kScalar = {"scalar", decode_slots_scalar, bin16_scalar};
 
 // ---- SSE2 gap decoding (x86-64 baseline) --------------------------------------------------------
 
+// A full block (128 gaps, 32 per lane) of width B, unrolled: every shift a constant.
+template <int B>
+__attribute__((target("sse2"))) void unpack_full(const uint8_t* gaps, uint32_t first, uint32_t* out) {
+  __m128i carry = _mm_set1_epi32(static_cast<int>(first));
+  const __m128i one = _mm_set1_epi32(1);
+  const __m128i not_first = _mm_setr_epi32(0, -1, -1, -1);
+  const __m128i mask = _mm_set1_epi32(B >= 32 ? -1 : static_cast<int>((1ull << B) - 1));
+#pragma GCC unroll 32
+  for (int j = 0; j < kBlock / 4; ++j) {
+    __m128i v = _mm_setzero_si128();
+    if (B > 0) {
+      const int bit = j * B, t = bit >> 5, sh = bit & 31;
+      v = _mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * t)), _mm_cvtsi32_si128(sh));
+      if (sh + B > 32)
+        v = _mm_or_si128(v, _mm_sll_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * (t + 1))),
+                                          _mm_cvtsi32_si128(32 - sh)));
+      v = _mm_and_si128(v, mask);
+    }
+    __m128i g = _mm_add_epi32(v, one);
+    if (j == 0) g = _mm_and_si128(g, not_first);
+    g = _mm_add_epi32(g, _mm_slli_si128(g, 4));
+    g = _mm_add_epi32(g, _mm_slli_si128(g, 8));
+    const __m128i s = _mm_add_epi32(g, carry);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * j), s);
+    carry = _mm_shuffle_epi32(s, 0xFF);
+  }
+}
+
+using UnpackFn = void (*)(const uint8_t*, uint32_t, uint32_t*);
+
+template <int... B>
+constexpr std::array<UnpackFn, sizeof...(B)> unpack_table(std::integer_sequence<int, B...>) {
+  return {unpack_full<B>...};
+}
+
+const std::array<UnpackFn, 33> kUnpackFull = unpack_table(std::make_integer_sequence<int, 33>{});
+
 __attribute__((target("sse2"))) uint64_t decode_sse2(const Block& blk, uint32_t* out) {
   const int n = blk.n, b = blk.b;
   if (n == 1 || !block_fits_u32(blk)) return decode_slots_scalar(blk, out);
+  if (n == kBlock) {
+    kUnpackFull[b](blk.gaps, blk.first, out);
+    return out[kBlock - 1];
+  }
   const int m = (n + 3) / 4;
   __m128i carry = _mm_set1_epi32(static_cast<int>(blk.first));
   const __m128i one = _mm_set1_epi32(1);
