@@ -75,7 +75,7 @@ SECTION_DTYPES = {
     "postings": ("|u1",),
     "page_crc": ("<u4",),
 }
-# Sections of each layout (format 3 compressed; formats 1 and 2 plain).
+# Sections of each layout (formats 3 and 4 compressed; formats 1 and 2 plain).
 COMPRESSED = ("centroids", "image_ids", "word_counts", "word_offsets", "postings", "page_crc")
 PLAIN = ("centroids", "image_ids", "word_counts", "offsets", "slots", "codes")
 KINDS = ("Index", "RegionalSearchIndex")
