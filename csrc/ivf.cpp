@@ -939,14 +939,6 @@ void InvertedFile::score_block(const uint8_t* qc, float lim, const ScoreParams& 
 
 namespace {
 
-// A score from its fixed-point sum (fixed_point.h): -1 for an image or a query without words.
-inline float final_score(int64_t a, int64_t nq_words, int32_t nw, bool normalize) {
-  if (nq_words == 0 || nw == 0) return -1.0f;
-  float out = score_from_fixed(a);
-  if (normalize) out *= gamma_pair(nq_words, nw);
-  return out;
-}
-
 // Float codes need not be unit vectors (Naive-R-ASMK): a sum of nq_words contributions stays exact
 // in fixed point while each |sigma| <= 2^31 / nq_words.
 inline float contribution_limit(int64_t nq_words) {
@@ -1021,7 +1013,10 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
       const int64_t nq_words = q.offsets[qi0 + j + 1] - q.offsets[qi0 + j];
       float* out = scores + static_cast<int64_t>(j) * n_slots + (t_lo - slot_lo);
       const int64_t* a = acc.data() + static_cast<int64_t>(j) * tn;
-      for (int64_t i = 0; i < tn; ++i) out[i] = final_score(a[i], nq_words, nwords[t_lo + i], p.normalize);
+      if (nq_words == 0)
+        std::fill(out, out + tn, -1.0f);
+      else
+        kern.finish(a, nwords + t_lo, tn, nq_words, p.normalize, out);
     }
   }
 }

@@ -30,6 +30,9 @@ struct ScanKernels {
   // codes + 16 i; slots[i] - base < 2^31, distinct.
   void (*bin16)(const int64_t* table, const uint8_t* q, const uint8_t* codes, const uint32_t* slots, int i0, int i1,
                 uint32_t base, int64_t* acc);
+  // out[i] = the score of fixed-point sum a[i] for an image of nw[i] words (fixed_point.h,
+  // selectivity.h gamma_pair; -1 without words), i in [0, n), for a query of nq > 0 words.
+  void (*finish)(const int64_t* a, const int32_t* nw, int64_t n, int64_t nq, bool normalize, float* out);
 };
 
 // The variant in use (thread-safe).
