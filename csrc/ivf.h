@@ -27,6 +27,8 @@
 
 namespace d2r {
 
+struct ScanKernels;
+
 struct ScoreParams {
   float alpha = 3.0f;
   float tau = 0.0f;
@@ -125,6 +127,10 @@ struct SegmentInput {
   const uint32_t* page_crc = nullptr;  // optional
   int64_t page_bytes = 0, n_pages = 0;
   std::shared_ptr<const void> owner;   // keeps the memory alive
+  // The postings' layout: 4 (postings.h), or 3 (postings_v3.h: Golomb-Rice gaps of index files of
+  // format 3), converted to 4 into memory owned by the segment as it is set (checksums verified
+  // first, when given).
+  int format = 4;
 };
 
 // Streams a snapshot's live postings as one compressed segment (slots renumbered densely, dead ones
@@ -223,11 +229,14 @@ class InvertedFile {
   std::shared_ptr<Segment> merge_segments(const std::vector<std::shared_ptr<const Segment>>& parts,
                                           const SlotTable& table, const std::vector<int64_t>* new_slot_of_old,
                                           int64_t n_kept) const;
+  std::shared_ptr<Segment> convert_v3(const SegmentInput& in, int64_t slot_begin) const;
   void compact_segments(std::vector<std::shared_ptr<const Segment>>& segs, const SlotTable& table) const;
   std::vector<int64_t> hamming_table(const ScoreParams& p) const;
   void score_slots(const Snapshot& s, const CodesView& q, int64_t qi0, int group, const ScoreParams& p,
                    const int64_t* table, int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc,
                    float* scores) const;
+  void score_block(const uint8_t* qc, float lim, const ScoreParams& p, const int64_t* table, const uint8_t* codes,
+                   const uint32_t* slots, int i0, int i1, uint32_t base, int64_t* acc, const ScanKernels& kern) const;
   void score_all_into(const Snapshot& s, const CodesView& q, const ScoreParams& p, float* out) const;
   void check_no_multi(const char* what) const;
 

@@ -26,36 +26,15 @@ const CrcTables& crc_tables() {
   return tables;
 }
 
-// The Rice parameter of a block (slots s[0..n)) and its unary bytes: the cheapest k around log2 of
-// the mean v_i = s_i - s_{i-1} - 1 (cost (n - 1)(k + 1) + sum(v_i >> k) bits).
-struct RiceParams {
-  int k = 0;
-  int unary_bytes = 0;
-};
-
-inline RiceParams rice_params(const uint32_t* s, int64_t n) {
-  RiceParams best;
-  const int64_t m = n - 1;
-  if (m <= 0) return best;
-  const uint64_t sum = static_cast<uint64_t>(s[m]) - s[0] - static_cast<uint64_t>(m);
-  const int k0 = std::max(0, bits_for(sum / static_cast<uint64_t>(m)) - 1);
-  uint64_t best_bits = ~uint64_t{0};
-  for (int k = std::max(0, k0 - 1); k <= std::min(31, k0 + 1); ++k) {
-    uint64_t unary = static_cast<uint64_t>(m);
-    for (int64_t i = 1; i <= m; ++i) unary += (static_cast<uint64_t>(s[i] - s[i - 1] - 1)) >> k;
-    const uint64_t bits = static_cast<uint64_t>(m) * k + unary;
-    if (bits < best_bits && (unary + 7) / 8 <= 0xFFFF) {
-      best_bits = bits;
-      best.k = k;
-      best.unary_bytes = static_cast<int>((unary + 7) / 8);
-    }
-  }
-  return best;
+// The gap width of the block of slots s[0..n): bits of the largest s_i - s_{i-1} - 1.
+inline int block_width(const uint32_t* s, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 1; i < n; ++i) m |= s[i] - s[i - 1] - 1;  // the OR has the max's bit length
+  return bits_for(m);
 }
 
-inline size_t block_bytes(int64_t n, const RiceParams& p, int code_bytes) {
-  return kBlockHeader + (static_cast<size_t>(n - 1) * p.k + 7) / 8 + static_cast<size_t>(p.unary_bytes) +
-         static_cast<size_t>(n) * code_bytes;
+inline size_t block_bytes(int64_t n, int b, int code_bytes) {
+  return kBlockHeader + gap_bytes(static_cast<int>(n), b) + static_cast<size_t>(n) * code_bytes;
 }
 
 inline size_t varint_bytes(uint64_t v) {
@@ -91,7 +70,7 @@ size_t encoded_bytes(const uint32_t* slots, int64_t n, int code_bytes) {
   size_t total = varint_bytes(static_cast<uint64_t>(n));
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - b);
-    total += block_bytes(m, rice_params(slots + b, m), code_bytes);
+    total += block_bytes(m, block_width(slots + b, m), code_bytes);
   }
   return total;
 }
@@ -103,42 +82,34 @@ size_t encode_list(const uint32_t* slots, const uint8_t* codes, int64_t n, int c
     *o++ = static_cast<uint8_t>((v & 0x7F) | (v >= 0x80 ? 0x80 : 0));
     if (v < 0x80) break;
   }
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t n_b = std::min<int64_t>(kBlock, n - b);
-    const uint32_t* s = slots + b;
-    const RiceParams rp = rice_params(s, n_b);
-    const int k = rp.k;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int n_b = static_cast<int>(std::min<int64_t>(kBlock, n - b0));
+    const uint32_t* s = slots + b0;
+    const int b = block_width(s, n_b);
     std::memcpy(o, &s[0], 4);
-    o[4] = static_cast<uint8_t>(k);
-    o[5] = static_cast<uint8_t>(rp.unary_bytes & 0xFF);
-    o[6] = static_cast<uint8_t>(rp.unary_bytes >> 8);
+    o[4] = static_cast<uint8_t>(b);
     o += kBlockHeader;
-    const size_t low_bytes = (static_cast<size_t>(n_b - 1) * k + 7) / 8;
-    std::memset(o, 0, low_bytes + static_cast<size_t>(rp.unary_bytes));
-    uint64_t buf = 0;
-    int have = 0;
-    uint8_t* q = o;
-    uint8_t* unary = o + low_bytes;
-    uint64_t pos = 0;
-    for (int64_t i = 1; i < n_b; ++i) {
+    const size_t gb = gap_bytes(n_b, b);
+    std::memset(o, 0, gb);
+    // Lane l's j-th value (v_{4j + l}) at bit j b of lane l's words; word t of lane l at 16 t + 4 l.
+    for (int i = 1; i < n_b; ++i) {
       const uint64_t v = static_cast<uint64_t>(s[i] - s[i - 1] - 1);
-      if (k > 0) {
-        buf |= (v & ((uint64_t{1} << k) - 1)) << have;
-        have += k;
-        while (have >= 8) {
-          *q++ = static_cast<uint8_t>(buf);
-          buf >>= 8;
-          have -= 8;
-        }
+      const int lane = i & 3;
+      const int bit = (i >> 2) * b;
+      const int t = bit >> 5, sh = bit & 31;
+      uint32_t w;
+      std::memcpy(&w, o + 16 * t + 4 * lane, 4);
+      w |= static_cast<uint32_t>(v << sh);
+      std::memcpy(o + 16 * t + 4 * lane, &w, 4);
+      if (sh + b > 32) {
+        std::memcpy(&w, o + 16 * (t + 1) + 4 * lane, 4);
+        w |= static_cast<uint32_t>(v >> (32 - sh));
+        std::memcpy(o + 16 * (t + 1) + 4 * lane, &w, 4);
       }
-      pos += v >> k;  // that many zeros, then a one
-      unary[pos / 8] |= static_cast<uint8_t>(1u << (pos % 8));
-      ++pos;
     }
-    if (have > 0) *q++ = static_cast<uint8_t>(buf);
-    o += low_bytes + static_cast<size_t>(rp.unary_bytes);
+    o += gb;
     const size_t cbytes = static_cast<size_t>(n_b) * code_bytes;
-    std::memcpy(o, codes + static_cast<size_t>(b) * code_bytes, cbytes);
+    std::memcpy(o, codes + static_cast<size_t>(b0) * code_bytes, cbytes);
     o += cbytes;
   }
   return static_cast<size_t>(o - out);

@@ -1,24 +1,30 @@
 // Compressed posting lists: the layout of the inverted file's postings in memory and in index files
-// (format version 3). A word's list (empty: no bytes) is its number of postings N (LEB128 varint)
-// followed by blocks of kBlock postings (the last one holds the rest):
+// (format version 4). A word's list (empty: no bytes) is its number of postings N (LEB128 varint)
+// followed by blocks of kBlock = 128 postings (the last one holds the rest, n = min(128, left)):
 //
 //   uint32  first slot (little endian), local to the segment
-//   uint8   k: Rice parameter, 0..31
-//   uint16  u: bytes of the unary part (little endian)
-//   low     v_i & (2^k - 1) for i = 1..n-1, k bits each, LSB first: ceil((n - 1) k / 8) bytes
-//   unary   u bytes: for i = 1..n-1, v_i >> k zero bits then a one bit, LSB first
+//   uint8   b: bit width of the gaps, 0..32
+//   gaps    16 * W bytes, W = ceil(ceil(n / 4) * b / 32): the values v_0 .. v_{n-1}, b bits each, in
+//           a vertical 4-lane layout (simdcomp's): v_i belongs to lane i % 4 as its (i / 4)-th
+//           value; each lane's values are packed LSB first into 32-bit little-endian words, and word
+//           t of lane l sits at bytes 16 t + 4 l. Bits past the n values are zero.
 //   codes   n x code_bytes, in slot order
 //
-// where v_i = slot_i - slot_{i-1} - 1 (slots are strictly ascending). This is Golomb-Rice coding of
-// the slot gaps with k chosen per block (the cheapest of the values around log2 of the mean gap):
-// about log2(mean gap) + 1.6 bits per posting, within a few tenths of a bit of the entropy of
-// geometric gaps, plus 7 header bytes per 256 postings. At the density of a 65,536-word codebook
-// (1.5 % of the images per word, a mean gap of 65) an ASMK* posting costs its 16 code bytes plus
-// about 0.97 bytes, and far less in popular words. Every block starts with an absolute slot and its
-// length follows from its header, so a reader skips blocks by slot range without decoding them.
-// Decoding checks every header and count against the list's end and every slot against the
-// segment's range: a corrupt list raises CorruptIndex, never reads outside the list. Page checksums
-// (CRC-32, zlib's polynomial) of the byte stream guard the content itself (ivf.h).
+// with v_i = slot_i - slot_{i-1} - 1 for i >= 1 (slots strictly ascending) and v_0 = 0 (written as
+// zero, ignored when read: slot_0 is the header's first slot). One 16-byte load, one shift and one
+// mask decode four consecutive gaps at once (SSE2; a scalar loop reads the same layout), then a
+// prefix sum gives the slots. At the density of a 65,536-word codebook (1.5 % of the images per
+// word, a mean gap of 65) the widest gap of a block needs 9 or 10 bits: 16 b + 5 bytes per 128
+// postings, about 1.2 bytes per posting beside the 16 code bytes (format 3's Golomb-Rice code took
+// 0.97 but decoded one bit run at a time).
+//
+// Every block starts with an absolute slot and its length follows from its header, so a reader
+// skips blocks by slot range without decoding them. Readers check, per block: the header inside the
+// list, b <= 32, the block inside the list, its first slot above the previous block's slots (and,
+// for a skipped block, the next block's first slot at least n above its own), its last slot inside
+// the segment; per list: the count's blocks end exactly at the list's end. A corrupt list raises
+// CorruptIndex and never reads outside the list; page checksums (CRC-32, zlib's polynomial) of the
+// byte stream guard the content itself (ivf.h).
 #pragma once
 
 #include <cstddef>
@@ -35,13 +41,18 @@ struct CorruptIndex : InvalidArgument {
   using InvalidArgument::InvalidArgument;
 };
 
-constexpr int kBlock = 256;
-constexpr int kBlockHeader = 7;
+constexpr int kBlock = 128;
+constexpr int kBlockHeader = 5;
+constexpr int kMaxGapBytes = 16 * 32;  // gap bytes of a full block of 32-bit gaps
 
 // zlib's CRC-32 (the same value as Python's zlib.crc32(data, crc)).
 uint32_t crc32(const uint8_t* data, size_t n, uint32_t crc = 0);
 
 inline int bits_for(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+// 32-bit words per lane of n gaps of b bits.
+inline int gap_words(int n, int b) { return (((n + 3) / 4) * b + 31) / 32; }
+inline size_t gap_bytes(int n, int b) { return 16 * static_cast<size_t>(gap_words(n, b)); }
 
 // Bytes of the encoded list of n postings with these (strictly ascending) slots.
 size_t encoded_bytes(const uint32_t* slots, int64_t n, int code_bytes);
@@ -69,75 +80,61 @@ inline const uint8_t* read_count(const uint8_t* p, const uint8_t* end, int64_t* 
 struct Block {
   uint32_t first = 0;
   int n = 0;
-  int k = 0;
-  int unary_bytes = 0;
-  const uint8_t* low = nullptr;
-  const uint8_t* unary = nullptr;
+  int b = 0;
+  const uint8_t* gaps = nullptr;
   const uint8_t* codes = nullptr;
   const uint8_t* next = nullptr;  // the following block
 };
 
 // The block of n postings at p, checked to end at or before `end`.
 inline Block read_block(const uint8_t* p, const uint8_t* end, int n, int code_bytes) {
-  Block b;
+  Block blk;
   if (end - p < kBlockHeader) throw CorruptIndex("corrupt index: truncated posting block header");
-  std::memcpy(&b.first, p, 4);
-  b.n = n;
-  b.k = p[4];
-  b.unary_bytes = p[5] | (p[6] << 8);
-  if (b.k > 31) throw CorruptIndex("corrupt index: posting block Rice parameter " + std::to_string(b.k));
-  b.low = p + kBlockHeader;
-  b.unary = b.low + (static_cast<size_t>(n - 1) * b.k + 7) / 8;
-  b.codes = b.unary + b.unary_bytes;
-  const size_t total = static_cast<size_t>(b.codes - p) + static_cast<size_t>(n) * code_bytes;
+  std::memcpy(&blk.first, p, 4);
+  blk.n = n;
+  blk.b = p[4];
+  if (blk.b > 32) throw CorruptIndex("corrupt index: posting block gap width " + std::to_string(blk.b));
+  blk.gaps = p + kBlockHeader;
+  blk.codes = blk.gaps + gap_bytes(n, blk.b);
+  const size_t total = static_cast<size_t>(blk.codes - p) + static_cast<size_t>(n) * code_bytes;
   if (static_cast<size_t>(end - p) < total) throw CorruptIndex("corrupt index: posting block overruns its list");
-  b.next = p + total;
-  return b;
+  blk.next = p + total;
+  return blk;
 }
 
-// The block's slots (local) into out[0..n); returns the last one (computed in 64 bits, ascending by
-// construction). CorruptIndex when the unary part does not hold exactly n - 1 codes.
-inline uint64_t decode_slots(const Block& b, uint32_t* out) {
-  out[0] = b.first;
-  const int m = b.n - 1;
-  if (m == 0) return b.first;
-  const int k = b.k;
-  const uint64_t mask = (uint64_t{1} << k) - 1;
-  const size_t low_bytes = (static_cast<size_t>(m) * k + 7) / 8;
-  // The i-th low part sits at bit i k of `low`. An 8-byte load from any of its bytes stays inside the
-  // block when at least 8 bytes follow the low part (the unary part and the codes): then one
-  // unaligned load per value; else byte by byte.
-  const bool wide = b.next - (b.low + low_bytes) >= 8;
-  auto low_at = [&](int i) -> uint64_t {
-    const size_t bit = static_cast<size_t>(i) * k;
-    if (wide) {
-      uint64_t v;
-      std::memcpy(&v, b.low + bit / 8, 8);
-      return (v >> (bit % 8)) & mask;
-    }
-    uint64_t v = 0;
-    for (int t = 0; t < k; ++t) v |= static_cast<uint64_t>((b.low[(bit + t) / 8] >> ((bit + t) % 8)) & 1) << t;
-    return v;
-  };
-  // The unary codes: the i-th one bit (from 0) at position pos ends a run of pos - last - 1 zeros.
-  int i = 0;
-  uint64_t s = b.first;
-  int64_t last = -1;
-  for (int byte = 0; byte < b.unary_bytes && i < m; byte += 8) {
-    uint64_t w = 0;
-    std::memcpy(&w, b.unary + byte, static_cast<size_t>(std::min(8, b.unary_bytes - byte)));
-    while (w && i < m) {
-      const int64_t pos = static_cast<int64_t>(byte) * 8 + __builtin_ctzll(w);
-      const uint64_t q = static_cast<uint64_t>(pos - last - 1);
-      s += ((q << k) | (k ? low_at(i) : 0)) + 1;
-      out[i + 1] = static_cast<uint32_t>(s);
-      last = pos;
-      w &= w - 1;
-      ++i;
-    }
+// The block's slots into out[0..n) by the portable loop; returns the last one, computed in 64 bits
+// (ascending by construction: the caller checks it against the segment).
+inline uint64_t decode_slots_scalar(const Block& blk, uint32_t* out) {
+  const int n = blk.n, b = blk.b;
+  out[0] = blk.first;
+  if (n == 1) return blk.first;
+  uint64_t s = blk.first;
+  if (b == 0) {
+    for (int i = 1; i < n; ++i) out[i] = static_cast<uint32_t>(++s);
+    return s;
   }
-  if (i != m) throw CorruptIndex("corrupt index: posting block holds fewer slots than its list's count");
+  const uint64_t mask = b == 32 ? 0xFFFFFFFFu : (uint64_t{1} << b) - 1;
+  auto word = [&](int t, int lane) {
+    uint32_t w;
+    std::memcpy(&w, blk.gaps + 16 * t + 4 * lane, 4);
+    return static_cast<uint64_t>(w);
+  };
+  for (int i = 1; i < n; ++i) {
+    const int lane = i & 3;
+    const int bit = (i >> 2) * b;
+    const int t = bit >> 5, sh = bit & 31;
+    uint64_t x = word(t, lane);
+    if (sh + b > 32) x |= word(t + 1, lane) << 32;
+    s += ((x >> sh) & mask) + 1;
+    out[i] = static_cast<uint32_t>(s);
+  }
   return s;
+}
+
+// Whether the 32-bit prefix sum of a block cannot wrap: first + (n - 1) 2^b < 2^32 (then a vector
+// decoder may sum in 32 bits; otherwise the scalar decoder's 64-bit sum finds the overflow).
+inline bool block_fits_u32(const Block& blk) {
+  return static_cast<uint64_t>(blk.first) + (static_cast<uint64_t>(blk.n - 1) << blk.b) <= 0xFFFFFFFFull;
 }
 
 }  // namespace d2r

@@ -210,7 +210,8 @@ void init_ivf(py::module_& m) {
           [](InvertedFile& ivf, const py::list& parts, const py::handle& ids_o, const py::handle& counts_o,
              int64_t next_id) {
             // parts: (n_slots, n_entries, word_offsets uint64, postings uint8, page_crc uint32 or None,
-            // page_bytes, owner MappedFile or None). Arrays inside a MappedFile are used in place
+            // page_bytes, owner MappedFile or None[, layout: 4 (default) or 3, the index format
+            // that wrote the postings; 3 is converted to 4 into memory]). Arrays inside a MappedFile are used in place
             // (kept alive by it); others are copied into memory owned natively.
             auto ids = require<int64_t>(ids_o, "image_ids");
             auto counts = require<int32_t>(counts_o, "word_counts");
@@ -218,8 +219,9 @@ void init_ivf(py::module_& m) {
             std::vector<SegmentInput> in;
             for (const auto& item : parts) {
               auto t = item.cast<py::tuple>();
-              if (t.size() != 7) throw py::value_error("set_segments: each part is a 7-tuple");
+              if (t.size() != 7 && t.size() != 8) throw py::value_error("set_segments: each part is a 7- or 8-tuple");
               SegmentInput si;
+              if (t.size() == 8) si.format = t[7].cast<int>();
               si.n_slots = t[0].cast<int64_t>();
               si.n_entries = t[1].cast<int64_t>();
               auto off = require<uint64_t>(t[2], "word_offsets");

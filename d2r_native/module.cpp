@@ -12,6 +12,7 @@
 #include "postings.h"
 
 #include "bindings.h"
+#include "scan.h"
 
 namespace py = pybind11;
 
@@ -25,6 +26,10 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &d2r::num_threads);
+  m.def("scan_variants", &d2r::scan_variants, "The posting-scan kernels this CPU runs (csrc/scan.h), scalar first");
+  m.def("scan_variant", &d2r::scan_variant, "The posting-scan kernels in use");
+  m.def("set_scan_variant", &d2r::set_scan_variant, py::arg("name"),
+        "Selects the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)");
   m.def("build_info", []() {
     py::dict d;
     d["compiler"] = D2R_COMPILER;

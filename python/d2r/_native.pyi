@@ -48,15 +48,23 @@ class _QuantizerStats(TypedDict):
     dim: int
 
 # One part of InvertedFile.set_segments: (n_slots, n_entries, word_offsets, postings, page_crc or None,
-# page_bytes, the MappedFile holding the arrays or None).
-_SegmentPart: TypeAlias = tuple[
-    int, int, NDArray[np.uint64], NDArray[np.uint8], NDArray[np.uint32] | None, int, MappedFile | None
-]
+# page_bytes, the MappedFile holding the arrays or None[, the index format that wrote the postings: 4, or 3
+# (converted to 4 in memory)]).
+_SegmentPart: TypeAlias = (
+    tuple[int, int, NDArray[np.uint64], NDArray[np.uint8], NDArray[np.uint32] | None, int, MappedFile | None]
+    | tuple[int, int, NDArray[np.uint64], NDArray[np.uint8], NDArray[np.uint32] | None, int, MappedFile | None, int]
+)
 
 # ---- module.cpp: threads and build information --------------------------------------------------
 
 def set_num_threads(n: _Int) -> None: ...
 def get_num_threads() -> int: ...
+def scan_variants() -> list[str]:
+    """The posting-scan kernels this CPU runs (csrc/scan.h), scalar first"""
+def scan_variant() -> str:
+    """The posting-scan kernels in use"""
+def set_scan_variant(name: str) -> None:
+    """Selects the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)"""
 def build_info() -> dict[str, Any]:
     """compiler, flags, openmp, max_threads, cuda, simd, ..."""
 

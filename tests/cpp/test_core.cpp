@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -18,6 +19,8 @@
 #include "reduce.h"
 #include "ivf.h"
 #include "parallel.h"
+#include "postings.h"
+#include "scan.h"
 #include "quantize.h"
 #include "ransac.h"
 #include "selectivity.h"
@@ -552,6 +555,102 @@ static void test_core_regions_errors_and_teams() {
   EXPECT(same[1] == ran[1]);  // thread 1, when one was granted
 }
 
+// Format-4 posting blocks: every gap width 0..32, partial blocks, each scan variant's decoder equal
+// to the scalar one; the 32-bit-overflow case falls back to 64 bits; the Hamming kernels agree.
+static void test_postings_codec_and_scan_variants() {
+  std::mt19937_64 rng(7);
+  const int cb = 16;
+  for (int width = 0; width <= 32; ++width) {
+    for (int n : {1, 2, 3, 4, 5, 7, 8, 127, 128, 129, 200, 256, 300}) {
+      std::vector<uint32_t> slots(n);
+      uint64_t s = rng() % 5;
+      bool fits = true;
+      for (int i = 0; i < n; ++i) {
+        if (i) {
+          const uint64_t lim = width == 0 ? 0 : (width == 32 ? 0xFFFFFFFFull : (uint64_t{1} << width) - 1);
+          const uint64_t v = (i % 7 == 3) ? lim : (width ? rng() % (lim + 1) : 0);
+          s += v + 1;
+        }
+        if (s > 0xFFFFFFFFull) {
+          fits = false;
+          break;
+        }
+        slots[i] = static_cast<uint32_t>(s);
+      }
+      if (!fits) continue;  // a list that does not fit 32-bit slots
+      std::vector<uint8_t> codes(static_cast<size_t>(n) * cb);
+      for (auto& c : codes) c = static_cast<uint8_t>(rng());
+      std::vector<uint8_t> buf(encoded_bytes(slots.data(), n, cb));
+      EXPECT(encode_list(slots.data(), codes.data(), n, cb, buf.data()) == buf.size());
+      for (const std::string& v : scan_variants()) {
+        set_scan_variant(v);
+        const ScanKernels& k = scan_kernels();
+        int64_t left = 0;
+        const uint8_t* end = buf.data() + buf.size();
+        const uint8_t* p = read_count(buf.data(), end, &left);
+        EXPECT(left == n);
+        int at = 0;
+        bool same = true;
+        uint32_t out[kBlock + 16];
+        while (left > 0) {
+          const Block blk = read_block(p, end, static_cast<int>(std::min<int64_t>(left, kBlock)), cb);
+          const uint64_t last = k.decode(blk, out);
+          same = same && last == slots[at + blk.n - 1];
+          for (int i = 0; i < blk.n; ++i) same = same && out[i] == slots[at + i];
+          same = same && std::equal(blk.codes, blk.codes + blk.n * cb, codes.begin() + static_cast<size_t>(at) * cb);
+          at += blk.n;
+          left -= blk.n;
+          p = blk.next;
+        }
+        EXPECT(same && p == end && at == n);
+      }
+    }
+  }
+  // A block whose gaps sum past 2^32: every decoder returns the true (64-bit) last slot.
+  {
+    std::vector<uint8_t> blk_bytes(kBlockHeader + gap_bytes(5, 32) + 5 * cb, 0xFF);
+    uint32_t first = 0xFFFFFF00u;
+    std::memcpy(blk_bytes.data(), &first, 4);
+    blk_bytes[4] = 32;
+    for (const std::string& v : scan_variants()) {
+      set_scan_variant(v);
+      uint32_t out[kBlock + 16];
+      const Block blk = read_block(blk_bytes.data(), blk_bytes.data() + blk_bytes.size(), 5, cb);
+      EXPECT(scan_kernels().decode(blk, out) == uint64_t{0xFFFFFF00u} + 4 * (uint64_t{0xFFFFFFFFu} + 1));
+    }
+    blk_bytes[4] = 33;
+    bool threw = false;
+    try {
+      read_block(blk_bytes.data(), blk_bytes.data() + blk_bytes.size(), 5, cb);
+    } catch (const CorruptIndex&) {
+      threw = true;
+    }
+    EXPECT(threw);
+  }
+  // Hamming kernels: every variant adds the same table entries.
+  {
+    const int n = 203;
+    std::vector<uint8_t> codes(static_cast<size_t>(n) * 16);
+    for (auto& c : codes) c = static_cast<uint8_t>(rng());
+    uint8_t q[16];
+    for (auto& c : q) c = static_cast<uint8_t>(rng());
+    std::vector<uint32_t> slots(n);
+    for (int i = 0; i < n; ++i) slots[i] = static_cast<uint32_t>(1000 + 3 * i);
+    std::vector<int64_t> table(129);
+    for (int h = 0; h <= 128; ++h) table[h] = (int64_t{1} << 40) / (h + 1) + h;
+    std::vector<int64_t> ref;
+    for (const std::string& v : scan_variants()) {
+      set_scan_variant(v);
+      std::vector<int64_t> acc(2000, 5);
+      scan_kernels().bin16(table.data(), q, codes.data(), slots.data(), 3, n - 2, 900, acc.data());
+      if (ref.empty()) ref = acc;
+      EXPECT(acc == ref);
+    }
+    EXPECT(ref[1000 - 900] == 5 && ref[1000 + 3 * 3 - 900] != 5);
+  }
+  set_scan_variant(scan_variants().back());
+}
+
 int main() {
   test_quantize_golden();
   test_quantize_random();
@@ -565,6 +664,7 @@ int main() {
   test_pooled_search_and_many_images();
   test_parallel_errors();
   test_core_regions_errors_and_teams();
+  test_postings_codec_and_scan_variants();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;
 }

@@ -245,7 +245,8 @@ class _IndexBase:
         can run in a background thread beside searches). False: no checksums (the structure is
         still checked, also as lists are decoded). Default: True, or "lazy" with mmap=True.
 
-        Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load (mmap
+        Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load, and
+        the postings of format 3 files (Golomb-Rice coded) are converted to format 4 in memory (mmap
         then reads them whole; save them again to map them). device="cuda" then moves the index to
         the GPU.
 
@@ -271,7 +272,7 @@ class _IndexBase:
     def _read(cls, path: PathArg, mmap: bool, verify: bool | str
               ) -> tuple[Index | RegionalSearchIndex, _SegmentPart | None, NDArray[np.int64], NDArray[np.int32],
                          dict[str, NDArray[Any]] | None, int]:
-        """(an empty index with the file's parameters, its compressed segment (the 7-tuple of
+        """(an empty index with the file's parameters, its compressed segment (the 8-tuple of
         InvertedFile.set_segments) or None, image ids, word counts, plain posting arrays of a format 1
         or 2 file or None, next_id), checked (header, structure, codebook fingerprint)."""
         path = Path(path)
@@ -306,7 +307,7 @@ class _IndexBase:
             ids = np.ascontiguousarray(sec["region_image"][ids])
         if "postings" in sec:
             part = (int(ids.shape[0]), meta["n_entries"], sec["word_offsets"], sec["postings"],
-                    sec["page_crc"] if verify else None, meta["page_bytes"], owner)
+                    sec["page_crc"] if verify else None, meta["page_bytes"], owner, meta["format_version"])
             return idx, part, ids, sec["word_counts"], None, meta["next_id"]
         codes = sec["codes"]
         codes = codes.reshape(codes.shape[0], -1).view(np.uint8) if codes.dtype != np.uint8 else codes

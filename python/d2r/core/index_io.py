@@ -1,4 +1,4 @@
-"""The saved-index file format (version 3; files of versions 1 and 2 still load).
+"""The saved-index file format (version 4; files of versions 1 to 3 still load).
 
 Layout::
 
@@ -16,8 +16,9 @@ crash never leaves a half-written index. Loading checks the magic, the version, 
 every section's name, dtype, shape and bounds and (unless verify=False) every section's CRC-32;
 `validate_meta` and `check_structure` check the header fields and the sections' consistency.
 
-Version 3 stores the posting lists compressed (csrc/postings.h: per word, blocks of up to 128
-postings, each a header with the block's first slot, bit-packed slot gaps and the codes), as the
+Version 4 stores the posting lists compressed (csrc/postings.h: per word, blocks of up to 128
+postings, each a header with the block's first slot and a bit width, the slot gaps bit-packed in a
+vertical 4-lane layout that vector instructions decode, and the codes), as the
 sections `word_offsets` (uint64, n_words + 1 byte offsets of each word's list), `postings` (the byte
 stream, written last among the large sections, streamed from the index without a second copy) and
 `page_crc` (uint32, the CRC-32 of each `page_bytes`-long page of `postings`), beside `image_ids`
@@ -25,6 +26,10 @@ and `word_counts` per entry; the header adds `n_entries` and `page_bytes`. The p
 section checksum is checked only when a whole-file verification is asked for (`verify=True`);
 a memory-mapped load checks each page when it is first read (`verify="lazy"`), so opening a
 million-image index reads only its header, image table and word table.
+
+Version 3 had the same sections with the slot gaps Golomb-Rice coded (csrc/postings_v3.h); its
+files load, their postings converted to the layout of version 4 in memory as they load (mmap then
+reads them whole; saving such an index again writes version 4, which maps).
 
 Version 2 added `codebook_fingerprint` (``Codebook.fingerprint`` of the embedded codebook, checked at
 load) and the optional `extractor` (``d2r.extract.describe`` of the extractor the database features
@@ -54,7 +59,7 @@ from d2r.core.checks import (MAX_ID, check_alpha, check_bool, check_choice, chec
 from d2r.core.kernels import KERNELS, kernel_spec
 
 MAGIC = b"D2RINDEX"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Page size of the checksums of the postings (bytes).
 PAGE_BYTES = 1 << 16
 _ALIGN = 64
@@ -78,7 +83,7 @@ SECTION_DTYPES = {
     "postings": ("|u1",),
     "page_crc": ("<u4",),
 }
-# Sections of each layout (format 3 compressed; formats 1 and 2 plain).
+# Sections of each layout (formats 3 and 4 compressed; formats 1 and 2 plain).
 COMPRESSED = ("centroids", "image_ids", "word_counts", "word_offsets", "postings", "page_crc")
 PLAIN = ("centroids", "image_ids", "word_counts", "offsets", "slots", "codes")
 KINDS = ("Index", "RegionalSearchIndex")

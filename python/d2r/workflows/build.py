@@ -292,7 +292,7 @@ def merge_index_files(paths, out, extractor=None) -> Index:
     first: Any = None
     for path in paths:
         idx, seg, pid, pcounts, plain, next_id = Index._read(path, True, "lazy")
-        if plain is not None:   # format 1 or 2: saved in format 3 first, to be mapped
+        if plain is not None:   # format 1 or 2: saved in the current format first, to be mapped
             Index.load(path).save(converted)
             idx, seg, pid, pcounts, _, next_id = Index._read(converted, True, "lazy")
         if first is None:
