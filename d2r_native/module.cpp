@@ -65,7 +65,7 @@ PYBIND11_MODULE(_native, m) {
     } catch (const d2r::NotFound& e) {
       PyErr_SetString(PyExc_KeyError, e.what());
     } catch (const d2r::CorruptIndex& e) {
-      py::object cls = py::module_::import("d2r.index_io").attr("IndexFileError");
+      py::object cls = py::module_::import("d2r.core.index_io").attr("IndexFileError");
       PyErr_SetString(cls.ptr(), e.what());
     } catch (const std::system_error& e) {  // MappedFile: the OS said no
       if (e.code().value() == ENOMEM)
