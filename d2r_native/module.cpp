@@ -3,6 +3,7 @@
 // bindings.h. They only bind: csrc/ (and cuda/) compute. Every long call releases the GIL. Errors in
 // the core (d2r::InvalidArgument) become ValueError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cerrno>
 #include <exception>
