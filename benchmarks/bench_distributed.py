@@ -1,6 +1,6 @@
 """Beyond one machine, measured on one: the overhead of d2r.distributed on a local Ray cluster.
 
-1. Fan-out search: a synthetic ASMK* index (``d2r.synthetic.zipf_images``: 65,536 words, about 990
+1. Fan-out search: a synthetic ASMK* index (``d2r.workflows.synthetic.zipf_images``: 65,536 words, about 990
    words per image, Zipf exponent 0.238 as measured on realmix, see bench_scale.py) searched in this
    process (d2r.Index, memory-mapped) and through ShardedIndex over 1, 2 and 4 shards
    (``d2r.distributed.shard_index`` of the same file; each shard an actor with 0.25 CPU, with Ray's

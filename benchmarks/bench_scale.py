@@ -2,7 +2,7 @@
 compressed, memory-mapped ASMK* index at 10k, 100k and 1M images (65,536 words), against the
 memory-bandwidth bound, and the `asmk` package at the largest size it fits.
 
-Images are synthetic aggregated ASMK* images (``d2r.synthetic.zipf_images``): 1,000 descriptors per
+Images are synthetic aggregated ASMK* images (``d2r.workflows.synthetic.zipf_images``): 1,000 descriptors per
 image whose words follow a Zipf law, about 980 distinct words, random 16-byte codes. The Zipf
 exponent is measured on real photos (``--measure-exponent``: realmix RootSIFT quantised with an
 8,192-word k-means codebook, least-squares slope of log frequency against log rank over the
@@ -11,7 +11,7 @@ words of rank 10 to 4,000) or given (``--exponent``).
 Each size runs in its own process (peak RSS is per process):
 
   1. build: batches of 10,000 images aggregated into part files (d2r.Index.add_aggregated +
-     save, the streaming build's unit of work), then merged by streaming (d2r.build.merge_index_files);
+     save, the streaming build's unit of work), then merged by streaming (d2r.workflows.build.merge_index_files);
   2. file size minus the codebook, per image and per posting;
   3. load (mmap) cold (file dropped from the page cache) and warm;
   4. queries (synthetic aggregated images of the same law, k = 100): single-query latency

@@ -65,7 +65,7 @@ def bandwidth(threads: int, gib: float = 2.0) -> float:
 
 def scanned_bytes(path, queries):
     """Bytes of the posting lists each query's words hold in the file at `path`."""
-    from d2r import index_io
+    from d2r.core import index_io
 
     meta, sec, _ = index_io.read_index_file(path, mmap=True, verify=False)
     if "word_offsets" in sec:
