@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def cpu_model() -> str:
@@ -29,3 +31,18 @@ def usable_region_sources(names):
                 continue
         out.append(name)
     return out
+
+
+def bandwidth(threads: int, gib: float = 2.0) -> float:
+    """Read bandwidth (bytes/s): numpy sums over a `gib` GiB array split across `threads` threads."""
+    import numpy as np
+
+    a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best

@@ -34,10 +34,12 @@ import resource
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import bandwidth  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,17 +77,6 @@ def measure_exponent(seed=0) -> dict:
             "words_used": int((freq > 0).sum())}
 
 
-def bandwidth(threads: int, gib: float = 2.0) -> float:
-    """Read bandwidth (bytes/s): numpy sums over a `gib` GiB array split across `threads` threads."""
-    a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(5):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best
 
 
 class MemorySampler:

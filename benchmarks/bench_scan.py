@@ -24,10 +24,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import bandwidth  # noqa: E402
 
 N_WORDS = 65_536
 DIM = 128
@@ -51,16 +53,6 @@ def zipf_batch(d2r, n, exponent, seed, fingerprint):
     return d2r.AggregatedBatch(offsets, words, codes, fingerprint=fingerprint)
 
 
-def bandwidth(threads: int, gib: float = 2.0) -> float:
-    a = np.ones(int(gib * (1 << 30)) // 8, np.uint64)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(5):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best
 
 
 def scanned_bytes(path, queries):
