@@ -439,17 +439,29 @@ def test_stub_ships_with_the_package() -> None:
     assert "_native.pyi" in setup and "py.typed" in setup
 
 
+def _stub_env() -> dict[str, str]:
+    """The environment mypy finds the package in: MYPYPATH for a source checkout (python/); an installed
+    package (site-packages, which mypy refuses in MYPYPATH) is found by mypy itself."""
+    root = str(STUB.parent.parent)
+    env = dict(os.environ, PYTHONPATH=root)
+    if "site-packages" not in Path(root).parts and "dist-packages" not in Path(root).parts:
+        env["MYPYPATH"] = root
+    return env
+
+
 def _mypy(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed")
-    env = dict(os.environ, MYPYPATH=str(STUB.parent.parent), PYTHONPATH=str(STUB.parent.parent))
+    env = _stub_env()
     return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
 def test_stub_passes_mypy_strict(tmp_path: Path) -> None:
     # --follow-imports=silent: the parent package d2r is analysed too, and its (untyped) errors are not the stub's.
-    r = _mypy("--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), str(STUB), cwd=tmp_path)
+    # -m (not the file's path): an installed stub's folder, site-packages, must not become a source root.
+    r = _mypy("--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"), "-m", "d2r._native",
+              cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -475,7 +487,7 @@ def test_stubtest(tmp_path: Path) -> None:
     pybind11 differs in by design (its metaclass, classes without a constructor) and the CUDA-only names."""
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed")
-    env = dict(os.environ, MYPYPATH=str(STUB.parent.parent), PYTHONPATH=str(STUB.parent.parent))
+    env = _stub_env()
     allowlist = tmp_path / "allowlist.txt"
     allowlist.write_text(STUBTEST_ALLOWLIST + ("" if CUDA else STUBTEST_ALLOWLIST_NO_CUDA))
     r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "d2r._native", "--allowlist", str(allowlist),
