@@ -14,6 +14,7 @@
 #include "binarize.h"
 #include "common.h"
 #include "fixed_point.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "postings.h"
 #include "reduce.h"
@@ -718,26 +719,6 @@ std::vector<int64_t> InvertedFile::hamming_table(const ScoreParams& p) const {
 
 namespace {
 
-inline int hamming16(const uint8_t* a, const uint8_t* b) {
-  uint64_t a0, a1, b0, b1;
-  std::memcpy(&a0, a, 8);
-  std::memcpy(&a1, a + 8, 8);
-  std::memcpy(&b0, b, 8);
-  std::memcpy(&b1, b + 8, 8);
-  return __builtin_popcountll(a0 ^ b0) + __builtin_popcountll(a1 ^ b1);
-}
-
-inline float dot(const float* a, const uint8_t* braw, int dim) {
-  // Codes sit unaligned in the compressed blocks: loaded through memcpy.
-  float s = 0.0f;
-  for (int t = 0; t < dim; ++t) {
-    float b;
-    std::memcpy(&b, braw + sizeof(float) * t, sizeof(float));
-    s = fmaf_if_fused(a[t], b, s);  // as the GPU scoring rounds
-  }
-  return s;
-}
-
 // Results of n_queries queries over n candidates: k results each (k < 0 or k > n: n), zero-filled.
 TopK empty_topk(int64_t n_queries, int64_t k, int64_t n) {
   TopK r;
@@ -801,6 +782,7 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   acc.resize(static_cast<size_t>(tile) * group);
   uint32_t buf[kBlock];
   const int32_t* nwords = s.slots->nwords.data();
+  const simd::Kernels& kern = simd::kernels();
   for (int64_t t_lo = slot_lo; t_lo < slot_hi; t_lo += tile) {
     const int64_t t_hi = std::min(slot_hi, t_lo + tile), tn = t_hi - t_lo;
     std::fill(acc.begin(), acc.begin() + tn * group, 0);
@@ -841,35 +823,19 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
           }
           const uint64_t last = decode_slots(blk, buf);
           if (last >= n_local) throw CorruptIndex("corrupt index: posting slot out of range");
-          const uint8_t* codes = blk.codes;
           const int n = blk.n;
           int i0 = 0, i1 = n;
           while (i0 < n && static_cast<int64_t>(buf[i0]) < lo) ++i0;
           while (i1 > i0 && static_cast<int64_t>(buf[i1 - 1]) >= hi) --i1;
+          // The scoring kernels of the active SIMD level (ivf_kernels.cpp, simd.h).
+          ScoreBlock sb{nullptr, blk.codes, buf, i0, i1, cb, dim, nullptr};
           for (size_t r = runs[ri]; r < runs[ri + 1]; ++r) {
-            const uint8_t* qc = q.codes + entries[r].e * cb;
-            int64_t* ab = acc.data() + static_cast<int64_t>(entries[r].j) * tn + shift;
-            if (binary_) {
-              if (cb == 16) {
-                for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming16(qc, codes + i * 16)];
-              } else {
-                for (int i = i0; i < i1; ++i) ab[buf[i]] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
-              }
-            } else {
-              float qv[1024];
-              const float* qf = reinterpret_cast<const float*>(qc);
-              if (dim <= 1024) {
-                std::memcpy(qv, qc, sizeof(float) * dim);
-                qf = qv;
-              }
-              const float lim = limit[entries[r].j];
-              for (int i = i0; i < i1; ++i) {
-                const float cc = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
-                if (!(std::fabs(cc) <= lim))
-                  throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
-                ab[buf[i]] += score_to_fixed(cc);
-              }
-            }
+            sb.query = q.codes + entries[r].e * cb;
+            sb.acc = acc.data() + static_cast<int64_t>(entries[r].j) * tn + shift;
+            if (binary_)
+              kern.score_block_binary(sb, table);
+            else
+              kern.score_block_float(sb, p.alpha, p.tau, limit[entries[r].j]);
           }
           if (static_cast<int64_t>(last) >= hi) break;  // straddles into the next tile: read again there
           c.prev = static_cast<int64_t>(last);

@@ -1,3 +1,4 @@
+// The exact quantiser's search (a dispatched source: compiled once per SIMD level, simd.h).
 #include "quantize.h"
 
 #include <algorithm>
@@ -7,10 +8,11 @@
 #include <utility>
 
 #include "common.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "reduce.h"
 
-#if defined(__AVX512F__) || defined(__AVX__)
+#if D2R_SIMD_LEVEL > 0
 #include <immintrin.h>
 #endif
 
@@ -55,13 +57,18 @@
 //    all words with f below that bound and sorting them by (D64, id) is exact. Rows with non-finite or
 //    huge values (a > 1e15, where float32 could overflow) use a float64 brute force instead.
 
+D2R_SIMD_BEGIN
 namespace d2r {
+namespace D2R_SIMD_NS {
+
+class Searcher;
+
 namespace {
 
-// One native SIMD register of floats: 16 lanes (zmm) with AVX-512, otherwise 8 (ymm with AVX; GCC /
-// Clang lower it to two registers on narrower targets). A register tile holds kRows x 2 vectors of
-// accumulators, sized to the register file (32 zmm / 16 ymm).
-#if defined(__AVX512F__)
+// One native SIMD register of floats: 16 lanes (zmm) at the avx512 level, otherwise 8 (ymm at the
+// avx2 level; GCC / Clang lower it to two SSE registers at the scalar level). A register tile holds
+// kRows x 2 vectors of accumulators, sized to the register file (32 zmm / 16 ymm).
+#if D2R_SIMD_LEVEL == 2
 typedef float vf __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int kRows = 8;  // descriptors per register tile
@@ -135,11 +142,11 @@ inline void row_accum(const float* __restrict x, const float* __restrict panel, 
 // Whether some lane of a or b is below thr (kStrict) or at most thr.
 template <bool kStrict>
 inline bool any_lane(const vf& a, const vf& b, float thr) {
-#if defined(__AVX512F__)
+#if D2R_SIMD_LEVEL == 2
   constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m512 t = _mm512_set1_ps(thr);
   return (_mm512_cmp_ps_mask((__m512)a, t, pred) | _mm512_cmp_ps_mask((__m512)b, t, pred)) != 0;
-#elif defined(__AVX__)
+#elif D2R_SIMD_LEVEL == 1
   constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m256 t = _mm256_set1_ps(thr);
   return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps((__m256)a, t, pred), _mm256_cmp_ps((__m256)b, t, pred))) != 0;
@@ -262,10 +269,8 @@ void jacobi_eigen(std::vector<double>& a, int n, std::vector<double>& v) {
   }
 }
 
-}  // namespace
-
 // A codebook (or any set of points) packed in panels of kGroup words: [panel][dim][kGroup].
-struct Quantizer::Panels {
+struct Panels {
   int dim = 0;
   int screen[2] = {0, 0};  // leading dimensions of the two lower bounds (0: none)
   int64_t n = 0, n_panels = 0;
@@ -310,17 +315,13 @@ struct Quantizer::Panels {
   }
 };
 
-struct Quantizer::Index {
+struct Index {
   int k1 = 0, k2 = 0;          // dimensions of the two lower bounds
   std::vector<double> qt;      // the rotation, transposed (dim x dim)
   Panels words;                // rotated codebook, ordered by cell
   Panels cells;                // cell centres (first k rotated dimensions); ids = cell index
   std::vector<int64_t> begin;  // slots of cell g: [begin[g], begin[g + 1])
 };
-
-namespace {
-
-using Panels = Quantizer::Panels;
 
 // out[i] = the id of the nearest point of `cells` (by fl(||c||^2) - 2 fl(x.c), over cells.dim
 // leading dimensions) for the rows pts[i] (stride `stride`). Multi-threaded; ties to the lower slot.
@@ -365,7 +366,7 @@ void nearest(const float* pts, int64_t n, int64_t stride, const Panels& cells, i
 
 // One block of descriptors being searched (rows already gathered, rotated when pruning).
 struct BlockView {
-  const Quantizer::Panels* P;
+  const Panels* P;
   int D, k1, k2, m, rows, tiles;
   const float* xb;  // rows x D (padded with zero rows)
   TopList* tops;
@@ -408,7 +409,7 @@ inline void finish_row(const BlockView& b, int i, const vf& n0, const vf& n1, co
 // Phase A for rows [i0, i1) (all nearest to the cell of slots [s0, s1)): best[i * m ..] = the m
 // smallest float32 values f among the cell's panels. Returns the pairs computed.
 int64_t phase_a(const BlockView& b, int i0, int i1, int64_t s0, int64_t s1, float* best) {
-  const Quantizer::Panels& P = *b.P;
+  const Panels& P = *b.P;
   const int m = b.m, D = b.D;
   int64_t pairs = 0;
   for (int64_t p = s0 / kGroup; p <= (s1 - 1) / kGroup; ++p) {
@@ -460,7 +461,7 @@ struct MainResult {
 // paying), or the screened one: the leading k dimensions, the lower bound, and the rest of the
 // product only for the rows where some word may beat theta.
 MainResult main_pass(const BlockView& b) {
-  const Quantizer::Panels& P = *b.P;
+  const Panels& P = *b.P;
   const int D = b.D, k1 = b.k1, k2 = b.k2, rows = b.rows, tiles = b.tiles;
   bool plain = !b.prune;
   int64_t tested = 0, second = 0, fulls = 0, plain_pairs = 0;
@@ -565,13 +566,29 @@ MainResult main_pass(const BlockView& b) {
 
 }  // namespace
 
-Quantizer::~Quantizer() = default;
+// The search structure of one codebook (QuantizerImpl, quantize.h).
+class Searcher final : public QuantizerImpl {
+ public:
+  Searcher(const float* centroids, int64_t n_words, int dim);
+  void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters) const override;
+  bool pruning_enabled() const override { return index_ != nullptr; }
+  int screen_dims(int bound) const override { return index_ ? (bound == 0 ? index_->k1 : index_->k2) : 0; }
 
-Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words_(n_words), dim_(dim) {
-  D2R_CHECK(n_words > 0, "codebook must have at least one word");
-  D2R_CHECK(n_words <= std::numeric_limits<int32_t>::max() - 1, "codebook has too many words");
-  D2R_CHECK(dim > 0, "codebook dimension must be positive");
-  centroids_.assign(centroids, centroids + n_words * dim);
+ private:
+  int64_t n_words_;
+  int dim_;
+  float cmax_;                     // an upper bound on max ||c||
+  const float* centroids_;         // row-major, owned by the Quantizer (for the exact re-check)
+  std::unique_ptr<Panels> plain_;  // the codebook as given, packed (small codebooks)
+  std::unique_ptr<Index> index_;   // the pruning structure (large codebooks)
+};
+
+std::unique_ptr<QuantizerImpl> make_quantizer(const float* centroids, int64_t n_words, int dim) {
+  return std::make_unique<Searcher>(centroids, n_words, dim);
+}
+
+Searcher::Searcher(const float* centroids, int64_t n_words, int dim)
+    : n_words_(n_words), dim_(dim), centroids_(centroids) {
   double cmax = 0.0;
   bool finite = true;
   for (int64_t w = 0; w < n_words; ++w) {
@@ -580,7 +597,7 @@ Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words
     cmax = std::max(cmax, s);
   }
   cmax_ = finite ? float_up(std::sqrt(cmax) * (1.0 + 1e-6)) : std::numeric_limits<float>::infinity();
-  const bool prune = n_words >= kMinPruneWords && dim >= kScreen2 + 16 && finite && cmax_ < kMaxMagnitude;
+  const bool prune = n_words >= Quantizer::kMinPruneWords && dim >= kScreen2 + 16 && finite && cmax_ < kMaxMagnitude;
   if (!prune) {
     plain_ = std::make_unique<Panels>();
     plain_->pack(centroids, dim, nullptr, n_words, dim);
@@ -690,39 +707,10 @@ Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words
   index_ = std::move(ix);
 }
 
-Quantizer::Stats Quantizer::stats() const {
-  Stats s;
-  s.rows = counters_.rows.load();
-  s.pairs = counters_.pairs.load();
-  s.screened = counters_.screened.load();
-  s.full = counters_.full.load();
-  s.fallback_rows = counters_.fallback_rows.load();
-  s.plain_blocks = counters_.plain_blocks.load();
-  s.pruned_blocks = counters_.pruned_blocks.load();
-  s.screened2 = counters_.screened2.load();
-  s.screen_dims = index_ ? index_->k1 : 0;
-  s.screen_dims2 = index_ ? index_->k2 : 0;
-  s.dim = dim_;
-  return s;
-}
-
-void Quantizer::reset_stats() const {
-  counters_.rows = 0;
-  counters_.pairs = 0;
-  counters_.screened = 0;
-  counters_.screened2 = 0;
-  counters_.full = 0;
-  counters_.fallback_rows = 0;
-  counters_.plain_blocks = 0;
-  counters_.pruned_blocks = 0;
-}
-
-void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* dists) const {
-  D2R_CHECK(m >= 1, "multiple assignment m must be >= 1");
-  D2R_CHECK(m <= n_words_, "multiple assignment m exceeds the number of visual words");
-  if (n <= 0) return;
+void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dists,
+                      QuantizerCounters& counters) const {
   const int D = dim_;
-  const int cap = static_cast<int>(std::min<int64_t>(m + kMargin, n_words_));
+  const int cap = static_cast<int>(std::min<int64_t>(m + Quantizer::kMargin, n_words_));
   const Index* ix = index_.get();
   const Panels& P = ix ? ix->words : *plain_;
   const int k1 = ix ? ix->k1 : D, k2 = ix ? ix->k2 : D;
@@ -863,7 +851,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
           if (ok) {
             for (int c = 0; c < cap; ++c) {
               if (top.id[c] == kNoWord) continue;
-              exact[nc++] = {exact_dist(xo, centroids_.data() + static_cast<int64_t>(top.id[c]) * D, D), top.id[c]};
+              exact[nc++] = {exact_dist(xo, centroids_ + static_cast<int64_t>(top.id[c]) * D, D), top.id[c]};
             }
             std::sort(exact.begin(), exact.begin() + nc);
             ok = nc >= m && (nc < cap || static_cast<double>(top.d[cap - 1]) - eps[i] > exact[m - 1].first - xx[i]);
@@ -888,12 +876,12 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
                   if (v <= thr && pid[l] != kNoWord) cand.push_back({0.0, pid[l]});
                 }
               }
-              for (auto& e : cand) e.first = exact_dist(xo, centroids_.data() + static_cast<int64_t>(e.second) * D, D);
+              for (auto& e : cand) e.first = exact_dist(xo, centroids_ + static_cast<int64_t>(e.second) * D, D);
             } else {
               // Non-finite or huge values: float64 brute force (NaN distances last).
               cand.resize(n_words_);
               for (int64_t w = 0; w < n_words_; ++w) {
-                const double d = exact_dist(xo, centroids_.data() + w * D, D);
+                const double d = exact_dist(xo, centroids_ + w * D, D);
                 cand[w] = {std::isnan(d) ? std::numeric_limits<double>::infinity() : d, static_cast<int32_t>(w)};
               }
             }
@@ -908,16 +896,17 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
         }
       });
     }
-    counters_.pairs += c_pairs;
-    counters_.screened += c_screened;
-    counters_.screened2 += c_screened2;
-    counters_.full += c_full;
-    counters_.fallback_rows += c_fallback;
-    counters_.plain_blocks += c_plain;
-    counters_.pruned_blocks += c_pruned;
+    counters.pairs += c_pairs;
+    counters.screened += c_screened;
+    counters.screened2 += c_screened2;
+    counters.full += c_full;
+    counters.fallback_rows += c_fallback;
+    counters.plain_blocks += c_plain;
+    counters.pruned_blocks += c_pruned;
   }
-  counters_.rows += n;
   errors.rethrow();
 }
 
+}  // namespace D2R_SIMD_NS
 }  // namespace d2r
+D2R_SIMD_END

@@ -14,6 +14,7 @@
 #include "ivf.h"
 #include "postings.h"
 #include "quantize.h"
+#include "simd.h"
 
 #include "arrays.h"
 #include "mapped_file.h"
@@ -138,13 +139,15 @@ void bind_ransac(pybind11::module_& m);
 void bind_cuda(pybind11::module_& m);
 
 PYBIND11_MODULE(_native, m) {
+  // The SIMD level (simd.h), chosen here, at import: a bad $D2R_SIMD raises ImportError with its message.
+  const d2r::simd::Level simd_level = d2r::simd::active();
   bind_ransac(m);
   bind_cuda(m);
   m.doc() = "d2r native core (csrc/ CPU kernels, cuda/ GPU kernels)";
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &d2r::num_threads);
-  m.def("build_info", []() {
+  m.def("build_info", [simd_level]() {
     py::dict d;
     d["compiler"] = D2R_COMPILER;
     d["flags"] = D2R_FLAGS;
@@ -159,13 +162,10 @@ PYBIND11_MODULE(_native, m) {
 #else
     d["cuda"] = false;
 #endif
-#if defined(__AVX512F__)
-    d["simd"] = "avx512";
-#elif defined(__AVX2__)
-    d["simd"] = "avx2";
-#else
-    d["simd"] = "generic";
-#endif
+    d["simd"] = d2r::simd::level_name(simd_level);  // the level in use
+    py::list levels;  // compiled in and supported by this CPU
+    for (d2r::simd::Level l : d2r::simd::available()) levels.append(d2r::simd::level_name(l));
+    d["simd_levels"] = levels;
     return d;
   });
 
