@@ -679,7 +679,11 @@ static void test_simd_levels() {
   EXPECT(threw);
 }
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--simd-levels") {  // for .ci/run: the levels to run at
+    for (simd::Level l : simd::available()) std::printf("%s\n", simd::level_name(l));
+    return 0;
+  }
   test_quantize_golden();
   test_quantize_random();
   test_aggregate_golden();
