@@ -31,7 +31,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
   D2R_CHECK(m >= 1, "multiple assignment m must be >= 1");
   D2R_CHECK(m <= n_words_, "multiple assignment m exceeds the number of visual words");
   if (n <= 0) return;
-  impl_->search(x, n, m, ids, dists, counters_);
+  impl_->search(x, n, m, ids, dists, counters_, policy_.load());
   counters_.rows += n;
 }
 

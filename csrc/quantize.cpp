@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <utility>
 
 #include "common.h"
@@ -87,6 +88,11 @@ constexpr int kKmeansIters = 6;
 constexpr int kSampleForAxes = 16384;  // words used for the principal axes
 constexpr int kTileContinue = 5;     // finish the whole tile when this many of its rows survive
 constexpr int kMaxPhaseA = 64;       // phase A (the upper bound from the nearest cell) for m <= this
+constexpr int64_t kProbeRows = 1000;  // PrunePolicy::kAuto decides after this many pruned rows
+// ... and keeps pruning when the pruned search did at most this fraction of the full product's
+// multiply-adds (measured at each level: bench_quantize.py; the pruned search's overheads, branches
+// and one-row products cost about this much more per multiply-add than the full product's tiles).
+constexpr double kMaxPrunedWork = 0.30;
 constexpr double kU = 1.0 / 16777216.0;  // float32 unit roundoff 2^-24
 constexpr double kMaxMagnitude = 1e15;   // beyond: float64 brute force (float32 could overflow)
 constexpr int32_t kNoWord = std::numeric_limits<int32_t>::max();
@@ -570,8 +576,10 @@ MainResult main_pass(const BlockView& b) {
 class Searcher final : public QuantizerImpl {
  public:
   Searcher(const float* centroids, int64_t n_words, int dim);
-  void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters) const override;
+  void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters,
+              PrunePolicy policy) const override;
   bool pruning_enabled() const override { return index_ != nullptr; }
+  int prune_decision() const override { return decision_.load(); }
   int screen_dims(int bound) const override { return index_ ? (bound == 0 ? index_->k1 : index_->k2) : 0; }
 
  private:
@@ -581,6 +589,11 @@ class Searcher final : public QuantizerImpl {
   const float* centroids_;         // row-major, owned by the Quantizer (for the exact re-check)
   std::unique_ptr<Panels> plain_;  // the codebook as given, packed (small codebooks)
   std::unique_ptr<Index> index_;   // the pruning structure (large codebooks)
+  // PrunePolicy::kAuto: -1 undecided, 0 full product, 1 prune; the pruned searches measured so far.
+  mutable std::atomic<int> decision_{-1};
+  mutable std::mutex probe_mu_;
+  mutable int64_t probe_rows_ = 0, probe_pairs_ = 0;
+  mutable double probe_work_ = 0.0;
 };
 
 std::unique_ptr<QuantizerImpl> make_quantizer(const float* centroids, int64_t n_words, int dim) {
@@ -707,17 +720,21 @@ Searcher::Searcher(const float* centroids, int64_t n_words, int dim)
   index_ = std::move(ix);
 }
 
-void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dists,
-                      QuantizerCounters& counters) const {
+void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters,
+                      PrunePolicy policy) const {
   const int D = dim_;
   const int cap = static_cast<int>(std::min<int64_t>(m + Quantizer::kMargin, n_words_));
   const Index* ix = index_.get();
   const Panels& P = ix ? ix->words : *plain_;
   const int k1 = ix ? ix->k1 : D, k2 = ix ? ix->k2 : D;
   const float inf = std::numeric_limits<float>::infinity();
+  // With the pruning structure, whether this search prunes (PrunePolicy); if not, it runs the full
+  // product over the same (rotated) panels, which the exactness argument covers just the same.
+  const bool prune = ix && policy != PrunePolicy::kNever && (policy == PrunePolicy::kAlways || decision_.load() != 0);
+  const bool probe = prune && policy == PrunePolicy::kAuto && decision_.load() < 0;
 
-  // With the pruning structure: rotate the descriptors, find each one's nearest cell, and search
-  // them in cell order (descriptors of a tile then tend to share their surviving words).
+  // With the pruning structure: rotate the descriptors; when pruning, find each one's nearest cell
+  // and search them in cell order (descriptors of a tile then tend to share their surviving words).
   const float* xr = x;
   std::vector<float> xrot;
   std::vector<int32_t> cell, order;
@@ -730,6 +747,8 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
         rotate(ix->qt.data(), x + r * D, D, xrot.data() + r * D, acc.data());
     });
     xr = xrot.data();
+  }
+  if (prune) {
     cell.resize(n);
     nearest(xr, n, D, ix->cells, cell.data());
     const int64_t G = ix->cells.n;
@@ -739,7 +758,8 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
     order.resize(n);
     for (int64_t r = 0; r < n; ++r) order[start[cell[r]]++] = static_cast<int32_t>(r);
   }
-  const int max_rows = ix ? kMaxPrunedRows : kMaxBlockRows;
+  const int max_rows = prune ? kMaxPrunedRows : kMaxBlockRows;
+  std::atomic<int64_t> call_pairs{0}, call_work{0};  // for the probe: this search's multiply-adds
 
   ParallelErrors errors;
 #pragma omp parallel
@@ -793,7 +813,7 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
           xx[i] = s;
           bad[i] = !(a <= kMaxMagnitude);  // also NaN
           eps[i] = (2.0 * (D + 4) + 32.0) * kU * a * a + 1e-30;
-          if (ix) {
+          if (prune) {
             const float* xi = xb.data() + static_cast<size_t>(i) * D;
             xh[0][i] = sum_sq(xi, 0, k1);
             xh[1][i] = sum_sq(xi, 0, k2);
@@ -819,9 +839,9 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
                      {xh[0].data(), xh[1].data()},
                      xx.data(),
                      eps.data(),
-                     ix != nullptr};
+                     prune};
         // Phase A: an upper bound on the m-th nearest distance from the words of the nearest cell.
-        if (ix && m <= kMaxPhaseA) {
+        if (prune && m <= kMaxPhaseA) {
           best_a.assign(static_cast<size_t>(rows) * m, inf);
           for (int i0 = 0; i0 < rows;) {
             const int32_t g = cell[row_of(i0)];
@@ -836,7 +856,7 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
         c_screened += mr.screened;
         c_screened2 += mr.screened2;
         c_full += mr.full;
-        if (ix && !mr.went_plain) ++c_pruned;
+        if (prune && !mr.went_plain) ++c_pruned;
         else ++c_plain;
 
         // Exact re-check in double precision, certified (see the top of this file).
@@ -903,8 +923,25 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
     counters.fallback_rows += c_fallback;
     counters.plain_blocks += c_plain;
     counters.pruned_blocks += c_pruned;
+    if (probe) {
+      call_pairs += c_pairs;
+      call_work += c_screened * k1 + c_screened2 * (k2 - k1) + c_full * (D - k2);
+    }
   }
   errors.rethrow();
+  if (probe) {
+    // kAuto: after kProbeRows pruned rows, keep pruning only where it does little enough of the work.
+    std::lock_guard<std::mutex> lock(probe_mu_);
+    if (decision_.load() < 0) {
+      probe_rows_ += n;
+      probe_pairs_ += call_pairs.load();
+      probe_work_ += static_cast<double>(call_work.load());
+      if (probe_rows_ >= kProbeRows) {
+        const double work = probe_work_ / (static_cast<double>(probe_pairs_) * D);
+        decision_.store(work <= kMaxPrunedWork ? 1 : 0);
+      }
+    }
+  }
 }
 
 }  // namespace D2R_SIMD_NS

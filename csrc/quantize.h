@@ -32,12 +32,22 @@ struct QuantizerCounters {
       pruned_blocks{0};
 };
 
+// Whether a search uses the pruning structure (large codebooks; quantize.cpp): kAuto (the default)
+// prunes until the first searches (at least kProbeRows descriptors) have shown whether the pruning
+// pays: when it skips too little of the product (a codebook that is not clustered, e.g. sampled
+// descriptors) every later search runs the exact fused product instead. kAlways / kNever force it.
+// The results are the same either way (exact); only the speed differs.
+enum class PrunePolicy : int { kAuto = 0, kAlways = 1, kNever = 2 };
+
 // The search structure of one SIMD level (quantize.cpp, compiled once per level; simd.h).
 class QuantizerImpl {
  public:
   virtual ~QuantizerImpl() = default;
-  virtual void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& c) const = 0;
+  virtual void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& c,
+                      PrunePolicy policy) const = 0;
   virtual bool pruning_enabled() const = 0;
+  // kAuto's verdict: -1 not decided yet (or no pruning structure), 0 the full product, 1 pruning.
+  virtual int prune_decision() const = 0;
   virtual int screen_dims(int bound) const = 0;  // bound 0 or 1; 0 without pruning
 };
 
@@ -79,6 +89,9 @@ class Quantizer {
   Stats stats() const;
   void reset_stats() const;
   bool pruning_enabled() const { return impl_->pruning_enabled(); }
+  PrunePolicy prune_policy() const { return policy_.load(); }
+  void set_prune_policy(PrunePolicy p) { policy_.store(p); }
+  int prune_decision() const { return impl_->prune_decision(); }
 
  private:
   int64_t n_words_;
@@ -86,6 +99,7 @@ class Quantizer {
   simd::Level level_;
   std::vector<float> centroids_;  // row-major copy
   std::unique_ptr<QuantizerImpl> impl_;
+  std::atomic<PrunePolicy> policy_{PrunePolicy::kAuto};
   mutable QuantizerCounters counters_;
 };
 
