@@ -33,9 +33,10 @@ struct QuantizerCounters {
 };
 
 // Whether a search uses the pruning structure (large codebooks; quantize.cpp): kAuto (the default)
-// prunes until the first searches (at least kProbeRows descriptors) have shown whether the pruning
-// pays: when it skips too little of the product (a codebook that is not clustered, e.g. sampled
-// descriptors) every later search runs the exact fused product instead. kAlways / kNever force it.
+// prunes until the first searches (at least 1,000 descriptors) have shown whether the pruning pays:
+// when it did more than 25 % of the full product's multiply-adds (a codebook with little cluster
+// structure, e.g. words sampled from clustered descriptors) every later search runs the exact
+// fused product instead. kAlways / kNever force it.
 // The results are the same either way (exact); only the speed differs.
 enum class PrunePolicy : int { kAuto = 0, kAlways = 1, kNever = 2 };
 
