@@ -26,7 +26,10 @@ __all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "FormatWa
 
 
 def build_info() -> dict:
-    """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
+    """How the native core was built: compiler, flags, OpenMP, threads, CUDA, and its SIMD level:
+    ``simd`` the level in use ("scalar", "avx2" or "avx512": the best this CPU supports, or the
+    environment variable ``D2R_SIMD`` read at import), ``simd_levels`` the levels compiled in and
+    supported by this CPU (every level gives the same results)."""
     info = dict(_native.build_info())
     info["version"] = __version__
     info["cuda_devices"] = _native.cuda_device_count()
