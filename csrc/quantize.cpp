@@ -762,7 +762,9 @@ void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dis
     order.resize(n);
     for (int64_t r = 0; r < n; ++r) order[start[cell[r]]++] = static_cast<int32_t>(r);
   }
-  const int max_rows = prune ? kMaxPrunedRows : kMaxBlockRows;
+  // Large codebooks (ix): blocks of kMaxPrunedRows rows whether pruning or not (the rotated codebook
+  // is streamed once per block; measured faster for the full product too at 65,536 words).
+  const int max_rows = ix ? kMaxPrunedRows : kMaxBlockRows;
   std::atomic<int64_t> call_pairs{0}, call_work{0};  // for the probe: this search's multiply-adds
 
   ParallelErrors errors;
