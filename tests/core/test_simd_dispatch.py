@@ -1,8 +1,9 @@
 """Runtime CPU dispatch (csrc/simd.h): one fixed workload (quantisation with and without the pruning
 structure, aggregation, ASMK / ASMK* scoring, matching and RANSAC) runs in a fresh interpreter under
 every SIMD level this machine supports (D2R_SIMD=scalar|avx2|avx512), and every level's outputs must
-equal the scalar level's bit for bit. Also: build_info() follows D2R_SIMD, and a bad value fails the
-import with a message naming the valid ones."""
+equal the scalar level's bit for bit (the index scoring there runs the scan's kernels of the level).
+Also: build_info() and the posting scan's kernels follow D2R_SIMD, and a bad value fails the import
+with a message naming the valid ones."""
 import os
 import subprocess
 import sys
@@ -131,6 +132,18 @@ def test_build_info_follows_env():
     assert r.returncode == 0 and r.stdout.startswith(f'["{LEVELS[-1]}"'), r.stderr
     r = _run("", code)  # empty counts as unset
     assert r.returncode == 0 and r.stdout.startswith(f'["{LEVELS[-1]}"'), r.stderr
+
+
+def test_scan_kernels_follow_the_level():
+    """The posting scan (csrc/scan.h) has one kernel variant per level and starts at the active one."""
+    code = ("import json, d2r; from d2r import _native; "
+            "print(json.dumps([_native.scan_variant(), _native.scan_variants()]))")
+    for level in LEVELS:
+        r = _run(level, code)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f'["{level}", {list(LEVELS)!r}]'.replace("'", '"')
+    r = _run("sse9", "from d2r import _native; print(_native.scan_variant())")  # no silent fallback
+    assert r.returncode != 0 and "D2R_SIMD=sse9" in r.stderr
 
 
 def test_bad_level_fails_the_import():
