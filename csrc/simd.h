@@ -30,9 +30,16 @@
 // exact at every level (its float32 pass may round differently, the float64 re-check decides); the
 // other dispatched sources are compiled with -ffp-contract=off, and the explicit fused multiply-adds
 // (reduce.h: fma_if_fused) are std::fma at every level, so the same operations round the same way.
-// tests/test_simd_dispatch.py and the C++ tests (run once per level by .ci/run) check it.
+// tests/core/test_simd_dispatch.py, tests/core/test_scan.py and the C++ tests (run once per level by .ci/run) check it.
 //
-// Adding a kernel (say, a SIMD posting scan):
+// The posting scan (scan.h / scan.cpp) follows the same level by another route: its kernels are
+// hand-written intrinsics, compiled once with function target attributes, one ScanKernels table per
+// level (with the level's name), and scan_kernels() starts at active()'s table (scan.cpp
+// variant_of). set_scan_variant overrides it for tests and benchmarks; every table gives the same
+// integers. 16-byte binary codes are scored there (ScanKernels::bin16); other code widths and float
+// codes by this mechanism's score_block_* (ivf_kernels.cpp). There is no second copy of either.
+//
+// Adding a kernel:
 //   1. Declare it in kernels.h, inside `namespace D2R_SIMD_NS` (it is declared once per level).
 //   2. Add a function pointer of the same type to simd::Kernels below.
 //   3. Add `&D2R_SIMD_NS::your_kernel` to the table in simd_table.cpp (same position as in Kernels).
@@ -85,7 +92,8 @@ struct Kernels {
   std::unique_ptr<QuantizerImpl> (*make_quantizer)(const float* centroids, int64_t n_words, int dim);
   // reduce.h's sum_squares (fixed order, fused multiply-adds), for the aggregation.
   double (*sum_squares)(const double* v, int dim);
-  // ivf_kernels.cpp: one decoded posting block scored against one query entry (kernels.h).
+  // ivf_kernels.cpp: one decoded posting block scored against one query entry (kernels.h): binary
+  // codes of any width but 16 bytes (those: scan.h ScanKernels::bin16), and float codes.
   void (*score_block_binary)(const ScoreBlock& b, const int64_t* table);
   void (*score_block_float)(const ScoreBlock& b, float alpha, float tau, float limit);
   // ransac.cpp (ransac.h documents them)
