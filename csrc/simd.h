@@ -26,11 +26,14 @@
 // the linker keeps of each runs on every CPU. (Compiling whole files with -mavx512f would instead
 // let the linker pick an AVX-512 copy of, say, std::vector<float>::resize for the baseline code.)
 //
-// Exactness: every level gives the same results bit for bit. The quantiser's result is certified
-// exact at every level (its float32 pass may round differently, the float64 re-check decides); the
-// other dispatched sources are compiled with -ffp-contract=off, and the explicit fused multiply-adds
-// (reduce.h: fma_if_fused) are std::fma at every level, so the same operations round the same way.
-// tests/test_simd_dispatch.py and the C++ tests (run once per level by .ci/run) check it.
+// Exactness: quantisation, aggregation and scoring give the same results bit for bit at every level.
+// The quantiser's result is certified exact at every level (its float32 pass may round differently,
+// the float64 re-check decides); the scoring kernels are compiled with -ffp-contract=off, and the
+// explicit fused multiply-adds (reduce.h: fma_if_fused) are std::fma at every level, so the same
+// operations round the same way. Spatial verification (ransac.cpp) keeps the FMA contraction for
+// speed (2.5x): its scalar level may differ from avx2 / avx512 for points or descriptors within
+// float rounding of a threshold or a tie, as ransac.h says of builds. tests/test_simd_dispatch.py
+// and the C++ tests (run once per level by .ci/run) compare the levels.
 //
 // Adding a kernel (say, a SIMD posting scan):
 //   1. Declare it in kernels.h, inside `namespace D2R_SIMD_NS` (it is declared once per level).

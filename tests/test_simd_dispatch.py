@@ -1,7 +1,9 @@
 """Runtime CPU dispatch (csrc/simd.h): one fixed workload (quantisation with and without the pruning
 structure, aggregation, ASMK / ASMK* scoring, matching and RANSAC) runs in a fresh interpreter under
 every SIMD level this machine supports (D2R_SIMD=scalar|avx2|avx512), and every level's outputs must
-equal the scalar level's bit for bit. Also: build_info() follows D2R_SIMD, and a bad value fails the
+equal the scalar level's bit for bit. (Quantisation, aggregation and scoring are bit-identical across
+levels by construction; spatial verification keeps the FMA contraction, so its scalar level could
+differ for points within float rounding of the threshold: this workload has none.) Also: build_info() follows D2R_SIMD, and a bad value fails the
 import with a message naming the valid ones."""
 import os
 import subprocess
