@@ -44,7 +44,9 @@
 //      `namespace d2r { namespace D2R_SIMD_NS {`. D2R_SIMD_LEVEL (0, 1, 2) selects level-specific
 //      code with #if (intrinsics: include <immintrin.h> before D2R_SIMD_BEGIN).
 //   5. Call it from baseline code as simd::kernels().your_kernel(...). Results must not depend on the
-//      level (the cross-level tests compare them bit for bit).
+//      level: add it to test_simd_levels (tests/cpp/test_core.cpp), which runs every level in one
+//      process and compares them bit for bit. (A posting scan would start from score_block_binary,
+//      ivf_kernels.cpp, called once per decoded block by InvertedFile::score_slots.)
 #pragma once
 
 #include <cstdint>
