@@ -10,8 +10,9 @@
 #include "kernels.h"
 #include "parallel.h"
 
-// A dispatched source (simd.h): compiled once per SIMD level, with -ffp-contract=off so that every
-// level rounds the same operations the same way (the results are bit-identical across levels).
+// A dispatched source (simd.h): compiled once per SIMD level. It keeps the FMA contraction (its
+// products are FMA-bound): the avx2 and avx512 levels contract alike, the scalar level (no FMA) may
+// differ from them for points or descriptors within float rounding of a threshold or a tie (ransac.h).
 D2R_SIMD_BEGIN
 namespace d2r {
 namespace D2R_SIMD_NS {

@@ -26,11 +26,14 @@
 // the linker keeps of each runs on every CPU. (Compiling whole files with -mavx512f would instead
 // let the linker pick an AVX-512 copy of, say, std::vector<float>::resize for the baseline code.)
 //
-// Exactness: every level gives the same results bit for bit. The quantiser's result is certified
-// exact at every level (its float32 pass may round differently, the float64 re-check decides); the
-// other dispatched sources are compiled with -ffp-contract=off, and the explicit fused multiply-adds
-// (reduce.h: fma_if_fused) are std::fma at every level, so the same operations round the same way.
-// tests/core/test_simd_dispatch.py, tests/core/test_scan.py and the C++ tests (run once per level by .ci/run) check it.
+// Exactness: quantisation, aggregation and scoring give the same results bit for bit at every level.
+// The quantiser's result is certified exact at every level (its float32 pass may round differently,
+// the float64 re-check decides); the scoring kernels are compiled with -ffp-contract=off, and the
+// explicit fused multiply-adds (reduce.h: fma_if_fused) are std::fma at every level, so the same
+// operations round the same way. Spatial verification (ransac.cpp) keeps the FMA contraction for
+// speed (2.5x): its scalar level may differ from avx2 / avx512 for points or descriptors within
+// float rounding of a threshold or a tie, as ransac.h says of builds. tests/core/test_simd_dispatch.py,
+// tests/core/test_scan.py and the C++ tests (run once per level by .ci/run) compare the levels.
 //
 // The posting scan (scan.h / scan.cpp) follows the same level by another route: its kernels are
 // hand-written intrinsics, compiled once with function target attributes, one ScanKernels table per
@@ -48,7 +51,9 @@
 //      `namespace d2r { namespace D2R_SIMD_NS {`. D2R_SIMD_LEVEL (0, 1, 2) selects level-specific
 //      code with #if (intrinsics: include <immintrin.h> before D2R_SIMD_BEGIN).
 //   5. Call it from baseline code as simd::kernels().your_kernel(...). Results must not depend on the
-//      level (the cross-level tests compare them bit for bit).
+//      level: add it to test_simd_levels (tests/cpp/test_core.cpp), which runs every level in one
+//      process and compares them bit for bit. (A posting scan would start from score_block_binary,
+//      ivf_kernels.cpp, called once per decoded block by InvertedFile::score_slots.)
 #pragma once
 
 #include <cstdint>

@@ -2,8 +2,10 @@
 structure, aggregation, ASMK / ASMK* scoring, matching and RANSAC) runs in a fresh interpreter under
 every SIMD level this machine supports (D2R_SIMD=scalar|avx2|avx512), and every level's outputs must
 equal the scalar level's bit for bit (the index scoring there runs the scan's kernels of the level).
-Also: build_info() and the posting scan's kernels follow D2R_SIMD, and a bad value fails the import
-with a message naming the valid ones."""
+(Quantisation, aggregation and scoring are bit-identical across levels by construction; spatial
+verification keeps the FMA contraction, so its scalar level could differ for points within float
+rounding of the threshold: this workload has none.) Also: build_info() and the posting scan's kernels
+follow D2R_SIMD, and a bad value fails the import with a message naming the valid ones."""
 import os
 import subprocess
 import sys

@@ -769,11 +769,16 @@ static void test_simd_levels() {
     EXPECT(a.ids_small == b.ids_small);
     EXPECT(std::memcmp(a.dist_small.data(), b.dist_small.data(), sizeof(float) * a.dist_small.size()) == 0);
     EXPECT(std::memcmp(&a.ss, &b.ss, sizeof(double)) == 0);
-    EXPECT(a.nn == b.nn);
-    EXPECT(std::memcmp(a.nn_d.data(), b.nn_d.data(), sizeof(double) * a.nn_d.size()) == 0);
-    EXPECT(a.inliers == b.inliers && a.mask == b.mask);
-    EXPECT(std::memcmp(a.model.data(), b.model.data(), sizeof(float) * 6) == 0);
     EXPECT(a.acc_b == b.acc_b && a.acc_f == b.acc_f && a.acc_b12 == b.acc_b12 && a.acc_scan == b.acc_scan);
+    // Spatial verification keeps the FMA contraction (simd.h): bit-identical between the FMA levels
+    // (avx2, avx512); the scalar level agrees on this data's matches and inliers (no near-ties).
+    EXPECT(a.nn == b.nn);
+    EXPECT(a.inliers == b.inliers && a.mask == b.mask);
+    if (i >= 2) {
+      const Out& f = outs[1];
+      EXPECT(std::memcmp(f.nn_d.data(), b.nn_d.data(), sizeof(double) * f.nn_d.size()) == 0);
+      EXPECT(std::memcmp(f.model.data(), b.model.data(), sizeof(float) * 6) == 0);
+    }
   }
   // A level that is not available is refused by name.
   bool threw = false;
