@@ -52,8 +52,8 @@
 //      code with #if (intrinsics: include <immintrin.h> before D2R_SIMD_BEGIN).
 //   5. Call it from baseline code as simd::kernels().your_kernel(...). Results must not depend on the
 //      level: add it to test_simd_levels (tests/cpp/test_core.cpp), which runs every level in one
-//      process and compares them bit for bit. (A posting scan would start from score_block_binary,
-//      ivf_kernels.cpp, called once per decoded block by InvertedFile::score_slots.)
+//      process and compares them bit for bit. (The posting scan's kernels live in scan.cpp, see above;
+//      InvertedFile::score_block, ivf.cpp, picks between them and score_block_* per decoded block.)
 #pragma once
 
 #include <cstdint>
