@@ -1,7 +1,8 @@
 """Build d2r: setuptools hands the native build to CMake (pybind11's cmake_example pattern).
 
 Environment switches:
-  D2R_NATIVE_ARCH=0   portable binary (no -march=native)
+  D2R_NATIVE_ARCH=1   compile for this machine's CPU only (-march=native); default: a portable
+                      binary whose SIMD level (scalar, avx2, avx512) is picked at import
   D2R_CUDA=OFF        never compile cuda/, even where nvcc exists
   D2R_BUILD_TYPE      CMake build type (default Release)
   D2R_SANITIZE=1      build with AddressSanitizer + UBSan (for the C++ tests)
@@ -36,7 +37,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
-            f"-DD2R_NATIVE_ARCH={'OFF' if os.environ.get('D2R_NATIVE_ARCH', '1') in ('0', 'OFF', 'off') else 'ON'}",
+            f"-DD2R_NATIVE_ARCH={'ON' if os.environ.get('D2R_NATIVE_ARCH', '0') in ('1', 'ON', 'on') else 'OFF'}",
             f"-DD2R_CUDA={os.environ.get('D2R_CUDA', 'AUTO')}",
             f"-DD2R_SANITIZE={'ON' if os.environ.get('D2R_SANITIZE', '0') in ('1', 'ON', 'on') else 'OFF'}",
             "-DD2R_BUILD_PYTHON=ON",

@@ -103,7 +103,7 @@ def bench(name, c, queries, m, reps, check_images, blas_threshold):
     for x in queries[:2]:  # warm-up
         cb.quantize(x, m)
         index.search(x, m)
-    rates = {"d2r": [], "faiss": []}
+    rates = {"d2r": [], "faiss": [], "d2r_full_product": []}
     n_desc = sum(len(x) for x in queries)
     q = cb._quantizer
     for _ in range(reps):
@@ -117,7 +117,15 @@ def bench(name, c, queries, m, reps, check_images, blas_threshold):
         for x in queries:
             index.search(x, m)
         rates["faiss"].append(len(queries) / (time.perf_counter() - t0))
+        # the exact fused product without pruning (what the default policy falls back to)
+        q.prune_policy = "never"
+        t0 = time.perf_counter()
+        for x in queries:
+            cb.quantize(x, m)
+        rates["d2r_full_product"].append(len(queries) / (time.perf_counter() - t0))
+        q.prune_policy = "auto"
     d2r_ips, faiss_ips = float(np.median(rates["d2r"])), float(np.median(rates["faiss"]))
+    full_ips = float(np.median(rates["d2r_full_product"]))
     k, k2, D = st["screen_dims"], st["screen_dims2"], st["dim"]
     pairs = max(1, st["pairs"])
     # exactness on a subset: ids equal to the float64 brute force
@@ -133,6 +141,8 @@ def bench(name, c, queries, m, reps, check_images, blas_threshold):
         "descriptors": int(n_desc), "mean_descriptors_per_image": n_desc / len(queries),
         "d2r_images_per_s": d2r_ips, "faiss_images_per_s": faiss_ips, "speedup_vs_faiss": d2r_ips / faiss_ips,
         "d2r_runs": rates["d2r"], "faiss_runs": rates["faiss"],
+        "d2r_full_product_images_per_s": full_ips, "speedup_vs_full_product": d2r_ips / full_ips,
+        "simd": d2r.build_info()["simd"], "prune_decision": st["prune_decision"],
         "d2r_gflops_equivalent": 2.0 * n_desc * c.shape[0] * c.shape[1] * d2r_ips / len(queries) / 1e9,
         "faiss_gflops": 2.0 * n_desc * c.shape[0] * c.shape[1] * faiss_ips / len(queries) / 1e9,
         "pruning_enabled": bool(q.pruning_enabled),
@@ -146,6 +156,8 @@ def bench(name, c, queries, m, reps, check_images, blas_threshold):
     }
     print(f"{name}: C={c.shape[0]} m={m} {len(queries)} images ({n_desc / len(queries):.0f} desc/image): "
           f"d2r {d2r_ips:.2f} img/s, faiss {faiss_ips:.2f} img/s, x{d2r_ips / faiss_ips:.2f}; "
+          f"full product {full_ips:.2f} img/s (d2r / full x{d2r_ips / full_ips:.2f}, pruning decision "
+          f"{st['prune_decision']}); "
           f"pruned {100 * res['pruned_fraction']:.1f}% of products (work {100 * res['work_fraction']:.1f}% of full), "
           f"exact: {mismatch} / {checked} rows differ from float64 (faiss equal on {faiss_agree})", flush=True)
     return res

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ def main():
     cb = d2r.Codebook(rng.standard_normal((N_WORDS, DIM)).astype(np.float32))
     path = folder / f"index-{args.images}-{args.tag}.d2r"
     res = {"tag": args.tag, "d2r_file": d2r.__file__, "images": args.images, "threads": d2r.get_num_threads(),
-           "simd": os.environ.get("D2R_SIMD", "")}
+           "simd": d2r.build_info()["simd"], "scan_variant": d2r._native.scan_variant()}
     try:
         from _machine import cpu_model
         res["cpu"] = cpu_model()

@@ -7,7 +7,7 @@
 #include "binarize.h"
 #include "common.h"
 #include "parallel.h"
-#include "reduce.h"
+#include "simd.h"
 
 namespace d2r {
 namespace {
@@ -64,7 +64,8 @@ void residual_sums(const AggInput& in, const RegionLayout& lay, int64_t region, 
   }
 }
 
-double squared_norm(const double* v, int dim) { return sum_squares(v, dim); }
+// sum_squares (reduce.h) at the active SIMD level: fused multiply-adds inline where the CPU has them.
+double squared_norm(const double* v, int dim) { return simd::kernels().sum_squares(v, dim); }
 
 double total_squared_norm(const WordSums& ws, int dim) {
   double s = 0.0;

@@ -14,6 +14,7 @@
 #include "binarize.h"
 #include "common.h"
 #include "fixed_point.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "postings.h"
 #include "postings_v3.h"
@@ -801,17 +802,6 @@ std::vector<int64_t> InvertedFile::hamming_table(const ScoreParams& p) const {
 
 namespace {
 
-inline float dot(const float* a, const uint8_t* braw, int dim) {
-  // Codes sit unaligned in the compressed blocks: loaded through memcpy.
-  float s = 0.0f;
-  for (int t = 0; t < dim; ++t) {
-    float b;
-    std::memcpy(&b, braw + sizeof(float) * t, sizeof(float));
-    s = fmaf_if_fused(a[t], b, s);  // as the GPU scoring rounds
-  }
-  return s;
-}
-
 // Results of n_queries queries over n candidates: k results each (k < 0 or k > n: n), zero-filled.
 TopK empty_topk(int64_t n_queries, int64_t k, int64_t n) {
   TopK r;
@@ -909,32 +899,20 @@ inline void scan_list_tile(const Segment& seg, int32_t w, Cursor& c, int64_t lo,
 
 void InvertedFile::score_block(const uint8_t* qc, float lim, const ScoreParams& p, const int64_t* table,
                                const uint8_t* codes, const uint32_t* slots, int i0, int i1, uint32_t base,
-                               int64_t* acc, const ScanKernels& kern) const {
+                               int64_t* acc, const ScanKernels& kern, const simd::Kernels& simd_kern) const {
   // acc[slot - base] for the local slots [i0, i1) of a block: the index is taken modulo 2^32 (base
-  // above the slot when a segment starts inside the accumulator's range).
-  const int cb = code_bytes_;
-  if (binary_) {
-    if (cb == 16) {
-      kern.bin16(table, qc, codes, slots, i0, i1, base, acc);
-    } else {
-      for (int i = i0; i < i1; ++i)
-        acc[static_cast<uint32_t>(slots[i] - base)] += table[hamming(qc, codes + static_cast<size_t>(i) * cb, cb)];
-    }
+  // above the slot when a segment starts inside the accumulator's range). 16-byte binary codes (the
+  // default): the scan's kernels (scan.h); other widths and float codes: the dispatched kernels of
+  // ivf_kernels.cpp (simd.h). Both follow the SIMD level; every level gives the same integers.
+  if (binary_ && code_bytes_ == 16) {
+    kern.bin16(table, qc, codes, slots, i0, i1, base, acc);
     return;
   }
-  const int dim = dim_;
-  float qv[1024];
-  const float* qf = reinterpret_cast<const float*>(qc);
-  if (dim <= 1024) {
-    std::memcpy(qv, qc, sizeof(float) * dim);
-    qf = qv;
-  }
-  for (int i = i0; i < i1; ++i) {
-    const float cc = selectivity(dot(qf, codes + static_cast<size_t>(i) * cb, dim), p.alpha, p.tau);
-    if (!(std::fabs(cc) <= lim))
-      throw InvalidArgument("score contribution out of the fixed-point range (codes far from unit length)");
-    acc[static_cast<uint32_t>(slots[i] - base)] += score_to_fixed(cc);
-  }
+  const ScoreBlock sb{qc, codes, slots, i0, i1, base, code_bytes_, dim_, acc};
+  if (binary_)
+    simd_kern.score_block_binary(sb, table);
+  else
+    simd_kern.score_block_float(sb, p.alpha, p.tau, lim);
 }
 
 namespace {
@@ -986,6 +964,7 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
   acc.resize(static_cast<size_t>(tile) * group);
   uint32_t buf[kBlock + 16];
   const ScanKernels& kern = scan_kernels();
+  const simd::Kernels& simd_kern = simd::kernels();
   const int32_t* nwords = s.slots->nwords.data();
   for (int64_t t_lo = slot_lo; t_lo < slot_hi; t_lo += tile) {
     const int64_t t_hi = std::min(slot_hi, t_lo + tile), tn = t_hi - t_lo;
@@ -1005,7 +984,7 @@ void InvertedFile::score_slots(const Snapshot& s, const CodesView& q, int64_t qi
                          for (size_t r = runs[ri]; r < runs[ri + 1]; ++r)
                            score_block(q.codes + entries[r].e * cb, limit[entries[r].j], p, table, blk.codes, sl,
                                        i0, i1, static_cast<uint32_t>(lo),
-                                       acc.data() + static_cast<int64_t>(entries[r].j) * tn, kern);
+                                       acc.data() + static_cast<int64_t>(entries[r].j) * tn, kern, simd_kern);
                        });
       }
     }

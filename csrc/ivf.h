@@ -28,6 +28,9 @@
 namespace d2r {
 
 struct ScanKernels;
+namespace simd {
+struct Kernels;
+}  // namespace simd
 
 struct ScoreParams {
   float alpha = 3.0f;
@@ -236,7 +239,8 @@ class InvertedFile {
                    const int64_t* table, int64_t slot_lo, int64_t slot_hi, std::vector<int64_t>& acc,
                    float* scores) const;
   void score_block(const uint8_t* qc, float lim, const ScoreParams& p, const int64_t* table, const uint8_t* codes,
-                   const uint32_t* slots, int i0, int i1, uint32_t base, int64_t* acc, const ScanKernels& kern) const;
+                   const uint32_t* slots, int i0, int i1, uint32_t base, int64_t* acc, const ScanKernels& kern,
+                   const simd::Kernels& simd_kern) const;
   void score_all_into(const Snapshot& s, const CodesView& q, const ScoreParams& p, float* out) const;
   void check_no_multi(const char* what) const;
 

@@ -1,16 +1,19 @@
+// The exact quantiser's search (a dispatched source: compiled once per SIMD level, simd.h).
 #include "quantize.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <utility>
 
 #include "common.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "reduce.h"
 
-#if defined(__AVX512F__) || defined(__AVX__)
+#if D2R_SIMD_LEVEL > 0
 #include <immintrin.h>
 #endif
 
@@ -55,13 +58,18 @@
 //    all words with f below that bound and sorting them by (D64, id) is exact. Rows with non-finite or
 //    huge values (a > 1e15, where float32 could overflow) use a float64 brute force instead.
 
+D2R_SIMD_BEGIN
 namespace d2r {
+namespace D2R_SIMD_NS {
+
+class Searcher;
+
 namespace {
 
-// One native SIMD register of floats: 16 lanes (zmm) with AVX-512, otherwise 8 (ymm with AVX; GCC /
-// Clang lower it to two registers on narrower targets). A register tile holds kRows x 2 vectors of
-// accumulators, sized to the register file (32 zmm / 16 ymm).
-#if defined(__AVX512F__)
+// One native SIMD register of floats: 16 lanes (zmm) at the avx512 level, otherwise 8 (ymm at the
+// avx2 level; GCC / Clang lower it to two SSE registers at the scalar level). A register tile holds
+// kRows x 2 vectors of accumulators, sized to the register file (32 zmm / 16 ymm).
+#if D2R_SIMD_LEVEL == 2
 typedef float vf __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int kRows = 8;  // descriptors per register tile
@@ -80,6 +88,15 @@ constexpr int kKmeansIters = 6;
 constexpr int kSampleForAxes = 16384;  // words used for the principal axes
 constexpr int kTileContinue = 5;     // finish the whole tile when this many of its rows survive
 constexpr int kMaxPhaseA = 64;       // phase A (the upper bound from the nearest cell) for m <= this
+constexpr int64_t kProbeRows = 1000;  // PrunePolicy::kAuto decides after this many pruned rows (one image)
+// ... and keeps pruning when the pruned search did at most this fraction of the full product's
+// multiply-adds (screening included). Measured on an AMD EPYC (Zen 4) at the avx2 and avx512 levels,
+// pruned time / full-product time against this work fraction: 0.39-0.48 at 0.14-0.16 (RootSIFT,
+// 65,536 sampled descriptors as words), 0.92-0.93 at 0.20-0.25 (8,192 sampled), 1.04-1.24 at 0.75
+// (bench_ivf.py's clustered data, words sampled from descriptors): the break-even lies just above
+// 0.25 (the pruned search's screening, branches and one-row products cost more per multiply-add
+// than the full product's register tiles).
+constexpr double kMaxPrunedWork = 0.25;
 constexpr double kU = 1.0 / 16777216.0;  // float32 unit roundoff 2^-24
 constexpr double kMaxMagnitude = 1e15;   // beyond: float64 brute force (float32 could overflow)
 constexpr int32_t kNoWord = std::numeric_limits<int32_t>::max();
@@ -135,11 +152,11 @@ inline void row_accum(const float* __restrict x, const float* __restrict panel, 
 // Whether some lane of a or b is below thr (kStrict) or at most thr.
 template <bool kStrict>
 inline bool any_lane(const vf& a, const vf& b, float thr) {
-#if defined(__AVX512F__)
+#if D2R_SIMD_LEVEL == 2
   constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m512 t = _mm512_set1_ps(thr);
   return (_mm512_cmp_ps_mask((__m512)a, t, pred) | _mm512_cmp_ps_mask((__m512)b, t, pred)) != 0;
-#elif defined(__AVX__)
+#elif D2R_SIMD_LEVEL == 1
   constexpr int pred = kStrict ? _CMP_LT_OQ : _CMP_LE_OQ;
   const __m256 t = _mm256_set1_ps(thr);
   return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps((__m256)a, t, pred), _mm256_cmp_ps((__m256)b, t, pred))) != 0;
@@ -262,10 +279,8 @@ void jacobi_eigen(std::vector<double>& a, int n, std::vector<double>& v) {
   }
 }
 
-}  // namespace
-
 // A codebook (or any set of points) packed in panels of kGroup words: [panel][dim][kGroup].
-struct Quantizer::Panels {
+struct Panels {
   int dim = 0;
   int screen[2] = {0, 0};  // leading dimensions of the two lower bounds (0: none)
   int64_t n = 0, n_panels = 0;
@@ -310,17 +325,13 @@ struct Quantizer::Panels {
   }
 };
 
-struct Quantizer::Index {
+struct Index {
   int k1 = 0, k2 = 0;          // dimensions of the two lower bounds
   std::vector<double> qt;      // the rotation, transposed (dim x dim)
   Panels words;                // rotated codebook, ordered by cell
   Panels cells;                // cell centres (first k rotated dimensions); ids = cell index
   std::vector<int64_t> begin;  // slots of cell g: [begin[g], begin[g + 1])
 };
-
-namespace {
-
-using Panels = Quantizer::Panels;
 
 // out[i] = the id of the nearest point of `cells` (by fl(||c||^2) - 2 fl(x.c), over cells.dim
 // leading dimensions) for the rows pts[i] (stride `stride`). Multi-threaded; ties to the lower slot.
@@ -365,7 +376,7 @@ void nearest(const float* pts, int64_t n, int64_t stride, const Panels& cells, i
 
 // One block of descriptors being searched (rows already gathered, rotated when pruning).
 struct BlockView {
-  const Quantizer::Panels* P;
+  const Panels* P;
   int D, k1, k2, m, rows, tiles;
   const float* xb;  // rows x D (padded with zero rows)
   TopList* tops;
@@ -408,7 +419,7 @@ inline void finish_row(const BlockView& b, int i, const vf& n0, const vf& n1, co
 // Phase A for rows [i0, i1) (all nearest to the cell of slots [s0, s1)): best[i * m ..] = the m
 // smallest float32 values f among the cell's panels. Returns the pairs computed.
 int64_t phase_a(const BlockView& b, int i0, int i1, int64_t s0, int64_t s1, float* best) {
-  const Quantizer::Panels& P = *b.P;
+  const Panels& P = *b.P;
   const int m = b.m, D = b.D;
   int64_t pairs = 0;
   for (int64_t p = s0 / kGroup; p <= (s1 - 1) / kGroup; ++p) {
@@ -460,7 +471,7 @@ struct MainResult {
 // paying), or the screened one: the leading k dimensions, the lower bound, and the rest of the
 // product only for the rows where some word may beat theta.
 MainResult main_pass(const BlockView& b) {
-  const Quantizer::Panels& P = *b.P;
+  const Panels& P = *b.P;
   const int D = b.D, k1 = b.k1, k2 = b.k2, rows = b.rows, tiles = b.tiles;
   bool plain = !b.prune;
   int64_t tested = 0, second = 0, fulls = 0, plain_pairs = 0;
@@ -565,13 +576,36 @@ MainResult main_pass(const BlockView& b) {
 
 }  // namespace
 
-Quantizer::~Quantizer() = default;
+// The search structure of one codebook (QuantizerImpl, quantize.h).
+class Searcher final : public QuantizerImpl {
+ public:
+  Searcher(const float* centroids, int64_t n_words, int dim);
+  void search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters,
+              PrunePolicy policy) const override;
+  bool pruning_enabled() const override { return index_ != nullptr; }
+  int prune_decision() const override { return decision_.load(); }
+  int screen_dims(int bound) const override { return index_ ? (bound == 0 ? index_->k1 : index_->k2) : 0; }
 
-Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words_(n_words), dim_(dim) {
-  D2R_CHECK(n_words > 0, "codebook must have at least one word");
-  D2R_CHECK(n_words <= std::numeric_limits<int32_t>::max() - 1, "codebook has too many words");
-  D2R_CHECK(dim > 0, "codebook dimension must be positive");
-  centroids_.assign(centroids, centroids + n_words * dim);
+ private:
+  int64_t n_words_;
+  int dim_;
+  float cmax_;                     // an upper bound on max ||c||
+  const float* centroids_;         // row-major, owned by the Quantizer (for the exact re-check)
+  std::unique_ptr<Panels> plain_;  // the codebook as given, packed (small codebooks)
+  std::unique_ptr<Index> index_;   // the pruning structure (large codebooks)
+  // PrunePolicy::kAuto: -1 undecided, 0 full product, 1 prune; the pruned searches measured so far.
+  mutable std::atomic<int> decision_{-1};
+  mutable std::mutex probe_mu_;
+  mutable int64_t probe_rows_ = 0, probe_pairs_ = 0;
+  mutable double probe_work_ = 0.0;
+};
+
+std::unique_ptr<QuantizerImpl> make_quantizer(const float* centroids, int64_t n_words, int dim) {
+  return std::make_unique<Searcher>(centroids, n_words, dim);
+}
+
+Searcher::Searcher(const float* centroids, int64_t n_words, int dim)
+    : n_words_(n_words), dim_(dim), centroids_(centroids) {
   double cmax = 0.0;
   bool finite = true;
   for (int64_t w = 0; w < n_words; ++w) {
@@ -580,7 +614,7 @@ Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words
     cmax = std::max(cmax, s);
   }
   cmax_ = finite ? float_up(std::sqrt(cmax) * (1.0 + 1e-6)) : std::numeric_limits<float>::infinity();
-  const bool prune = n_words >= kMinPruneWords && dim >= kScreen2 + 16 && finite && cmax_ < kMaxMagnitude;
+  const bool prune = n_words >= Quantizer::kMinPruneWords && dim >= kScreen2 + 16 && finite && cmax_ < kMaxMagnitude;
   if (!prune) {
     plain_ = std::make_unique<Panels>();
     plain_->pack(centroids, dim, nullptr, n_words, dim);
@@ -690,46 +724,21 @@ Quantizer::Quantizer(const float* centroids, int64_t n_words, int dim) : n_words
   index_ = std::move(ix);
 }
 
-Quantizer::Stats Quantizer::stats() const {
-  Stats s;
-  s.rows = counters_.rows.load();
-  s.pairs = counters_.pairs.load();
-  s.screened = counters_.screened.load();
-  s.full = counters_.full.load();
-  s.fallback_rows = counters_.fallback_rows.load();
-  s.plain_blocks = counters_.plain_blocks.load();
-  s.pruned_blocks = counters_.pruned_blocks.load();
-  s.screened2 = counters_.screened2.load();
-  s.screen_dims = index_ ? index_->k1 : 0;
-  s.screen_dims2 = index_ ? index_->k2 : 0;
-  s.dim = dim_;
-  return s;
-}
-
-void Quantizer::reset_stats() const {
-  counters_.rows = 0;
-  counters_.pairs = 0;
-  counters_.screened = 0;
-  counters_.screened2 = 0;
-  counters_.full = 0;
-  counters_.fallback_rows = 0;
-  counters_.plain_blocks = 0;
-  counters_.pruned_blocks = 0;
-}
-
-void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* dists) const {
-  D2R_CHECK(m >= 1, "multiple assignment m must be >= 1");
-  D2R_CHECK(m <= n_words_, "multiple assignment m exceeds the number of visual words");
-  if (n <= 0) return;
+void Searcher::search(const float* x, int64_t n, int m, int32_t* ids, float* dists, QuantizerCounters& counters,
+                      PrunePolicy policy) const {
   const int D = dim_;
-  const int cap = static_cast<int>(std::min<int64_t>(m + kMargin, n_words_));
+  const int cap = static_cast<int>(std::min<int64_t>(m + Quantizer::kMargin, n_words_));
   const Index* ix = index_.get();
   const Panels& P = ix ? ix->words : *plain_;
   const int k1 = ix ? ix->k1 : D, k2 = ix ? ix->k2 : D;
   const float inf = std::numeric_limits<float>::infinity();
+  // With the pruning structure, whether this search prunes (PrunePolicy); if not, it runs the full
+  // product over the same (rotated) panels, which the exactness argument covers just the same.
+  const bool prune = ix && policy != PrunePolicy::kNever && (policy == PrunePolicy::kAlways || decision_.load() != 0);
+  const bool probe = prune && policy == PrunePolicy::kAuto && decision_.load() < 0;
 
-  // With the pruning structure: rotate the descriptors, find each one's nearest cell, and search
-  // them in cell order (descriptors of a tile then tend to share their surviving words).
+  // With the pruning structure: rotate the descriptors; when pruning, find each one's nearest cell
+  // and search them in cell order (descriptors of a tile then tend to share their surviving words).
   const float* xr = x;
   std::vector<float> xrot;
   std::vector<int32_t> cell, order;
@@ -742,6 +751,8 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
         rotate(ix->qt.data(), x + r * D, D, xrot.data() + r * D, acc.data());
     });
     xr = xrot.data();
+  }
+  if (prune) {
     cell.resize(n);
     nearest(xr, n, D, ix->cells, cell.data());
     const int64_t G = ix->cells.n;
@@ -751,7 +762,10 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
     order.resize(n);
     for (int64_t r = 0; r < n; ++r) order[start[cell[r]]++] = static_cast<int32_t>(r);
   }
+  // Large codebooks (ix): blocks of kMaxPrunedRows rows whether pruning or not (the rotated codebook
+  // is streamed once per block; measured faster for the full product too at 65,536 words).
   const int max_rows = ix ? kMaxPrunedRows : kMaxBlockRows;
+  std::atomic<int64_t> call_pairs{0}, call_work{0};  // for the probe: this search's multiply-adds
 
   ParallelErrors errors;
 #pragma omp parallel
@@ -805,7 +819,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
           xx[i] = s;
           bad[i] = !(a <= kMaxMagnitude);  // also NaN
           eps[i] = (2.0 * (D + 4) + 32.0) * kU * a * a + 1e-30;
-          if (ix) {
+          if (prune) {
             const float* xi = xb.data() + static_cast<size_t>(i) * D;
             xh[0][i] = sum_sq(xi, 0, k1);
             xh[1][i] = sum_sq(xi, 0, k2);
@@ -831,9 +845,9 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
                      {xh[0].data(), xh[1].data()},
                      xx.data(),
                      eps.data(),
-                     ix != nullptr};
+                     prune};
         // Phase A: an upper bound on the m-th nearest distance from the words of the nearest cell.
-        if (ix && m <= kMaxPhaseA) {
+        if (prune && m <= kMaxPhaseA) {
           best_a.assign(static_cast<size_t>(rows) * m, inf);
           for (int i0 = 0; i0 < rows;) {
             const int32_t g = cell[row_of(i0)];
@@ -848,7 +862,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
         c_screened += mr.screened;
         c_screened2 += mr.screened2;
         c_full += mr.full;
-        if (ix && !mr.went_plain) ++c_pruned;
+        if (prune && !mr.went_plain) ++c_pruned;
         else ++c_plain;
 
         // Exact re-check in double precision, certified (see the top of this file).
@@ -863,7 +877,7 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
           if (ok) {
             for (int c = 0; c < cap; ++c) {
               if (top.id[c] == kNoWord) continue;
-              exact[nc++] = {exact_dist(xo, centroids_.data() + static_cast<int64_t>(top.id[c]) * D, D), top.id[c]};
+              exact[nc++] = {exact_dist(xo, centroids_ + static_cast<int64_t>(top.id[c]) * D, D), top.id[c]};
             }
             std::sort(exact.begin(), exact.begin() + nc);
             ok = nc >= m && (nc < cap || static_cast<double>(top.d[cap - 1]) - eps[i] > exact[m - 1].first - xx[i]);
@@ -888,12 +902,12 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
                   if (v <= thr && pid[l] != kNoWord) cand.push_back({0.0, pid[l]});
                 }
               }
-              for (auto& e : cand) e.first = exact_dist(xo, centroids_.data() + static_cast<int64_t>(e.second) * D, D);
+              for (auto& e : cand) e.first = exact_dist(xo, centroids_ + static_cast<int64_t>(e.second) * D, D);
             } else {
               // Non-finite or huge values: float64 brute force (NaN distances last).
               cand.resize(n_words_);
               for (int64_t w = 0; w < n_words_; ++w) {
-                const double d = exact_dist(xo, centroids_.data() + w * D, D);
+                const double d = exact_dist(xo, centroids_ + w * D, D);
                 cand[w] = {std::isnan(d) ? std::numeric_limits<double>::infinity() : d, static_cast<int32_t>(w)};
               }
             }
@@ -908,16 +922,34 @@ void Quantizer::search(const float* x, int64_t n, int m, int32_t* ids, float* di
         }
       });
     }
-    counters_.pairs += c_pairs;
-    counters_.screened += c_screened;
-    counters_.screened2 += c_screened2;
-    counters_.full += c_full;
-    counters_.fallback_rows += c_fallback;
-    counters_.plain_blocks += c_plain;
-    counters_.pruned_blocks += c_pruned;
+    counters.pairs += c_pairs;
+    counters.screened += c_screened;
+    counters.screened2 += c_screened2;
+    counters.full += c_full;
+    counters.fallback_rows += c_fallback;
+    counters.plain_blocks += c_plain;
+    counters.pruned_blocks += c_pruned;
+    if (probe) {
+      call_pairs += c_pairs;
+      call_work += c_screened * k1 + c_screened2 * (k2 - k1) + c_full * (D - k2);
+    }
   }
-  counters_.rows += n;
   errors.rethrow();
+  if (probe) {
+    // kAuto: after kProbeRows pruned rows, keep pruning only where it does little enough of the work.
+    std::lock_guard<std::mutex> lock(probe_mu_);
+    if (decision_.load() < 0) {
+      probe_rows_ += n;
+      probe_pairs_ += call_pairs.load();
+      probe_work_ += static_cast<double>(call_work.load());
+      if (probe_rows_ >= kProbeRows) {
+        const double work = probe_work_ / (static_cast<double>(probe_pairs_) * D);
+        decision_.store(work <= kMaxPrunedWork ? 1 : 0);
+      }
+    }
+  }
 }
 
+}  // namespace D2R_SIMD_NS
 }  // namespace d2r
+D2R_SIMD_END

@@ -7,15 +7,21 @@
 #include <limits>
 
 #include "common.h"
+#include "kernels.h"
 #include "parallel.h"
 
+// A dispatched source (simd.h): compiled once per SIMD level. It keeps the FMA contraction (its
+// products are FMA-bound): the avx2 and avx512 levels contract alike, the scalar level (no FMA) may
+// differ from them for points or descriptors within float rounding of a threshold or a tie (ransac.h).
+D2R_SIMD_BEGIN
 namespace d2r {
+namespace D2R_SIMD_NS {
 namespace {
 
 // ---- SIMD basics (GCC/Clang vector extensions) ----------------------------------------------------
-// With AVX-512 a vector is one zmm register; otherwise 8 lanes (one ymm with AVX2, two xmm with SSE).
-// Vectors are only passed by reference, so no function has a vector-typed ABI.
-#if defined(__AVX512F__)
+// At the avx512 level a vector is one zmm register; otherwise 8 lanes (one ymm at the avx2 level, two
+// xmm at the scalar level). Vectors are only passed by reference, so no function has a vector-typed ABI.
+#if D2R_SIMD_LEVEL == 2
 #define D2R_RS_LANES 16
 constexpr int kRows = 8;  // query rows per register tile: 8 x 2 accumulators + 2 B vectors + 1 broadcast
 #else
@@ -560,15 +566,6 @@ int affine_ransac(const float* src_xy, const float* dst_xy, int64_t n, const Ran
   return ransac_points(P, params, best_model, inlier_mask);
 }
 
-int affine_ransac_inliers(const float* src_xy, const float* dst_xy, int64_t n, float threshold, int max_trials,
-                          uint64_t seed, float* best_model, uint8_t* inlier_mask) {
-  RansacParams p;
-  p.threshold = threshold;
-  p.max_trials = max_trials;
-  p.seed = seed;
-  return affine_ransac(src_xy, dst_xy, n, p, best_model, inlier_mask);
-}
-
 void verify_many(const ImageFeatures* queries, int64_t n_queries, const ImageFeatures* images, int64_t n_images,
                  int dim, const int64_t* pairs, int64_t n_pairs, const VerifyParams& params, int32_t* inliers,
                  int32_t* n_matches) {
@@ -611,4 +608,6 @@ void verify_many(const ImageFeatures* queries, int64_t n_queries, const ImageFea
   }
 }
 
+}  // namespace D2R_SIMD_NS
 }  // namespace d2r
+D2R_SIMD_END

@@ -1,13 +1,14 @@
 #include "scan.h"
 
+#include "common.h"
 #include "fixed_point.h"
 #include "selectivity.h"
 
 #include <array>
 #include <atomic>
 #include <utility>
-#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define D2R_X86_KERNELS 1
@@ -124,6 +125,17 @@ __attribute__((target("sse2"))) uint64_t decode_sse2(const Block& blk, uint32_t*
 
 // ---- AVX2: Hamming distances by nibble lookup ---------------------------------------------------
 
+// Per 8 bytes of x XOR qq, their bit count: [code a lo, code a hi | code b lo, code b hi]. (A function
+// with the target attribute, not a lambda: a lambda does not inherit its enclosing function's target,
+// and without -march the AVX2 intrinsics would not inline into it.)
+__attribute__((target("avx2,popcnt"), always_inline)) inline __m256i counts_avx2(__m256i x, __m256i qq, __m256i lut,
+                                                                                  __m256i low) {
+  x = _mm256_xor_si256(x, qq);
+  const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
+                                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
+  return _mm256_sad_epu8(c, _mm256_setzero_si256());
+}
+
 __attribute__((target("avx2,popcnt"))) void bin16_avx2(const int64_t* table, const uint8_t* q, const uint8_t* codes,
                                                       const uint32_t* slots, int i0, int i1, uint32_t base,
                                                       int64_t* acc) {
@@ -131,19 +143,13 @@ __attribute__((target("avx2,popcnt"))) void bin16_avx2(const int64_t* table, con
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2,
                                        3, 2, 3, 3, 4);
   const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i zero = _mm256_setzero_si256();
-  auto counts = [&](__m256i x) {
-    x = _mm256_xor_si256(x, qq);
-    const __m256i c = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
-                                      _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
-    return _mm256_sad_epu8(c, zero);  // per 8 bytes: [code a lo, code a hi | code b lo, code b hi]
-  };
   int i = i0;
   alignas(32) int64_t h[4];
   for (; i + 4 <= i1; i += 4) {
     _mm_prefetch(reinterpret_cast<const char*>(codes + 16 * i + 1024), _MM_HINT_T0);  // as in bin16_avx512
-    const __m256i s0 = counts(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * i)));
-    const __m256i s1 = counts(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * i + 32)));
+    const __m256i s0 = counts_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * i)), qq, lut, low);
+    const __m256i s1 =
+        counts_avx2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * i + 32)), qq, lut, low);
     // [h_i, h_{i+2} | h_{i+1}, h_{i+3}]
     _mm256_store_si256(reinterpret_cast<__m256i*>(h),
                        _mm256_add_epi64(_mm256_unpacklo_epi64(s0, s1), _mm256_unpackhi_epi64(s0, s1)));
@@ -210,47 +216,22 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx2"))) void finish_avx512(con
 const ScanKernels kAvx2 = {"avx2", decode_sse2, bin16_avx2, finish_scalar};
 const ScanKernels kAvx512 = {"avx512", decode_sse2, bin16_avx512, finish_avx512};
 
-bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"); }
-bool cpu_has_avx512() {
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512dq");
-}
-
 #endif  // D2R_X86_KERNELS
 
-// The variants this CPU runs, scalar first.
-std::vector<const ScanKernels*> supported() {
-  std::vector<const ScanKernels*> v = {&kScalar};
+// Each SIMD level's variant (simd.h: a level is available only where the CPU has its instructions,
+// which include those of the variant: avx2 = AVX2 + POPCNT + SSE2, avx512 adds F, BW, DQ, VL, VPOPCNTDQ).
+const ScanKernels* variant_of(simd::Level level) {
 #ifdef D2R_X86_KERNELS
-  if (cpu_has_avx2()) v.push_back(&kAvx2);
-  if (cpu_has_avx512()) v.push_back(&kAvx512);
+  if (level == simd::Level::kAvx2) return &kAvx2;
+  if (level == simd::Level::kAvx512) return &kAvx512;
 #endif
-  return v;
+  if (level == simd::Level::kScalar) return &kScalar;
+  throw InvalidArgument(std::string("SIMD level ") + simd::level_name(level) + " has no scan kernels in this build");
 }
 
-const ScanKernels* initial() {
-  const auto v = supported();
-  const char* env = std::getenv("D2R_SIMD");
-  if (env && *env) {
-    // The named variant, or the best supported one below it (D2R_SIMD=avx512 on an AVX2 CPU: avx2).
-    static const char* const order[] = {"scalar", "avx2", "avx512"};
-    int want = -1;
-    for (int r = 0; r < 3; ++r)
-      if (std::strcmp(env, order[r]) == 0) want = r;
-    if (want >= 0) {
-      const ScanKernels* best = v.front();
-      for (const ScanKernels* k : v)
-        for (int r = 0; r <= want; ++r)
-          if (std::strcmp(k->name, order[r]) == 0) best = k;
-      return best;
-    }
-  }
-  return v.back();
-}
-
+// The variant in use: the active level's, until set_scan_variant.
 std::atomic<const ScanKernels*>& current() {
-  static std::atomic<const ScanKernels*> c{initial()};
+  static std::atomic<const ScanKernels*> c{variant_of(simd::active())};
   return c;
 }
 
@@ -258,16 +239,23 @@ std::atomic<const ScanKernels*>& current() {
 
 const ScanKernels& scan_kernels() { return *current().load(std::memory_order_acquire); }
 
+const ScanKernels& scan_kernels_for(simd::Level level) {
+  for (simd::Level l : simd::available())
+    if (l == level) return *variant_of(level);
+  throw InvalidArgument(std::string("SIMD level ") + simd::level_name(level) + " is not available on this CPU");
+}
+
 std::vector<std::string> scan_variants() {
   std::vector<std::string> out;
-  for (const ScanKernels* k : supported()) out.emplace_back(k->name);
+  for (simd::Level l : simd::available()) out.emplace_back(variant_of(l)->name);
   return out;
 }
 
 std::string scan_variant() { return scan_kernels().name; }
 
 void set_scan_variant(const std::string& name) {
-  for (const ScanKernels* k : supported()) {
+  for (simd::Level l : simd::available()) {
+    const ScanKernels* k = variant_of(l);
     if (name == k->name) {
       current().store(k, std::memory_order_release);
       return;

@@ -7,10 +7,11 @@
 //
 // Each variant computes the same integers (slots, Hamming distances, fixed-point table entries
 // added into 64-bit accumulators), so scores do not depend on the variant. The vector variants are
-// compiled with function target attributes (GCC / Clang on x86-64) whatever the build's -march,
-// and offered only where the CPU has their instructions (cpuid). The variant in use: the best the
-// CPU has, or the environment variable D2R_SIMD (scalar, avx2, avx512) read once at start, or
-// set_scan_variant.
+// compiled with function target attributes (GCC / Clang on x86-64) whatever the build's -march.
+// There is one variant per SIMD level (simd.h), with the level's name and instructions: the variants
+// offered are those of simd::available(), and the variant in use is the active level's
+// (simd::active(): cpuid, or the environment variable D2R_SIMD; a bad value is an error there, never a
+// silent fallback here). set_scan_variant overrides it, for tests and benchmarks only.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "postings.h"
+#include "simd.h"
 
 namespace d2r {
 
@@ -35,9 +37,11 @@ struct ScanKernels {
   void (*finish)(const int64_t* a, const int32_t* nw, int64_t n, int64_t nq, bool normalize, float* out);
 };
 
-// The variant in use (thread-safe).
+// The variant in use (thread-safe): initially simd::active()'s (throws as it does).
 const ScanKernels& scan_kernels();
-// The variants this CPU runs, scalar first.
+// The variant of a SIMD level (InvalidArgument when the level is not available here).
+const ScanKernels& scan_kernels_for(simd::Level level);
+// The variants this CPU runs (the names of simd::available()), scalar first.
 std::vector<std::string> scan_variants();
 std::string scan_variant();
 // Selects a variant by name (InvalidArgument when unknown or not supported by this CPU). Affects

@@ -3,7 +3,7 @@
 // bindings.h. They only bind: csrc/ (and cuda/) compute. Every long call releases the GIL. Errors in
 // the core (d2r::InvalidArgument) become ValueError.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include <pybind11/stl.h>  // scan_variants: std::vector<std::string>
 
 #include <cerrno>
 #include <exception>
@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "postings.h"
+#include "simd.h"
 
 #include "bindings.h"
 #include "scan.h"
@@ -18,6 +19,9 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_native, m) {
+  // The SIMD level (simd.h), chosen here, at import: a bad $D2R_SIMD raises ImportError with its message.
+  // Every dispatched kernel and the posting scan's kernels (scan.h) follow it.
+  const d2r::simd::Level simd_level = d2r::simd::active();
   // Bound in the order of the single file this was split from: pybind11 writes a function's signature
   // into its docstring when it is bound, naming a class by its Python name only if that class is bound
   // already (InvertedFile.writer's says "-> d2r::PostingWriter": PostingWriter is bound after it).
@@ -27,11 +31,13 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("set_num_threads", &d2r::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &d2r::num_threads);
-  m.def("scan_variants", &d2r::scan_variants, "The posting-scan kernels this CPU runs (csrc/scan.h), scalar first");
-  m.def("scan_variant", &d2r::scan_variant, "The posting-scan kernels in use");
+  // Test / benchmark hooks: the posting scan's kernels start at the SIMD level (build_info()["simd"]).
+  m.def("scan_variants", &d2r::scan_variants,
+        "The posting-scan kernels this CPU runs (csrc/scan.h): one per SIMD level in build_info()['simd_levels']");
+  m.def("scan_variant", &d2r::scan_variant, "The posting-scan kernels in use (initially the SIMD level's)");
   m.def("set_scan_variant", &d2r::set_scan_variant, py::arg("name"),
-        "Selects the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)");
-  m.def("build_info", []() {
+        "Overrides the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)");
+  m.def("build_info", [simd_level]() {
     py::dict d;
     d["compiler"] = D2R_COMPILER;
     d["flags"] = D2R_FLAGS;
@@ -46,13 +52,10 @@ PYBIND11_MODULE(_native, m) {
 #else
     d["cuda"] = false;
 #endif
-#if defined(__AVX512F__)
-    d["simd"] = "avx512";
-#elif defined(__AVX2__)
-    d["simd"] = "avx2";
-#else
-    d["simd"] = "generic";
-#endif
+    d["simd"] = d2r::simd::level_name(simd_level);  // the level in use
+    py::list levels;  // compiled in and supported by this CPU
+    for (d2r::simd::Level l : d2r::simd::available()) levels.append(d2r::simd::level_name(l));
+    d["simd_levels"] = levels;
     return d;
   });
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "quantize.h"
 
@@ -56,7 +57,21 @@ void init_quantize(py::module_& m) {
              d["screen_dims"] = s.screen_dims;
              d["screen_dims2"] = s.screen_dims2;
              d["dim"] = s.dim;
+             d["prune_decision"] = q.prune_decision();  // -1 undecided, 0 full product, 1 pruning
              return d;
            })
-      .def("reset_stats", &Quantizer::reset_stats);
+      .def("reset_stats", &Quantizer::reset_stats)
+      // "auto" (default): prune while it pays, judged on the first searches; "always" / "never"
+      .def_property(
+          "prune_policy",
+          [](const Quantizer& q) {
+            const char* names[] = {"auto", "always", "never"};
+            return std::string(names[static_cast<int>(q.prune_policy())]);
+          },
+          [](Quantizer& q, const std::string& p) {
+            if (p == "auto") q.set_prune_policy(d2r::PrunePolicy::kAuto);
+            else if (p == "always") q.set_prune_policy(d2r::PrunePolicy::kAlways);
+            else if (p == "never") q.set_prune_policy(d2r::PrunePolicy::kNever);
+            else throw py::value_error("prune_policy must be 'auto', 'always' or 'never', got '" + p + "'");
+          });
 }

@@ -46,6 +46,7 @@ class _QuantizerStats(TypedDict):
     screen_dims: int
     screen_dims2: int
     dim: int
+    prune_decision: int  # -1 undecided, 0 the full product, 1 pruning
 
 # One part of InvertedFile.set_segments: (n_slots, n_entries, word_offsets, postings, page_crc or None,
 # page_bytes, the MappedFile holding the arrays or None[, the index format that wrote the postings: 4, or 3
@@ -60,13 +61,13 @@ _SegmentPart: TypeAlias = (
 def set_num_threads(n: _Int) -> None: ...
 def get_num_threads() -> int: ...
 def scan_variants() -> list[str]:
-    """The posting-scan kernels this CPU runs (csrc/scan.h), scalar first"""
+    """The posting-scan kernels this CPU runs (csrc/scan.h): one per SIMD level in build_info()['simd_levels']"""
 def scan_variant() -> str:
-    """The posting-scan kernels in use"""
+    """The posting-scan kernels in use (initially the SIMD level's)"""
 def set_scan_variant(name: str) -> None:
-    """Selects the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)"""
+    """Overrides the posting-scan kernels (for tests and benchmarks; every variant gives the same scores)"""
 def build_info() -> dict[str, Any]:
-    """compiler, flags, openmp, max_threads, cuda, simd, ..."""
+    """compiler, flags, openmp, max_threads, cuda, simd (the level in use), simd_levels, ..."""
 
 # ---- quantize_bindings.cpp -----------------------------------------------------------------------
 
@@ -83,6 +84,11 @@ class Quantizer:
     ) -> tuple[NDArray[np.int32], NDArray[np.float32]]: ...
     def stats(self) -> _QuantizerStats: ...
     def reset_stats(self) -> None: ...
+    @property
+    def prune_policy(self) -> str:
+        """'auto' (default: prune while it pays, judged on the first searches), 'always' or 'never'"""
+    @prune_policy.setter
+    def prune_policy(self, value: str) -> None: ...
 
 # ---- aggregate_bindings.cpp ----------------------------------------------------------------------
 

@@ -174,6 +174,8 @@ def stub_view() -> tuple[dict[str, Func], dict[str, Class]]:
                     if any(ast.unparse(d) == "property" for d in m.decorator_list):
                         c.members[m.name] = "property"
                         c.members[m.name + ".fget"] = Func([], _unparse(m.returns))
+                    elif any(ast.unparse(d) == f"{m.name}.setter" for d in m.decorator_list):
+                        continue  # a settable property (def_property): its getter above names it
                     else:
                         c.members[m.name] = _stub_func(m, method=True)
             classes[node.name] = c
@@ -304,7 +306,7 @@ def source_view(cuda: bool) -> tuple[dict[str, Func], dict[str, Class]]:
                             c.members["__init__"] = _source_func(args, method=False)
                             continue
                         name = _first_string(args)
-                        if kind in ("def_property_readonly", "def_readonly"):
+                        if kind in ("def_property_readonly", "def_readonly", "def_property", "def_readwrite"):
                             c.members[name] = "property"
                         else:
                             assert kind == "def", kind

@@ -241,3 +241,30 @@ def test_real_rootsift(real, m):
     check(q, x[:1], c, m)
     s = q.stats()
     assert s["full"] < 0.5 * s["pairs"], s
+
+
+def test_prune_policy(clustered):
+    """auto (the default) keeps pruning where it pays (clustered words) and switches to the exact full
+    product after the first 1,000 descriptors where it does not (Gaussian words); always / never force
+    it; every policy gives the exact answer."""
+    c, centres, q = clustered
+    assert q.prune_policy == "auto"
+    check(q, near_descriptors(centres, 1200, seed=21), c, 2)
+    assert q.stats()["prune_decision"] == 1
+    rng = np.random.default_rng(22)
+    g = rng.standard_normal((MIN_PRUNE_WORDS, 128)).astype(np.float32)
+    qg = _native.Quantizer(g)
+    assert qg.stats()["prune_decision"] == -1
+    x = rng.standard_normal((1500, 128)).astype(np.float32)
+    check(qg, x, g, 3)
+    assert qg.stats()["prune_decision"] == 0
+    qg.reset_stats()
+    check(qg, x[:300], g, 3)
+    s = qg.stats()
+    assert s["pruned_blocks"] == 0 and s["screened"] == 0 and s["full"] == s["pairs"], s
+    for policy in ("always", "never"):
+        qg.prune_policy = policy
+        assert qg.prune_policy == policy
+        check(qg, x[:300], g, 3)
+    with pytest.raises(ValueError, match="prune_policy"):
+        qg.prune_policy = "sometimes"

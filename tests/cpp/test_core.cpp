@@ -24,6 +24,8 @@
 #include "quantize.h"
 #include "ransac.h"
 #include "selectivity.h"
+#include "simd.h"
+#include "kernels.h"
 #include "topk.h"
 
 using namespace d2r;
@@ -648,10 +650,154 @@ static void test_postings_codec_and_scan_variants() {
     }
     EXPECT(ref[1000 - 900] == 5 && ref[1000 + 3 * 3 - 900] != 5);
   }
-  set_scan_variant(scan_variants().back());
+  set_scan_variant(simd::level_name(simd::active()));  // back to the SIMD level's (scan.h)
 }
 
-int main() {
+// Every SIMD level available here gives bit-identical results (simd.h): the quantiser (plain and
+// pruned), the aggregation's squared norm, the scoring kernels and spatial verification. CI also runs
+// this whole binary once per level (D2R_SIMD).
+static void test_simd_levels() {
+  const std::vector<simd::Level> levels = simd::available();
+  std::printf("simd: active %s; available:", simd::level_name(simd::active()));
+  for (simd::Level l : levels) std::printf(" %s", simd::level_name(l));
+  std::printf("\n");
+  EXPECT(!levels.empty() && levels.front() == simd::Level::kScalar);
+  EXPECT(std::find(levels.begin(), levels.end(), simd::active()) != levels.end());
+  EXPECT(&simd::kernels() == &simd::kernels_for(simd::active()));
+  for (simd::Level l : levels) EXPECT(simd::kernels_for(l).level == l);
+  // The posting scan's kernels follow the same level (scan.h): one variant per available level.
+  EXPECT(scan_variant() == simd::level_name(simd::active()));
+  EXPECT(scan_variants().size() == levels.size());
+  for (simd::Level l : levels) EXPECT(std::string(scan_kernels_for(l).name) == simd::level_name(l));
+
+  std::mt19937 rng(11);
+  std::normal_distribution<float> g;
+  // A clustered codebook big enough for the pruning structure, and a small Gaussian one.
+  const int D = 48, C = static_cast<int>(Quantizer::kMinPruneWords), n = 300, m = 3, centres = 64;
+  std::vector<float> ctr(centres * D), cb(static_cast<size_t>(C) * D), x(static_cast<size_t>(n) * D);
+  for (auto& v : ctr) v = g(rng);
+  for (int w = 0; w < C; ++w)
+    for (int t = 0; t < D; ++t) cb[w * D + t] = ctr[(w % centres) * D + t] + 0.1f * g(rng);
+  for (int i = 0; i < n; ++i)
+    for (int t = 0; t < D; ++t) x[i * D + t] = ctr[(i * 7 % centres) * D + t] + 0.1f * g(rng);
+  std::vector<float> small(300 * 37), xs(101 * 37);
+  for (auto& v : small) v = g(rng);
+  for (auto& v : xs) v = g(rng);
+  std::vector<double> dv(131);
+  for (auto& v : dv) v = g(rng);
+  // Spatial verification inputs: descriptors and points related by an affine map plus outliers.
+  const int nq = 200, ndb = 150, dd = 40;
+  std::vector<float> q(nq * dd), db(ndb * dd), src(2 * 120), dst(2 * 120);
+  for (auto& v : q) v = g(rng);
+  for (auto& v : db) v = g(rng);
+  for (int i = 0; i < 120; ++i) {
+    src[2 * i] = 100 * g(rng);
+    src[2 * i + 1] = 100 * g(rng);
+    dst[2 * i] = i % 3 ? 1.1f * src[2 * i] - 0.2f * src[2 * i + 1] + 5 + 0.3f * g(rng) : 100 * g(rng);
+    dst[2 * i + 1] = i % 3 ? 0.1f * src[2 * i] + 0.9f * src[2 * i + 1] - 7 + 0.3f * g(rng) : 100 * g(rng);
+  }
+  // Posting blocks for the scoring kernels: 64 binary codes (16 bytes) and 64 float codes (dim 8).
+  std::vector<uint8_t> bcodes(64 * 16), bquery(16), fcodes(64 * 8 * 4), fquery(8 * 4);
+  for (auto& v : bcodes) v = static_cast<uint8_t>(rng());
+  for (auto& v : bquery) v = static_cast<uint8_t>(rng());
+  for (int i = 0; i < 64 * 8; ++i) {
+    const float f = 0.35f * g(rng);
+    std::memcpy(fcodes.data() + 4 * i, &f, 4);
+  }
+  for (int i = 0; i < 8; ++i) {
+    const float f = 0.35f * g(rng);
+    std::memcpy(fquery.data() + 4 * i, &f, 4);
+  }
+  std::vector<uint32_t> slots(64);
+  for (int i = 0; i < 64; ++i) slots[i] = static_cast<uint32_t>(3 * i + (i % 5));
+  const std::vector<int64_t> table = fixed_hamming_table(128, 16, 3.0f, 0.0f);
+
+  struct Out {
+    std::vector<int32_t> ids, ids_small, nn;
+    std::vector<float> dist, dist_small, model;
+    std::vector<double> nn_d;
+    std::vector<uint8_t> mask;
+    std::vector<int64_t> acc_b, acc_b12, acc_scan, acc_f;
+    double ss = 0;
+    int inliers = 0;
+    bool pruned = false;
+  };
+  std::vector<Out> outs;
+  for (simd::Level l : levels) {
+    const simd::Kernels& k = simd::kernels_for(l);
+    Out o;
+    Quantizer qz(cb.data(), C, D, l);
+    o.pruned = qz.pruning_enabled();
+    o.ids.resize(n * m);
+    o.dist.resize(n * m);
+    qz.search(x.data(), n, m, o.ids.data(), o.dist.data());
+    Quantizer qs(small.data(), 300, 37, l);
+    o.ids_small.resize(101 * 2);
+    o.dist_small.resize(101 * 2);
+    qs.search(xs.data(), 101, 2, o.ids_small.data(), o.dist_small.data());
+    o.ss = k.sum_squares(dv.data(), static_cast<int>(dv.size()));
+    o.nn.resize(nq);
+    o.nn_d.resize(nq);
+    k.nearest_neighbors(q.data(), nq, db.data(), ndb, dd, o.nn.data(), o.nn_d.data(), true);
+    RansacParams rp;
+    rp.threshold = 2.0f;
+    rp.seed = 5;
+    o.model.resize(6);
+    o.mask.resize(120);
+    o.inliers = k.affine_ransac(src.data(), dst.data(), 120, rp, o.model.data(), o.mask.data());
+    o.acc_b.assign(200, 0);
+    o.acc_b12.assign(200, 0);
+    o.acc_scan.assign(200, 0);
+    o.acc_f.assign(200, 0);
+    k.score_block_binary(ScoreBlock{bquery.data(), bcodes.data(), slots.data(), 3, 61, 0, 16, 128, o.acc_b.data()},
+                         table.data());
+    // 12-byte codes (the generic width) with a base: acc[slot - 5].
+    k.score_block_binary(ScoreBlock{bquery.data(), bcodes.data(), slots.data() + 2, 0, 60, 5, 12, 96, o.acc_b12.data()},
+                         table.data());
+    scan_kernels_for(l).bin16(table.data(), bquery.data(), bcodes.data(), slots.data(), 3, 61, 0, o.acc_scan.data());
+    k.score_block_float(ScoreBlock{fquery.data(), fcodes.data(), slots.data(), 0, 64, 0, 32, 8, o.acc_f.data()}, 3.0f,
+                        -1.0f, 1e6f);
+    outs.push_back(std::move(o));
+  }
+  EXPECT(outs[0].pruned);
+  EXPECT(outs[0].acc_scan == outs[0].acc_b);  // the generic binary kernel agrees with the scan's bin16
+  EXPECT(outs[0].inliers >= 60);
+  for (size_t i = 1; i < outs.size(); ++i) {
+    const Out &a = outs[0], &b = outs[i];
+    EXPECT(a.ids == b.ids);
+    EXPECT(std::memcmp(a.dist.data(), b.dist.data(), sizeof(float) * a.dist.size()) == 0);
+    EXPECT(a.ids_small == b.ids_small);
+    EXPECT(std::memcmp(a.dist_small.data(), b.dist_small.data(), sizeof(float) * a.dist_small.size()) == 0);
+    EXPECT(std::memcmp(&a.ss, &b.ss, sizeof(double)) == 0);
+    EXPECT(a.acc_b == b.acc_b && a.acc_f == b.acc_f && a.acc_b12 == b.acc_b12 && a.acc_scan == b.acc_scan);
+    // Spatial verification keeps the FMA contraction (simd.h): bit-identical between the FMA levels
+    // (avx2, avx512); the scalar level agrees on this data's matches and inliers (no near-ties).
+    EXPECT(a.nn == b.nn);
+    EXPECT(a.inliers == b.inliers && a.mask == b.mask);
+    if (i >= 2) {
+      const Out& f = outs[1];
+      EXPECT(std::memcmp(f.nn_d.data(), b.nn_d.data(), sizeof(double) * f.nn_d.size()) == 0);
+      EXPECT(std::memcmp(f.model.data(), b.model.data(), sizeof(float) * 6) == 0);
+    }
+  }
+  // A level that is not available is refused by name.
+  bool threw = false;
+  try {
+    if (levels.size() < static_cast<size_t>(simd::kNumLevels))
+      simd::kernels_for(static_cast<simd::Level>(levels.size()));
+    else
+      simd::kernels_for(static_cast<simd::Level>(7));
+  } catch (const InvalidArgument& e) {
+    threw = std::string(e.what()).find("not available") != std::string::npos;
+  }
+  EXPECT(threw);
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--simd-levels") {  // for .ci/run: the levels to run at
+    for (simd::Level l : simd::available()) std::printf("%s\n", simd::level_name(l));
+    return 0;
+  }
   test_quantize_golden();
   test_quantize_random();
   test_aggregate_golden();
@@ -665,6 +811,7 @@ int main() {
   test_parallel_errors();
   test_core_regions_errors_and_teams();
   test_postings_codec_and_scan_variants();
+  test_simd_levels();
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;
 }

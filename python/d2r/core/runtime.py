@@ -12,7 +12,11 @@ __all__ = ["MAX_THREADS", "build_info", "get_num_threads", "set_num_threads"]
 
 
 def build_info() -> dict[str, Any]:
-    """How the native core was built: compiler, flags, OpenMP, SIMD level, threads, CUDA."""
+    """How the native core was built: compiler, flags, OpenMP, threads, CUDA, and its SIMD level:
+    ``simd`` the level in use ("scalar", "avx2" or "avx512": the best this CPU supports, or the
+    environment variable ``D2R_SIMD`` read at import; an unknown or unsupported value fails the
+    import), ``simd_levels`` the levels compiled in and supported by this CPU (every level gives the
+    same results; the posting scan's kernels follow the same level)."""
     info = dict(_native.build_info())
     info["version"] = __version__
     info["cuda_devices"] = _native.cuda_device_count()
