@@ -17,7 +17,6 @@ import pytest
 
 import d2r
 
-ROOT = Path(__file__).resolve().parents[2]
 
 WORKLOAD = textwrap.dedent("""
     import sys
@@ -71,7 +70,8 @@ WORKLOAD = textwrap.dedent("""
 
 def _env(level):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    # the d2r this test imported (an installed package in CI, the source tree's python/ in a checkout)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(d2r.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "2"
     if level is None:
         env.pop("D2R_SIMD", None)
