@@ -20,6 +20,12 @@ def register(sub) -> None:
     p.add_argument("--rerank", action="store_true",
                    help="spatially verify the top results (affine RANSAC) and sort them by inliers; needs --features")
     p.add_argument("--rerank-top", type=int, default=100, help="results verified with --rerank")
+    p.add_argument("--rerank-rule", default="fused", choices=["fused", "official"],
+                   help="with --rerank: fused (only results with enough inliers move up, ordered by inliers; the "
+                        "default) or official (every verified result sorted by inliers, as DELF does)")
+    p.add_argument("--expand", default="none", choices=["none", "hqe", "aqe"],
+                   help="query expansion: hqe (Hamming query expansion: the query's codes refined with those of "
+                        "reliable top results) or aqe (alpha-QE over the top results); a second search")
     p.add_argument("--features", default=None, metavar="STORE",
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
@@ -39,6 +45,8 @@ def run(args) -> int:
 
         if args.rerank:
             raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+        if args.expand != "none":
+            raise UsageError("--expand is not supported on a sharded index yet; search a single index file")
         distributed.connect(args.ray or "local")
         index = distributed.ShardedIndex(args.index)
         names = index.names
@@ -65,14 +73,19 @@ def run(args) -> int:
             from None
     skipped = _skipped("search", extracted.errors, args.json)
     results = []
+    expand = None if args.expand == "none" else args.expand
     for q, qf in zip(extracted.images, extracted):
         if args.rerank:
             from d2r.core.verify import search_and_rerank
 
+            from d2r.cli._pipeline import _rule_arg
+
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
-                                                     max_distance=getattr(extractor, "match_distance", 0.9))
+                                                     max_distance=getattr(extractor, "match_distance", 0.9),
+                                                     rule=_rule_arg(args.rerank_rule), expand=expand)
         else:
-            scores, ids = index.search(qf.descriptors, k=args.k)
+            scores, ids = (index.search(qf.descriptors, k=args.k) if expand is None
+                           else index.search(qf.descriptors, k=args.k, expand=expand))
             inliers = None
         rows = []
         for r, (s, i) in enumerate(zip(scores, ids)):
@@ -86,7 +99,7 @@ def run(args) -> int:
             _print_query(q, qf, rows, inliers is not None, first=len(results) == 1, index=index, args=args)
     if args.json:
         _emit_json({"index": str(args.index), "k": args.k, "kernel": index.kernel, "normalize": index.normalize,
-                    "reranked": bool(args.rerank), "queries": results, "skipped": skipped})
+                    "reranked": bool(args.rerank), "expand": expand, "queries": results, "skipped": skipped})
     return EXIT_OK
 
 
@@ -111,8 +124,10 @@ def _print_query(q, qf, rows, reranked, first, index, args):
         print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
               f"query and the image share{scale}, 0 = no word in common, -1 = no features")
         if reranked:
+            how = ("every verified result sorted by inliers, then score" if args.rerank_rule == "official" else
+                   "results with enough inliers move up, sorted by inliers; the others keep their order")
             print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
-                  f"{args.rerank_top}; -1: not verified); results are sorted by inliers, then score")
+                  f"{args.rerank_top}; -1: not verified); {how}")
     print(f"query: {q} ({len(qf.descriptors)} features)")
     head = f"{'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if reranked else "") + "image"
     print(head)

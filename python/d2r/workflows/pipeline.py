@@ -192,7 +192,8 @@ DEFAULT_REGIONS = "discovered"
 
 def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rerank=False,
         rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
-        codebook_sample=200_000, match_distance=None, codebook=None, regions=None):
+        codebook_sample=200_000, match_distance=None, codebook=None, regions=None, expand=None,
+        rerank_rule=None):
     """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}.
     regions: the database regions' source: "discovered" (the default, d2r.discover), a name of
     ``d2r.detect.region_source`` ("none", "grid:L", "mser", "keypoints", "ssd-coco",
@@ -203,7 +204,13 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
     Spatial verification uses the official settings (top 100, affine RANSAC, 1,000 trials, 10 px)
     with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
     attribute, else the official 0.9 for DELF). `codebook`: a d2r.Codebook to use instead of training
-    one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it)."""
+    one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it).
+    expand: query expansion of every search ("hqe", "aqe", d2r.HQE / d2r.AlphaQE; d2r.core.expand);
+    None: none. rerank_rule: how spatial verification re-orders the results (d2r.core.verify.RerankRule;
+    None: DEFAULT_RULE, the fused rule; OFFICIAL_RULE: the official inlier order)."""
+    from d2r.core.expand import as_expansion
+
+    expansion = as_expansion(expand)
     t_start = time.perf_counter()
     if extractor is None:
         from d2r.extract import RootSIFT
@@ -261,7 +268,8 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
         lat = []
         for qi, f in iterate(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
             t = time.perf_counter()
-            s, ids = index.search(f.descriptors, k=None)
+            s, ids = (index.search(f.descriptors, k=None) if expansion is None
+                      else index.search(f.descriptors, k=None, expand=expansion))
             lat.append(time.perf_counter() - t)
             ranks[qi], scores[qi] = ids, s
         res, per_family = _evaluate(ranks, dataset.gnd, families)
@@ -276,9 +284,11 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
             mr.reranked = rerank_protocol(ranks, scores, q_feat, feats,
                                           dataset.gnd, top=rerank_top, seed=seed, max_distance=md,
                                           protocols=("easy", "medium", "hard"), progress=progress,
-                                          desc=f"spatial verification: {name}")
+                                          desc=f"spatial verification: {name}", rule=rerank_rule)
         results.append(mr)
 
+    if expansion is not None:
+        print(f"query expansion: {expansion}", file=out)
     _print_table(results, out, rerank)
     if families is not None:
         _print_families(results, out)
@@ -291,6 +301,7 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
         print(f"report: {report}", file=out)
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
+            "expand": None if expansion is None else str(expansion),
             "boxes": boxes, "report": report, "regions": label,
             "oracle_boxes": oracle[1] if oracle is not None else None}
 
@@ -361,6 +372,7 @@ def summary(result) -> dict:
             m["per_family"] = {f: protocols(v) for f, v in r.per_family.items()}
         out["methods"].append(m)
     out["report"] = None if result.get("report") is None else str(result["report"])
+    out["expand"] = result.get("expand")
     return out
 
 
