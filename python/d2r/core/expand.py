@@ -171,7 +171,8 @@ def _encode(z: NDArray[np.float64], query_sign: NDArray[np.float32] | None, bina
         packed: NDArray[np.uint8] = np.packbits(pos, axis=1)
         return packed
     norm = np.sqrt(np.maximum((z * z).sum(axis=1, keepdims=True), 1e-12))
-    return (z / norm).astype(np.float32)
+    unit: NDArray[np.float32] = (z / norm).astype(np.float32)
+    return unit
 
 
 def expand_query(index: Any, query: Aggregated, ids: Any, expansion: Expansion) -> Aggregated:
@@ -233,7 +234,8 @@ def expand_query(index: Any, query: Aggregated, ids: Any, expansion: Expansion) 
     # the expanded word set
     words = q_words
     if new_words:
-        cand, counts = np.unique(np.concatenate([per_image[i][0] for i in used]), return_counts=True)  # type: ignore[index]
+        stacked: NDArray[np.int32] = np.concatenate([per_image[i][0] for i in used])  # type: ignore[index]
+        cand, counts = np.unique(stacked, return_counts=True)
         extra = cand[(counts >= expansion.min_images) & ~np.isin(cand, q_words)]
         words = np.union1d(q_words, extra).astype(np.int32)
     z = np.zeros((words.size, q_sign.shape[1]))

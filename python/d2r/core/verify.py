@@ -103,7 +103,7 @@ class SearchIndex(Protocol):
     """What search_and_rerank searches: an Index, a RegionalSearchIndex, or anything with their `search`
     (e.g. d2r.distributed.ShardedIndex)."""
 
-    def search(self, queries: Any, k: int | None = ...) -> tuple[Any, Any]: ...
+    def search(self, queries: Any, k: int | None = ..., *args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
 
 
 # --------------------------------------------------------------------------- #
