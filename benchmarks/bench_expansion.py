@@ -228,13 +228,15 @@ def configs(datas):
         yield name, "none", "ASMK*"
         for src in data["regions"]:
             for m in METHODS[1:]:
-                yield name, src, m
+                if not (src == "none" and m.startswith("Regional")):   # that is ASMK* again
+                    yield name, src, m
 
 
 def rules_study(datas):
     from d2r.core.verify import RerankRule
 
-    rules = [None] + [RerankRule(t, o) for o in ("inliers", "score") for t in (8, 10, 12, 15, 20, 25, 30, 40, 60)]
+    rules = [None] + [RerankRule(t, "inliers") for t in (10, 15, 20, 30)]
+    rules += [RerankRule(t, "fused", w, c) for t in (8, 10, 12, 15) for w in (0.05, 0.1, 0.15, 0.25) for c in (100, 200)]
     deltas = {str(r): [] for r in rules}
     out = {"configs": []}
     for name, src, method in configs(datas):
@@ -261,26 +263,25 @@ def rules_study(datas):
     return out
 
 
-def verified_rankings(idx, data, expansion, min_inliers):
+def verified_rankings(idx, data, expansion, min_inliers, top=100):
     """alpha-QE / HQE over the spatially verified results: the expansion images are the first search's
     results with at least `min_inliers` inliers, best first (the fused rule's promoted head)."""
     from d2r.core.aggregate import aggregate
     from d2r.core.expand import expand_query
 
-    scores, ids = [], []
-    t = time.perf_counter()
+    scores, ids, times = [], [], []
     for qi, (d, _) in enumerate(data["query"]):
+        t = time.perf_counter()
         qa = aggregate(d, idx.codebook, idx.spec.query_kernel)
-        _, first = idx.search_aggregated(qa, k=100)
+        _, first = idx.search_aggregated(qa, k=top)
         inl = data["inliers"][qi][first]
-        chosen = first[inl >= min_inliers]
-        if isinstance(expansion, type(None)):
-            chosen = first
+        chosen = first[inl >= max(min_inliers, 1)]
         ex = expand_query(idx, qa, chosen, expansion) if chosen.size else qa
         s, i = idx.search_aggregated(ex, k=None)
+        times.append(time.perf_counter() - t)
         scores.append(s)
         ids.append(i)
-    return np.stack(scores), np.stack(ids), (time.perf_counter() - t) / len(data["query"])
+    return np.stack(scores), np.stack(ids), float(np.median(times))
 
 
 def expansions_study(datas, expansions, verified=None):
@@ -310,6 +311,55 @@ def expansions_study(datas, expansions, verified=None):
         flat = [x for r in d for x in r]
         print(f"{str(e):60s} min {min(flat):6.2f} mean {np.mean(flat):6.2f} mean dM {np.mean([r[1] for r in d]):6.2f}")
     return out
+
+
+def table(datas, args):
+    """Set x source x method x expansion x re-ranking: mAP E / M / H and the expanded search's time
+    against the plain one (the same run, one query at a time)."""
+    from d2r.core.expand import as_expansion
+    from d2r.core.verify import DEFAULT_RULE, OFFICIAL_RULE
+
+    expansions = {"none": None, "hqe": as_expansion("hqe"), "aqe": as_expansion("aqe"),
+                  "hqe+sv": as_expansion("hqe"), "aqe+sv": as_expansion("aqe")}
+    out = {"rule": str(DEFAULT_RULE), "expansions": {k: str(v) for k, v in expansions.items()}, "rows": []}
+    print(f"{'set':10s} {'source':10s} {'method':22s} {'expand':6s} {'E':>5s} {'M':>5s} {'H':>5s} | official SV "
+          f"E/M/H | fused SV E/M/H | time x", flush=True)
+    for name, src, method in configs(datas):
+        data = datas[name]
+        idx = make_index(data, method, src)
+        t_plain = None
+        for ename, e in expansions.items():
+            # time: one query at a time, plain and expanded alternately in this run
+            if ename.endswith("+sv"):   # over the verified results (inliers cached: search time only)
+                s, i, t = verified_rankings(idx, data, e, DEFAULT_RULE.min_inliers)
+            else:
+                s, i, t = rankings_one_by_one(idx, data, e)
+            if e is None:
+                t_plain = t
+            m = maps(i, data["gnd"])
+            off = rerank_with(i, s, data["inliers"], data["gnd"], OFFICIAL_RULE)
+            fus = rerank_with(i, s, data["inliers"], data["gnd"], DEFAULT_RULE)
+            row = {"set": name, "source": src, "method": method, "expand": ename, "map": m, "official_sv": off,
+                   "fused_sv": fus, "seconds_per_query": t, "time_vs_plain": t / t_plain}
+            out["rows"].append(row)
+
+            def f(d):
+                return "/".join("-" if d[p] is None else f"{d[p]:.1f}" for p in ("easy", "medium", "hard"))
+
+            print(f"{name:10s} {src:10s} {method:22s} {ename:6s} {f(m):>17s} | {f(off):>17s} | {f(fus):>17s} | "
+                  f"{t / t_plain:.2f}", flush=True)
+    return out
+
+
+def rankings_one_by_one(idx, data, expand):
+    scores, ids, times = [], [], []
+    for d, _ in data["query"]:
+        t = time.perf_counter()
+        s, i = idx.search(d, k=None, expand=expand)
+        times.append(time.perf_counter() - t)
+        scores.append(s)
+        ids.append(i)
+    return np.stack(scores), np.stack(ids), float(np.median(times))
 
 
 def main(argv=None):

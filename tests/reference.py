@@ -366,11 +366,21 @@ def alpha_qe(query, database, ids, dim, top=5, a=3.0, min_images=2, alpha=3.0, t
     return _expanded(query, chosen, weights, dim, min_images)
 
 
-def fused_rerank(scores, inliers, min_inliers: int, order: str):
+def fused_rerank(scores, inliers, min_inliers: int, order: str, weight: float = 0.15, cap: int = 100):
     """Candidates in initial order (best first): those with >= min_inliers inliers (every one when
     min_inliers is 0) first, by (inliers desc, score desc, position) or in initial order; the rest
-    after them in initial order. Returns the list of positions."""
+    after them in initial order. order "fused": all sorted by score / max score (when it is > 0) plus
+    weight * min(inliers, cap) / cap for the promoted ones, ties by position. Returns the positions."""
     n = len(scores)
+    if order == "fused":
+        top = max(float(x) for x in scores) if n else 0.0
+        keys = []
+        for i in range(n):
+            k = float(scores[i]) / top if top > 0 else float(scores[i])
+            if min_inliers == 0 or max(int(inliers[i]), 0) >= min_inliers:
+                k += weight * min(max(int(inliers[i]), 0), cap) / cap
+            keys.append(k)
+        return sorted(range(n), key=lambda i: (-keys[i], i))
     promoted = [i for i in range(n) if min_inliers == 0 or max(int(inliers[i]), 0) >= min_inliers]
     rest = [i for i in range(n) if i not in promoted]
     if order == "inliers":

@@ -216,10 +216,17 @@ def test_fused_order_matches_reference(seed):
         for order in ("inliers", "score"):
             got = fused_order(scores, inliers, RerankRule(t, order))
             assert got.tolist() == ref.fused_rerank(scores, inliers, t, order)
+        for w, cap in ((0.15, 100), (1.0, 30)):
+            got = fused_order(scores, inliers, RerankRule(t, "fused", w, cap))
+            assert got.tolist() == ref.fused_rerank(scores, inliers, t, "fused", w, cap)
+    assert fused_order(scores, inliers, RerankRule()).tolist() == ref.fused_rerank(scores, inliers, 15, "fused",
+                                                                                    0.15, 100)
 
 
 def test_official_rule_is_the_official_sort():
-    """RerankRule(0, 'inliers') reproduces rerank()'s (inliers, score) order."""
+    """RerankRule(0, 'inliers') (OFFICIAL_RULE) reproduces rerank()'s (inliers, score) order."""
+    from d2r.core.verify import OFFICIAL_RULE
+
     rng = np.random.default_rng(3)
     feats = [(rng.standard_normal((30, 8)).astype(np.float32), rng.random((30, 2)).astype(np.float32) * 100)
              for _ in range(12)]
@@ -227,11 +234,14 @@ def test_official_rule_is_the_official_sort():
     order, inl = rerank(feats[0], feats, scores, top=None)
     assert fused_order(scores, inl, RerankRule(0, "inliers")).tolist() == order.tolist()
     assert fused_order(scores, inl, None).tolist() == order.tolist()
+    assert fused_order(scores, inl, OFFICIAL_RULE).tolist() == order.tolist()
 
 
 def test_rerank_rule_bad_input():
     with pytest.raises(ValueError, match="order"):
-        RerankRule(5, "fused")
+        RerankRule(5, "bogus")
+    with pytest.raises(ValueError, match="weight"):
+        RerankRule(5, "fused", -1.0)
     with pytest.raises(ValueError, match="min_inliers"):
         RerankRule(-1)
     with pytest.raises(ValueError, match="differ in length"):
