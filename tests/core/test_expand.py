@@ -246,3 +246,35 @@ def test_rerank_rule_bad_input():
         RerankRule(-1)
     with pytest.raises(ValueError, match="differ in length"):
         fused_order([1.0, 0.5], [3])
+
+
+def test_pipeline_expands_over_the_verified_results_only():
+    """d2r.workflows.pipeline.verified_expansion: the expansion images are the top results with at
+    least DEFAULT_RULE.min_inliers inliers. Database images 0-2 repeat the query's features at its
+    locations (shifted: verified), the others have random locations (not verified)."""
+    from d2r.core.aggregate import aggregate
+    from d2r.core.verify import DEFAULT_RULE
+    from d2r.extract import Features
+    from d2r.workflows.pipeline import verified_expansion
+
+    cb, db, queries = _world(4)
+    rng = np.random.default_rng(5)
+    q = queries[0]
+    q_xy = rng.uniform(0, 500, (len(q), 2)).astype(np.float32)
+
+    def feats(x, xy):
+        return Features(x, xy, np.ones(len(x), np.float32), np.ones(len(x), np.float32))
+
+    db = [q.copy(), q.copy(), q.copy()] + db
+    db_feats = [feats(x, q_xy + 7 * k if k < 3 else rng.uniform(0, 500, (len(x), 2)).astype(np.float32))
+                for k, x in enumerate(db)]
+    idx = d2r.Index(cb, "asmk*")
+    ids = idx.add(db)
+    s, i = verified_expansion(idx, feats(q, q_xy), db_feats, AlphaQE(), top=10, max_distance=0.9)
+    qa = aggregate(q, cb, "asmk*")
+    _, first = idx.search_aggregated(qa, k=10)
+    verified = [j for j in first if j in set(ids[:3].tolist())]
+    assert len(verified) == 3 and DEFAULT_RULE.min_inliers <= len(q)
+    s2, i2 = idx.search_aggregated(expand_query(idx, qa, np.array(verified, np.int64), AlphaQE()), k=None)
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_array_equal(s, s2)
