@@ -278,3 +278,15 @@ def test_pipeline_expands_over_the_verified_results_only():
     s2, i2 = idx.search_aggregated(expand_query(idx, qa, np.array(verified, np.int64), AlphaQE()), k=None)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_array_equal(s, s2)
+
+
+def test_expansion_with_a_region_without_words():
+    """Regression: a RegionalSearchIndex image with an empty region (no features, no words) among the
+    expansion images made expand_query fail reshaping its zero codes."""
+    cb, db, queries = _world(6)
+    idx = d2r.RegionalSearchIndex(cb, "asmk*", pooling="max")
+    empty = np.zeros((0, DIM), np.float32)
+    idx.add_regions_many([[x, x[: len(x) // 2], empty] for x in db])
+    for e in ("hqe", "aqe"):
+        s, i = idx.search(queries[0], k=None, expand=e)
+        assert len(i) == len(db) and np.all(np.diff(s) <= 0)

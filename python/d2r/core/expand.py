@@ -156,6 +156,8 @@ def _sigma(u: NDArray[np.float64], alpha: float, tau: float) -> NDArray[np.float
 
 
 def _signs(codes: NDArray[Any], dim: int, binary: bool) -> NDArray[np.float32]:
+    if codes.shape[0] == 0:   # an entry without words (e.g. a region without features)
+        return np.zeros((0, dim), np.float32)
     if binary:
         bits = np.unpackbits(codes.reshape(codes.shape[0], -1), axis=1)[:, :dim]
         return bits.astype(np.float32) * 2 - 1
