@@ -177,26 +177,26 @@ def make_app(path, k: int = 10, delf=None, max_features=None, shard_options=None
     from ray import serve
     from starlette.responses import JSONResponse
 
-    limits = limits if limits is not None else Limits()
+    lim: Limits = limits if limits is not None else Limits()
 
     @serve.deployment(ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=int(max_ongoing_requests),
                       logging_config=_logging_config(log_level, access_log))
     class D2RService:
         def __init__(self):
             self.service = QueryService(path, k=k, delf=delf, max_features=max_features, shard_options=shard_options,
-                                        limits=limits, token=token)
+                                        limits=lim, token=token)
             self.pool = ThreadPoolExecutor(max_workers=int(threads), thread_name_prefix="d2r-query")
 
         async def _body(self, request) -> bytes:
             """The body, refused (413) past the limit: by Content-Length before reading, else as it comes."""
             from d2r.distributed.request_parsing import _too_big, check_content_length
 
-            check_content_length(request.headers.get("content-length"), limits)
+            check_content_length(request.headers.get("content-length"), lim)
             chunks, n = [], 0
             async for chunk in request.stream():
                 n += len(chunk)
-                if n > limits.max_request_bytes:
-                    raise _too_big(n, limits)
+                if n > lim.max_request_bytes:
+                    raise _too_big(n, lim)
                 chunks.append(chunk)
             return b"".join(chunks)
 
