@@ -31,6 +31,9 @@ def register(sub) -> None:
                    help="largest request body (413 above)")
     p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels, metavar="N",
                    help="largest image, width x height read from its header before decoding (413 above)")
+    p.add_argument("--max-pixels-per-byte", type=int, default=lim.max_pixels_per_byte, metavar="N",
+                   help="an image above a megapixel must bring a byte of file per N pixels (a decompression bomb "
+                        "brings thousands; 413 above)")
     p.add_argument("--max-descriptors", type=int, default=lim.max_descriptors, metavar="N",
                    help="most descriptors a query may post (413 above)")
     p.add_argument("--max-json-depth", type=int, default=lim.max_json_depth, metavar="N",
@@ -55,11 +58,13 @@ def run(args) -> int:
     token = args.token if args.token is not None else (os.environ.get("D2R_SERVE_TOKEN") or None)
     try:
         limits = Limits(max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
-                        max_descriptors=args.max_descriptors, max_json_depth=args.max_json_depth, k_max=args.k_max)
+                        max_descriptors=args.max_descriptors, max_json_depth=args.max_json_depth, k_max=args.k_max,
+                        max_pixels_per_byte=args.max_pixels_per_byte)
         serve._check_bind(args.host, token)
     except ValueError as exc:
         msg = str(exc)
-        for name in ("max_request_bytes", "max_image_pixels", "max_descriptors", "max_json_depth", "k_max"):
+        for name in ("max_request_bytes", "max_image_pixels", "max_descriptors", "max_json_depth", "k_max",
+                     "max_pixels_per_byte"):
             msg = msg.replace(f"Limits.{name}", "--" + name.replace("_", "-"))
         raise UsageError(msg) from None
     if not 1 <= args.k <= limits.k_max:

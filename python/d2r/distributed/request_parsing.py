@@ -17,7 +17,8 @@ What it checks, each size limit configurable in :class:`Limits`:
   allocated), never pickled objects;
 * multipart forms: a valid boundary, well-formed parts, the field ``image`` or ``descriptors`` once;
 * images: a format the service decodes (JPEG, PNG, WebP, BMP, TIFF, PNM), the width and height read
-  from the header, before any pixel is decoded, within ``max_image_pixels``;
+  from the header, before any pixel is decoded, within ``max_image_pixels``, and above a megapixel at most
+  ``max_pixels_per_byte`` pixels per byte of file (a decompression bomb);
 * ``k`` (the URL's ``?k=``, a string of at most 9 digits, or the JSON body's): an integer from 1 to
   ``k_max``; descriptors per query at most ``max_descriptors``.
 """
@@ -70,16 +71,21 @@ class Limits:
     max_request_bytes: the body (default 20 MB; 413 above). max_image_pixels: width x height from the
     image's header (default 40 megapixels; 413 above). max_descriptors: rows of posted descriptors
     (default 20,000; 413 above). max_json_depth: nesting of a JSON body (default 8; the service's JSON is
-    3 deep; 400 above). k_max: the largest k a request may ask (default 1,000; 400 above)."""
+    3 deep; 400 above). k_max: the largest k a request may ask (default 1,000; 400 above).
+    max_pixels_per_byte: an image of more than a megapixel must bring at least one byte of file per this
+    many pixels (default 100; real photos have 2 to 13; a decompression bomb, a few KB of PNG declaring
+    tens of megapixels, has thousands; 413 above)."""
 
     max_request_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
     max_descriptors: int = 20_000
     max_json_depth: int = 8
     k_max: int = 1000
+    max_pixels_per_byte: int = 100
 
     def __post_init__(self):
-        for name in ("max_request_bytes", "max_image_pixels", "max_descriptors", "max_json_depth", "k_max"):
+        for name in ("max_request_bytes", "max_image_pixels", "max_descriptors", "max_json_depth", "k_max",
+                     "max_pixels_per_byte"):
             v = getattr(self, name)
             if type(v) is not int or v < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {v!r}")
@@ -390,6 +396,10 @@ def _part(part: bytes):
     return name, data
 
 
+#: images above this many pixels must bring a byte of file per Limits.max_pixels_per_byte pixels
+BOMB_FLOOR_PIXELS = 1_000_000
+
+
 # ---- images -----------------------------------------------------------------------------------------------
 def check_image_header(data: bytes, limits: Limits) -> tuple:
     """(width, height) read from the image's header (Pillow opens lazily: no pixel is decoded); 400 for
@@ -417,6 +427,10 @@ def check_image_header(data: bytes, limits: Limits) -> tuple:
     if w * h > limits.max_image_pixels:
         raise RequestError(413, f"the posted image is {w} x {h} = {w * h} pixels, more than this service's limit "
                                 f"of {limits.max_image_pixels} (--max-image-pixels)")
+    if w * h > BOMB_FLOOR_PIXELS and w * h > limits.max_pixels_per_byte * len(data):
+        raise RequestError(413, f"the posted image declares {w} x {h} = {w * h} pixels in {len(data)} bytes, more than "
+                                f"{limits.max_pixels_per_byte} pixels per byte (--max-pixels-per-byte): a "
+                                "decompression bomb?")
     return w, h
 
 
