@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from d2r.distributed.request_parsing import Limits, RequestError, check_token, parse_search
 
@@ -62,6 +63,28 @@ def _check_bind(host: str, token) -> None:
     if token is None and not is_loopback(host):
         raise ValueError(f"binding to {host!r} (beyond loopback) needs a bearer token: pass --token or set "
                          "D2R_SERVE_TOKEN (clients then send 'Authorization: Bearer <token>')")
+
+
+# after a query image of at least this many pixels, the freed heap is handed back to the system
+_TRIM_PIXELS = 2_000_000
+_LIBC: Any = None   # the C library once loaded (False where it cannot be)
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere): a large
+    image's decoding and scale space would otherwise stay in the process's RSS."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 class QueryService:
@@ -153,10 +176,15 @@ class QueryService:
         from d2r.extract import decode_image_rgb
 
         img = decode_image_rgb(data, "the posted image")
-        if img.shape[0] * img.shape[1] > self.limits.max_image_pixels:   # the header said otherwise
-            raise RequestError(413, f"the posted image decodes to {img.shape[1]} x {img.shape[0]} pixels, more than "
-                                    f"this service's limit of {self.limits.max_image_pixels}")
-        return self.extractor(img).descriptors
+        try:
+            if img.shape[0] * img.shape[1] > self.limits.max_image_pixels:   # the header said otherwise
+                raise RequestError(413, f"the posted image decodes to {img.shape[1]} x {img.shape[0]} pixels, more "
+                                        f"than this service's limit of {self.limits.max_image_pixels}")
+            return self.extractor(img).descriptors
+        finally:
+            if img.shape[0] * img.shape[1] >= _TRIM_PIXELS:
+                del img
+                _trim_heap()
 
 
 def _logging_config(log_level: str, access_log: bool):
