@@ -9,19 +9,25 @@ other than RequestError is a crash; so is a RequestError whose status is not 400
 a parsed query that breaks the promises of SearchQuery.
 
 Run: python tests/fuzz/py/serve_requests.py tests/fuzz/corpus/serve_requests -max_total_time=60
-(importable without atheris: tests/distributed/test_serve.py replays the corpora through TestOneInput).
+(the d2r imported is the environment's: the installed package, or PYTHONPATH=python in a checkout with
+the extension built; importable without atheris: tests/distributed/test_serve.py replays the corpora through TestOneInput).
 """
 import sys
-from pathlib import Path
 from urllib.parse import parse_qsl
 
-_PY = Path(__file__).resolve().parents[3] / "python"
-if _PY.is_dir() and str(_PY) not in sys.path:   # a source checkout: its d2r (else the installed one)
-    sys.path.insert(0, str(_PY))
+import numpy as np
 
-import numpy as np  # noqa: E402
+if __name__ == "__main__":
+    import atheris
 
-from d2r.distributed.request_parsing import Limits, RequestError, parse_search  # noqa: E402
+    # instrument the parser and what it calls on hostile bytes (json, Pillow's header readers), not numpy
+    with atheris.instrument_imports(include=["d2r.distributed.request_parsing", "PIL", "json", "ast"]):
+        from d2r.distributed.request_parsing import Limits, RequestError, parse_search
+        from PIL import Image
+
+        Image.init()   # Pillow's format plugins, loaded now so that they are instrumented
+else:
+    from d2r.distributed.request_parsing import Limits, RequestError, parse_search
 
 DIM = 4
 LIMITS = Limits(max_request_bytes=1 << 20, max_image_pixels=1 << 16, max_descriptors=64, max_json_depth=8, k_max=100)
@@ -56,11 +62,5 @@ def TestOneInput(data: bytes) -> str:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    from PIL import Image
-
-    Image.init()   # load Pillow's format plugins now, so that they are instrumented too
-    atheris.instrument_all()
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()
