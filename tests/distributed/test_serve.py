@@ -491,3 +491,33 @@ def test_memory_back_to_baseline_after_bad_requests(service):
     conn.close()
     print(f"replica RSS: {before:.1f} MB before, {after:.1f} MB after {200 * len(MEMORY_KINDS)} bad requests")
     assert after - before < RSS_GROWTH_LIMIT_MB, (before, after)
+
+
+def test_cli_passes_the_options_through(tmp_path, monkeypatch):
+    """`d2r serve`'s limits, token (option or D2R_SERVE_TOKEN), log level and access log reach
+    d2r.distributed.serve.run (stopped there: no Ray needed)."""
+    from d2r import distributed
+    from d2r.cli import main
+    from d2r.distributed import serve
+
+    got = {}
+
+    def fake_run(path, **kw):
+        got.update(kw)
+        raise KeyboardInterrupt   # stops the command there
+
+    monkeypatch.setattr(distributed, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "run", fake_run)
+    (tmp_path / "x.d2r").write_bytes(b"")
+    monkeypatch.setenv("D2R_SERVE_TOKEN", "from-the-environment")
+    main(["serve", str(tmp_path / "x.d2r"), "--host", "0.0.0.0", "--max-request-bytes", "1000",
+          "--max-image-pixels", "2000", "--max-descriptors", "30", "--max-json-depth", "4", "--k-max", "50",
+          "--max-pixels-per-byte", "7", "--log-level", "info", "--access-log", "--threads", "3", "-k", "5"])
+    assert got["limits"] == Limits(max_request_bytes=1000, max_image_pixels=2000, max_descriptors=30, max_json_depth=4,
+                                   k_max=50, max_pixels_per_byte=7)
+    assert got["token"] == "from-the-environment" and got["host"] == "0.0.0.0" and got["k"] == 5
+    assert got["log_level"] == "info" and got["access_log"] is True and got["threads"] == 3
+    got.clear()
+    main(["serve", str(tmp_path / "x.d2r"), "--token", "from-the-option"])
+    assert got["token"] == "from-the-option" and got["limits"] == Limits()
+    assert got["log_level"] == "warning" and got["access_log"] is False   # the defaults: no access log
