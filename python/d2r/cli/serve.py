@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from d2r.cli._common import UsageError, _ray_option, add_command
+from d2r.cli._common import UsageError, _common, _ray_option, add_command, ray_session
 
 
 def register(sub) -> None:
@@ -21,6 +21,7 @@ def register(sub) -> None:
                                                                   "index's record)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
     _ray_option(p, "the Ray cluster to serve on (default: local)")
+    _common(p, json_out=False)
     p.set_defaults(func=run)
 
 
@@ -31,20 +32,24 @@ def run(args) -> int:
     target = Path(args.index)
     if not target.exists():
         raise UsageError(f"{args.index}: no such index file or sharded-index folder")
-    distributed.connect(args.ray or "local")
+    if target.is_dir() and not (target / distributed.MANIFEST).is_file():   # before Ray starts
+        raise UsageError(f"{args.index}: a folder without {distributed.MANIFEST}, so not a sharded index; give an "
+                         "index file or a sharded-index folder (`d2r index --shards N`)")
     # Ray Serve's dependencies' own deprecation notices (pydantic) are not the user's concern
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"(ray|pydantic|starlette|fastapi)(\.|$)")
-    serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf, max_features=args.max_features,
-              blocking=False)
-    print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "
-          "Ctrl-C stops it", flush=True)
-    import time
+    # SIGINT (Ctrl-C) and SIGTERM (`kill PID`, `kill %1`) stop it: the service, then the cluster it started
+    with ray_session(args, args.ray or "local", target):
+        serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf,
+                  max_features=args.max_features, blocking=False)
+        print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "
+              "Ctrl-C or SIGTERM (kill PID) stops it", flush=True)
+        import time
 
-    from ray import serve as ray_serve
+        from ray import serve as ray_serve
 
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        ray_serve.shutdown()
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            ray_serve.shutdown()

@@ -206,9 +206,13 @@ def run(path, host: str = "127.0.0.1", port: int = 8000, k: int = 10, delf=None,
 
     from ray import serve
 
+    from d2r.distributed.cluster import _route_ray_loggers
+
+    _route_ray_loggers()   # Serve's loggers (set up as it is imported) into connect(log_file=...)'s file, if any
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(make_app(path, k=k, delf=delf, max_features=max_features, shard_options=shard_options),
               name="d2r", route_prefix="/")
+    _route_ray_loggers()
     if not blocking:
         return
     try:
