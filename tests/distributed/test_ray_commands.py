@@ -276,3 +276,23 @@ def test_extract_on_ray_stops_on_sigint(folders):
     assert "d2r extract: interrupted" in err
     assert not [n for n in RAY_NOISE if n in err], err
     assert left == [], left
+
+
+def test_address_parsing_and_timeout_setting(monkeypatch):
+    """What the probe reads from an address (no Ray needed), and the timeout's sources."""
+    from d2r.distributed.cluster import DEFAULT_CONNECT_TIMEOUT, _host_port, _timeout
+
+    assert _host_port("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert _host_port("ray://head.example:10001") == ("head.example", 10001)
+    assert _host_port("[::1]:6379") == ("::1", 6379)
+    assert _host_port("head.example") is None and _host_port("ray://head:port") is None
+    monkeypatch.delenv("D2R_RAY_CONNECT_TIMEOUT", raising=False)
+    assert _timeout(None) == DEFAULT_CONNECT_TIMEOUT == 30.0 and _timeout(2) == 2.0
+    monkeypatch.setenv("D2R_RAY_CONNECT_TIMEOUT", "7.5")
+    assert _timeout(None) == 7.5 and _timeout(3) == 3.0
+    monkeypatch.setenv("D2R_RAY_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="D2R_RAY_CONNECT_TIMEOUT='soon'"):
+        _timeout(None)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            _timeout(bad)

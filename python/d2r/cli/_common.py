@@ -80,6 +80,7 @@ def ray_session(args, address, log_at):
             signal.signal(sig, stop)
 
     install()
+    finished = False
     try:
         try:
             distributed.connect(address, log_file=log)
@@ -91,8 +92,9 @@ def ray_session(args, address, log_at):
         if not getattr(args, "quiet", False):
             print(f"d2r {args.command}: Ray's own messages go to {log}", file=sys.stderr, flush=True)
         yield log
+        finished = True
     finally:
-        held = []   # a second signal while the cluster stops is noted, not raised into the shutdown
+        held = []   # a signal while the cluster stops is noted, not raised into the shutdown
         for sig in previous:
             signal.signal(sig, lambda signum, frame: held.append(signum))
         try:
@@ -100,6 +102,8 @@ def ray_session(args, address, log_at):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if finished and held:   # the work was done, but the stop was asked for: the status says so
+            raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated(held[0])
 
 
 def _emit_json(obj) -> None:
