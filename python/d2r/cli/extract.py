@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from d2r.cli._common import (EXIT_OK, UsageError, _common, _emit_json, _extract_listing_skips, _images,
-                             _ray_option, _skipped, add_command)
+                             _ray_option, _skipped, add_command, ray_session)
 
 
 def register(sub) -> None:
@@ -107,13 +107,21 @@ def run(args) -> int:
                              "images (no --strict)")
         from d2r import distributed
 
-        distributed.connect(args.ray)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {args.out}: exists and is not a folder (--ray writes a feature-store folder)")
+        out.mkdir(exist_ok=True)   # the store folder, which holds ray.log from the start
         ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
         if spec is not None and spec.startswith("detector:"):   # a TensorFlow model: loaded in each actor
             detector = distributed._Factory(detect.TFSavedModelDetector, spec.partition(":")[2])
-        stored, errors = distributed.extract(paths, args.out, ext, actors=args.workers if args.workers > 1 else None,
-                                             detector=detector, max_regions=args.max_regions, region_source=spec,
-                                             progress=not args.quiet)
+        from d2r.extract import UnreadableImagesWarning
+
+        with ray_session(args, args.ray, out), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImagesWarning)   # the skipped images are listed below
+            stored, errors = distributed.extract(paths, args.out, ext,
+                                                 actors=args.workers if args.workers > 1 else None,
+                                                 detector=detector, max_regions=args.max_regions, region_source=spec,
+                                                 progress=not args.quiet)
     elif str(args.out).endswith(".npz"):
         feats = _extract_listing_skips(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
         names = [os.path.abspath(p) for p in feats.images]

@@ -6,12 +6,14 @@ import warnings
 from pathlib import Path
 
 from d2r.cli._common import (EXIT_OK, NothingUsable, UsageError, _common, _emit_json, _extract_listing_skips,
-                             _images, _names_file, _query_extractor, _ray_option, _skipped, add_command)
+                             _images, _names_file, _query_extractor, _ray_option, _skipped, add_command,
+                             ray_session)
 
 
 def register(sub) -> None:
     p = add_command(sub, "search", "search an index with query images; prints the ranked images with their scores")
-    p.add_argument("index", help="an index file from `d2r index`")
+    p.add_argument("index", help="an index file from `d2r index`, or a sharded-index folder (`d2r index --shards N`; "
+                                 "searched in this process, every shard memory-mapped, unless --ray is given)")
     p.add_argument("queries", nargs="+", help="query image files, folders or .txt lists")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--max-features", type=int, default=None,
@@ -24,28 +26,49 @@ def register(sub) -> None:
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable query image")
-    _ray_option(p, "the Ray cluster for a sharded index (default: local)")
+    _ray_option(p, "search a sharded index's shards on a Ray cluster, one actor per shard (default: in this process, "
+                   "without Ray)")
     _common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from d2r.extract import NoUsableImagesError
-    from d2r.core.index import Index
-
     sharded = Path(args.index).is_dir() or Path(args.index).name == "manifest.json"
-    if sharded:
-        from d2r import distributed
-
-        if args.rerank:
-            raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
-        distributed.connect(args.ray or "local")
-        index = distributed.ShardedIndex(args.index)
-        names = index.names
-    else:
+    if not sharded:
         if args.ray:
             raise UsageError(f"--ray searches a sharded index (a folder from `d2r index --shards N`); {args.index} is "
                              "one index file, searched in this process")
+        return _run(args, None)
+    from d2r.distributed.sharded import MANIFEST, read_manifest
+
+    folder = Path(args.index) if Path(args.index).is_dir() else Path(args.index).parent
+    if not (folder / MANIFEST).is_file():   # before anything starts (Ray takes seconds)
+        raise UsageError(f"{args.index}: a folder without {MANIFEST}, so not a sharded index (a finished `d2r index "
+                         "--shards N` writes it last; an unfinished one resumes when run again); give an index file "
+                         "or a sharded-index folder")
+    read_manifest(folder)   # corrupt or foreign: ValueError, before Ray starts
+    if args.rerank:
+        raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+    if not args.ray:
+        from d2r.distributed.sharded import LocalShardedIndex
+
+        with LocalShardedIndex(folder) as index:
+            return _run(args, index)
+    from d2r import distributed
+
+    with ray_session(args, args.ray, folder):
+        with distributed.ShardedIndex(folder) as index:
+            return _run(args, index)
+
+
+def _run(args, index) -> int:
+    from d2r.extract import NoUsableImagesError
+    from d2r.core.index import Index
+
+    sharded = index is not None
+    if sharded:
+        names = index.names
+    else:
         index = Index.load(args.index, mmap=True)
         names = None
     if len(index) == 0:

@@ -5,7 +5,7 @@ import os
 import warnings
 from pathlib import Path
 
-from d2r.cli._common import UsageError, _ray_option, add_command
+from d2r.cli._common import UsageError, _common, _ray_option, add_command, ray_session
 from d2r.distributed.request_parsing import Limits
 
 
@@ -45,6 +45,7 @@ def register(sub) -> None:
                    help="Ray Serve's log level")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     _ray_option(p, "the Ray cluster to serve on (default: local)")
+    _common(p, json_out=False)
     p.set_defaults(func=run)
 
 
@@ -55,6 +56,9 @@ def run(args) -> int:
     target = Path(args.index)
     if not target.exists():
         raise UsageError(f"{args.index}: no such index file or sharded-index folder")
+    if target.is_dir() and not (target / distributed.MANIFEST).is_file():   # before Ray starts
+        raise UsageError(f"{args.index}: a folder without {distributed.MANIFEST}, so not a sharded index; give an "
+                         "index file or a sharded-index folder (`d2r index --shards N`)")
     token = args.token if args.token is not None else (os.environ.get("D2R_SERVE_TOKEN") or None)
     try:
         limits = Limits(max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
@@ -71,21 +75,22 @@ def run(args) -> int:
         raise UsageError(f"-k must be from 1 to --k-max ({limits.k_max}), got {args.k}")
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
-    distributed.connect(args.ray or "local")
     # Ray Serve's dependencies' own deprecation notices (pydantic) are not the user's concern
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=r"(ray|pydantic|starlette|fastapi)(\.|$)")
-    serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf, max_features=args.max_features,
-              blocking=False, limits=limits, token=token, log_level=args.log_level, access_log=args.access_log,
-              threads=args.threads)
-    print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "
-          "Ctrl-C stops it", flush=True)
-    import time
+    # SIGINT (Ctrl-C) and SIGTERM (`kill PID`, `kill %1`) stop it: the service, then the cluster it started
+    with ray_session(args, args.ray or "local", target):
+        serve.run(args.index, host=args.host, port=args.port, k=args.k, delf=args.delf,
+                  max_features=args.max_features, blocking=False, limits=limits, token=token,
+                  log_level=args.log_level, access_log=args.access_log, threads=args.threads)
+        print(f"d2r serve: {args.index} on http://{args.host}:{args.port} (POST /search, GET /health, GET /stats); "
+              "Ctrl-C or SIGTERM (kill PID) stops it", flush=True)
+        import time
 
-    from ray import serve as ray_serve
+        from ray import serve as ray_serve
 
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        ray_serve.shutdown()
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            ray_serve.shutdown()

@@ -260,14 +260,18 @@ def run(path, host: str = "127.0.0.1", port: int = 8000, k: int = 10, delf=None,
 
     from ray import serve
 
+    from d2r.distributed.cluster import _route_ray_loggers
+
     _check_bind(host, token)
     if str(log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
     logging_config = _logging_config(log_level, access_log)
+    _route_ray_loggers()   # Serve's loggers (set up as it is imported) into connect(log_file=...)'s file, if any
     serve.start(http_options={"host": host, "port": int(port)}, logging_config=logging_config)
     serve.run(make_app(path, k=k, delf=delf, max_features=max_features, shard_options=shard_options, limits=limits,
                        token=token, threads=threads, log_level=log_level, access_log=access_log),
               name="d2r", route_prefix="/", logging_config=logging_config)
+    _route_ray_loggers()
     if not blocking:
         return
     try:
