@@ -16,6 +16,9 @@
 //    either completes or leaves the index exactly as it was (strong exception guarantee).
 //  * No Python runs and the GIL is never taken here; memory from outside (a memory-mapped file) is
 //    held through a native owner released without the GIL.
+//  * A memory-mapped file truncated under the index (map_guard.h): the SIGBUS guard maps zero pages
+//    past the new end and sets the mapping's flag, which every public reader and writer checks
+//    before and after it runs (CorruptIndex "... was truncated while memory-mapped"), for good.
 #pragma once
 
 #include <atomic>
