@@ -239,11 +239,18 @@ class _IndexBase:
         for what its searches touch.
 
         verify: what is checked against the file's checksums. True: everything, at load (reads the
-        whole file). "lazy" (the default with mmap=True): everything but the postings at load, and
+        whole file, and decodes every posting list: each image's postings must match its word
+        count). "lazy" (the default with mmap=True): everything but the postings at load, and
         each 64 KiB page of postings when a search first reads it (a mismatch raises IndexFileError
         from that search); ``index.verify()`` checks every page at once (it releases the GIL, so it
         can run in a background thread beside searches). False: no checksums (the structure is
-        still checked, also as lists are decoded). Default: True, or "lazy" with mmap=True.
+        still checked, also as lists are decoded; damage that keeps the structure valid, e.g. in
+        the codes, goes unnoticed: README, "Index files: what is checked"). Default: True, or
+        "lazy" with mmap=True.
+
+        A memory-mapped file truncated by another process while mapped does not end the process:
+        every later operation on the index raises IndexFileError (README, "Concurrency and
+        failures").
 
         Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load, and
         the postings of format 3 files (Golomb-Rice coded) are converted to format 4 in memory (mmap
@@ -290,7 +297,10 @@ class _IndexBase:
         centroids = np.array(sec["centroids"])
         if centroids.shape != (meta["n_words"], meta["dim"]):
             raise IndexFileError(f"{path}: codebook shape does not match the header")
-        codebook = Codebook(centroids)
+        try:
+            codebook = Codebook(centroids)
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"{path}: invalid embedded codebook ({exc})") from None
         if meta["codebook_fingerprint"] is None:
             warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
                           "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
@@ -316,7 +326,8 @@ class _IndexBase:
 
     def verify(self) -> int:
         """Check every page of a memory-mapped index's postings against its checksums now (the
-        pages a search reads are checked anyway when first read). Releases the GIL: may run in a
+        pages a search reads are checked anyway when first read), then decode every posting list
+        and check its structure, the posting count and each image's word count. Releases the GIL: may run in a
         background thread beside searches, adds and removes. Returns the bytes verified; a mismatch
         raises IndexFileError."""
         return int(self._ivf.verify())
@@ -413,7 +424,9 @@ class Index(_IndexBase):
     def add(self, descriptors: Any, image_ids: ArrayLike | None = None, offsets: ArrayLike | None = None,
             progress: bool | None = None, assignments: Any = None, fingerprint: str | None = None) -> np.ndarray:
         """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
-        `offsets`). Returns the image ids (default: consecutive after the largest id so far).
+        `offsets`). Returns the image ids (default: consecutive after the largest id so far). Ids
+        are integers in [0, 2**62); an id outside, or a default id that would reach 2**62, raises
+        ValueError.
         `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
         descriptors (e.g. from codebook.quantize), to quantise once and index many times;
         `fingerprint`: the fingerprint of the codebook that made them (``codebook.fingerprint``), checked
@@ -474,7 +487,8 @@ class Index(_IndexBase):
         return batches
 
     def add_aggregated(self, aggregated: AggregatedLike, image_ids: ArrayLike | None = None) -> np.ndarray:
-        """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
+        """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch).
+        image_ids: as for `add` (integers in [0, 2**62))."""
         batch, _ = self._as_batch(aggregated)
         self._check_aggregated(batch, "aggregated")
         ids = None if image_ids is None else as_ids(image_ids, len(batch))
@@ -586,7 +600,7 @@ class RegionalSearchIndex(_IndexBase):
                          progress: bool | None = None, batch_size: int = 512, assignments: Sequence[Any] | None = None,
                          fingerprint: str | None = None) -> np.ndarray:
         """Index many images given by their regions (each region one entry). `assignments` and
-        `fingerprint` as for Index.add_regions_many. Atomic."""
+        `fingerprint` as for Index.add_regions_many; ids integers in [0, 2**62). Atomic."""
         regions_list = list(regions_list)
         ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         b, owner = self._region_entries(regions_list, progress, assignments, fingerprint)
