@@ -133,3 +133,23 @@ def test_index_whose_word_counts_do_not_match_its_postings_fails_verification(tm
     lazy = d2r.Index.load(bad, mmap=True)    # lazy: the counts are checked by verify()
     with pytest.raises(IndexFileError, match="word count of image"):
         lazy.verify()
+
+
+def test_index_with_non_finite_centroids_is_an_index_file_error(tmp_path):
+    """Found by tests/fuzz/py/index_load.py: a codebook section holding NaN (with verify=False, or
+    valid checksums) raised Codebook's ValueError without the file's name, not IndexFileError."""
+    rng = np.random.default_rng(2)
+    cb = d2r.Codebook(rng.standard_normal((8, 16)).astype(np.float32))
+    idx = d2r.Index(cb, "asmk*")
+    idx.add([rng.standard_normal((4, 16)).astype(np.float32)])
+    good = tmp_path / "good.d2r"
+    idx.save(good)
+    meta, sec, _ = read_index_file(good)
+    centroids = sec["centroids"].copy()
+    centroids[3, 5] = np.nan
+    meta.pop("format_version")
+    bad = tmp_path / "bad.d2r"
+    write_index_file(bad, meta, {**sec, "centroids": centroids})
+    for mmap in (False, True):
+        with pytest.raises(IndexFileError, match=r"bad\.d2r.*codebook"):
+            d2r.Index.load(bad, mmap=mmap)

@@ -290,7 +290,10 @@ class _IndexBase:
         centroids = np.array(sec["centroids"])
         if centroids.shape != (meta["n_words"], meta["dim"]):
             raise IndexFileError(f"{path}: codebook shape does not match the header")
-        codebook = Codebook(centroids)
+        try:
+            codebook = Codebook(centroids)
+        except ValueError as exc:   # non-finite centroids (found by fuzzing: a ValueError without the path)
+            raise IndexFileError(f"{path}: corrupt index file (its codebook: {exc})") from None
         if meta["codebook_fingerprint"] is None:
             warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
                           "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
