@@ -50,6 +50,8 @@ def fix_checksums(data: bytes) -> bytes:
     if len(data) < _PREFIX.size:
         return data
     magic, version, hlen, _ = _PREFIX.unpack_from(data)
+    if _PREFIX.size + hlen > len(data):   # a header longer than the file: nothing to fix
+        return data
     header = data[_PREFIX.size:_PREFIX.size + hlen]
     buf = bytearray(data)
     try:
