@@ -1,8 +1,8 @@
-"""The bugs the fuzz targets found (tests/fuzz/README in the README's testing section), each as a plain
-test that fails before its fix: the feature-store reader leaking zipfile's and numpy's own exceptions
-(and allocating what a crafted .npy header declares), and an index file whose per-image word counts
-do not match its postings loading with verify=True. (The encoder's out-of-bounds access with
-gap width 0 is tests/cpp/test_core.cpp test_encode_width_zero_stays_inside.)"""
+"""The bugs the fuzz targets found (README.md, "Fuzzing"), each as a plain test that fails before its
+fix: the feature-store reader leaking zipfile's and numpy's own exceptions (and allocating what a
+crafted .npy header declares), an index file whose per-image word counts do not match its postings
+loading with verify=True, and non-finite centroids raising a bare ValueError. (The encoder's
+out-of-bounds access with gap width 0 is tests/cpp/test_core.cpp test_encode_width_zero_stays_inside.)"""
 from __future__ import annotations
 
 import io
