@@ -153,3 +153,27 @@ def test_index_with_non_finite_centroids_is_an_index_file_error(tmp_path):
     for mmap in (False, True):
         with pytest.raises(IndexFileError, match=r"bad\.d2r.*codebook"):
             d2r.Index.load(bad, mmap=mmap)
+
+
+def test_index_with_postings_but_no_entries_is_refused(tmp_path):
+    """Found by tests/fuzz/native/index_segments.cpp: a file whose header says n_entries = 0 (and its
+    word counts 0: consistent, checksums valid) while a word's list holds a posting loaded; a search
+    skips a segment without entries, so the image scored -1 ("no features") instead of matching."""
+    rng = np.random.default_rng(3)
+    cb = d2r.Codebook(rng.standard_normal((16, 32)).astype(np.float32))
+    idx = d2r.Index(cb, "asmk*")
+    x = rng.standard_normal((1, 32)).astype(np.float32)   # one descriptor: one posting
+    idx.add([x], image_ids=[7])
+    good = tmp_path / "good.d2r"
+    idx.save(good)
+    meta, sec, _ = read_index_file(good)
+    assert meta["n_entries"] == 1
+    meta.pop("format_version")
+    meta["n_entries"] = 0
+    bad = tmp_path / "bad.d2r"
+    write_index_file(bad, meta, {**sec, "word_counts": np.zeros_like(sec["word_counts"])})
+    scores, ids = d2r.Index.load(good).search([x], k=1)
+    assert ids[0][0] == 7 and scores[0][0] > 0.9
+    for mmap, verify in ((False, True), (True, "lazy"), (False, False)):
+        with pytest.raises(IndexFileError, match="more non-empty posting lists than postings"):
+            d2r.Index.load(bad, mmap=mmap, verify=verify)
