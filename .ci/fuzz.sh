@@ -61,9 +61,9 @@ run_fuzzer() {
   "$@" "$WORK/corpus-$name" "tests/fuzz/corpus/$corpus" -max_total_time="$SECS" -timeout=60 -print_final_stats=1 \
        -artifact_prefix="$WORK/crash-$name-" > "$WORK/$name.log" 2>&1 || rc=$?
   local done_line execs
-  done_line=$(grep -E "^#[0-9]+ +(DONE|INITED)" "$WORK/$name.log" | tail -n 1 || true)
+  done_line=$(grep -E "^#[0-9]+[[:space:]]+(DONE|INITED)" "$WORK/$name.log" | tail -n 1 || true)
   execs=$(grep -E "^stat::number_of_executed_units" "$WORK/$name.log" | awk '{print $2}' || true)
-  echo "   $done_line"
+  echo "   $(echo "$done_line" | tr "\t" " ")"
   SUMMARY+=("$(printf '%-24s executions %-10s %s' "$name" "${execs:-?}" "$(echo "$done_line" | grep -oE 'cov: [0-9]+ ft: [0-9]+' || true)")")
   if [ "$rc" -ne 0 ]; then
     tail -n 80 "$WORK/$name.log"
