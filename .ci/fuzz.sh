@@ -9,8 +9,10 @@
 #   D2R_FUZZ_SECONDS  seconds per target (default 60)
 #   D2R_FUZZ_BUILD    the build folder of the libFuzzer targets (default build/ci-fuzz)
 #   D2R_FUZZ_KEEP     a folder to keep the grown corpora and crash inputs in (default: a temporary one)
-# Time on the 2-core CI machine: the build (about 3 min) + 6 targets x D2R_FUZZ_SECONDS + the replay
-# (under 1 min): about 10 min with the default 60 s.
+# Time on a 2-core machine (measured while loaded): the build from scratch about 3 min, then 5 targets
+# (6 with tests/fuzz/py/serve_requests.py) x D2R_FUZZ_SECONDS, plus about 2 min of replays, atheris's
+# start-up and a no-op cmake check (5 s per target: 2 min 15 s in all without the build): about 10 min
+# with the default 60 s.
 set -euo pipefail
 
 SECS=${D2R_FUZZ_SECONDS:-60}
