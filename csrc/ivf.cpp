@@ -713,9 +713,20 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
     D2R_CHECK_FILE(in.n_slots >= 0 && in.n_entries >= 0, "corrupt index: negative segment size");
     D2R_CHECK_FILE(in.word_off[0] == 0 && in.word_off[n_words_] == in.data_bytes,
               "corrupt index: the word table does not span the posting lists");
-    for (int64_t w = 0; w < n_words_; ++w)
-      D2R_CHECK_FILE(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
     D2R_CHECK(in.format == 3 || in.format == 4, "unknown posting layout " + std::to_string(in.format));
+    // A non-empty list holds at least one posting: its count, a block header and a code (found by
+    // fuzzing: a segment of n_entries = 0 with non-empty lists loaded, and searches, which skip a
+    // segment without entries, ignored what the export and verify() read).
+    const uint64_t min_list = 1 + static_cast<uint64_t>(in.format == 3 ? v3::kBlockHeader3 : kBlockHeader) +
+                              static_cast<uint64_t>(code_bytes_);
+    int64_t non_empty = 0;
+    for (int64_t w = 0; w < n_words_; ++w) {
+      D2R_CHECK_FILE(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
+      const uint64_t len = in.word_off[w + 1] - in.word_off[w];
+      D2R_CHECK_FILE(len == 0 || len >= min_list, "corrupt index: a posting list shorter than one posting");
+      non_empty += len != 0;
+    }
+    D2R_CHECK_FILE(non_empty <= in.n_entries, "corrupt index: more non-empty posting lists than postings");
     // A posting costs at most a block header, 16 gap bytes (format 3: 5) and its code; a list at
     // most 5 bytes more (its count).
     const uint64_t per = in.format == 3 ? v3::kBlockHeader3 + 5 : kBlockHeader + 16;

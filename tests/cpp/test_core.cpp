@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -567,6 +568,32 @@ static void test_core_regions_errors_and_teams() {
 
 // Format-4 posting blocks: every gap width 0..32, partial blocks, each scan variant's decoder equal
 // to the scalar one; the 32-bit-overflow case falls back to 64 bits; the Hamming kernels agree.
+// A block of consecutive slots has gap width 0 and no gap bytes: the encoder must not touch the bytes
+// after its header (found by tests/fuzz/native/postings.cpp: with short codes, a 2-posting list of
+// 1-byte codes was read and written 2 bytes past its end; ASan reports it, and in an index's shared
+// posting buffer two words encoded in parallel raced on those bytes).
+static void test_encode_width_zero_stays_inside() {
+  for (int cb : {1, 2, 3, 16}) {
+    for (int n : {2, 3, 4, 5, 129}) {
+      std::vector<uint32_t> slots(n);
+      for (int i = 0; i < n; ++i) slots[i] = 7 + i;
+      std::vector<uint8_t> codes(static_cast<size_t>(n) * cb, 0x5A);
+      // Exactly the list's size, on the heap: ASan (the CI's D2R_SANITIZE run) sees any byte past it.
+      const size_t bytes = encoded_bytes(slots.data(), n, cb);
+      std::unique_ptr<uint8_t[]> buf(new uint8_t[bytes]);
+      EXPECT(encode_list(slots.data(), codes.data(), n, cb, buf.get()) == bytes);
+      EXPECT(buf[1 + 4] == 0);  // the first block's width
+      int64_t left = 0;
+      const uint8_t* p = read_count(buf.get(), buf.get() + bytes, &left);
+      EXPECT(left == n);
+      const Block blk = read_block(p, buf.get() + bytes, n < kBlock ? n : kBlock, cb);
+      uint32_t out[kBlock + 16];
+      EXPECT(decode_slots_scalar(blk, out) == static_cast<uint64_t>(7 + blk.n - 1));
+      EXPECT(blk.codes[0] == 0x5A);
+    }
+  }
+}
+
 static void test_postings_codec_and_scan_variants() {
   std::mt19937_64 rng(7);
   const int cb = 16;
@@ -871,6 +898,7 @@ int main(int argc, char** argv) {
   test_pooled_search_and_many_images();
   test_parallel_errors();
   test_core_regions_errors_and_teams();
+  test_encode_width_zero_stays_inside();
   test_postings_codec_and_scan_variants();
   test_simd_levels();
   test_map_guard();

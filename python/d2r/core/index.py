@@ -299,8 +299,8 @@ class _IndexBase:
             raise IndexFileError(f"{path}: codebook shape does not match the header")
         try:
             codebook = Codebook(centroids)
-        except (TypeError, ValueError) as exc:
-            raise IndexFileError(f"{path}: invalid embedded codebook ({exc})") from None
+        except (TypeError, ValueError) as exc:   # non-finite or overflowing centroids (also found by fuzzing)
+            raise IndexFileError(f"{path}: corrupt index file: invalid embedded codebook ({exc})") from None
         if meta["codebook_fingerprint"] is None:
             warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
                           "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
