@@ -108,7 +108,9 @@ def _print_query(q, qf, rows, reranked, first, index, args):
     if first:
         scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
                  else " (gamma normalisation off: grows with the number of shared words)")
-        print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
+        from d2r.core.kernels import kernel_label
+
+        print(f"# score: {kernel_label(index.kernel)} similarity, the sum of the selective matches of the visual words the "
               f"query and the image share{scale}, 0 = no word in common, -1 = no features")
         if reranked:
             print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "

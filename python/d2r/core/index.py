@@ -2,6 +2,7 @@
 regional search (one entry per region, pooled per image)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ class _IndexBase:
     construction."""
 
     _ivf: Any   # the inverted file: the backend's (the native InvertedFile's interface)
+    _source: Path | None = None   # the file a memory-mapped index reads its postings from (named in errors)
 
     def __init__(self, codebook: Codebook, kernel: str, alpha: float, tau: float, normalize: bool,
                  m_db: int, m_query: int) -> None:
@@ -266,7 +268,21 @@ class _IndexBase:
             if isinstance(exc, IndexFileError):
                 raise IndexFileError(f"{path}: {exc}") from None
             raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
+        if mmap:
+            idx._source = Path(path)
         return idx.to(device)
+
+    @contextlib.contextmanager
+    def _naming_file(self) -> Iterator[None]:
+        """An IndexFileError from postings read later from the mapped file (a lazily verified page)
+        names that file."""
+        try:
+            yield
+        except IndexFileError as exc:
+            src = self._source
+            if src is None or str(exc).startswith(str(src)):
+                raise
+            raise IndexFileError(f"{src}: {exc}") from None
 
     @classmethod
     def _read(cls, path: PathArg, mmap: bool, verify: bool | str
@@ -319,13 +335,15 @@ class _IndexBase:
         pages a search reads are checked anyway when first read). Releases the GIL: may run in a
         background thread beside searches, adds and removes. Returns the bytes verified; a mismatch
         raises IndexFileError."""
-        return int(self._ivf.verify())
+        with self._naming_file():
+            return int(self._ivf.verify())
 
     def compact(self) -> int:
         """Rewrite the postings without those of removed images (which `remove` only marks) and
         merge the segments, in memory. Returns the number of postings dropped. For an index too large
         to hold in memory, `save` it instead: the file leaves removed images out."""
-        return int(self._ivf.compact())
+        with self._naming_file():
+            return int(self._ivf.compact())
 
 
 class Index(_IndexBase):
@@ -505,8 +523,9 @@ class Index(_IndexBase):
 
     def _search_batch(self, batch: Any, kk: int) -> SearchResult:
         """Searches one batch (an AggregatedBatch, or the device backend's batch)."""
-        found: SearchResult = self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha,
-                                               self.tau, self.normalize)
+        with self._naming_file():
+            found: SearchResult = self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha,
+                                                   self.tau, self.normalize)
         return found
 
     def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10) -> SearchResult:
@@ -523,8 +542,9 @@ class Index(_IndexBase):
         single = isinstance(queries, np.ndarray)
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
         batch = aggregate_images(self.codebook, x, offs, self.spec.query_kernel, self.m_query)
-        s, ids = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
-                                     self.normalize)
+        with self._naming_file():
+            s, ids = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
+                                         self.normalize)
         return (s[0] if single else s), ids
 
     @classmethod
@@ -656,8 +676,9 @@ class RegionalSearchIndex(_IndexBase):
 
     def _search_pooled(self, batch: AggregatedBatch, kk: int, single: bool) -> SearchResult:
         """Scores every region entry and pools them per image (max or mean) in the native core."""
-        s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
-                                       self.alpha, self.tau, self.normalize)
+        with self._naming_file():
+            s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
+                                           self.alpha, self.tau, self.normalize)
         return (s[0], i[0]) if single else (s, i)
 
     def _meta(self) -> dict[str, Any]:
