@@ -547,6 +547,69 @@ class Index(_IndexBase):
                                          self.normalize)
         return (s[0] if single else s), ids
 
+    def normalized_scores(self, queries: Any, scores: ArrayLike, ids: ArrayLike) -> NDArray[np.float64]:
+        """Scores a person can read: each raw score of a search divided by the query's own
+        self-similarity, so that 1.0 is the query's image itself (every word of the query found with
+        an identical code), and an image sharing no word with the query scores 0.
+
+        For query X and database image Y (METHOD.md section 4), the raw score is
+        ``S(X, Y) = gamma(X) gamma(Y) sum_k sigma(u_k)`` over the shared words; the normalised score is
+        ``sum_k sigma(u_k) / sum_{k in W_X} sigma(u_kk)``: the shared words' selective similarity as a
+        share of the query's similarity to itself, both without gamma. (With gamma on, ``S(X, X)`` is
+        already 1, so dividing the raw score by it would change nothing: what keeps true matches'
+        raw scores small is ``gamma(Y)``, an image with many words (a large photo, many regions)
+        scoring low even when it holds the whole query. The normalised score does not depend on the
+        database image's size, so it reads the same with gamma on and off.) It is a share of the
+        query, not a symmetric similarity: an image that contains the query's object among much else
+        can score near 1. Equal to 1 for the query image itself when the database image was aggregated
+        as the query is (whole-image kernels with m_db == m_query); regional kernels aggregate a
+        database image from its regions, so an identical image scores near 1, and Naive-R-ASMK's
+        unnormalised sums can exceed 1. A raw score of -1 (no features on either side) stays -1.
+
+        queries: what was searched: one (n, D) descriptor array or Aggregated (then `scores` and `ids`
+        are 1-D, as ``search`` returns them for one query), or a list of them (2-D, one row per query).
+        scores, ids: the search's results, e.g. ``index.normalized_scores(q, *index.search(q, k=10))``
+        (scores and ids in that order, as search returns them). Ids no longer in the index give NaN."""
+        single = isinstance(queries, (np.ndarray, Aggregated))
+        qs = [queries] if single else list(queries)
+        raw = np.asarray(scores, np.float64)
+        idv = np.asarray(ids, np.int64)
+        if single:
+            raw, idv = raw[None], idv[None]
+        if raw.shape != idv.shape or raw.ndim != 2 or raw.shape[0] != len(qs):
+            raise ValueError(f"scores {np.shape(scores)} and ids {np.shape(ids)} must be a search's results for the "
+                             f"{len(qs)} quer{'y' if len(qs) == 1 else 'ies'} given (same shape, one row per query)")
+        aggs = [q if isinstance(q, Aggregated) else self.aggregate(q, query=True) for q in qs]
+        for a in aggs:
+            check_fingerprint(a.fingerprint, self.codebook.fingerprint, "the query")
+        out = np.full(raw.shape, np.nan)
+        if self.normalize:   # undo gamma(X) gamma(Y): the database images' stored word counts, by id
+            all_ids, counts = self.ids, self.word_counts.astype(np.float64)
+            order = np.argsort(all_ids, kind="stable")
+            sorted_ids = all_ids[order]
+            pos = np.clip(np.searchsorted(sorted_ids, idv), 0, max(len(sorted_ids) - 1, 0))
+            known = (sorted_ids[pos] == idv) if len(sorted_ids) else np.zeros(idv.shape, bool)
+            w_db = np.where(known, counts[order][pos] if len(sorted_ids) else 0.0, np.nan)
+        for r, a in enumerate(aggs):
+            own = self._self_sum(a)
+            if own <= 0:
+                out[r] = np.where(raw[r] == -1.0, -1.0, np.nan)
+                continue
+            if self.normalize:
+                out[r] = raw[r] * np.sqrt(float(len(a.words)) * w_db[r]) / own
+            else:
+                out[r] = np.where(np.isin(idv[r], self.ids), raw[r] / own, np.nan)
+            out[r] = np.where(raw[r] == -1.0, -1.0, out[r])
+        return out[0] if single else out
+
+    def _self_sum(self, agg: Aggregated) -> float:
+        """sum_k sigma(u_kk) over the query's words: its similarity to itself without gamma."""
+        if agg.codes.dtype == np.uint8:   # binary: u = 1 for every word
+            return float(len(agg.words)) if 1.0 > self.tau else 0.0
+        c = np.asarray(agg.codes, np.float64)
+        u = np.einsum("ij,ij->i", c, c)
+        return float(np.sum(np.where(u > self.tau, np.sign(u) * np.abs(u) ** self.alpha, 0.0)))
+
     @classmethod
     def _from_meta(cls, meta: dict[str, Any], codebook: Codebook) -> Index:
         return cls(codebook, kernel=meta["kernel"], alpha=meta["alpha"], tau=meta["tau"],
