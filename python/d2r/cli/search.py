@@ -68,17 +68,19 @@ def run(args) -> int:
     skipped = _skipped("search", extracted.errors, args.json)
     results = []
     for q, qf in zip(extracted.images, extracted):
-        readable = hasattr(index, "normalized_scores")   # an Index (not regional search, not sharded yet)
-        query = index.aggregate(qf.descriptors, query=True) if readable else qf.descriptors
+        # normalised scores: from an Index (not from regional search, nor a sharded index yet)
+        query = index.aggregate(qf.descriptors, query=True) if isinstance(index, Index) else qf.descriptors
         if args.rerank:
             from d2r.core.verify import search_and_rerank
 
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
                                                      max_distance=getattr(extractor, "match_distance", 0.9))
         else:
-            scores, ids = index.search_aggregated(query, k=args.k) if readable else index.search(query, k=args.k)
+            scores, ids = (index.search_aggregated(query, k=args.k) if isinstance(index, Index)
+                           else index.search(query, k=args.k))
             inliers = None
-        normalized = index.normalized_scores(query, scores, ids) if readable else [None] * len(ids)
+        normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index)
+                      else [None] * len(ids))
         rows = []
         for r, (s, i, n) in enumerate(zip(scores, ids, normalized)):
             row: dict = {"rank": r + 1, "id": int(i), "score": float(s),
@@ -111,7 +113,9 @@ def _read_names(args, index):
 
 
 def _print_query(q, qf, rows, reranked, first, index, args):
-    readable = rows and "normalized" in rows[0] and rows[0]["normalized"] is not None
+    from d2r.core.index import Index
+
+    readable = isinstance(index, Index)
     if first:
         scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
                  else " (gamma normalisation off: grows with the number of shared words)")
