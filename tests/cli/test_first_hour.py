@@ -234,11 +234,13 @@ def test_help_states_defaults_and_describes_every_option():
     assert "CSV of query,positive" in " ".join(sub.choices["demo"].format_help().split())
 
 
-def test_quiet_silences_progress(photos, tmp_path, capsys):
+def test_quiet_silences_progress(photos, tmp_path, capsys, monkeypatch):
+    # stderr is not a terminal here: progress is a plain line per D2R_PROGRESS_INTERVAL seconds
+    monkeypatch.setenv("D2R_PROGRESS_INTERVAL", "0.001")
     rc, out, err = _run(capsys, "extract", *photos["good"][:2], "--out", tmp_path / "s", "-q")
     assert rc == 0 and err == ""
     rc, out, err = _run(capsys, "extract", *photos["good"][2:], "--out", tmp_path / "s")
-    assert rc == 0 and "extract" in err and "%" in err     # a bar without --quiet
+    assert rc == 0 and "d2r: extract: " in err and "%" in err     # progress without --quiet
 
 
 # ---- fingerprints -------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def _counts_text(counts, errors, where) -> str:
     if counts and counts["kept"]:   # a resumed run: what it found and what it added
         parts.append(f"{counts['kept']} kept from an earlier run, {counts['added']} added")
     if errors:
-        parts.append(f"{len(errors)} could not be read, {where}")
+        parts.append(f"{len(errors)} unreadable, {where}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
