@@ -135,9 +135,11 @@ def _images(paths):
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            found = [q for q in files if q.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise UsageError(f"{p}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            _warn_other_files(p, [q for q in files if q.suffix.lower() not in IMAGE_SUFFIXES])
             out += found
         elif p.suffix.lower() == ".txt" and p.is_file():
             out += [p.parent / line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -148,6 +150,19 @@ def _images(paths):
     if not out:
         raise UsageError("no images given; pass image files, folders or .txt lists of paths")
     return [str(q) for q in out]
+
+
+def _warn_other_files(folder: Path, others) -> None:
+    """One warning naming the files of an image folder that are not images (by suffix): how many, and
+    the first few."""
+    if not others:
+        return
+    shown = ", ".join(str(q.relative_to(folder)) for q in others[:3]) + (", ..." if len(others) > 3 else "")
+    lists = (" (a .txt list of paths is read when given as an argument, not inside a folder)"
+             if any(q.suffix.lower() == ".txt" for q in others) else "")
+    warnings.warn(f"{folder}: skipped {len(others)} file{'s' if len(others) > 1 else ''} that "
+                  f"{'are' if len(others) > 1 else 'is'} not an image ({', '.join(IMAGE_SUFFIXES)}): {shown}{lists}",
+                  UserWarning, stacklevel=3)
 
 
 def _names_file(index_path) -> Path:

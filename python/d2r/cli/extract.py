@@ -133,12 +133,29 @@ def run(args) -> int:
                                          workers=workers,
                                          progress=not args.quiet, strict=args.strict)
     skipped = _skipped("extract", errors, args.json)
+    counts = _counts(stored)
     if args.json:
-        _emit_json({"store": str(args.out), "images_stored": len(stored), "skipped": skipped})
+        _emit_json({"store": str(args.out), "images_stored": len(stored), **counts, "skipped": skipped})
     else:
         where = "listed in errors.json" if not str(args.out).endswith(".npz") else "listed in the file's errors"
-        print(f"{len(stored)} images stored in {args.out}" + (f" ({len(errors)} unreadable, {where})" if errors else ""))
+        print(f"{len(stored)} images stored in {args.out}" + _counts_text(counts, errors, where))
     return EXIT_OK
+
+
+def _counts(stored) -> dict:
+    """{"kept": images already stored by an earlier run, "added": images this run stored} when known."""
+    if hasattr(stored, "kept"):
+        return {"kept": int(stored.kept), "added": int(stored.added)}
+    return {}
+
+
+def _counts_text(counts, errors, where) -> str:
+    parts = []
+    if counts and counts["kept"]:   # a resumed run: what it found and what it added
+        parts.append(f"{counts['kept']} kept from an earlier run, {counts['added']} added")
+    if errors:
+        parts.append(f"{len(errors)} unreadable, {where}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _run_discovered(args, paths, sift, workers) -> int:
@@ -150,7 +167,8 @@ def _run_discovered(args, paths, sift, workers) -> int:
                                           progress=not args.quiet)
     out, errors, boxes_file = Path(args.out), res["errors"], res["boxes_file"]
     skipped = _skipped("extract", errors, args.json)
-    summary = {"store": str(out), "images_stored": len(res["stored"]), "skipped": skipped,
+    counts = _counts(res["stored"])
+    summary = {"store": str(out), "images_stored": len(res["stored"]), **counts, "skipped": skipped,
                "regions_per_image": res["regions_per_image"],
                "images_without_regions": res["images_without_regions"],
                "codebook_words": res["codebook_words"]}
@@ -159,6 +177,5 @@ def _run_discovered(args, paths, sift, workers) -> int:
     else:
         print(f"{len(res['stored'])} images stored in {out} with regions discovered from the collection "
               f"({summary['regions_per_image']:.1f} per new image, {summary['images_without_regions']} new images "
-              f"without one; boxes in {boxes_file})" + (f" ({len(errors)} unreadable, listed in "
-                                                        f"{res['errors_file']})" if errors else ""))
+              f"without one; boxes in {boxes_file})" + _counts_text(counts, errors, f"listed in {res['errors_file']}"))
     return EXIT_OK

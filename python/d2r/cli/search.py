@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from d2r.cli._common import (EXIT_OK, NothingUsable, UsageError, _common, _emit_json, _extract_listing_skips,
                              _images, _names_file, _query_extractor, _ray_option, _skipped, add_command,
                              ray_session)
@@ -89,17 +91,23 @@ def _run(args, index) -> int:
     skipped = _skipped("search", extracted.errors, args.json)
     results = []
     for q, qf in zip(extracted.images, extracted):
+        # normalised scores: from an Index (not from regional search, nor a sharded index yet)
+        query = index.aggregate(qf.descriptors, query=True) if isinstance(index, Index) else qf.descriptors
         if args.rerank:
             from d2r.core.verify import search_and_rerank
 
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
                                                      max_distance=getattr(extractor, "match_distance", 0.9))
         else:
-            scores, ids = index.search(qf.descriptors, k=args.k)
+            scores, ids = (index.search_aggregated(query, k=args.k) if isinstance(index, Index)
+                           else index.search(query, k=args.k))
             inliers = None
+        normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index)
+                      else [None] * len(ids))
         rows = []
-        for r, (s, i) in enumerate(zip(scores, ids)):
-            row: dict = {"rank": r + 1, "id": int(i), "score": float(s)}
+        for r, (s, i, n) in enumerate(zip(scores, ids, normalized)):
+            row: dict = {"rank": r + 1, "id": int(i), "score": float(s),
+                         "normalized": None if n is None or not np.isfinite(n) else round(float(n), 6)}
             row["name"] = names[int(i)] if names is not None and int(i) < len(names) else None
             if inliers is not None:
                 row["inliers"] = int(inliers[r])
@@ -128,20 +136,31 @@ def _read_names(args, index):
 
 
 def _print_query(q, qf, rows, reranked, first, index, args):
+    from d2r.core.index import Index
+
+    readable = isinstance(index, Index)
     if first:
         scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
                  else " (gamma normalisation off: grows with the number of shared words)")
-        print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
+        from d2r.core.kernels import kernel_label
+
+        print(f"# score: {kernel_label(index.kernel)} similarity, the sum of the selective matches of the visual words the "
               f"query and the image share{scale}, 0 = no word in common, -1 = no features")
+        if readable:
+            print("# norm: the same sum as a share of the query's similarity to itself (without gamma): 1 = the "
+                  "query image itself, 0 = no word in common; it does not shrink with the image's size")
         if reranked:
             print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
                   f"{args.rerank_top}; -1: not verified); results are sorted by inliers, then score")
     print(f"query: {q} ({len(qf.descriptors)} features)")
-    head = f"{'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if reranked else "") + "image"
+    head = (f"{'rank':>4}  {'score':>8}  " + (f"{'norm':>6}  " if readable else "")
+            + (f"{'inliers':>7}  " if reranked else "") + "image")
     print(head)
     for row in rows:
         name = row["name"] if row["name"] is not None else f"id {row['id']}"
-        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + (f"{row['inliers']:>7}  " if reranked else "") + name)
+        norm = "" if not readable else ("     -  " if row["normalized"] is None else f"{row['normalized']:6.3f}  ")
+        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + norm + (f"{row['inliers']:>7}  " if reranked else "")
+              + name)
     print()
 
 

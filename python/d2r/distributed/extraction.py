@@ -151,7 +151,9 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
         if not done and not stored:
             raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); all "
                                       f"are listed in {store / 'errors.json'}")
-        warnings.warn(f"{len(errors)} of {len(todo)} images could not be read and were skipped (first: "
+        kept = f"; {len(stored)} already stored were kept" if stored else ""
+        warnings.warn(f"{len(errors)} of the {len(todo)} images to extract could not be read and were skipped, "
+                      f"{len(set(done))} were added{kept} (first: "
                       f"{errors[0][1]}); all are listed in {store / 'errors.json'}", UnreadableImagesWarning,
                       stacklevel=2)
     return done, errors

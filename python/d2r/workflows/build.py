@@ -99,7 +99,7 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
     first = read_shard(shards[0])   # checked before any work; used again by the first batch
     dims = {f.descriptors.shape[1] for f in first[1] if f.descriptors.ndim == 2}
     if dims and dims != {codebook.dim}:
-        raise ValueError(f"{store} holds {sorted(dims)}-D descriptors but the codebook has {codebook.dim}-D words; "
+        raise ValueError(f"{store} holds {'- and '.join(map(str, sorted(dims)))}-D descriptors but the codebook has {codebook.dim}-D words; "
                          "train the codebook on features of the same extractor")
     base_idx = None
     if base is not None:
