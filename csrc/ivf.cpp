@@ -1366,4 +1366,77 @@ TopK InvertedFile::search_pooled_unchecked(const CodesView& queries, bool mean, 
   return r;
 }
 
+EntryCodes InvertedFile::entry_codes(int64_t n_ids, const int64_t* ids, int64_t n_req, const int32_t* words) const {
+  D2R_CHECK(n_ids >= 0 && n_req >= 0, "entry_codes: negative size");
+  for (int64_t i = 0; words && i < n_req; ++i) {
+    D2R_CHECK(words[i] >= 0 && words[i] < n_words_, "entry_codes: word id out of range");
+    D2R_CHECK(i == 0 || words[i] > words[i - 1], "entry_codes: word ids must be strictly ascending");
+  }
+  auto s = pin();
+  const SlotTable& t = *s->slots;
+  // (slot, entry) of the requested images' live slots, sorted by slot; entries numbered in the order of ids.
+  std::vector<std::pair<uint32_t, int64_t>> wanted;
+  EntryCodes out;
+  {
+    std::vector<int64_t> sorted_ids(ids, ids + n_ids);
+    std::sort(sorted_ids.begin(), sorted_ids.end());
+    D2R_CHECK(std::adjacent_find(sorted_ids.begin(), sorted_ids.end()) == sorted_ids.end(),
+              "entry_codes: an image id is given twice");
+  }
+  for (int64_t i = 0; i < n_ids; ++i) {
+    auto it = std::lower_bound(t.by_id.begin(), t.by_id.end(), std::make_pair(ids[i], uint32_t{0}));
+    if (it == t.by_id.end() || it->first != ids[i]) throw NotFound("image id " + id_str(ids[i]) + " is not in the index");
+    for (; it != t.by_id.end() && it->first == ids[i]; ++it) {
+      wanted.emplace_back(it->second, static_cast<int64_t>(out.image.size()));
+      out.image.push_back(i);
+      out.nwords.push_back(t.nwords[it->second]);
+    }
+  }
+  std::sort(wanted.begin(), wanted.end());
+  const int64_t n_entries = static_cast<int64_t>(out.image.size());
+  const int64_t n_w = words ? n_req : n_words_;
+  const int cb = code_bytes_;
+  // Per requested word: the (entry, code) pairs found in its posting list.
+  std::vector<std::vector<int64_t>> hit_entry(static_cast<size_t>(n_w));
+  std::vector<std::vector<uint8_t>> hit_code(static_cast<size_t>(n_w));
+  if (n_entries > 0) {
+    const uint32_t lo = wanted.front().first, hi = wanted.back().first;
+    for_words(n_w, [&](int64_t wi, Scratch& sc) {
+      const int64_t w = words ? words[wi] : wi;
+      for (const auto& seg : s->segments) {
+        if (seg->slot_end <= static_cast<int64_t>(lo) || seg->slot_begin > static_cast<int64_t>(hi)) continue;
+        for_blocks(*seg, w, cb, sc.block, [&](const Block& blk, const uint32_t* sl) {
+          for (int i = 0; i < blk.n; ++i) {
+            const int64_t abs = seg->slot_begin + sl[i];
+            if (abs < lo || abs > hi) continue;
+            auto it = std::lower_bound(wanted.begin(), wanted.end(), std::make_pair(static_cast<uint32_t>(abs), int64_t{0}));
+            if (it == wanted.end() || it->first != abs) continue;
+            hit_entry[wi].push_back(it->second);
+            hit_code[wi].insert(hit_code[wi].end(), blk.codes + static_cast<size_t>(i) * cb,
+                                blk.codes + static_cast<size_t>(i + 1) * cb);
+          }
+        });
+      }
+    });
+  }
+  out.offsets.assign(static_cast<size_t>(n_entries) + 1, 0);
+  for (const auto& h : hit_entry)
+    for (int64_t e : h) ++out.offsets[e + 1];
+  for (int64_t e = 0; e < n_entries; ++e) out.offsets[e + 1] += out.offsets[e];
+  const int64_t total = out.offsets[n_entries];
+  out.words.resize(total);
+  out.codes.resize(static_cast<size_t>(total) * cb);
+  std::vector<int64_t> fill(out.offsets.begin(), out.offsets.end() - 1);
+  for (int64_t wi = 0; wi < n_w; ++wi) {  // ascending words: each entry's words come out ascending
+    const int32_t w = static_cast<int32_t>(words ? words[wi] : wi);
+    for (size_t j = 0; j < hit_entry[wi].size(); ++j) {
+      const int64_t pos = fill[hit_entry[wi][j]]++;
+      out.words[pos] = w;
+      std::copy(hit_code[wi].begin() + static_cast<std::ptrdiff_t>(j * cb),
+                hit_code[wi].begin() + static_cast<std::ptrdiff_t>((j + 1) * cb), out.codes.begin() + pos * cb);
+    }
+  }
+  return out;
+}
+
 }  // namespace d2r

@@ -146,6 +146,16 @@ struct SegmentInput {
   int format = 4;
 };
 
+// The stored (word, code) pairs of some entries (InvertedFile::entry_codes): entry e belongs to
+// image ids[image[e]], owns words[offsets[e], offsets[e + 1]) (ascending) and their codes.
+struct EntryCodes {
+  std::vector<int64_t> image;    // per entry: position of its image in the requested ids
+  std::vector<int32_t> nwords;   // per entry: the number of words it stores (all of them)
+  std::vector<int64_t> offsets;  // n_entries + 1
+  std::vector<int32_t> words;
+  std::vector<uint8_t> codes;    // code_bytes per (entry, word)
+};
+
 // Streams a snapshot's live postings as one compressed segment (slots renumbered densely, dead ones
 // dropped), a chunk of bytes at a time, with the word table, page checksums and slot tables of what
 // it wrote: how an index is saved without a second copy of its postings in memory.
@@ -217,6 +227,11 @@ class InvertedFile {
   std::shared_ptr<const Snapshot> snapshot() const { return pin(); }
   // The live content of the current snapshot, decoded to CSR.
   CsrContent export_csr() const;
+  // The codes the images `ids` store (every entry of each, in the order of ids, an image's entries in
+  // slot order), restricted to the ascending word ids `words` (nullptr: every word). For query
+  // expansion: it decodes the posting lists of the requested words only (all of them when words is
+  // nullptr: O(postings)). Every id must be indexed (NotFound) and appear once (InvalidArgument).
+  EntryCodes entry_codes(int64_t n_ids, const int64_t* ids, int64_t n_req, const int32_t* words) const;
   // Verifies every page checksum of every segment now (the alternative to verification on first
   // use), then the structure of every list of every segment (every block decoded and checked as a
   // search checks it; each list's postings exactly its count; each segment's postings its

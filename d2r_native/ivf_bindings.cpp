@@ -186,6 +186,31 @@ void init_ivf(py::module_& m) {
             return d;
           })
       .def(
+          "entry_codes",
+          [](const InvertedFile& ivf, const py::handle& ids_obj, const py::handle& words_obj) {
+            // The stored codes of the given images' entries, for the given ascending words (None: all).
+            auto ids = require<int64_t>(ids_obj, "image_ids");
+            if (ids.ndim() != 1) throw py::value_error("image_ids must be 1-D");
+            carray<int32_t> words;
+            const bool all = words_obj.is_none();
+            if (!all) {
+              words = require<int32_t>(words_obj, "words");
+              if (words.ndim() != 1) throw py::value_error("words must be 1-D");
+            }
+            EntryCodes c = without_gil([&] {
+              return ivf.entry_codes(ids.size(), ids.data(), all ? 0 : words.size(), all ? nullptr : words.data());
+            });
+            const auto n = static_cast<py::ssize_t>(c.image.size()), e = static_cast<py::ssize_t>(c.words.size());
+            py::dict d;
+            d["image"] = to_numpy(std::move(c.image), {n});
+            d["word_counts"] = to_numpy(std::move(c.nwords), {n});
+            d["offsets"] = to_numpy(std::move(c.offsets), {n + 1});
+            d["words"] = to_numpy(std::move(c.words), {e});
+            d["codes"] = to_numpy(std::move(c.codes), {e, static_cast<py::ssize_t>(ivf.code_bytes())});
+            return d;
+          },
+          py::arg("image_ids"), py::arg("words") = py::none())
+      .def(
           "set_content",
           [](InvertedFile& ivf, const py::handle& off_o, const py::handle& slots_o, const py::handle& codes_o,
              const py::handle& ids_o, const py::handle& counts_o, int64_t next_id) {

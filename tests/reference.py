@@ -233,3 +233,156 @@ def search(query, database, ids, dim, alpha=3.0, tau=0.0, normalize=True, k=None
     if k is not None:
         rs, ri = rs[:k], ri[:k]
     return rs, ri
+
+
+# ------------------------------------------------------------------------------------------------
+# Query expansion (d2r.core.expand): slow, written from the formulas of its documentation
+
+
+def _bits(code, dim: int) -> np.ndarray:
+    return np.unpackbits(np.asarray(code, np.uint8))[:dim].astype(np.int64)
+
+
+def _code_u(qc, dc, dim: int) -> float:
+    """u of two codes of one word: 1 - 2 h / D (binary) or the dot product (float)."""
+    if np.asarray(qc).dtype == np.uint8:
+        h = int(np.sum(_bits(qc, dim) != _bits(dc, dim)))
+        return 1.0 - 2.0 * h / dim
+    return float(np.dot(_f64(qc), _f64(dc)))
+
+
+def _raw_sum(query, entry, dim: int, alpha: float, tau: float) -> float:
+    """sum over shared words of sigma(u) (no gamma; 0 with no shared word)."""
+    total = 0.0
+    for i, k in enumerate(np.asarray(query[0])):
+        for j, kk in enumerate(np.asarray(entry[0])):
+            if kk == k:
+                u = _code_u(query[1][i], entry[1][j], dim)
+                if u > tau:
+                    total += np.sign(u) * abs(u) ** alpha
+    return total
+
+
+def _first_results(query, database, ids, dim, alpha, tau, normalize, top):
+    """database: per image a list of entries (words, codes); an image's score is its best entry's."""
+    scores = [max(similarity(query, e, dim, alpha, tau, normalize) for e in entries) for entries in database]
+    _, ranked = rank(scores, ids)
+    return [int(i) for i in ranked[:top]]
+
+
+def _best_entry(query, entries, dim, alpha, tau):
+    best, best_s = None, -np.inf
+    for e in entries:
+        s = _raw_sum(query, e, dim, alpha, tau)
+        if s > best_s:
+            best, best_s = e, s
+    return best
+
+
+def _expanded(query, chosen, weights, dim, min_images):
+    """Per word: the weighted sum of the query's and the chosen entries' codes (signs for binary), then
+    bits (> 0; 0 takes the query's bit, or 0) or l2n. Words: the query's plus those of at least
+    min_images chosen entries (min_images > 0)."""
+    qw = [int(k) for k in query[0]]
+    binary = np.asarray(query[1]).dtype == np.uint8
+    count: dict = {}
+    for e in chosen:
+        for k in e[0]:
+            count[int(k)] = count.get(int(k), 0) + 1
+    words = set(qw)
+    if min_images > 0:
+        words |= {k for k, c in count.items() if c >= min_images}
+    out_codes = []
+    for k in sorted(words):
+        z = np.zeros(dim)
+        qbit = None
+        if k in qw:
+            c = query[1][qw.index(k)]
+            if binary:
+                qbit = _bits(c, dim)
+                z += 2 * qbit - 1
+            else:
+                z += _f64(c)
+        for e, w in zip(chosen, weights):
+            ew = [int(x) for x in e[0]]
+            if k in ew:
+                c = e[1][ew.index(k)]
+                z += w * ((2 * _bits(c, dim) - 1) if binary else _f64(c))
+        if binary:
+            bits = [(1 if z[d] > 0 else 0) if z[d] != 0 else (int(qbit[d]) if qbit is not None else 0)
+                    for d in range(dim)]
+            out_codes.append(np.packbits(np.array(bits, np.uint8)))
+        else:
+            out_codes.append(z / np.sqrt(max(float(np.dot(z, z)), 1e-12)))
+    words_arr = np.array(sorted(words), np.int64)
+    if binary:
+        return words_arr, np.array(out_codes, np.uint8).reshape(len(words), -1)
+    return words_arr, np.array(out_codes, np.float64).reshape(len(words), dim)
+
+
+def hqe(query, database, ids, dim, top=10, hamming=None, min_matches=10, min_images=2, alpha=3.0, tau=0.0,
+        normalize=True):
+    """Hamming query expansion: reliable images among the first `top` results have at least
+    `min_matches` shared words with codes at most `hamming` bits apart (float: dot >= 1 - 2 h / D);
+    per word the majority of the query's and the reliable images' bits. Returns (words, codes)."""
+    h = dim // 4 if hamming is None else hamming
+    first = _first_results(query, database, ids, dim, alpha, tau, normalize, top)
+    by_id = {int(i): d for i, d in zip(ids, database)}
+    reliable = []
+    for i in first:
+        e = _best_entry(query, by_id[i], dim, alpha, tau)
+        strict = 0
+        for a, k in enumerate(query[0]):
+            for b, kk in enumerate(e[0]):
+                if kk == k and _code_u(query[1][a], e[1][b], dim) >= 1.0 - 2.0 * h / dim - 1e-9:
+                    strict += 1
+        if strict >= min_matches:
+            reliable.append(e)
+    if not reliable:
+        return np.asarray(query[0], np.int64), np.asarray(query[1])
+    return _expanded(query, reliable, [1.0] * len(reliable), dim, min_images)
+
+
+def alpha_qe(query, database, ids, dim, top=5, a=3.0, min_images=2, alpha=3.0, tau=0.0, normalize=True,
+             expansion_ids=None):
+    """alpha-QE: the first `top` results (or the first `top` of expansion_ids) weigh
+    (S_n / max S_n) ** a, S_n the gamma-normalised similarity to the query, 0 where S_n <= 0."""
+    first = (_first_results(query, database, ids, dim, alpha, tau, normalize, top) if expansion_ids is None
+             else [int(i) for i in expansion_ids][:top])
+    by_id = {int(i): d for i, d in zip(ids, database)}
+    entries, sims = [], []
+    for i in first:
+        e = _best_entry(query, by_id[i], dim, alpha, tau)
+        entries.append(e)
+        sims.append(_raw_sum(query, e, dim, alpha, tau) / np.sqrt(len(query[0]) * len(e[0])) if len(e[0]) else 0.0)
+    smax = max(sims) if sims else 0.0
+    chosen, weights = [], []
+    for e, s in zip(entries, sims):
+        if smax > 0 and s > 0:
+            chosen.append(e)
+            weights.append((s / smax) ** a)
+    if not chosen:
+        return np.asarray(query[0], np.int64), np.asarray(query[1])
+    return _expanded(query, chosen, weights, dim, min_images)
+
+
+def fused_rerank(scores, inliers, min_inliers: int, order: str, weight: float = 0.15, cap: int = 100):
+    """Candidates in initial order (best first): those with >= min_inliers inliers (every one when
+    min_inliers is 0) first, by (inliers desc, score desc, position) or in initial order; the rest
+    after them in initial order. order "fused": all sorted by score / max score (when it is > 0) plus
+    weight * min(inliers, cap) / cap for the promoted ones, ties by position. Returns the positions."""
+    n = len(scores)
+    if order == "fused":
+        top = max(float(x) for x in scores) if n else 0.0
+        keys = []
+        for i in range(n):
+            k = float(scores[i]) / top if top > 0 else float(scores[i])
+            if min_inliers == 0 or max(int(inliers[i]), 0) >= min_inliers:
+                k += weight * min(max(int(inliers[i]), 0), cap) / cap
+            keys.append(k)
+        return sorted(range(n), key=lambda i: (-keys[i], i))
+    promoted = [i for i in range(n) if min_inliers == 0 or max(int(inliers[i]), 0) >= min_inliers]
+    rest = [i for i in range(n) if i not in promoted]
+    if order == "inliers":
+        promoted = sorted(promoted, key=lambda i: (-max(int(inliers[i]), 0), -float(scores[i]), i))
+    return promoted + rest

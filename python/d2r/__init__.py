@@ -14,12 +14,13 @@ from d2r.core.runtime import MAX_THREADS, build_info, get_num_threads, set_num_t
 from d2r.core.aggregate import Aggregated, AggregatedBatch, Regions, aggregate, vlad, KERNELS
 from d2r.core.codebook import Codebook
 from d2r.core.index import Index, RegionalSearchIndex
+from d2r.core.expand import HQE, AlphaQE
 from d2r.core.index_io import FormatWarning, IndexFileError
 from d2r.extract.store import StoreMismatchError, load_features, save_features, store_info
 from d2r.workflows.collection import extract_dataset
 from d2r import cuda
 
-__all__ = ["__version__", "Aggregated", "AggregatedBatch", "Codebook", "FormatWarning", "Index", "IndexFileError",
+__all__ = ["__version__", "Aggregated", "AggregatedBatch", "AlphaQE", "Codebook", "HQE", "FormatWarning", "Index", "IndexFileError",
            "KERNELS", "RegionalSearchIndex", "Regions", "StoreMismatchError", "aggregate", "build_info", "cuda",
            "extract_dataset", "load_features", "save_features", "store_info", "get_num_threads",
            "set_num_threads", "vlad"]

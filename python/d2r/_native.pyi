@@ -199,6 +199,9 @@ class InvertedFile:
         normalize: bool = True,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]: ...
     def export(self) -> _IndexContent: ...
+    def entry_codes(self, image_ids: NDArray[np.int64], words: NDArray[np.int32] | None = None) -> dict[str, Any]:
+        """The stored codes of the given images' entries (image, word_counts, offsets, words, codes),
+        restricted to the ascending `words` (None: all): for query expansion."""
     def set_content(
         self,
         offsets: NDArray[np.int64],

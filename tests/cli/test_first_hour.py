@@ -168,6 +168,23 @@ def test_search_json_and_rerank(built, photos, capsys):
     assert rc == 2 and "--features STORE" in err
 
 
+def test_search_expand_and_rerank_rule(built, photos, capsys):
+    """--expand runs the expanded search (the query itself stays first); --rerank-rule official and the
+    fused default agree where the verified match has by far the most inliers."""
+    for e in ("hqe", "aqe"):
+        rc, out, _ = _run(capsys, "search", built / "db.d2r", photos["good"][2], "-k", "3", "--json", "--expand", e)
+        assert rc == 0
+        doc = json.loads(out)
+        assert doc["expand"] == e and doc["queries"][0]["results"][0]["name"] == str(photos["good"][2])
+    firsts = []
+    for rule in ("official", "fused"):
+        rc, out, _ = _run(capsys, "search", built / "db.d2r", photos["good"][2], "-k", "2", "--json", "--rerank",
+                          "--features", built / "store", "--rerank-rule", rule)
+        assert rc == 0
+        firsts.append(json.loads(out)["queries"][0]["results"][0]["name"])
+    assert firsts == [str(photos["good"][2])] * 2
+
+
 def test_search_warns_about_missing_or_foreign_names(built, photos, capsys, tmp_path):
     import shutil
 

@@ -56,6 +56,12 @@ def pipeline_options(p) -> None:
                         "delf:WEIGHTS (DELF with weights from `d2r convert-delf`; needs PyTorch)")
     p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
     p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")
+    p.add_argument("--expand", default="none", choices=["none", "hqe", "aqe"],
+                   help="query expansion: hqe (Hamming query expansion over reliable top results), aqe (alpha-QE "
+                        "over the top results), none (the default)")
+    p.add_argument("--rerank-rule", default="fused", choices=["fused", "official"],
+                   help="with spatial verification: fused (only results with enough inliers move up; the default) "
+                        "or official (every verified result sorted by inliers, as DELF does)")
     _common(p)
 
 
@@ -82,7 +88,9 @@ def run_pipeline(args, rerank: bool) -> int:
     extractor = pipeline_extractor(getattr(args, "features", "rootsift"), ds, seed=args.seed)
     try:
         result = run(ds, extractor=extractor, n_words=args.words, regions=spec, rerank=rerank,
-                     report_dir=args.report, seed=args.seed, progress=not args.quiet, out=out)
+                     report_dir=args.report, seed=args.seed, progress=not args.quiet, out=out,
+                     expand=_expand_arg(getattr(args, "expand", "none")),
+                     rerank_rule=_rule_arg(getattr(args, "rerank_rule", "fused")))
     except ValueError as exc:
         if "regions='dataset'" in str(exc):
             raise UsageError(f"--regions dataset: {args.dataset} has no database boxes; use another source, e.g. "
@@ -91,6 +99,16 @@ def run_pipeline(args, rerank: bool) -> int:
     if args.json:
         _emit_json({"dataset": args.dataset, **summary(result)})
     return EXIT_OK
+
+
+def _expand_arg(name: str):
+    return None if name in (None, "none") else name
+
+
+def _rule_arg(name: str):
+    from d2r.core.verify import DEFAULT_RULE, OFFICIAL_RULE
+
+    return OFFICIAL_RULE if name == "official" else DEFAULT_RULE
 
 
 def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int = 20):

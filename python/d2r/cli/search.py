@@ -24,6 +24,12 @@ def register(sub) -> None:
     p.add_argument("--rerank", action="store_true",
                    help="spatially verify the top results (affine RANSAC) and sort them by inliers; needs --features")
     p.add_argument("--rerank-top", type=int, default=100, help="results verified with --rerank")
+    p.add_argument("--rerank-rule", default="fused", choices=["fused", "official"],
+                   help="with --rerank: fused (only results with enough inliers move up, ordered by inliers; the "
+                        "default) or official (every verified result sorted by inliers, as DELF does)")
+    p.add_argument("--expand", default="none", choices=["none", "hqe", "aqe"],
+                   help="query expansion: hqe (Hamming query expansion: the query's codes refined with those of "
+                        "reliable top results) or aqe (alpha-QE over the top results); a second search")
     p.add_argument("--features", default=None, metavar="STORE",
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
@@ -51,6 +57,8 @@ def run(args) -> int:
     read_manifest(folder)   # corrupt or foreign: ValueError, before Ray starts
     if args.rerank:
         raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+    if args.expand != "none":
+        raise UsageError("--expand is not supported on a sharded index yet; search a single index file")
     if not args.ray:
         from d2r.distributed.sharded import LocalShardedIndex
 
@@ -90,19 +98,27 @@ def _run(args, index) -> int:
             from None
     skipped = _skipped("search", extracted.errors, args.json)
     results = []
+    expand = None if args.expand == "none" else args.expand
     for q, qf in zip(extracted.images, extracted):
         # normalised scores: from an Index (not from regional search, nor a sharded index yet)
         query = index.aggregate(qf.descriptors, query=True) if isinstance(index, Index) else qf.descriptors
         if args.rerank:
             from d2r.core.verify import search_and_rerank
 
+            from d2r.cli._pipeline import _rule_arg
+
             ids, inliers, scores = search_and_rerank(index, qf, db_feats, k=args.k, top=args.rerank_top,
-                                                     max_distance=getattr(extractor, "match_distance", 0.9))
+                                                     max_distance=getattr(extractor, "match_distance", 0.9),
+                                                     rule=_rule_arg(args.rerank_rule), expand=expand)
         else:
-            scores, ids = (index.search_aggregated(query, k=args.k) if isinstance(index, Index)
-                           else index.search(query, k=args.k))
+            if isinstance(index, Index):
+                scores, ids = index.search_aggregated(query, k=args.k, expand=expand)
+            else:
+                scores, ids = (index.search(query, k=args.k) if expand is None
+                               else index.search(query, k=args.k, expand=expand))
             inliers = None
-        normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index)
+        # (an expanded query's scores are not shares of the original query's self-similarity: no norm)
+        normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index) and expand is None
                       else [None] * len(ids))
         rows = []
         for r, (s, i, n) in enumerate(zip(scores, ids, normalized)):
@@ -117,7 +133,7 @@ def _run(args, index) -> int:
             _print_query(q, qf, rows, inliers is not None, first=len(results) == 1, index=index, args=args)
     if args.json:
         _emit_json({"index": str(args.index), "k": args.k, "kernel": index.kernel, "normalize": index.normalize,
-                    "reranked": bool(args.rerank), "queries": results, "skipped": skipped})
+                    "reranked": bool(args.rerank), "expand": expand, "queries": results, "skipped": skipped})
     return EXIT_OK
 
 
@@ -150,8 +166,10 @@ def _print_query(q, qf, rows, reranked, first, index, args):
             print("# norm: the same sum as a share of the query's similarity to itself (without gamma): 1 = the "
                   "query image itself, 0 = no word in common; it does not shrink with the image's size")
         if reranked:
+            how = ("every verified result sorted by inliers, then score" if args.rerank_rule == "official" else
+                   "results with enough inliers move up, sorted by inliers; the others keep their order")
             print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
-                  f"{args.rerank_top}; -1: not verified); results are sorted by inliers, then score")
+                  f"{args.rerank_top}; -1: not verified); {how}")
     print(f"query: {q} ({len(qf.descriptors)} features)")
     head = (f"{'rank':>4}  {'score':>8}  " + (f"{'norm':>6}  " if readable else "")
             + (f"{'inliers':>7}  " if reranked else "") + "image")

@@ -19,6 +19,7 @@ from d2r.core.checks import (as_descriptors, as_ids, as_image_id, as_offsets, ch
 from d2r.core.aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
                               as_assignments, check_fingerprint, kernel_spec, _concat_images, RegionsLike)
 from d2r.core.codebook import Codebook
+from d2r.core.expand import Expansion, as_expansion, expand_query
 from d2r.core.index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, PathArg, check_structure,
                        read_index_file, validate_meta, write_index_file)
 
@@ -201,6 +202,22 @@ class _IndexBase:
         if isinstance(aggregated, Aggregated):
             return AggregatedBatch.from_list([aggregated]), True
         return AggregatedBatch.from_list(aggregated), False
+
+    def _expanded(self, batch: AggregatedBatch, expand: Any) -> AggregatedBatch:
+        """The batch's queries expanded (d2r.core.expand): a first search for the top results, then
+        each query rebuilt from its codes and theirs. The batch itself when expand is None."""
+        expansion = as_expansion(expand)
+        if expansion is None:
+            return batch
+        if self._backend is not CPU:
+            raise NotImplementedError("query expansion runs on the CPU index: it reads the stored codes of the "
+                                      "top results, which the GPU inverted file does not expose; use "
+                                      "index.to('cpu')")
+        _, ids = self._first_search(batch, expansion.top)
+        return AggregatedBatch.from_list([expand_query(self, batch[i], ids[i], expansion) for i in range(len(batch))])
+
+    def _first_search(self, batch: AggregatedBatch, kk: int) -> SearchResult:
+        raise NotImplementedError
 
     # ---- persistence --------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -522,18 +539,26 @@ class Index(_IndexBase):
 
     # ---- search -------------------------------------------------------------------------------
     def search(self, queries: Any, k: int | None = 10, progress: bool | None = None, assignments: Any = None,
-               fingerprint: str | None = None) -> SearchResult:
+               fingerprint: str | None = None, expand: str | Expansion | None = None) -> SearchResult:
         """Search with one query (an (n, D) array: 1-D results) or many (a list of arrays: 2-D results
         (n_queries, k)). Returns (scores float32, image ids int64), score descending, ties by id
         ascending; k=None gives the full ranking. k larger than the index gives every image.
         `assignments`: optional precomputed word ids (n_descriptors, m_query) of the queries'
-        concatenated descriptors, made by the codebook with `fingerprint` (checked when given)."""
+        concatenated descriptors, made by the codebook with `fingerprint` (checked when given).
+        `expand`: query expansion, None (the default), "hqe" (Hamming query expansion), "aqe"
+        (alpha-QE), or d2r.HQE / d2r.AlphaQE parameters (d2r.core.expand): a first search, then a
+        search with the expanded query, whose scores are returned. CPU indexes only."""
         kk = check_k(k)
         batches, single = self._query_batches(queries, progress, assignments, fingerprint)
         batches = self._backend.join(batches)  # the CPU: one call, one snapshot for every query
+        if as_expansion(expand) is not None:
+            batches = [self._expanded(b, expand) for b in batches]
         parts = [self._search_batch(b, kk) for b in batches]
         scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return (scores[0], ids[0]) if single else (scores, ids)
+
+    def _first_search(self, batch: AggregatedBatch, kk: int) -> SearchResult:
+        return self._search_batch(batch, kk)
 
     def _search_batch(self, batch: Any, kk: int) -> SearchResult:
         """Searches one batch (an AggregatedBatch, or the device backend's batch)."""
@@ -542,12 +567,14 @@ class Index(_IndexBase):
                                                    self.tau, self.normalize)
         return found
 
-    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10) -> SearchResult:
-        """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D)."""
+    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10,
+                          expand: str | Expansion | None = None) -> SearchResult:
+        """Search with queries aggregated earlier (Aggregated: 1-D results; a list: 2-D); `expand` as
+        for `search`."""
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
-        s, i = self._search_batch(batch, kk)
+        s, i = self._search_batch(self._expanded(batch, expand), kk)
         return (s[0], i[0]) if single else (s, i)
 
     def score_all(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -739,17 +766,24 @@ class RegionalSearchIndex(_IndexBase):
         return int(self._ivf.remove(ids)) if ids.size else 0
 
     def search(self, queries: Any, k: int | None = 10, progress: bool | None = None, assignments: Any = None,
-               fingerprint: str | None = None) -> SearchResult:
-        """As Index.search, with each image's score pooled over its regions."""
+               fingerprint: str | None = None, expand: str | Expansion | None = None) -> SearchResult:
+        """As Index.search, with each image's score pooled over its regions (`expand`: each expansion
+        image contributes its region most similar to the query, d2r.core.expand)."""
         kk = check_k(k)
         batches, single = self._query_batches(queries, progress, assignments, fingerprint)
-        return self._search_pooled(AggregatedBatch.concat(batches), kk, single)
+        return self._search_pooled(self._expanded(AggregatedBatch.concat(batches), expand), kk, single)
 
-    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10) -> SearchResult:
+    def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10,
+                          expand: str | Expansion | None = None) -> SearchResult:
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
-        return self._search_pooled(batch, kk, single)
+        return self._search_pooled(self._expanded(batch, expand), kk, single)
+
+    def _first_search(self, batch: AggregatedBatch, kk: int) -> SearchResult:
+        found: SearchResult = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes,
+                                                      self.pooling == "mean", kk, self.alpha, self.tau, self.normalize)
+        return found
 
     def _search_pooled(self, batch: AggregatedBatch, kk: int, single: bool) -> SearchResult:
         """Scores every region entry and pools them per image (max or mean) in the native core."""

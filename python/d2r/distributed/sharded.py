@@ -447,6 +447,14 @@ def _merge_topk(parts, k):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def _no_expansion(expand) -> None:
+    from d2r.core.expand import as_expansion
+
+    if as_expansion(expand) is not None:
+        raise NotImplementedError("query expansion (expand=) is not supported on a sharded index yet: it needs the "
+                                  "stored codes of the top results from every shard; search a single index file")
+
+
 class ShardedIndex:
     """A sharded index on Ray: one actor per shard (each memory-maps its shard file), fan-out
     search with an exact merge, adds and removes routed to the owning shard.
@@ -538,17 +546,20 @@ class ShardedIndex:
         return out
 
     # ---- search -----------------------------------------------------------------------------------
-    def search(self, queries, k: int | None = 10, allow_partial: bool = False, progress=None):
+    def search(self, queries, k: int | None = 10, allow_partial: bool = False, progress=None, expand=None):
         """As Index.search (one query: 1-D results; a list: 2-D), over every shard: the query is
         aggregated once here, each shard returns its top k, and the lists are merged (score
         descending, id ascending), exactly the single index's answer. allow_partial=True: a shard
         that does not answer is left out instead of raising, and the result gains a third element,
-        ``{"answered": [shards], "missing": [shards]}``."""
+        ``{"answered": [shards], "missing": [shards]}``. Query expansion (`expand`) is not supported
+        on a sharded index yet (NotImplementedError): search one index file."""
+        _no_expansion(expand)
         batches, single = self._proto._query_batches(queries, progress, None)
         return self._search(AggregatedBatch.concat(batches), check_k(k), single, allow_partial)
 
-    def search_aggregated(self, aggregated, k: int | None = 10, allow_partial: bool = False):
-        """As Index.search_aggregated, over every shard."""
+    def search_aggregated(self, aggregated, k: int | None = 10, allow_partial: bool = False, expand=None):
+        """As Index.search_aggregated, over every shard (no query expansion: see `search`)."""
+        _no_expansion(expand)
         batch, single = self._proto._as_batch(aggregated)
         self._proto._check_aggregated(batch, "query")
         return self._search(batch, check_k(k), single, allow_partial)

@@ -195,7 +195,8 @@ DEFAULT_REGIONS = "discovered"
 
 def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rerank=False,
         rerank_top=100, report_dir=None, seed=0, progress=True, out=sys.stdout, methods=None,
-        codebook_sample=200_000, match_distance=None, codebook=None, regions=None):
+        codebook_sample=200_000, match_distance=None, codebook=None, regions=None, expand=None,
+        rerank_rule=None):
     """Runs the pipeline and prints one table; returns {"methods": [MethodResult], ...}.
     regions: the database regions' source: "discovered" (the default, d2r.discover), a name of
     ``d2r.detect.region_source`` ("none", "grid:L", "mser", "keypoints", "ssd-coco",
@@ -206,7 +207,13 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
     Spatial verification uses the official settings (top 100, affine RANSAC, 1,000 trials, 10 px)
     with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
     attribute, else the official 0.9 for DELF). `codebook`: a d2r.Codebook to use instead of training
-    one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it)."""
+    one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it).
+    expand: query expansion of every search ("hqe", "aqe", d2r.HQE / d2r.AlphaQE; d2r.core.expand);
+    None: none. With rerank=True the expansion images are the verified ones (`verified_expansion`). rerank_rule: how spatial verification re-orders the results (d2r.core.verify.RerankRule;
+    None: DEFAULT_RULE, the fused rule; OFFICIAL_RULE: the official inlier order)."""
+    from d2r.core.expand import as_expansion
+
+    expansion = as_expansion(expand)
     t_start = time.perf_counter()
     if extractor is None:
         from d2r.extract import RootSIFT
@@ -264,9 +271,15 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
         readable = hasattr(index, "normalized_scores")
         normalized = np.empty((len(q_feat), n_db), np.float32) if readable else None
         lat = []
+        feats = {"whole": db_feat, "oracle": oracle[2] if oracle is not None else None}.get(form, region_feat)
         for qi, f in iterate(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
             t = time.perf_counter()
-            s, ids = index.search(f.descriptors, k=None)
+            if expansion is None:
+                s, ids = index.search(f.descriptors, k=None)
+            elif rerank:
+                s, ids = verified_expansion(index, f, feats, expansion, rerank_top, rerank_rule, seed, md)
+            else:
+                s, ids = index.search(f.descriptors, k=None, expand=expansion)
             lat.append(time.perf_counter() - t)
             ranks[qi], scores[qi] = ids, s
             if normalized is not None:
@@ -279,13 +292,15 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
             from d2r.core.verify import rerank_protocol
 
             # regional methods verify against all the image's features (whole image + re-extracted crops)
-            feats = {"whole": db_feat, "oracle": oracle[2] if oracle is not None else None}.get(form, region_feat)
             mr.reranked = rerank_protocol(ranks, scores, q_feat, feats,
                                           dataset.gnd, top=rerank_top, seed=seed, max_distance=md,
                                           protocols=("easy", "medium", "hard"), progress=progress,
-                                          desc=f"spatial verification: {name}")
+                                          desc=f"spatial verification: {name}", rule=rerank_rule)
         results.append(mr)
 
+    if expansion is not None:
+        over = "the spatially verified top results" if rerank else "the top results (no geometry)"
+        print(f"query expansion: {expansion}, over {over}", file=out)
     _print_table(results, out, rerank)
     if families is not None:
         _print_families(results, out)
@@ -298,8 +313,28 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
         print(f"report: {report}", file=out)
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
+            "expand": None if expansion is None else str(expansion),
             "boxes": boxes, "report": report, "regions": label,
             "oracle_boxes": oracle[1] if oracle is not None else None}
+
+
+def verified_expansion(index, query_features, db_features, expansion, top=100, rule=None, seed=0, max_distance=0.9):
+    """Query expansion over spatially verified results (what `run` does with rerank=True and expand):
+    the first search's top `top` results are verified, those with at least ``rule.min_inliers``
+    inliers (DEFAULT_RULE's by default) are the expansion images, best ASMK score first, and the
+    expanded query ranks the whole database. Returns the second search's (scores, ids), k=None."""
+    from d2r.core.aggregate import aggregate
+    from d2r.core.expand import expand_query
+    from d2r.core.verify import DEFAULT_RULE, rerank
+
+    rule = DEFAULT_RULE if rule is None else rule
+    qa = aggregate(query_features.descriptors, index.codebook, index.spec.query_kernel)
+    scores, ids = index.search_aggregated(qa, k=top)
+    _, inl = rerank(query_features, [db_features[int(i)] for i in ids], scores, top=None, seed=seed,
+                    max_distance=max_distance)
+    chosen = ids[np.maximum(inl, 0) >= max(rule.min_inliers, 1)]
+    expanded = expand_query(index, qa, chosen, expansion) if chosen.size else qa
+    return index.search_aggregated(expanded, k=None)
 
 
 def evaluate_index(index, names, dataset, extractor=None, progress=True) -> dict:
@@ -368,6 +403,7 @@ def summary(result) -> dict:
             m["per_family"] = {f: protocols(v) for f, v in r.per_family.items()}
         out["methods"].append(m)
     out["report"] = None if result.get("report") is None else str(result["report"])
+    out["expand"] = result.get("expand")
     return out
 
 

@@ -281,8 +281,10 @@ def _legend(results, any_sv, rerank_top, have_families, parts):
                      "descriptors plus the scoring against the index (feature extraction not included).")
     if any_sv:
         item("+ spatial verification", f"The ranking of the method above with its top {int(rerank_top)} results "
-             "(per protocol, ignored images left out) re-ranked by the number of inliers of an affine RANSAC "
-             "fit between matched local features (ties kept in the initial order); its query ms cell is the "
+             "(per protocol, ignored images left out) re-ranked with the inliers of an affine RANSAC "
+             "fit between matched local features: by default the results with enough inliers move up, "
+             "sorted by inliers, and the others keep their initial order (d2r.core.verify.DEFAULT_RULE; "
+             "the official rule sorts every verified result by inliers); its query ms cell is the "
              "mean time per query added by the verification (+ms).")
     if have_families:
         item("per family", "The mAP of each method over the queries of one query family only; "
