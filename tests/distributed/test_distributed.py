@@ -419,6 +419,10 @@ def test_cli_ray_extract_index_search(realmix_stores, tmp_path, capsys):
     in_process = json.loads(capsys.readouterr().out)
     assert main(["search", str(tmp_path / "one.d2r"), paths[3], "-k", "5", "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
+    # the same results; normalised scores come from a single index only (README: Reading scores)
+    assert all(r.pop("normalized") is None for r in sharded["queries"][0]["results"])
+    assert all(r.pop("normalized") is None for r in in_process["queries"][0]["results"])
+    assert [r.pop("normalized") for r in one["queries"][0]["results"]][0] == pytest.approx(1.0, abs=1e-5)
     assert sharded["queries"][0]["results"] == one["queries"][0]["results"] == in_process["queries"][0]["results"]
     assert sharded["queries"][0]["results"][0]["name"] == paths[3]
     assert main(["index", str(tmp_path / "store"), "--codebook", str(tmp_path / "cb.npy"), "--out",
