@@ -9,6 +9,7 @@ Environment switches:
   D2R_CUDA_ARCH       CUDA architectures (CMake list, default "80;90")
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +25,40 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _stable_pybind11(build_temp: Path) -> Path:
+    """pybind11's CMake package and headers, copied once per version into the build directory.
+
+    pip builds in a fresh temporary environment each time: its pybind11 include path would change from
+    one install to the next, and with it the compile command of every binding source, which would then
+    all be recompiled. A copy at a path that does not change keeps those commands (and so the objects).
+    """
+    import pybind11
+
+    src = Path(pybind11.get_cmake_dir()).parents[2]  # .../pybind11 (share/cmake/pybind11 -> package)
+    dst = build_temp / f"pybind11-{pybind11.__version__}"
+    done = dst / ".copied"
+    if not done.exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        for part in ("include", "share"):
+            shutil.copytree(src / part, dst / part)
+        done.touch()
+    return dst / "share" / "cmake" / "pybind11"
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: CMakeExtension) -> None:
-        import pybind11
-
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_type = os.environ.get("D2R_BUILD_TYPE", "Release")
-        build_temp = Path(self.build_temp) / ext.name
+        # One build directory per platform and Python (setuptools' build/temp.<platform>-<python tag>, in
+        # the source tree; --build-temp moves it), kept from one install to the next: installing extras one
+        # after another (pip install ".[demo]", then ".[test]") compiles the core once. `rm -rf build`
+        # forces a clean rebuild.
+        build_temp = Path(self.build_temp).resolve() / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={_stable_pybind11(build_temp)}",
             f"-DCMAKE_BUILD_TYPE={build_type}",
             f"-DD2R_NATIVE_ARCH={'ON' if os.environ.get('D2R_NATIVE_ARCH', '0') in ('1', 'ON', 'on') else 'OFF'}",
             f"-DD2R_CUDA={os.environ.get('D2R_CUDA', 'AUTO')}",
@@ -50,13 +73,16 @@ class CMakeBuild(build_ext):
             args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}"]
         except ImportError:
             pass
-        # pip builds in a fresh temporary environment each time: a cache left by an earlier build
-        # points at tools that no longer exist, so configure from scratch (objects are still reused).
-        cache = build_temp / "CMakeCache.txt"
-        if cache.exists():
-            cache.unlink()
+        # The cache of an earlier build is kept (the tools of its temporary environment are gone, but every
+        # path that names them is passed again above); a configure that still fails on it (another
+        # generator, a moved source tree) starts from a fresh cache, and the build then recompiles only
+        # what the new configuration changed.
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        configure = ["cmake", str(ROOT), *args]
+        if subprocess.run(configure, cwd=build_temp).returncode != 0:
+            print("d2r: configuring on the kept CMake cache failed; configuring from a fresh cache", flush=True)
+            (build_temp / "CMakeCache.txt").unlink(missing_ok=True)
+            subprocess.run(configure, cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--target", "_native", "-j", jobs], cwd=build_temp, check=True)
 
 

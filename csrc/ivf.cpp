@@ -23,6 +23,12 @@
 #include "selectivity.h"
 #include "topk.h"
 
+// D2R_CHECK for what an index file says: CorruptIndex (d2r.IndexFileError in Python).
+#define D2R_CHECK_FILE(cond, msg)         \
+  do {                                    \
+    if (!(cond)) throw CorruptIndex(msg); \
+  } while (0)
+
 namespace d2r {
 
 namespace {
@@ -64,6 +70,34 @@ void prefetch_mapped(const uint8_t* p, uint64_t n) {
   (void)p;
   (void)n;
 #endif
+}
+
+}  // namespace
+
+namespace {
+
+// CorruptIndex if a segment's memory-mapped file was found truncated (map_guard.h): its reads past
+// the file's new end saw zeros, so nothing read from it can be trusted. Sticky: the flag stays set.
+void check_intact(const Snapshot& s) {
+  for (const auto& seg : s.segments)
+    if (seg->truncated && seg->truncated->load(std::memory_order_acquire))
+      throw CorruptIndex("index file " + (seg->source.empty() ? std::string("(memory-mapped)") : seg->source) +
+                         " was truncated while memory-mapped (by another process?): load it again");
+}
+
+// f() on snapshot s, checked before and after: a truncation found while f read (which f may have
+// seen as a corrupt structure: zeros) raises the truncation error instead of f's result or error.
+template <class F>
+auto with_intact(const Snapshot& s, F&& f) -> decltype(f()) {
+  check_intact(s);
+  try {
+    auto r = f();
+    check_intact(s);
+    return r;
+  } catch (...) {
+    check_intact(s);
+    throw;
+  }
 }
 
 }  // namespace
@@ -343,9 +377,40 @@ void InvertedFile::compact_segments(std::vector<std::shared_ptr<const Segment>>&
   }
 }
 
-// ---- writers ------------------------------------------------------------------------------------
+// ---- the public readers and writers: checked for a truncated memory-mapped file (map_guard.h) ----
 
 std::vector<int64_t> InvertedFile::add(const CodesView& images, const int64_t* ids, const int64_t* auto_index) {
+  const auto s = pin();
+  return with_intact(*s, [&] { return add_unchecked(images, ids, auto_index); });
+}
+int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
+  const auto s = pin();
+  return with_intact(*s, [&] { return remove_unchecked(n, ids); });
+}
+int64_t InvertedFile::compact() {
+  const auto s = pin();
+  return with_intact(*s, [&] { return compact_unchecked(); });
+}
+CsrContent InvertedFile::export_csr() const {
+  const auto s = pin();
+  return with_intact(*s, [&] { return export_unchecked(); });
+}
+AllScores InvertedFile::score_all(const CodesView& queries, const ScoreParams& p) const {
+  const auto s = pin();
+  return with_intact(*s, [&] { return score_all_unchecked(queries, p); });
+}
+TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams& p) const {
+  const auto s = pin();
+  return with_intact(*s, [&] { return search_unchecked(queries, k, p); });
+}
+TopK InvertedFile::search_pooled(const CodesView& queries, bool mean, int64_t k, const ScoreParams& p) const {
+  const auto s = pin();
+  return with_intact(*s, [&] { return search_pooled_unchecked(queries, mean, k, p); });
+}
+
+// ---- writers ------------------------------------------------------------------------------------
+
+std::vector<int64_t> InvertedFile::add_unchecked(const CodesView& images, const int64_t* ids, const int64_t* auto_index) {
   check_codes(images, n_words_);
   const int64_t n = images.n;
   D2R_CHECK(multi_entry_ || auto_index == nullptr, "auto_index is for multi-entry inverted files");
@@ -422,7 +487,7 @@ std::vector<int64_t> InvertedFile::add(const CodesView& images, const int64_t* i
   return new_ids;
 }
 
-int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
+int64_t InvertedFile::remove_unchecked(int64_t n, const int64_t* ids) {
   std::lock_guard<std::mutex> writer(write_mutex_);
   const auto cur = pin();
   const SlotTable& old = *cur->slots;
@@ -458,7 +523,7 @@ int64_t InvertedFile::remove(int64_t n, const int64_t* ids) {
   return removed;
 }
 
-int64_t InvertedFile::compact() {
+int64_t InvertedFile::compact_unchecked() {
   std::lock_guard<std::mutex> writer(write_mutex_);
   const auto cur = pin();
   const SlotTable& old = *cur->slots;
@@ -491,16 +556,60 @@ int64_t InvertedFile::compact() {
 
 uint64_t InvertedFile::verify() const {
   auto s = pin();
-  uint64_t bytes = 0;
-  for (const auto& seg : s->segments) {
-    if (!seg->page_crc) continue;
-    seg->verify_range(0, seg->data_bytes);
-    bytes += seg->data_bytes;
-  }
-  return bytes;
+  return with_intact(*s, [&] {
+    uint64_t bytes = 0;
+    for (const auto& seg : s->segments) {
+      if (!seg->page_crc) continue;
+      seg->verify_range(0, seg->data_bytes);
+      bytes += seg->data_bytes;
+    }
+    for (const auto& seg : s->segments) check_structure(*seg, *s->slots);
+    return bytes;
+  });
 }
 
-CsrContent InvertedFile::export_csr() const {
+void InvertedFile::check_structure(const Segment& seg, const SlotTable& table) const {
+  // Every list decoded and checked (for_blocks); the postings per slot counted per thread, then
+  // summed: each list exactly its count (for_blocks), the segment its n_entries, each slot its
+  // word count (the image table's, which normalises the scores).
+  const int64_t n_local = seg.slot_end - seg.slot_begin;
+  const int cb = code_bytes_;
+  std::vector<int64_t> per_slot(static_cast<size_t>(n_local), 0);
+  std::mutex merge;
+  ParallelErrors errors;
+#pragma omp parallel
+  {
+    std::vector<int64_t> mine;
+    Scratch sc;
+    errors.run([&] { mine.assign(static_cast<size_t>(n_local), 0); });
+#pragma omp for schedule(dynamic, 256)
+    for (int64_t w = 0; w < n_words_; ++w)
+      errors.run([&] {
+        for_blocks(seg, w, cb, sc.block, [&](const Block& blk, const uint32_t* sl) {
+          for (int i = 0; i < blk.n; ++i) ++mine[sl[i]];
+        });
+      });
+    errors.run([&] {
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t i = 0; i < n_local; ++i) per_slot[i] += mine[i];
+    });
+  }
+  errors.rethrow();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n_local; ++i) {
+    total += per_slot[i];
+    // (A removed image's postings may be gone already, dropped by a merge of in-memory segments.)
+    if (per_slot[i] != table.nwords[seg.slot_begin + i] && !table.is_dead(seg.slot_begin + i))
+      throw CorruptIndex("corrupt index: image " + id_str(table.ids[seg.slot_begin + i]) + " has " +
+                         std::to_string(table.nwords[seg.slot_begin + i]) + " words in the image table but " +
+                         std::to_string(per_slot[i]) + " postings");
+  }
+  if (total != seg.n_entries)
+    throw CorruptIndex("corrupt index: the posting lists hold " + std::to_string(total) + " postings, the header says " +
+                       std::to_string(seg.n_entries));
+}
+
+CsrContent InvertedFile::export_unchecked() const {
   auto s = pin();
   const SlotTable& t = *s->slots;
   CsrContent c;
@@ -543,15 +652,15 @@ namespace {
 // The slot table of n_slots slots with these ids and word counts, validated (O(n log n)).
 std::shared_ptr<SlotTable> make_table(const int64_t* image_ids, const int32_t* word_counts, int64_t n_slots,
                                       bool multi_entry, int64_t next_id) {
-  D2R_CHECK(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
+  D2R_CHECK_FILE(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
   auto table = std::make_shared<SlotTable>();
   table->ids.assign(image_ids, image_ids + n_slots);
   table->nwords.assign(word_counts, word_counts + n_slots);
   table->by_id.resize(n_slots);
   int64_t max_id = -1;
   for (int64_t s = 0; s < n_slots; ++s) {
-    D2R_CHECK(word_counts[s] >= 0, "corrupt index: negative word count");
-    D2R_CHECK(image_ids[s] >= 0 && image_ids[s] < kMaxId, "corrupt index: image id out of range");
+    D2R_CHECK_FILE(word_counts[s] >= 0, "corrupt index: negative word count");
+    D2R_CHECK_FILE(image_ids[s] >= 0 && image_ids[s] < kMaxId, "corrupt index: image id out of range");
     table->by_id[s] = {image_ids[s], static_cast<uint32_t>(s)};
     max_id = std::max(max_id, image_ids[s]);
     table->n_images += (s == 0 || image_ids[s] != image_ids[s - 1]);
@@ -559,10 +668,10 @@ std::shared_ptr<SlotTable> make_table(const int64_t* image_ids, const int32_t* w
   std::sort(table->by_id.begin(), table->by_id.end());
   for (int64_t e = 1; e < n_slots; ++e) {
     if (table->by_id[e].first != table->by_id[e - 1].first) continue;
-    D2R_CHECK(multi_entry && table->by_id[e].second == table->by_id[e - 1].second + 1,
+    D2R_CHECK_FILE(multi_entry && table->by_id[e].second == table->by_id[e - 1].second + 1,
               "corrupt index: duplicate image id " + id_str(table->by_id[e].first));
   }
-  D2R_CHECK(next_id > max_id && next_id <= kMaxId, "corrupt index: next_id must exceed every image id");
+  D2R_CHECK_FILE(next_id > max_id && next_id <= kMaxId, "corrupt index: next_id must exceed every image id");
   return table;
 }
 
@@ -570,20 +679,20 @@ std::shared_ptr<SlotTable> make_table(const int64_t* image_ids, const int32_t* w
 
 void InvertedFile::set_content(const int64_t* offsets, const uint32_t* slots, const uint8_t* codes, int64_t n_slots,
                                const int64_t* image_ids, const int32_t* word_counts, int64_t next_id) {
-  D2R_CHECK(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
-  D2R_CHECK(offsets[0] == 0, "corrupt index: posting offsets must start at 0");
+  D2R_CHECK_FILE(n_slots >= 0 && n_slots <= static_cast<int64_t>(UINT32_MAX), "corrupt index: number of entries");
+  D2R_CHECK_FILE(offsets[0] == 0, "corrupt index: posting offsets must start at 0");
   for (int64_t w = 0; w < n_words_; ++w)
-    D2R_CHECK(offsets[w + 1] >= offsets[w], "corrupt index: posting offsets must be non-decreasing");
+    D2R_CHECK_FILE(offsets[w + 1] >= offsets[w], "corrupt index: posting offsets must be non-decreasing");
   std::vector<int64_t> counted(n_slots, 0);
   for (int64_t w = 0; w < n_words_; ++w) {
     for (int64_t j = offsets[w]; j < offsets[w + 1]; ++j) {
-      D2R_CHECK(slots[j] < static_cast<uint64_t>(n_slots), "corrupt index: posting slot out of range");
-      D2R_CHECK(j == offsets[w] || slots[j] > slots[j - 1], "corrupt index: posting list not sorted by slot");
+      D2R_CHECK_FILE(slots[j] < static_cast<uint64_t>(n_slots), "corrupt index: posting slot out of range");
+      D2R_CHECK_FILE(j == offsets[w] || slots[j] > slots[j - 1], "corrupt index: posting list not sorted by slot");
       counted[slots[j]]++;
     }
   }
   for (int64_t s = 0; s < n_slots; ++s)
-    D2R_CHECK(counted[s] == word_counts[s], "corrupt index: word count of an image does not match its postings");
+    D2R_CHECK_FILE(counted[s] == word_counts[s], "corrupt index: word count of an image does not match its postings");
   auto table = make_table(image_ids, word_counts, n_slots, multi_entry_, next_id);
   auto next = std::make_shared<Snapshot>();
   next->segments = {encode_segment(0, n_slots, offsets, slots, codes)};
@@ -601,21 +710,45 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
   auto next = std::make_shared<Snapshot>();
   int64_t slot = 0, entries = 0;
   for (const auto& in : parts) {
-    D2R_CHECK(in.n_slots >= 0 && in.n_entries >= 0, "corrupt index: negative segment size");
-    D2R_CHECK(in.word_off[0] == 0 && in.word_off[n_words_] == in.data_bytes,
+    D2R_CHECK_FILE(in.n_slots >= 0 && in.n_entries >= 0, "corrupt index: negative segment size");
+    D2R_CHECK_FILE(in.word_off[0] == 0 && in.word_off[n_words_] == in.data_bytes,
               "corrupt index: the word table does not span the posting lists");
-    for (int64_t w = 0; w < n_words_; ++w)
-      D2R_CHECK(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
     D2R_CHECK(in.format == 3 || in.format == 4, "unknown posting layout " + std::to_string(in.format));
+    // A non-empty list holds at least one posting: its count, a block header and a code (found by
+    // fuzzing: a segment of n_entries = 0 with non-empty lists loaded, and searches, which skip a
+    // segment without entries, ignored what the export and verify() read).
+    const uint64_t min_list = 1 + static_cast<uint64_t>(in.format == 3 ? v3::kBlockHeader3 : kBlockHeader) +
+                              static_cast<uint64_t>(code_bytes_);
+    int64_t non_empty = 0;
+    for (int64_t w = 0; w < n_words_; ++w) {
+      D2R_CHECK_FILE(in.word_off[w + 1] >= in.word_off[w], "corrupt index: word table not non-decreasing");
+      const uint64_t len = in.word_off[w + 1] - in.word_off[w];
+      D2R_CHECK_FILE(len == 0 || len >= min_list, "corrupt index: a posting list shorter than one posting");
+      non_empty += len != 0;
+    }
+    D2R_CHECK_FILE(non_empty <= in.n_entries, "corrupt index: more non-empty posting lists than postings");
     // A posting costs at most a block header, 16 gap bytes (format 3: 5) and its code; a list at
     // most 5 bytes more (its count).
     const uint64_t per = in.format == 3 ? v3::kBlockHeader3 + 5 : kBlockHeader + 16;
-    D2R_CHECK(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (per + code_bytes_) +
+    D2R_CHECK_FILE(in.data_bytes <= static_cast<uint64_t>(in.n_entries) * (per + code_bytes_) +
                                    static_cast<uint64_t>(n_words_) * 5 &&
                   in.data_bytes >= static_cast<uint64_t>(in.n_entries) * code_bytes_,
               "corrupt index: posting bytes do not match the number of postings");
+    {
+      // Every non-empty list holds at least one posting, and its count byte, a block header and a
+      // code: at most data_bytes / that many lists, at least that many postings (O(words): the word
+      // table is read here anyway; a list's own bytes are checked as it is decoded).
+      int64_t lists = 0;
+      for (int64_t w = 0; w < n_words_; ++w) lists += in.word_off[w + 1] != in.word_off[w];
+      const uint64_t header = in.format == 3 ? v3::kBlockHeader3 : kBlockHeader;
+      D2R_CHECK_FILE(in.n_entries >= lists && static_cast<uint64_t>(lists) * (1 + header) +
+                                                static_cast<uint64_t>(in.n_entries) * code_bytes_ <=
+                                            in.data_bytes,
+                "corrupt index: " + std::to_string(lists) + " non-empty posting lists of " +
+                    std::to_string(in.data_bytes) + " bytes cannot hold " + std::to_string(in.n_entries) + " postings");
+    }
     if (in.page_crc) {
-      D2R_CHECK(in.page_bytes > 0 && in.n_pages == static_cast<int64_t>((in.data_bytes + in.page_bytes - 1) / in.page_bytes),
+      D2R_CHECK_FILE(in.page_bytes > 0 && in.n_pages == static_cast<int64_t>((in.data_bytes + in.page_bytes - 1) / in.page_bytes),
                 "corrupt index: page checksum table does not match the posting lists");
     }
     if (in.format == 3) {
@@ -639,17 +772,22 @@ void InvertedFile::set_segments(const std::vector<SegmentInput>& parts, const in
       for (int64_t p = 0; p < in.n_pages; ++p) seg->page_ok[p].store(0, std::memory_order_relaxed);
     }
     seg->owner = in.owner;
+    seg->truncated = in.truncated;
+    seg->source = in.source;
     slot += in.n_slots;
     entries += in.n_entries;
     next->segments.push_back(std::move(seg));
   }
-  D2R_CHECK(slot == n_slots, "corrupt index: the segments' slots do not match the image table");
+  D2R_CHECK_FILE(slot == n_slots, "corrupt index: the segments' slots do not match the image table");
   int64_t words = 0;
   for (int64_t s = 0; s < n_slots; ++s) words += word_counts[s];
-  D2R_CHECK(words == entries, "corrupt index: the word counts do not add up to the postings");
+  D2R_CHECK_FILE(words == entries, "corrupt index: the word counts do not add up to the postings");
   next->n_entries = entries;
   next->slots = std::move(table);
   next->next_id = next_id;
+  for (const auto& in : parts)  // truncated while it was being read (format 3 is read whole)
+    if (in.truncated && in.truncated->load(std::memory_order_acquire))
+      throw CorruptIndex("index file " + in.source + " was truncated while memory-mapped (by another process?)");
   std::lock_guard<std::mutex> writer(write_mutex_);
   publish(std::move(next));
 }
@@ -730,6 +868,7 @@ std::shared_ptr<Segment> InvertedFile::convert_v3(const SegmentInput& in, int64_
 PostingWriter::PostingWriter(std::shared_ptr<const Snapshot> snap, int64_t n_words, int code_bytes, int64_t page_bytes)
     : page_bytes(page_bytes), snap_(std::move(snap)), n_words_(n_words), code_bytes_(code_bytes) {
   D2R_CHECK(page_bytes > 0, "page_bytes must be positive");
+  check_intact(*snap_);
   const SlotTable& t = *snap_->slots;
   const int64_t n = snap_->n_slots();
   new_slot_.assign(n, -1);
@@ -760,6 +899,10 @@ void PostingWriter::crc_bytes(const uint8_t* p, size_t n) {
 }
 
 std::vector<uint8_t> PostingWriter::next(uint64_t min_bytes) {
+  return with_intact(*snap_, [&] { return next_unchecked(min_bytes); });
+}
+
+std::vector<uint8_t> PostingWriter::next_unchecked(uint64_t min_bytes) {
   std::vector<uint8_t> out;
   Scratch sc;
   const SlotTable& t = *snap_->slots;
@@ -887,7 +1030,17 @@ inline void scan_list_tile(const Segment& seg, int32_t w, Cursor& c, int64_t lo,
     while (i0 < n && static_cast<int64_t>(buf[i0]) < lo) ++i0;
     while (i1 > i0 && static_cast<int64_t>(buf[i1 - 1]) >= hi) --i1;
     f(blk, static_cast<const uint32_t*>(buf), i0, i1);
-    if (static_cast<int64_t>(last) >= hi) break;  // straddles into the next tile: read again there
+    if (static_cast<int64_t>(last) >= hi) {
+      // Straddles into the next tile: read again there. The next block's first slot must lie above
+      // this block's last: checked here, for the reader of the range above hi (another thread, or
+      // this one's next tile) skips this block by that first slot without decoding it.
+      if (c.left > blk.n && blk.next + 4 <= c.end) {
+        uint32_t next_first;
+        std::memcpy(&next_first, blk.next, 4);
+        if (static_cast<uint64_t>(next_first) <= last) throw CorruptIndex("corrupt index: posting list not sorted by slot");
+      }
+      break;
+    }
     c.prev = static_cast<int64_t>(last);
     c.ptr = blk.next;
     c.left -= blk.n;
@@ -1025,7 +1178,7 @@ void InvertedFile::score_all_into(const Snapshot& s, const CodesView& q, const S
   }
 }
 
-AllScores InvertedFile::score_all(const CodesView& queries, const ScoreParams& p) const {
+AllScores InvertedFile::score_all_unchecked(const CodesView& queries, const ScoreParams& p) const {
   check_no_multi("score_all");
   check_codes(queries, n_words_);
   const auto snap = pin();
@@ -1053,7 +1206,7 @@ AllScores InvertedFile::score_all(const CodesView& queries, const ScoreParams& p
   return r;
 }
 
-TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams& p) const {
+TopK InvertedFile::search_unchecked(const CodesView& queries, int64_t k, const ScoreParams& p) const {
   check_no_multi("search");
   check_codes(queries, n_words_);
   const auto snap = pin();
@@ -1157,7 +1310,7 @@ TopK InvertedFile::search(const CodesView& queries, int64_t k, const ScoreParams
   return r;
 }
 
-TopK InvertedFile::search_pooled(const CodesView& queries, bool mean, int64_t k, const ScoreParams& p) const {
+TopK InvertedFile::search_pooled_unchecked(const CodesView& queries, bool mean, int64_t k, const ScoreParams& p) const {
   D2R_CHECK(multi_entry_, "pooled search needs a multi-entry (regional) inverted file");
   check_codes(queries, n_words_);
   const auto snap = pin();

@@ -16,12 +16,16 @@
 //    either completes or leaves the index exactly as it was (strong exception guarantee).
 //  * No Python runs and the GIL is never taken here; memory from outside (a memory-mapped file) is
 //    held through a native owner released without the GIL.
+//  * A memory-mapped file truncated under the index (map_guard.h): the SIGBUS guard maps zero pages
+//    past the new end and sets the mapping's flag, which every public reader and writer checks
+//    before and after it runs (CorruptIndex "... was truncated while memory-mapped"), for good.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -82,6 +86,10 @@ struct Segment {
   std::vector<uint64_t> own_off;
   std::vector<uint8_t> own_data;
   std::shared_ptr<const void> owner;
+  // A memory-mapped file's truncation flag (map_guard.h; nullptr otherwise) and its name: once set,
+  // every reader raises CorruptIndex instead of answering.
+  const std::atomic<uint8_t>* truncated = nullptr;
+  std::string source;
   size_t owned_bytes() const;
   size_t mapped_bytes() const;
   // Verifies the unverified pages overlapping data[b, e) (no-op without checksums); CorruptIndex on a
@@ -130,6 +138,8 @@ struct SegmentInput {
   const uint32_t* page_crc = nullptr;  // optional
   int64_t page_bytes = 0, n_pages = 0;
   std::shared_ptr<const void> owner;   // keeps the memory alive
+  const std::atomic<uint8_t>* truncated = nullptr;  // a mapped file's truncation flag (map_guard.h)
+  std::string source;                                // the file's name, for that error
   // The postings' layout: 4 (postings.h), or 3 (postings_v3.h: Golomb-Rice gaps of index files of
   // format 3), converted to 4 into memory owned by the segment as it is set (checksums verified
   // first, when given).
@@ -162,6 +172,7 @@ class PostingWriter {
   int64_t n_entries = 0, next_id = 0, page_bytes = 0;
 
  private:
+  std::vector<uint8_t> next_unchecked(uint64_t min_bytes);
   void crc_bytes(const uint8_t* p, size_t n);
   std::shared_ptr<const Snapshot> snap_;
   int64_t n_words_, word_ = 0;
@@ -222,7 +233,10 @@ class InvertedFile {
   // nullptr: O(postings)). Every id must be indexed (NotFound) and appear once (InvalidArgument).
   EntryCodes entry_codes(int64_t n_ids, const int64_t* ids, int64_t n_req, const int32_t* words) const;
   // Verifies every page checksum of every segment now (the alternative to verification on first
-  // use); returns the bytes verified. A reader: runs beside searches and writers.
+  // use), then the structure of every list of every segment (every block decoded and checked as a
+  // search checks it; each list's postings exactly its count; each segment's postings its
+  // n_entries; each slot's postings its word count); returns the bytes verified by checksum.
+  // A reader: runs beside searches and writers.
   uint64_t verify() const;
   int n_segments() const { return static_cast<int>(pin()->segments.size()); }
   int64_t dead_images() const { return pin()->slots->n_dead; }
@@ -239,6 +253,17 @@ class InvertedFile {
                     int64_t n_slots, int64_t next_id);
 
  private:
+  // The public operations of the same names, without the check for a truncated memory-mapped file
+  // that those run before and after them (map_guard.h).
+  std::vector<int64_t> add_unchecked(const CodesView& images, const int64_t* ids, const int64_t* auto_index);
+  int64_t remove_unchecked(int64_t n, const int64_t* ids);
+  int64_t compact_unchecked();
+  CsrContent export_unchecked() const;
+  AllScores score_all_unchecked(const CodesView& queries, const ScoreParams& p) const;
+  TopK search_unchecked(const CodesView& queries, int64_t k, const ScoreParams& p) const;
+  TopK search_pooled_unchecked(const CodesView& queries, bool mean, int64_t k, const ScoreParams& p) const;
+  // verify()'s structural pass over one segment (CorruptIndex on the first problem).
+  void check_structure(const Segment& seg, const SlotTable& table) const;
   std::shared_ptr<const Snapshot> pin() const;
   void publish(std::shared_ptr<const Snapshot> s);
   std::shared_ptr<Segment> build_segment(const CodesView& v, int64_t first_slot) const;

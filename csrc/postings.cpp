@@ -92,7 +92,9 @@ size_t encode_list(const uint32_t* slots, const uint8_t* codes, int64_t n, int c
     const size_t gb = gap_bytes(n_b, b);
     std::memset(o, 0, gb);
     // Lane l's j-th value (v_{4j + l}) at bit j b of lane l's words; word t of lane l at 16 t + 4 l.
-    for (int i = 1; i < n_b; ++i) {
+    // (b = 0: no gap bytes at all, nothing to write; the loop would touch bytes past the block's
+    // header, beyond the list when its codes are short.)
+    for (int i = 1; b > 0 && i < n_b; ++i) {
       const uint64_t v = static_cast<uint64_t>(s[i] - s[i - 1] - 1);
       const int lane = i & 3;
       const int bit = (i >> 2) * b;

@@ -21,8 +21,11 @@
 // Every block starts with an absolute slot and its length follows from its header, so a reader
 // skips blocks by slot range without decoding them. Readers check, per block: the header inside the
 // list, b <= 32, the block inside the list, its first slot above the previous block's slots (and,
-// for a skipped block, the next block's first slot at least n above its own), its last slot inside
-// the segment; per list: the count's blocks end exactly at the list's end. A corrupt list raises
+// for a skipped block, the next block's first slot at least n above its own; a reader that stops
+// at a block straddling the end of its slot range checks the next block's first slot above that
+// block's last, since the reader of the range above skips the block by that first slot), its last
+// slot inside the segment; per list: the count's blocks end exactly at the list's end. A full
+// verification (InvertedFile::verify) also checks the postings per slot against the image table. A corrupt list raises
 // CorruptIndex and never reads outside the list; page checksums (CRC-32, zlib's polynomial) of the
 // byte stream guard the content itself (ivf.h).
 #pragma once

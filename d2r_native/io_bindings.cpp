@@ -21,6 +21,8 @@ void init_io(py::module_& m) {
       .def(py::init([](const std::string& path) { return without_gil([&] { return std::make_shared<MappedFile>(path); }); }),
            py::arg("path"))
       .def("__len__", [](const MappedFile& f) { return f.size(); })
+      .def_property_readonly("truncated", &MappedFile::truncated,
+                             "Whether the file was found truncated while mapped (reads past its end see zeros)")
       .def_buffer([](MappedFile& f) {
         return py::buffer_info(const_cast<uint8_t*>(f.data()), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(f.size())}, {py::ssize_t{1}}, /*readonly=*/true);

@@ -266,6 +266,8 @@ void init_ivf(py::module_& m) {
                 si.data = data.data();
                 si.page_crc = t[4].is_none() ? nullptr : crc.data();
                 si.owner = file;
+                si.truncated = file->truncated_flag();
+                si.source = file->path();
               } else {
                 // Copies, owned by one holder (released without the GIL).
                 struct Copy {

@@ -65,9 +65,10 @@ def test_extract_train_index_search_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(tmp_path / "db.d2r"), str(paths[0]), "-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    # the score's meaning, the query, the column header, 3 results, a blank line
-    assert out[0].startswith("# score:") and out[1].startswith("query: ") and len(out) == 7
-    assert out[3].split() == ["1", "1.0000", str(paths[0])]  # the image itself ranks first
+    # the score's meaning, the normalised score's, the query, the column header, 3 results, a blank line
+    assert out[0].startswith("# score:") and out[1].startswith("# norm:") and out[2].startswith("query: ")
+    assert len(out) == 8 and out[3].split() == ["rank", "score", "norm", "image"]
+    assert out[4].split() == ["1", "1.0000", "1.000", str(paths[0])]  # the image itself ranks first
     index = d2r.Index.load(tmp_path / "db.d2r")
     assert len(index) == len(paths)
 

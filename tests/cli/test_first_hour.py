@@ -145,9 +145,10 @@ def test_search_explains_its_output_and_skips_bad_queries(built, photos, capsys)
     assert rc == 0
     lines = out.splitlines()
     assert lines[0].startswith("# score: ASMK* similarity") and "1 = the same image" in lines[0]
-    assert lines[1] == f"query: {photos['good'][1]} (300 features)"
-    assert lines[2].split() == ["rank", "score", "image"]
-    assert lines[3].split() == ["1", "1.0000", str(photos["good"][1])]       # itself first, by name
+    assert lines[1].startswith("# norm: ") and "1 = the query image itself" in lines[1]
+    assert lines[2] == f"query: {photos['good'][1]} (300 features)"
+    assert lines[3].split() == ["rank", "score", "norm", "image"]
+    assert lines[4].split() == ["1", "1.0000", "1.000", str(photos["good"][1])]       # itself first, by name
     assert f"skipped {photos['text']}" in err
     rc, out, err = _run(capsys, "search", built / "db.d2r", photos["text"])
     assert rc == 1 and _error_lines(err) == ["d2r search: error: no query image could be read"]
@@ -161,7 +162,8 @@ def test_search_json_and_rerank(built, photos, capsys):
     res = doc["queries"][0]["results"]
     assert doc["reranked"] and [r["rank"] for r in res] == [1, 2]
     assert res[0]["name"] == str(photos["good"][2]) and res[0]["inliers"] >= 100 > res[1]["inliers"]
-    assert abs(res[0]["score"] - 1.0) < 1e-5
+    assert abs(res[0]["score"] - 1.0) < 1e-5 and abs(res[0]["normalized"] - 1.0) < 1e-5
+    assert 0 <= res[1]["normalized"] < 1
     rc, _, err = _run(capsys, "search", built / "db.d2r", photos["good"][2], "--rerank")
     assert rc == 2 and "--features STORE" in err
 
@@ -249,11 +251,13 @@ def test_help_states_defaults_and_describes_every_option():
     assert "CSV of query,positive" in " ".join(sub.choices["demo"].format_help().split())
 
 
-def test_quiet_silences_progress(photos, tmp_path, capsys):
+def test_quiet_silences_progress(photos, tmp_path, capsys, monkeypatch):
+    # stderr is not a terminal here: progress is a plain line per D2R_PROGRESS_INTERVAL seconds
+    monkeypatch.setenv("D2R_PROGRESS_INTERVAL", "0.001")
     rc, out, err = _run(capsys, "extract", *photos["good"][:2], "--out", tmp_path / "s", "-q")
     assert rc == 0 and err == ""
     rc, out, err = _run(capsys, "extract", *photos["good"][2:], "--out", tmp_path / "s")
-    assert rc == 0 and "extract" in err and "%" in err     # a bar without --quiet
+    assert rc == 0 and "d2r: extract: " in err and "%" in err     # progress without --quiet
 
 
 # ---- fingerprints -------------------------------------------------------------------------------------

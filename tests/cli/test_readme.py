@@ -14,8 +14,9 @@ Each block gets two tests, ids by README line (``L64``: the block's first code l
 
 ``test_tutorial_matches_demo``: the block under the heading containing "tutorial" prints a Revisited
 table (``d2r.core.evaluate.format_table``); its mAP Easy / Medium / Hard equal, within 0.1, those of
-``d2r.workflows.pipeline.run`` on the demo set for the method the block names with ``# reproduces: <name>`` (a
-name from ``d2r.workflows.pipeline.default_methods``). RootSIFT extraction is memoised in this module (the blocks
+``d2r.workflows.pipeline.run`` on the demo set, with the demo's region source (its default, as ``d2r demo`` runs
+it), for the method the block names with ``# reproduces: <name>`` (a name from
+``d2r.workflows.pipeline.default_methods``; not an oracle row, and the block may not use the dataset's boxes). RootSIFT extraction is memoised in this module (the blocks
 and the pipeline run extract the same demo images; it is deterministic, so only the time changes).
 The harness itself lives in tests/readme_blocks.py and is unit-tested at the end of this file on
 synthetic README text.
@@ -165,8 +166,13 @@ def test_tutorial_matches_demo(run_block, rootsift_memo, monkeypatch):
     monkeypatch.setattr(pipeline, "default_methods",
                         lambda codebook: [m for m in all_methods(codebook) if m[0] == block.reproduces])
     out = io.StringIO()
-    # the tutorial uses the dataset's boxes
-    result = pipeline.run(make_demo_set(), rerank=False, report_dir=None, progress=False, out=out, regions="dataset")
+    # the demo's row: d2r demo's region source (pipeline.DEFAULT_REGIONS, discovered), not an oracle; the
+    # tutorial must not name a row whose numbers come from the dataset's own boxes
+    assert not block.reproduces.endswith(pipeline.ORACLE_SUFFIX) and pipeline.DEFAULT_REGIONS == "discovered"
+    assert '"dataset"' not in block.code and "'dataset'" not in block.code, \
+        f"{block.where}: the tutorial uses the dataset's boxes (an oracle); use the demo's region source"
+    result = pipeline.run(make_demo_set(), rerank=False, report_dir=None, progress=False, out=out)
+    assert result["regions"] == pipeline.DEFAULT_REGIONS
     (method,) = result["methods"]
     assert method.name == block.reproduces
     demo = {p: 100.0 * float(method.results[p]["map"]) for p in ("easy", "medium", "hard")}

@@ -508,11 +508,13 @@ def test_flipped_posting_byte_found_lazily(tmp_path, saved, data, where):
     path = tmp_path / "lazy.d2r"
     path.write_bytes(bytes(b))
     idx = d2r.Index.load(path, mmap=True)            # verify="lazy": loads
-    with pytest.raises(d2r.IndexFileError, match="checksum mismatch in postings page"):
+    with pytest.raises(d2r.IndexFileError, match="checksum mismatch in postings page") as err:
         idx.verify()
+    assert str(err.value).startswith(f"{path}: "), err.value   # the error names the file (issue 26)
     idx = d2r.Index.load(path, mmap=True)
-    with pytest.raises(d2r.IndexFileError, match="postings page"):
+    with pytest.raises(d2r.IndexFileError, match="postings page") as err:
         idx.search(data[0], k=None)                  # the database images as queries read every list
+    assert str(err.value).startswith(f"{path}: "), err.value
     clean = d2r.Index.load(saved, mmap=True)
     assert clean.verify() == s["nbytes"]
 

@@ -242,6 +242,16 @@ def test_sharded_equals_single_synthetic(cluster, world, store, tmp_path, kernel
         si.remove([3, int(ids[1])])
         single.remove([3, int(ids[1])])
         _same(si.search(queries, k=None), single.search(queries, k=None))
+        # the same folder searched in this process, without Ray: the shard files memory-mapped, their
+        # logs (the adds and removes above) replayed read-only; the same answer, bit for bit
+        logs = {p: Path(p + ".log").read_bytes() for p in m["paths"]}
+        with distributed.LocalShardedIndex(tmp_path / "sh") as local:
+            for k in (None, 1, 7):
+                _same(local.search(queries, k=k), single.search(queries, k=k))
+            _same(local.search(queries[0], k=5), single.search(queries[0], k=5))
+            assert len(local) == len(single) and local.n_shards == shards
+            assert local.stats()["images"] == si.stats()["images"]
+        assert {p: Path(p + ".log").read_bytes() for p in m["paths"]} == logs   # read, never written
         with pytest.raises(ValueError, match="already indexed"):
             si.add(new[:1], image_ids=[int(ids[0])])
         with pytest.raises(KeyError, match="not indexed"):
@@ -403,11 +413,17 @@ def test_cli_ray_extract_index_search(realmix_stores, tmp_path, capsys):
     assert main(["index", str(tmp_path / "store"), "--codebook", str(tmp_path / "cb.npy"), "--out",
                  str(tmp_path / "one.d2r"), "-q"]) == 0
     capsys.readouterr()
-    assert main(["search", str(tmp_path / "sh"), paths[3], "-k", "5", "--json"]) == 0
+    assert main(["search", str(tmp_path / "sh"), paths[3], "-k", "5", "--json", "--ray", "local"]) == 0
     sharded = json.loads(capsys.readouterr().out)
+    assert main(["search", str(tmp_path / "sh"), paths[3], "-k", "5", "--json"]) == 0   # in process, no Ray
+    in_process = json.loads(capsys.readouterr().out)
     assert main(["search", str(tmp_path / "one.d2r"), paths[3], "-k", "5", "--json"]) == 0
     one = json.loads(capsys.readouterr().out)
-    assert sharded["queries"][0]["results"] == one["queries"][0]["results"]
+    # the same results; normalised scores come from a single index only (README: Reading scores)
+    assert all(r.pop("normalized") is None for r in sharded["queries"][0]["results"])
+    assert all(r.pop("normalized") is None for r in in_process["queries"][0]["results"])
+    assert [r.pop("normalized") for r in one["queries"][0]["results"]][0] == pytest.approx(1.0, abs=1e-5)
+    assert sharded["queries"][0]["results"] == one["queries"][0]["results"] == in_process["queries"][0]["results"]
     assert sharded["queries"][0]["results"][0]["name"] == paths[3]
     assert main(["index", str(tmp_path / "store"), "--codebook", str(tmp_path / "cb.npy"), "--out",
                  str(tmp_path / "bad"), "--shards", "0"]) == 2

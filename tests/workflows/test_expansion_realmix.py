@@ -1,6 +1,6 @@
 """Query expansion and the fused re-ranking on the shared photos (realmix): each measured mAP is
 asserted against a floor just below it, and the fused rule must not lower mAP where the official
-inlier order does (BENCHMARKS.md section 17; benchmarks/bench_expansion.py measured the same set-up).
+inlier order does (BENCHMARKS.md section 19; benchmarks/bench_expansion.py measured the same set-up).
 
 Set-up: realmix RootSIFT (1,000 features, d2r.datasets.realmix_rootsift), the pipeline's 1,024-word
 codebook (seed 0), ASMK* (gamma on) over whole images, full rankings, the Revisited protocol. The

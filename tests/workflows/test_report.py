@@ -238,3 +238,19 @@ def test_report_as_seen_in_a_browser(demo, page, tmp_path):
     colours = np.unique(img.reshape(-1, 3)[::7], axis=0)
     assert len(colours) > 1000, f"the screenshot has {len(colours)} distinct colours: blank?"
     assert (img < 240).any(axis=2).mean() > 0.05   # not an all-white page
+
+
+def test_top_ten_text_shows_raw_and_normalized_scores(demo, page):
+    """Each listed result carries its raw score and the normalised one (1 = the query image itself);
+    the legend explains both (issue 26: raw scores are hard to read)."""
+    _, text = page
+    a, b = demo["results"]
+    assert a.normalized is not None and a.normalized.shape == a.scores.shape
+    assert np.all((a.normalized >= 0) & (a.normalized <= 1 + 1e-6))
+    first = text[text.index("id='q0'"):]
+    first = first[first.index("<ol>"):first.index("</ol>")]
+    items = re.findall(r"<li>(.*?)</li>", first)
+    assert len(items) == 10
+    assert f"; score {a.scores[0][0]:.4f}, norm {a.normalized[0][0]:.3f})" in items[0], items[0]
+    legend = text[text.index("id='legend'"):]
+    assert "<dt>norm</dt>" in legend and "1 = the query image itself" in legend and "<dt>score</dt>" in legend

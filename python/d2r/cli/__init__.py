@@ -12,7 +12,10 @@ Conventions every command follows (and commands added later must follow):
 - exit status: 0 success (perhaps with skipped inputs, listed), 1 nothing usable remained or
   ``--strict`` stopped at an unreadable input, 2 a usage error (bad argument, missing or unusable
   file), 3 an internal error (a bug: please report it; ``D2R_DEBUG=1`` shows the traceback),
-  130 interrupted.
+  130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM; Ray commands and ``serve``);
+- a Ray command (``--ray``, ``index --shards``, ``serve``) writes Ray's own messages to ``ray.log``
+  in its store or index folder (named once on stderr unless ``--quiet``), and SIGINT or SIGTERM
+  stops it with the cluster it started: no process is left behind.
 
 Layout: one module per command (``demo``, ``extract``, ``train_codebook``, ``index``, ``search``,
 ``serve``, ``evaluate``, ``convert_delf``, ``convert_codebook``, ``info``), each with ``register(sub)``
@@ -28,13 +31,14 @@ import warnings
 
 from d2r.cli import (convert_codebook, convert_delf, demo, evaluate, extract, index, info, search, serve,
                      train_codebook)
-from d2r.cli._common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING_USABLE, EXIT_OK, EXIT_USAGE,
-                             IMAGE_SUFFIXES, NothingUsable, UsageError, _check_numbers, _check_outputs, _Formatter,
-                             _internal, _one_line, _origin)
+from d2r.cli._common import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING_USABLE, EXIT_OK, EXIT_TERMINATED,
+                             EXIT_USAGE, IMAGE_SUFFIXES, NothingUsable, Terminated, UsageError, _check_numbers,
+                             _check_outputs, _Formatter, _internal, _one_line, _origin)
 from d2r.cli._pipeline import DATASETS_HELP, pipeline_extractor
 
 __all__ = ["main", "build_parser", "pipeline_extractor", "UsageError", "NothingUsable", "DATASETS_HELP",
-           "IMAGE_SUFFIXES", "EXIT_OK", "EXIT_NOTHING_USABLE", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
+           "IMAGE_SUFFIXES", "EXIT_OK", "EXIT_NOTHING_USABLE", "EXIT_USAGE", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED"]
 
 # the commands, in the order `d2r --help` lists them: each module's register(sub) adds its subparser
 COMMANDS = (demo, extract, train_codebook, index, search, serve, evaluate, convert_delf, convert_codebook, info)
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The four steps on your own images: d2r extract IMAGES --out store; d2r train-codebook store --out "
                "cb.npy; d2r index store --codebook cb.npy --out db.d2r; d2r search db.d2r QUERY.jpg.\n"
                "Exit status: 0 success, 1 nothing usable remained (or --strict stopped), 2 usage error, 3 internal "
-               "error, 130 interrupted.")
+               "error, 130 interrupted (SIGINT), 143 terminated (SIGTERM).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
@@ -105,9 +109,13 @@ def main(argv=None) -> int:
             return _internal(prefix, exc, "")
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_NOTHING_USABLE
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted (completed shards and files are kept; rerun to resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:   # Ctrl-C (SIGINT), or SIGTERM / SIGHUP to a Ray command (Terminated)
+        if args.command == "serve":
+            if not getattr(args, "quiet", False):
+                print(f"{prefix}: stopped", file=sys.stderr)
+        else:
+            print(f"{prefix}: interrupted (completed shards and files are kept; rerun to resume)", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # a bug: say so, in one line
         return _internal(prefix, exc, "")
     finally:

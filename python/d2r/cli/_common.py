@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_OK, EXIT_NOTHING_USABLE, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM   # 143
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -20,6 +24,86 @@ class UsageError(ValueError):
 
 class NothingUsable(Exception):
     """No usable input remained: exit status 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) received by a Ray command: it stops as Ctrl-C stops it (the cluster it
+    started shut down), with exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+# ---- Ray commands ------------------------------------------------------------------------------------
+def _ray_log_path(at) -> Path:
+    """Where a Ray command's Ray output goes: FOLDER/ray.log for a folder (a store, a sharded index),
+    FILE.ray.log beside a file; a file in the temporary folder where that cannot be written."""
+    at = Path(at)
+    path = at / "ray.log" if at.is_dir() else at.with_name(at.name + ".ray.log")
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+        return path
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"d2r-ray-{os.getpid()}.log"
+
+
+@contextmanager
+def ray_session(args, address, log_at):
+    """Connect to Ray for one command: Ray's own output into a log file beside `log_at` (named once on
+    stderr, unless --quiet), SIGINT and SIGTERM (and SIGHUP) turned into an orderly stop (the exception
+    reaches :func:`d2r.cli.main`, which exits 130 or 128 + the signal), and on the way out, however
+    it ends, the cluster left (a local one stopped with every process it started) and stderr given
+    back. A process already connected (Python, tests) keeps its cluster and its output as they are."""
+    from d2r import distributed
+
+    ray = distributed._ray()
+    if ray.is_initialized():
+        yield None
+        return
+    log = _ray_log_path(log_at)
+    previous = {}
+
+    def stop(signum, frame):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
+
+    def install():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig not in previous:
+                current = signal.getsignal(sig)
+                if current == signal.SIG_IGN:   # e.g. SIGINT of a script's background job: left ignored
+                    continue
+                previous[sig] = current
+            signal.signal(sig, stop)
+
+    install()
+    finished = False
+    try:
+        try:
+            distributed.connect(address, log_file=log)
+        except SystemExit as exc:   # Ray's own SIGTERM handler, set while Ray starts: sys.exit(signal number)
+            if exc.code == signal.SIGTERM:
+                raise Terminated(signal.SIGTERM) from None
+            raise
+        install()   # Ray replaced the SIGTERM handler with its own (which prints stack frames and exits)
+        if not getattr(args, "quiet", False):
+            print(f"d2r {args.command}: Ray's own messages go to {log}", file=sys.stderr, flush=True)
+        yield log
+        finished = True
+    finally:
+        held = []   # a signal while the cluster stops is noted, not raised into the shutdown
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+        try:
+            distributed.disconnect()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if finished and held:   # the work was done, but the stop was asked for: the status says so
+            raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated(held[0])
 
 
 def _emit_json(obj) -> None:
@@ -51,9 +135,11 @@ def _images(paths):
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            files = sorted(q for q in p.rglob("*") if q.is_file())
+            found = [q for q in files if q.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise UsageError(f"{p}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            _warn_other_files(p, [q for q in files if q.suffix.lower() not in IMAGE_SUFFIXES])
             out += found
         elif p.suffix.lower() == ".txt" and p.is_file():
             out += [p.parent / line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -64,6 +150,19 @@ def _images(paths):
     if not out:
         raise UsageError("no images given; pass image files, folders or .txt lists of paths")
     return [str(q) for q in out]
+
+
+def _warn_other_files(folder: Path, others) -> None:
+    """One warning naming the files of an image folder that are not images (by suffix): how many, and
+    the first few."""
+    if not others:
+        return
+    shown = ", ".join(str(q.relative_to(folder)) for q in others[:3]) + (", ..." if len(others) > 3 else "")
+    lists = (" (a .txt list of paths is read when given as an argument, not inside a folder)"
+             if any(q.suffix.lower() == ".txt" for q in others) else "")
+    warnings.warn(f"{folder}: skipped {len(others)} file{'s' if len(others) > 1 else ''} that "
+                  f"{'are' if len(others) > 1 else 'is'} not an image ({', '.join(IMAGE_SUFFIXES)}): {shown}{lists}",
+                  UserWarning, stacklevel=3)
 
 
 def _names_file(index_path) -> Path:

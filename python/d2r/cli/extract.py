@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from d2r.cli._common import (EXIT_OK, UsageError, _common, _emit_json, _extract_listing_skips, _images,
-                             _ray_option, _skipped, add_command)
+                             _ray_option, _skipped, add_command, ray_session)
 
 
 def register(sub) -> None:
@@ -107,13 +107,21 @@ def run(args) -> int:
                              "images (no --strict)")
         from d2r import distributed
 
-        distributed.connect(args.ray)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {args.out}: exists and is not a folder (--ray writes a feature-store folder)")
+        out.mkdir(exist_ok=True)   # the store folder, which holds ray.log from the start
         ext = distributed._Factory(type(sift), args.delf, max_features=args.max_features) if args.delf else sift
         if spec is not None and spec.startswith("detector:"):   # a TensorFlow model: loaded in each actor
             detector = distributed._Factory(detect.TFSavedModelDetector, spec.partition(":")[2])
-        stored, errors = distributed.extract(paths, args.out, ext, actors=args.workers if args.workers > 1 else None,
-                                             detector=detector, max_regions=args.max_regions, region_source=spec,
-                                             progress=not args.quiet)
+        from d2r.extract import UnreadableImagesWarning
+
+        with ray_session(args, args.ray, out), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImagesWarning)   # the skipped images are listed below
+            stored, errors = distributed.extract(paths, args.out, ext,
+                                                 actors=args.workers if args.workers > 1 else None,
+                                                 detector=detector, max_regions=args.max_regions, region_source=spec,
+                                                 progress=not args.quiet)
     elif str(args.out).endswith(".npz"):
         feats = _extract_listing_skips(sift, paths, workers=workers, progress=not args.quiet, on_error=on_error)
         names = [os.path.abspath(p) for p in feats.images]
@@ -125,12 +133,29 @@ def run(args) -> int:
                                          workers=workers,
                                          progress=not args.quiet, strict=args.strict)
     skipped = _skipped("extract", errors, args.json)
+    counts = _counts(stored)
     if args.json:
-        _emit_json({"store": str(args.out), "images_stored": len(stored), "skipped": skipped})
+        _emit_json({"store": str(args.out), "images_stored": len(stored), **counts, "skipped": skipped})
     else:
         where = "listed in errors.json" if not str(args.out).endswith(".npz") else "listed in the file's errors"
-        print(f"{len(stored)} images stored in {args.out}" + (f" ({len(errors)} unreadable, {where})" if errors else ""))
+        print(f"{len(stored)} images stored in {args.out}" + _counts_text(counts, errors, where))
     return EXIT_OK
+
+
+def _counts(stored) -> dict:
+    """{"kept": images already stored by an earlier run, "added": images this run stored} when known."""
+    if hasattr(stored, "kept"):
+        return {"kept": int(stored.kept), "added": int(stored.added)}
+    return {}
+
+
+def _counts_text(counts, errors, where) -> str:
+    parts = []
+    if counts and counts["kept"]:   # a resumed run: what it found and what it added
+        parts.append(f"{counts['kept']} kept from an earlier run, {counts['added']} added")
+    if errors:
+        parts.append(f"{len(errors)} unreadable, {where}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _run_discovered(args, paths, sift, workers) -> int:
@@ -142,7 +167,8 @@ def _run_discovered(args, paths, sift, workers) -> int:
                                           progress=not args.quiet)
     out, errors, boxes_file = Path(args.out), res["errors"], res["boxes_file"]
     skipped = _skipped("extract", errors, args.json)
-    summary = {"store": str(out), "images_stored": len(res["stored"]), "skipped": skipped,
+    counts = _counts(res["stored"])
+    summary = {"store": str(out), "images_stored": len(res["stored"]), **counts, "skipped": skipped,
                "regions_per_image": res["regions_per_image"],
                "images_without_regions": res["images_without_regions"],
                "codebook_words": res["codebook_words"]}
@@ -151,6 +177,5 @@ def _run_discovered(args, paths, sift, workers) -> int:
     else:
         print(f"{len(res['stored'])} images stored in {out} with regions discovered from the collection "
               f"({summary['regions_per_image']:.1f} per new image, {summary['images_without_regions']} new images "
-              f"without one; boxes in {boxes_file})" + (f" ({len(errors)} unreadable, listed in "
-                                                        f"{res['errors_file']})" if errors else ""))
+              f"without one; boxes in {boxes_file})" + _counts_text(counts, errors, f"listed in {res['errors_file']}"))
     return EXIT_OK

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d2r.cli._common import EXIT_OK, UsageError, _common, _emit_json, _names_file, _ray_option, add_command
+from d2r.cli._common import EXIT_OK, UsageError, _common, _emit_json, _names_file, _ray_option, add_command, ray_session
 
 
 def register(sub) -> None:
@@ -107,10 +107,11 @@ def _index_sharded(args, codebook) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: a sharded index is a folder (manifest.json and one file per shard); "
                          "give a folder name")
-    distributed.connect(args.ray or "local")
-    m = distributed.build_sharded_index(args.features, args.out, codebook, args.shards, kernel=args.kernel,
-                                        regional_search=args.regional_search, normalize=not args.no_gamma,
-                                        batch_images=args.batch_images, progress=not args.quiet)
+    Path(args.out).mkdir(exist_ok=True)   # the index folder, which holds ray.log from the start
+    with ray_session(args, args.ray or "local", args.out):
+        m = distributed.build_sharded_index(args.features, args.out, codebook, args.shards, kernel=args.kernel,
+                                            regional_search=args.regional_search, normalize=not args.no_gamma,
+                                            batch_images=args.batch_images, progress=not args.quiet)
     sizes = [s["images"] for s in m["shards"]]
     total_bytes = sum(Path(p).stat().st_size for p in m["paths"])
     if args.json:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from d2r.cli._common import (EXIT_OK, NothingUsable, UsageError, _common, _emit_json, _extract_listing_skips,
-                             _images, _names_file, _query_extractor, _ray_option, _skipped, add_command)
+                             _images, _names_file, _query_extractor, _ray_option, _skipped, add_command,
+                             ray_session)
 
 
 def register(sub) -> None:
     p = add_command(sub, "search", "search an index with query images; prints the ranked images with their scores")
-    p.add_argument("index", help="an index file from `d2r index`")
+    p.add_argument("index", help="an index file from `d2r index`, or a sharded-index folder (`d2r index --shards N`; "
+                                 "searched in this process, every shard memory-mapped, unless --ray is given)")
     p.add_argument("queries", nargs="+", help="query image files, folders or .txt lists")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--max-features", type=int, default=None,
@@ -30,30 +34,51 @@ def register(sub) -> None:
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable query image")
-    _ray_option(p, "the Ray cluster for a sharded index (default: local)")
+    _ray_option(p, "search a sharded index's shards on a Ray cluster, one actor per shard (default: in this process, "
+                   "without Ray)")
     _common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from d2r.extract import NoUsableImagesError
-    from d2r.core.index import Index
-
     sharded = Path(args.index).is_dir() or Path(args.index).name == "manifest.json"
-    if sharded:
-        from d2r import distributed
-
-        if args.rerank:
-            raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
-        if args.expand != "none":
-            raise UsageError("--expand is not supported on a sharded index yet; search a single index file")
-        distributed.connect(args.ray or "local")
-        index = distributed.ShardedIndex(args.index)
-        names = index.names
-    else:
+    if not sharded:
         if args.ray:
             raise UsageError(f"--ray searches a sharded index (a folder from `d2r index --shards N`); {args.index} is "
                              "one index file, searched in this process")
+        return _run(args, None)
+    from d2r.distributed.sharded import MANIFEST, read_manifest
+
+    folder = Path(args.index) if Path(args.index).is_dir() else Path(args.index).parent
+    if not (folder / MANIFEST).is_file():   # before anything starts (Ray takes seconds)
+        raise UsageError(f"{args.index}: a folder without {MANIFEST}, so not a sharded index (a finished `d2r index "
+                         "--shards N` writes it last; an unfinished one resumes when run again); give an index file "
+                         "or a sharded-index folder")
+    read_manifest(folder)   # corrupt or foreign: ValueError, before Ray starts
+    if args.rerank:
+        raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
+    if args.expand != "none":
+        raise UsageError("--expand is not supported on a sharded index yet; search a single index file")
+    if not args.ray:
+        from d2r.distributed.sharded import LocalShardedIndex
+
+        with LocalShardedIndex(folder) as index:
+            return _run(args, index)
+    from d2r import distributed
+
+    with ray_session(args, args.ray, folder):
+        with distributed.ShardedIndex(folder) as index:
+            return _run(args, index)
+
+
+def _run(args, index) -> int:
+    from d2r.extract import NoUsableImagesError
+    from d2r.core.index import Index
+
+    sharded = index is not None
+    if sharded:
+        names = index.names
+    else:
         index = Index.load(args.index, mmap=True)
         names = None
     if len(index) == 0:
@@ -75,6 +100,8 @@ def run(args) -> int:
     results = []
     expand = None if args.expand == "none" else args.expand
     for q, qf in zip(extracted.images, extracted):
+        # normalised scores: from an Index (not from regional search, nor a sharded index yet)
+        query = index.aggregate(qf.descriptors, query=True) if isinstance(index, Index) else qf.descriptors
         if args.rerank:
             from d2r.core.verify import search_and_rerank
 
@@ -84,12 +111,19 @@ def run(args) -> int:
                                                      max_distance=getattr(extractor, "match_distance", 0.9),
                                                      rule=_rule_arg(args.rerank_rule), expand=expand)
         else:
-            scores, ids = (index.search(qf.descriptors, k=args.k) if expand is None
-                           else index.search(qf.descriptors, k=args.k, expand=expand))
+            if isinstance(index, Index):
+                scores, ids = index.search_aggregated(query, k=args.k, expand=expand)
+            else:
+                scores, ids = (index.search(query, k=args.k) if expand is None
+                               else index.search(query, k=args.k, expand=expand))
             inliers = None
+        # (an expanded query's scores are not shares of the original query's self-similarity: no norm)
+        normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index) and expand is None
+                      else [None] * len(ids))
         rows = []
-        for r, (s, i) in enumerate(zip(scores, ids)):
-            row: dict = {"rank": r + 1, "id": int(i), "score": float(s)}
+        for r, (s, i, n) in enumerate(zip(scores, ids, normalized)):
+            row: dict = {"rank": r + 1, "id": int(i), "score": float(s),
+                         "normalized": None if n is None or not np.isfinite(n) else round(float(n), 6)}
             row["name"] = names[int(i)] if names is not None and int(i) < len(names) else None
             if inliers is not None:
                 row["inliers"] = int(inliers[r])
@@ -118,22 +152,33 @@ def _read_names(args, index):
 
 
 def _print_query(q, qf, rows, reranked, first, index, args):
+    from d2r.core.index import Index
+
+    readable = isinstance(index, Index)
     if first:
         scale = (" / sqrt(|W_query| |W_image|): 1 = the same image" if index.normalize
                  else " (gamma normalisation off: grows with the number of shared words)")
-        print(f"# score: {index.kernel.upper()} similarity, the sum of the selective matches of the visual words the "
+        from d2r.core.kernels import kernel_label
+
+        print(f"# score: {kernel_label(index.kernel)} similarity, the sum of the selective matches of the visual words the "
               f"query and the image share{scale}, 0 = no word in common, -1 = no features")
+        if readable:
+            print("# norm: the same sum as a share of the query's similarity to itself (without gamma): 1 = the "
+                  "query image itself, 0 = no word in common; it does not shrink with the image's size")
         if reranked:
             how = ("every verified result sorted by inliers, then score" if args.rerank_rule == "official" else
                    "results with enough inliers move up, sorted by inliers; the others keep their order")
             print(f"# inliers: matches consistent with one affine transform (spatial verification of the top "
                   f"{args.rerank_top}; -1: not verified); {how}")
     print(f"query: {q} ({len(qf.descriptors)} features)")
-    head = f"{'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if reranked else "") + "image"
+    head = (f"{'rank':>4}  {'score':>8}  " + (f"{'norm':>6}  " if readable else "")
+            + (f"{'inliers':>7}  " if reranked else "") + "image")
     print(head)
     for row in rows:
         name = row["name"] if row["name"] is not None else f"id {row['id']}"
-        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + (f"{row['inliers']:>7}  " if reranked else "") + name)
+        norm = "" if not readable else ("     -  " if row["normalized"] is None else f"{row['normalized']:6.3f}  ")
+        print(f"{row['rank']:>4}  {row['score']:8.4f}  " + norm + (f"{row['inliers']:>7}  " if reranked else "")
+              + name)
     print()
 
 

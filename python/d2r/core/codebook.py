@@ -15,10 +15,17 @@ from d2r.core.atomic import atomic_write
 from d2r.core.checks import as_descriptors, check_positive_int
 from d2r.core.backend import get_backend
 
+#: The largest squared norm a centroid may have: float32's largest value / 8, so that the squared
+#: distance of a descriptor of no larger norm, |x - c|^2 <= 2 |x|^2 + 2 |c|^2, stays finite in float32.
+MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 8
+
 
 class Codebook:
     """C visual words of dimension D (float32). Quantisation is exact: the m nearest words in squared
-    L2 distance, ties broken by the lower word id, computed by the native fused kernel."""
+    L2 distance, ties broken by the lower word id, computed by the native fused kernel.
+
+    The centroids must be finite, and no squared norm may exceed `MAX_SQUARED_NORM` (about 4.3e37:
+    beyond, squared distances overflow float32): otherwise ValueError."""
 
     #: Set by d2r.cuda on first GPU use: (binding surface, its GpuQuantizer of these centroids).
     _gpu_quantizer: tuple[Any, Any]
@@ -29,6 +36,12 @@ class Codebook:
             raise ValueError("a codebook needs at least one word")
         if c.shape[1] < 1:
             raise ValueError("a codebook needs dimension >= 1")
+        sq = np.einsum("ij,ij->i", c, c, dtype=np.float64)   # NaN and Inf: refused by as_descriptors
+        if sq.max() > MAX_SQUARED_NORM:
+            w = int(np.argmax(sq))
+            raise ValueError(f"centroids are too large: word {w} has squared norm {sq[w]:.3g}, above "
+                             f"{MAX_SQUARED_NORM:.3g}, so squared distances would overflow float32 (the "
+                             "quantiser computes in float32); rescale the codebook and the descriptors")
         c = c.copy()
         c.setflags(write=False)
         self._centroids = c

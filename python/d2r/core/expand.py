@@ -48,7 +48,7 @@ its one entry most similar to the query (the highest ``sum_k sigma(u_k)``, ties 
 
 Cost: a second search, plus ``entry_codes``, which decodes the posting lists of the query's words
 only when ``min_images = 0`` (about one more search), and every posting list otherwise (O(postings),
-the price of adding new words: see BENCHMARKS.md section 17).
+the price of adding new words: see BENCHMARKS.md section 19).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 regional search (one entry per region, pooled per image)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ class _IndexBase:
     construction."""
 
     _ivf: Any   # the inverted file: the backend's (the native InvertedFile's interface)
+    _source: Path | None = None   # the file a memory-mapped index reads its postings from (named in errors)
 
     def __init__(self, codebook: Codebook, kernel: str, alpha: float, tau: float, normalize: bool,
                  m_db: int, m_query: int) -> None:
@@ -256,11 +258,18 @@ class _IndexBase:
         for what its searches touch.
 
         verify: what is checked against the file's checksums. True: everything, at load (reads the
-        whole file). "lazy" (the default with mmap=True): everything but the postings at load, and
+        whole file, and decodes every posting list: each image's postings must match its word
+        count). "lazy" (the default with mmap=True): everything but the postings at load, and
         each 64 KiB page of postings when a search first reads it (a mismatch raises IndexFileError
         from that search); ``index.verify()`` checks every page at once (it releases the GIL, so it
         can run in a background thread beside searches). False: no checksums (the structure is
-        still checked, also as lists are decoded). Default: True, or "lazy" with mmap=True.
+        still checked, also as lists are decoded; damage that keeps the structure valid, e.g. in
+        the codes, goes unnoticed: README, "Index files: what is checked"). Default: True, or
+        "lazy" with mmap=True.
+
+        A memory-mapped file truncated by another process while mapped does not end the process:
+        every later operation on the index raises IndexFileError (README, "Concurrency and
+        failures").
 
         Files of format 1 and 2 (plain posting arrays) are compressed in memory as they load, and
         the postings of format 3 files (Golomb-Rice coded) are converted to format 4 in memory (mmap
@@ -283,7 +292,21 @@ class _IndexBase:
             if isinstance(exc, IndexFileError):
                 raise IndexFileError(f"{path}: {exc}") from None
             raise IndexFileError(f"{path}: corrupt index file ({exc})") from exc
+        if mmap:
+            idx._source = Path(path)
         return idx.to(device)
+
+    @contextlib.contextmanager
+    def _naming_file(self) -> Iterator[None]:
+        """An IndexFileError from postings read later from the mapped file (a lazily verified page)
+        names that file."""
+        try:
+            yield
+        except IndexFileError as exc:
+            src = self._source
+            if src is None or str(exc).startswith(str(src)):
+                raise
+            raise IndexFileError(f"{src}: {exc}") from None
 
     @classmethod
     def _read(cls, path: PathArg, mmap: bool, verify: bool | str
@@ -307,7 +330,10 @@ class _IndexBase:
         centroids = np.array(sec["centroids"])
         if centroids.shape != (meta["n_words"], meta["dim"]):
             raise IndexFileError(f"{path}: codebook shape does not match the header")
-        codebook = Codebook(centroids)
+        try:
+            codebook = Codebook(centroids)
+        except (TypeError, ValueError) as exc:   # non-finite or overflowing centroids (also found by fuzzing)
+            raise IndexFileError(f"{path}: corrupt index file: invalid embedded codebook ({exc})") from None
         if meta["codebook_fingerprint"] is None:
             warnings.warn(f"{path}: written by an older d2r (index format {meta['format_version']}), without a "
                           "codebook fingerprint; it loads, and saving it again upgrades it", FormatWarning,
@@ -333,16 +359,19 @@ class _IndexBase:
 
     def verify(self) -> int:
         """Check every page of a memory-mapped index's postings against its checksums now (the
-        pages a search reads are checked anyway when first read). Releases the GIL: may run in a
+        pages a search reads are checked anyway when first read), then decode every posting list
+        and check its structure, the posting count and each image's word count. Releases the GIL: may run in a
         background thread beside searches, adds and removes. Returns the bytes verified; a mismatch
         raises IndexFileError."""
-        return int(self._ivf.verify())
+        with self._naming_file():
+            return int(self._ivf.verify())
 
     def compact(self) -> int:
         """Rewrite the postings without those of removed images (which `remove` only marks) and
         merge the segments, in memory. Returns the number of postings dropped. For an index too large
         to hold in memory, `save` it instead: the file leaves removed images out."""
-        return int(self._ivf.compact())
+        with self._naming_file():
+            return int(self._ivf.compact())
 
 
 class Index(_IndexBase):
@@ -430,7 +459,9 @@ class Index(_IndexBase):
     def add(self, descriptors: Any, image_ids: ArrayLike | None = None, offsets: ArrayLike | None = None,
             progress: bool | None = None, assignments: Any = None, fingerprint: str | None = None) -> np.ndarray:
         """Index one image (an (n, D) array), or many (a list of arrays, or one array with per-image
-        `offsets`). Returns the image ids (default: consecutive after the largest id so far).
+        `offsets`). Returns the image ids (default: consecutive after the largest id so far). Ids
+        are integers in [0, 2**62); an id outside, or a default id that would reach 2**62, raises
+        ValueError.
         `assignments`: optional precomputed word ids (n_descriptors, m_db) of the concatenated
         descriptors (e.g. from codebook.quantize), to quantise once and index many times;
         `fingerprint`: the fingerprint of the codebook that made them (``codebook.fingerprint``), checked
@@ -491,7 +522,8 @@ class Index(_IndexBase):
         return batches
 
     def add_aggregated(self, aggregated: AggregatedLike, image_ids: ArrayLike | None = None) -> np.ndarray:
-        """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch)."""
+        """Index images aggregated earlier (Aggregated, a list of them, or an AggregatedBatch).
+        image_ids: as for `add` (integers in [0, 2**62))."""
         batch, _ = self._as_batch(aggregated)
         self._check_aggregated(batch, "aggregated")
         ids = None if image_ids is None else as_ids(image_ids, len(batch))
@@ -530,8 +562,9 @@ class Index(_IndexBase):
 
     def _search_batch(self, batch: Any, kk: int) -> SearchResult:
         """Searches one batch (an AggregatedBatch, or the device backend's batch)."""
-        found: SearchResult = self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha,
-                                               self.tau, self.normalize)
+        with self._naming_file():
+            found: SearchResult = self._ivf.search(batch.offsets, batch.words, batch.code_bytes, kk, self.alpha,
+                                                   self.tau, self.normalize)
         return found
 
     def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10,
@@ -550,9 +583,73 @@ class Index(_IndexBase):
         single = isinstance(queries, np.ndarray)
         x, offs, _ = self._as_images([queries] if single else list(queries), None)
         batch = aggregate_images(self.codebook, x, offs, self.spec.query_kernel, self.m_query)
-        s, ids = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
-                                     self.normalize)
+        with self._naming_file():
+            s, ids = self._ivf.score_all(batch.offsets, batch.words, batch.code_bytes, self.alpha, self.tau,
+                                         self.normalize)
         return (s[0] if single else s), ids
+
+    def normalized_scores(self, queries: Any, scores: ArrayLike, ids: ArrayLike) -> NDArray[np.float64]:
+        """Scores a person can read: each raw score of a search divided by the query's own
+        self-similarity, so that 1.0 is the query's image itself (every word of the query found with
+        an identical code), and an image sharing no word with the query scores 0.
+
+        For query X and database image Y (METHOD.md section 4), the raw score is
+        ``S(X, Y) = gamma(X) gamma(Y) sum_k sigma(u_k)`` over the shared words; the normalised score is
+        ``sum_k sigma(u_k) / sum_{k in W_X} sigma(u_kk)``: the shared words' selective similarity as a
+        share of the query's similarity to itself, both without gamma. (With gamma on, ``S(X, X)`` is
+        already 1, so dividing the raw score by it would change nothing: what keeps true matches'
+        raw scores small is ``gamma(Y)``, an image with many words (a large photo, many regions)
+        scoring low even when it holds the whole query. The normalised score does not depend on the
+        database image's size, so it reads the same with gamma on and off.) It is a share of the
+        query, not a symmetric similarity: an image that contains the query's object among much else
+        can score near 1. Equal to 1 for the query image itself when the database image was aggregated
+        as the query is (whole-image kernels with m_db == m_query); regional kernels aggregate a
+        database image from its regions, so an identical image scores near 1, and Naive-R-ASMK's
+        unnormalised sums can exceed 1. A raw score of -1 (no features on either side) stays -1.
+
+        queries: what was searched: one (n, D) descriptor array or Aggregated (then `scores` and `ids`
+        are 1-D, as ``search`` returns them for one query), or a list of them (2-D, one row per query).
+        scores, ids: the search's results, e.g. ``index.normalized_scores(q, *index.search(q, k=10))``
+        (scores and ids in that order, as search returns them). Ids no longer in the index give NaN."""
+        single = isinstance(queries, (np.ndarray, Aggregated))
+        qs = [queries] if single else list(queries)
+        raw = np.asarray(scores, np.float64)
+        idv = np.asarray(ids, np.int64)
+        if single:
+            raw, idv = raw[None], idv[None]
+        if raw.shape != idv.shape or raw.ndim != 2 or raw.shape[0] != len(qs):
+            raise ValueError(f"scores {np.shape(scores)} and ids {np.shape(ids)} must be a search's results for the "
+                             f"{len(qs)} quer{'y' if len(qs) == 1 else 'ies'} given (same shape, one row per query)")
+        aggs = [q if isinstance(q, Aggregated) else self.aggregate(q, query=True) for q in qs]
+        for a in aggs:
+            check_fingerprint(a.fingerprint, self.codebook.fingerprint, "the query")
+        out = np.full(raw.shape, np.nan)
+        if self.normalize:   # undo gamma(X) gamma(Y): the database images' stored word counts, by id
+            all_ids, counts = self.ids, self.word_counts.astype(np.float64)
+            order = np.argsort(all_ids, kind="stable")
+            sorted_ids = all_ids[order]
+            pos = np.clip(np.searchsorted(sorted_ids, idv), 0, max(len(sorted_ids) - 1, 0))
+            known = (sorted_ids[pos] == idv) if len(sorted_ids) else np.zeros(idv.shape, bool)
+            w_db = np.where(known, counts[order][pos] if len(sorted_ids) else 0.0, np.nan)
+        for r, a in enumerate(aggs):
+            own = self._self_sum(a)
+            if own <= 0:
+                out[r] = np.where(raw[r] == -1.0, -1.0, np.nan)
+                continue
+            if self.normalize:
+                out[r] = raw[r] * np.sqrt(float(len(a.words)) * w_db[r]) / own
+            else:
+                out[r] = np.where(np.isin(idv[r], self.ids), raw[r] / own, np.nan)
+            out[r] = np.where(raw[r] == -1.0, -1.0, out[r])
+        return out[0] if single else out
+
+    def _self_sum(self, agg: Aggregated) -> float:
+        """sum_k sigma(u_kk) over the query's words: its similarity to itself without gamma."""
+        if agg.codes.dtype == np.uint8:   # binary: u = 1 for every word
+            return float(len(agg.words)) if 1.0 > self.tau else 0.0
+        c = np.asarray(agg.codes, np.float64)
+        u = np.einsum("ij,ij->i", c, c)
+        return float(np.sum(np.where(u > self.tau, np.sign(u) * np.abs(u) ** self.alpha, 0.0)))
 
     @classmethod
     def _from_meta(cls, meta: dict[str, Any], codebook: Codebook) -> Index:
@@ -613,7 +710,7 @@ class RegionalSearchIndex(_IndexBase):
                          progress: bool | None = None, batch_size: int = 512, assignments: Sequence[Any] | None = None,
                          fingerprint: str | None = None) -> np.ndarray:
         """Index many images given by their regions (each region one entry). `assignments` and
-        `fingerprint` as for Index.add_regions_many. Atomic."""
+        `fingerprint` as for Index.add_regions_many; ids integers in [0, 2**62). Atomic."""
         regions_list = list(regions_list)
         ids = None if image_ids is None else as_ids(image_ids, len(regions_list))
         b, owner = self._region_entries(regions_list, progress, assignments, fingerprint)
@@ -690,8 +787,9 @@ class RegionalSearchIndex(_IndexBase):
 
     def _search_pooled(self, batch: AggregatedBatch, kk: int, single: bool) -> SearchResult:
         """Scores every region entry and pools them per image (max or mean) in the native core."""
-        s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
-                                       self.alpha, self.tau, self.normalize)
+        with self._naming_file():
+            s, i = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes, self.pooling == "mean", kk,
+                                           self.alpha, self.tau, self.normalize)
         return (s[0], i[0]) if single else (s, i)
 
     def _meta(self) -> dict[str, Any]:

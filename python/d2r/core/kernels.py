@@ -18,16 +18,23 @@ class KernelSpec:
     regional: bool    # database images are aggregated from several regions
     native_kind: int  # 0: ASMK / R-ASMK, 1: Naive-R-ASMK
     query_kernel: str  # how queries (one region) are aggregated
+    label: str = ""   # the name people read (the paper's and the docs': "R-ASMK*" for "rasmk*")
 
 
 #: The kernels by name ("asmk*", "asmk", "rasmk*", "rasmk", "naive-rasmk") and their KernelSpec.
 KERNELS = {
-    "asmk": KernelSpec("asmk", False, False, 0, "asmk"),
-    "asmk*": KernelSpec("asmk*", True, False, 0, "asmk*"),
-    "rasmk": KernelSpec("rasmk", False, True, 0, "asmk"),
-    "rasmk*": KernelSpec("rasmk*", True, True, 0, "asmk*"),
-    "naive-rasmk": KernelSpec("naive-rasmk", False, True, 1, "asmk"),
+    "asmk": KernelSpec("asmk", False, False, 0, "asmk", "ASMK"),
+    "asmk*": KernelSpec("asmk*", True, False, 0, "asmk*", "ASMK*"),
+    "rasmk": KernelSpec("rasmk", False, True, 0, "asmk", "R-ASMK"),
+    "rasmk*": KernelSpec("rasmk*", True, True, 0, "asmk*", "R-ASMK*"),
+    "naive-rasmk": KernelSpec("naive-rasmk", False, True, 1, "asmk", "Naive-R-ASMK"),
 }
+
+
+def kernel_label(kernel: str) -> str:
+    """The name a person reads for a kernel, as the paper and d2r's docs write it: "R-ASMK*" for
+    "rasmk*", "Naive-R-ASMK" for "naive-rasmk"."""
+    return kernel_spec(kernel).label
 
 
 def kernel_spec(kernel: str) -> KernelSpec:

@@ -192,7 +192,7 @@ class RerankRule:
 
     ``OFFICIAL_RULE = RerankRule(0, "inliers")`` is the official DELF re-ranking (every verified result
     sorted by inliers). ``DEFAULT_RULE = RerankRule()`` (15 inliers, fused, weight 0.15, cap 100) is
-    d2r's, chosen by measurement (BENCHMARKS.md section 17): over the demo set, realmix and the
+    d2r's, chosen by measurement (BENCHMARKS.md section 19): over the demo set, realmix and the
     composites, 20 configurations and the three protocols, it never lowered mAP, where the official
     rule lost up to 12.8 points."""
 

@@ -5,8 +5,10 @@ feature store and the index shards must live on storage every node sees under th
 shared POSIX file system: NFS, Lustre, CephFS, a local disk on one machine). Object-store URIs
 (``s3://``, ``gs://``) are not supported: a shard is memory-mapped, which needs a file.
 
-* :func:`connect` starts or joins a cluster (``"local"``: one on this machine; ``"auto"``: the
-  running one; or an address).
+* :func:`connect` starts or joins a cluster (``"local"``: always a new one on this machine, whatever
+  ``RAY_ADDRESS`` says; ``"auto"``: the running one; or an address, probed first: one that does not
+  answer raises :class:`ClusterUnreachableError` within ``timeout`` seconds); ``log_file=`` sends
+  Ray's own output there instead of stderr; :func:`disconnect` leaves (a local cluster stops).
 * :func:`extract` runs any d2r extractor (and region source) over images with Ray Data
   (``map_batches`` on a pool of extractor actors, ``num_gpus=1`` per actor where the cluster has
   GPUs) and writes the same resumable feature store as ``d2r extract``; each actor writes its own
@@ -17,9 +19,10 @@ shared POSIX file system: NFS, Lustre, CephFS, a local disk on one machine). Obj
   by id) and ``manifest.json`` (written last, atomically).
 * :class:`ShardedIndex` opens a manifest: one actor per shard memory-maps its file; a query is
   quantised and aggregated once, sent to every shard, and the shards' top-k are merged with the
-  single index's tie rule (score descending, id ascending). ASMK scores are per-image sums with
-  per-image normalisation and d2r keeps no global statistics, so the merged ranking is exactly the
-  single index's.
+  single index's tie rule (score descending, id ascending); :class:`LocalShardedIndex` searches the
+  same folder in this process, without Ray (every shard memory-mapped), with the same merge. ASMK
+  scores are per-image sums with per-image normalisation and d2r keeps no global statistics, so the
+  merged ranking is exactly the single index's.
 
 Routing: a shard owns a contiguous block of the ids the build gave (the images of consecutive store
 shards); an id at or after the build's last one (an image added later) belongs to shard
@@ -42,12 +45,15 @@ from __future__ import annotations
 
 # every name the package held before its split, private ones included (the command line, serve.py and
 # the tests reach some of them here)
-from d2r.distributed.cluster import _ray, _require_connected, connect  # noqa: F401
+from d2r.distributed.cluster import (  # noqa: F401
+    DEFAULT_CONNECT_TIMEOUT, ClusterUnreachableError, _ray, _require_connected, connect, disconnect, ray_log_file)
 from d2r.distributed.extraction import _ExtractActor, _Factory, extract  # noqa: F401
 from d2r.distributed.sharded import (  # noqa: F401
-    _ADD, _LOG_HEAD, _LOG_MAGIC, _REMOVE, _SHARD_FILE, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, NAMES, ShardedIndex,
+    _ADD, _LOG_HEAD, _LOG_MAGIC, _REMOVE, _SHARD_FILE, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, NAMES,
+    LocalShardedIndex, ShardedIndex,
     ShardUnavailableError, _build_one, _entries_subset, _log_record, _merge_topk, _read_log, _ShardActor, _split,
     _store_shard_sizes, _write_manifest, build_sharded_index, open_index, read_manifest, route, shard_index)
 
-__all__ = ["ShardUnavailableError", "ShardedIndex", "build_sharded_index", "connect", "extract", "open_index",
+__all__ = ["ClusterUnreachableError", "DEFAULT_CONNECT_TIMEOUT", "LocalShardedIndex", "ShardUnavailableError",
+           "ShardedIndex", "build_sharded_index", "connect", "disconnect", "extract", "open_index", "ray_log_file",
            "read_manifest", "route", "shard_index"]

