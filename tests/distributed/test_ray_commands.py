@@ -187,6 +187,12 @@ print(json.dumps({{"ray_imported": "ray" in sys.modules}}))
         rest = rest.lstrip()[end:]
     sharded, single, flag = docs
     assert flag == {"ray_imported": False}
+    # the same results; normalised scores come from a single index file only (README: Reading scores)
+    for q in sharded["queries"]:
+        assert all(r.pop("normalized") is None for r in q["results"])
+    for q in single["queries"]:
+        for r in q["results"]:
+            r.pop("normalized")
     assert [q["results"] for q in sharded["queries"]] == [q["results"] for q in single["queries"]]
     assert sharded["queries"][0]["results"][0]["name"] == str(paths[0])
     assert len(sharded["queries"][1]["results"]) == 12
