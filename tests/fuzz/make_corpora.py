@@ -22,6 +22,9 @@ import numpy as np
 
 import d2r
 from d2r.core.index_io import read_index_file, write_index_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from crafted import read_varint, varint  # noqa: E402  (tests/crafted.py: the varints of csrc/postings.h)
 from d2r.extract import Features
 from d2r.extract.store import save_features
 
@@ -30,25 +33,9 @@ CORPUS = HERE / "corpus"
 
 
 # ---- posting lists in Python (for the format-3 seeds): the layouts of csrc/postings.h and postings_v3.h
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((v & 0x7F) | (0x80 if v >= 0x80 else 0))
-        if v < 0x80:
-            return bytes(out)
-        v >>= 7
-
-
 def decode_v4(buf: bytes, cb: int) -> tuple[list[int], bytes]:
     """(slots, codes) of a format-4 list."""
-    n, shift, p = 0, 0, 0
-    while True:
-        byte = buf[p]
-        p += 1
-        n |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
+    n, p = read_varint(buf, 0)
     slots: list[int] = []
     codes = bytearray()
     while len(slots) < n:
@@ -82,7 +69,7 @@ def encode_v3(slots: list[int], codes: bytes, cb: int) -> bytes:
     """A format-3 list (blocks of 256, Golomb-Rice gaps with the best k of each block)."""
     if not slots:
         return b""
-    out = bytearray(_varint(len(slots)))
+    out = bytearray(varint(len(slots)))
     for b0 in range(0, len(slots), 256):
         s = slots[b0:b0 + 256]
         gaps = [s[i] - s[i - 1] - 1 for i in range(1, len(s))]

@@ -32,6 +32,12 @@ NAMES = "names.txt"
 _SHARD_FILE = "shard-{:05d}.d2r"
 
 
+
+def _manifest_names(manifest: dict) -> list[str]:
+    """The image names a sharded index's manifest points at (empty when the file is absent)."""
+    names = Path(manifest["folder"]) / manifest["names"]
+    return names.read_text("utf-8").splitlines() if names.exists() else []
+
 class ShardUnavailableError(RuntimeError):
     """A shard did not answer after the bounded retries (its actor is dead, restarts exhausted, or
     did not come back in time). `shards`: the shard numbers; `paths`: their files."""
@@ -498,8 +504,7 @@ class ShardedIndex:
         self._write_lock = threading.Lock()
         next_ids = self._call("next_id", range(len(self.actors)))
         self._next = max([m["routing"]["bounds"][-1]] + [int(next_ids[s]) for s in next_ids])
-        names = Path(m["folder"]) / m["names"]
-        self.names = names.read_text("utf-8").splitlines() if names.exists() else []
+        self.names = _manifest_names(m)
 
     @property
     def n_shards(self) -> int:
@@ -708,8 +713,7 @@ class LocalShardedIndex:
         self.kernel = first.kernel
         self.normalize = first.normalize
         self.extractor = first.extractor
-        names = Path(m["folder"]) / m["names"]
-        self.names = names.read_text("utf-8").splitlines() if names.exists() else []
+        self.names = _manifest_names(m)
 
     @property
     def n_shards(self) -> int:
