@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+import d2r
+
+# The subprocesses import the d2r this test imported (the installed wheel in CI, whose source tree has
+# no built extension; the source tree in a developer's editable install).
+PACKAGE_PARENT = Path(d2r.__file__).resolve().parents[1]
 
 
 def _run(code: str, interval: str | None, tmp_path: Path) -> list[str]:
@@ -23,7 +27,7 @@ def _run(code: str, interval: str | None, tmp_path: Path) -> list[str]:
     env.pop("D2R_PROGRESS_INTERVAL", None)
     if interval is not None:
         env["D2R_PROGRESS_INTERVAL"] = interval
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), env.get("PYTHONPATH", "")])
     err = tmp_path / "stderr.log"
     with open(err, "w") as f:
         subprocess.run([sys.executable, "-c", textwrap.dedent(code)], stderr=f, stdout=subprocess.DEVNULL,
