@@ -41,3 +41,19 @@ class World:
             k = int(self.rng.integers(1, 4))
             objects = self.rng.choice(self.n_objects - 2, size=k, replace=False)  # the last 2: "unrelated"
         return self.descriptors(objects, self.rng.integers(lo, hi, size=len(objects)))
+
+
+def start_local_ray(ray) -> None:
+    """A fresh local Ray cluster of 2 CPUs whose workers import d2r the way this process does (a source
+    checkout on PYTHONPATH, or the installed package)."""
+    import os
+    from pathlib import Path
+
+    from d2r import distributed
+
+    root = str(Path(d2r.__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                         if p])
+    if ray.is_initialized():
+        ray.shutdown()
+    distributed.connect("local", num_cpus=2)

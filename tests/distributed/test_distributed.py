@@ -20,7 +20,7 @@ from d2r.workflows.build import build_index, build_regional_search_index
 from d2r.extract import Features
 from d2r.extract.store import save_features
 
-from support import World
+from support import World, start_local_ray
 
 DIM = 32
 
@@ -187,15 +187,7 @@ def cluster():
     """A local Ray cluster of 2 CPUs; the Ray module."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'd2r[ray]'); the distributed tests "
                                             "need it")
-    from d2r import distributed
-
-    # the workers import d2r the way this process does (a source checkout on PYTHONPATH, or installed)
-    root = str(Path(d2r.__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p])
-    if ray.is_initialized():
-        ray.shutdown()
-    distributed.connect("local", num_cpus=2)
+    start_local_ray(ray)
     yield ray
     ray.shutdown()
 

@@ -22,6 +22,7 @@ import pytest
 
 from d2r.distributed.request_parsing import (Limits, RequestError, check_content_length, check_image_header,
                                              check_token, parse_k, parse_multipart, parse_search)
+from support import start_local_ray
 
 DIM = 128
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,12 +331,7 @@ def service(tmp_path_factory):
     build_index(tmp / "store", tmp / "idx.d2r", cb, progress=False)
     cv2.imwrite(str(tmp / "big.jpg"), _texture(rng, 2000, 3000), [cv2.IMWRITE_JPEG_QUALITY, 80])   # 6 MP: a slow query
 
-    root = str(Path(d2r.__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                         if p])
-    if ray.is_initialized():
-        ray.shutdown()
-    distributed.connect("local", num_cpus=2)
+    start_local_ray(ray)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
