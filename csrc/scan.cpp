@@ -53,32 +53,37 @@ const ScanKernels kScalar = {"scalar", decode_slots_scalar, bin16_scalar, finish
 
 // ---- SSE2 gap decoding (x86-64 baseline) --------------------------------------------------------
 
+// Group j of a block of width b (its gaps j, j + 32, j + 64, j + 96 in the 4 lanes): the 4 slots
+// stored at out + 4 j, prefix-summed onto carry (the previous group's last slot, or the block's first
+// slot); returns the new carry. Slot 0 is the header's: gap 0 of group 0 is ignored. Inlined into both
+// decoders below, so the full-block unpackers, whose b and j are constants, keep constant shifts.
+__attribute__((target("sse2"), always_inline)) inline __m128i unpack_group(const uint8_t* gaps, int j, int b,
+                                                                          __m128i carry, uint32_t* out) {
+  __m128i v = _mm_setzero_si128();
+  if (b > 0) {
+    const __m128i mask = _mm_set1_epi32(b >= 32 ? -1 : static_cast<int>((1ull << b) - 1));
+    const int bit = j * b, t = bit >> 5, sh = bit & 31;
+    v = _mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * t)), _mm_cvtsi32_si128(sh));
+    if (sh + b > 32)
+      v = _mm_or_si128(v, _mm_sll_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * (t + 1))),
+                                        _mm_cvtsi32_si128(32 - sh)));
+    v = _mm_and_si128(v, mask);
+  }
+  __m128i g = _mm_add_epi32(v, _mm_set1_epi32(1));
+  if (j == 0) g = _mm_and_si128(g, _mm_setr_epi32(0, -1, -1, -1));
+  g = _mm_add_epi32(g, _mm_slli_si128(g, 4));
+  g = _mm_add_epi32(g, _mm_slli_si128(g, 8));
+  const __m128i s = _mm_add_epi32(g, carry);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * j), s);
+  return _mm_shuffle_epi32(s, 0xFF);
+}
+
 // A full block (128 gaps, 32 per lane) of width B, unrolled: every shift a constant.
 template <int B>
 __attribute__((target("sse2"))) void unpack_full(const uint8_t* gaps, uint32_t first, uint32_t* out) {
   __m128i carry = _mm_set1_epi32(static_cast<int>(first));
-  const __m128i one = _mm_set1_epi32(1);
-  const __m128i not_first = _mm_setr_epi32(0, -1, -1, -1);
-  const __m128i mask = _mm_set1_epi32(B >= 32 ? -1 : static_cast<int>((1ull << B) - 1));
 #pragma GCC unroll 32
-  for (int j = 0; j < kBlock / 4; ++j) {
-    __m128i v = _mm_setzero_si128();
-    if (B > 0) {
-      const int bit = j * B, t = bit >> 5, sh = bit & 31;
-      v = _mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * t)), _mm_cvtsi32_si128(sh));
-      if (sh + B > 32)
-        v = _mm_or_si128(v, _mm_sll_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gaps + 16 * (t + 1))),
-                                          _mm_cvtsi32_si128(32 - sh)));
-      v = _mm_and_si128(v, mask);
-    }
-    __m128i g = _mm_add_epi32(v, one);
-    if (j == 0) g = _mm_and_si128(g, not_first);
-    g = _mm_add_epi32(g, _mm_slli_si128(g, 4));
-    g = _mm_add_epi32(g, _mm_slli_si128(g, 8));
-    const __m128i s = _mm_add_epi32(g, carry);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * j), s);
-    carry = _mm_shuffle_epi32(s, 0xFF);
-  }
+  for (int j = 0; j < kBlock / 4; ++j) carry = unpack_group(gaps, j, B, carry, out);
 }
 
 using UnpackFn = void (*)(const uint8_t*, uint32_t, uint32_t*);
@@ -97,29 +102,8 @@ __attribute__((target("sse2"))) uint64_t decode_sse2(const Block& blk, uint32_t*
     kUnpackFull[b](blk.gaps, blk.first, out);
     return out[kBlock - 1];
   }
-  const int m = (n + 3) / 4;
   __m128i carry = _mm_set1_epi32(static_cast<int>(blk.first));
-  const __m128i one = _mm_set1_epi32(1);
-  const __m128i not_first = _mm_setr_epi32(0, -1, -1, -1);  // slot 0 is the header's: v_0 ignored
-  const __m128i mask = _mm_set1_epi32(b == 32 ? -1 : static_cast<int>((1u << b) - 1));
-  for (int j = 0; j < m; ++j) {
-    __m128i v = _mm_setzero_si128();
-    if (b) {
-      const int bit = j * b, t = bit >> 5, sh = bit & 31;
-      v = _mm_srl_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.gaps + 16 * t)), _mm_cvtsi32_si128(sh));
-      if (sh + b > 32)
-        v = _mm_or_si128(v, _mm_sll_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.gaps + 16 * (t + 1))),
-                                          _mm_cvtsi32_si128(32 - sh)));
-      v = _mm_and_si128(v, mask);
-    }
-    __m128i g = _mm_add_epi32(v, one);
-    if (j == 0) g = _mm_and_si128(g, not_first);
-    g = _mm_add_epi32(g, _mm_slli_si128(g, 4));
-    g = _mm_add_epi32(g, _mm_slli_si128(g, 8));
-    const __m128i s = _mm_add_epi32(g, carry);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * j), s);
-    carry = _mm_shuffle_epi32(s, 0xFF);
-  }
+  for (int j = 0, m = (n + 3) / 4; j < m; ++j) carry = unpack_group(blk.gaps, j, b, carry, out);
   return out[n - 1];
 }
 
