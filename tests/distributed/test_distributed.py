@@ -217,6 +217,15 @@ def test_sharded_equals_single_synthetic(cluster, world, store, tmp_path, kernel
             _same(si.search(queries, k=k), single.search(queries, k=k))
         _same(si.search(queries[0], k=5), single.search(queries[0], k=5))
         assert len(si) == len(single) == 53
+        # query expansion: the top results' codes fetched from the shards holding them; the single
+        # index's expanded answer, bit for bit (and expansion changes some answer here)
+        for expand in ("aqe", d2r.HQE(top=5, hamming=12, min_matches=1, min_images=1)):
+            got = si.search(queries, k=10, expand=expand)
+            _same(got, single.search(queries, k=10, expand=expand))
+            assert not np.array_equal(got[0], single.search(queries, k=10)[0])
+            if not pooling:
+                _same(si.search_aggregated(single.aggregate(queries[1], query=True), k=10, expand=expand),
+                      single.search(queries[1], k=10, expand=expand))
         # adds route to their shards (default ids after the build's), removes too; still identical
         new = [world.image() for _ in range(5)]
         if pooling:
@@ -241,6 +250,8 @@ def test_sharded_equals_single_synthetic(cluster, world, store, tmp_path, kernel
             for k in (None, 1, 7):
                 _same(local.search(queries, k=k), single.search(queries, k=k))
             _same(local.search(queries[0], k=5), single.search(queries[0], k=5))
+            for expand in ("aqe", "hqe"):
+                _same(local.search(queries, k=10, expand=expand), single.search(queries, k=10, expand=expand))
             assert len(local) == len(single) and local.n_shards == shards
             assert local.stats()["images"] == si.stats()["images"]
         assert {p: Path(p + ".log").read_bytes() for p in m["paths"]} == logs   # read, never written

@@ -169,8 +169,9 @@ err = io.StringIO()
 with contextlib.redirect_stderr(err):
     rc = main(["search", {str(tmp / 'not-sharded')!r}, {str(paths[0])!r}])
 print(json.dumps({{"rc": rc, "err": err.getvalue()}}))
-for index in ({str(tmp / 'sh')!r}, {str(tmp / 'one.d2r')!r}):
-    assert main(["search", index, {str(paths[0])!r}, {str(paths[5])!r}, "-k", "12", "--json", "-q"]) == 0
+for extra in ([], ["--expand", "aqe"]):
+    for index in ({str(tmp / 'sh')!r}, {str(tmp / 'one.d2r')!r}):
+        assert main(["search", index, {str(paths[0])!r}, {str(paths[5])!r}, "-k", "12", "--json", "-q"] + extra) == 0
 print(json.dumps({{"ray_imported": "ray" in sys.modules}}))
 """
     r = subprocess.run([sys.executable, "-c", code], env=_env("none"), capture_output=True, text=True, timeout=120)
@@ -185,8 +186,11 @@ print(json.dumps({{"ray_imported": "ray" in sys.modules}}))
         doc, end = dec.raw_decode(rest.lstrip())
         docs.append(doc)
         rest = rest.lstrip()[end:]
-    sharded, single, flag = docs
+    sharded, single, sharded_aqe, single_aqe, flag = docs
     assert flag == {"ray_imported": False}
+    # query expansion over the shards: the single file's expanded answer
+    assert sharded_aqe["expand"] == single_aqe["expand"] == "aqe"
+    assert [q["results"] for q in sharded_aqe["queries"]] == [q["results"] for q in single_aqe["queries"]]
     # the same results; normalised scores come from a single index file only (README: Reading scores)
     for q in sharded["queries"]:
         assert all(r.pop("normalized") is None for r in q["results"])

@@ -146,6 +146,12 @@ def test_k_is_strict():
         assert e.value.status == 400 and "from 1 to 50" in e.value.message
     assert _status("application/json", _desc_json(), {"k": "51"}, limits=lim)[0] == 400
     assert _status("application/json", _desc_json(), {"allow_partial": "maybe"})[0] == 400
+    # ?expand=: none, hqe or aqe (query expansion), nothing else
+    for value, want in ((None, None), ("none", None), ("", None), ("hqe", "hqe"), ("AQE", "aqe")):
+        query = {} if value is None else {"expand": value}
+        assert parse_search("application/json", _desc_json(), query, dim=DIM).expand == want
+    for bad in ("qe", "hqe,aqe", "1", "x" * 500):
+        assert _status("application/json", _desc_json(), {"expand": bad})[0] == 400
 
 
 def test_limits_are_enforced_and_configurable():
@@ -389,6 +395,28 @@ def test_http_bad_requests_get_their_status_and_json(service):
     status, doc = call("/search", b"{}", "application/json", method="GET")
     assert status == 405
     assert call("/nowhere")[0] == 404
+
+
+def test_http_query_expansion(service):
+    """?expand=hqe|aqe: the service answers what Index.search(..., expand=) answers on the same file."""
+    import d2r
+
+    base, call, tmp, paths = service
+    _, feats = d2r.load_features(tmp / "store")
+    index = d2r.Index.load(tmp / "idx.d2r", mmap=True)
+    changed = False
+    for i in (2, 7):
+        x = feats[i].descriptors[: len(feats[i].descriptors) // 3]   # a third of an image: alpha-QE adds words
+        buf = io.BytesIO()
+        np.save(buf, x)
+        for expand in ("hqe", "aqe"):
+            status, doc = call(f"/search?k=5&expand={expand}", buf.getvalue(), "application/x-npy")
+            assert status == 200 and doc["expand"] == expand, doc
+            scores, ids = index.search(x, k=5, expand=expand)
+            assert [r["id"] for r in doc["results"]] == ids.tolist()
+            np.testing.assert_allclose([r["score"] for r in doc["results"]], scores, rtol=1e-6)
+            changed |= not np.array_equal(scores, index.search(x, k=5)[0])
+    assert changed   # alpha-QE changes these answers (0.09 -> 0.42 for image 2): the parameter is not ignored
 
 
 def test_http_token(service):

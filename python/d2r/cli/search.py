@@ -57,8 +57,6 @@ def run(args) -> int:
     read_manifest(folder)   # corrupt or foreign: ValueError, before Ray starts
     if args.rerank:
         raise UsageError("--rerank is not supported on a sharded index yet; search a single index file")
-    if args.expand != "none":
-        raise UsageError("--expand is not supported on a sharded index yet; search a single index file")
     if not args.ray:
         from d2r.distributed.sharded import LocalShardedIndex
 
@@ -114,8 +112,7 @@ def _run(args, index) -> int:
             if isinstance(index, Index):
                 scores, ids = index.search_aggregated(query, k=args.k, expand=expand)
             else:
-                scores, ids = (index.search(query, k=args.k) if expand is None
-                               else index.search(query, k=args.k, expand=expand))
+                scores, ids = index.search(query, k=args.k, expand=expand)
             inliers = None
         # (an expanded query's scores are not shares of the original query's self-similarity: no norm)
         normalized = (index.normalized_scores(query, scores, ids) if isinstance(index, Index) and expand is None

@@ -20,7 +20,8 @@ What it checks, each size limit configurable in :class:`Limits`:
   from the header, before any pixel is decoded, within ``max_image_pixels``, and above a megapixel at most
   ``max_pixels_per_byte`` pixels per byte of file (a decompression bomb);
 * ``k`` (the URL's ``?k=``, a string of at most 9 digits, or the JSON body's): an integer from 1 to
-  ``k_max``; descriptors per query at most ``max_descriptors``.
+  ``k_max``; descriptors per query at most ``max_descriptors``;
+* ``expand`` (the URL's ``?expand=``): ``none``, ``hqe`` or ``aqe`` (query expansion).
 """
 from __future__ import annotations
 
@@ -95,10 +96,11 @@ class Limits:
 class SearchQuery:
     """A validated ``POST /search``: either ``image`` (encoded bytes whose header passed the pixel limit;
     ``image_size`` its (width, height)) or ``descriptors`` ((n, dim) float32, finite); ``k``;
-    ``allow_partial``."""
+    ``allow_partial``; ``expand`` (None, "hqe" or "aqe": query expansion, d2r.core.expand)."""
 
     k: int
     allow_partial: bool = False
+    expand: Optional[str] = None
     image: Optional[bytes] = None
     image_size: Optional[tuple] = None
     descriptors: Optional[np.ndarray] = None
@@ -446,16 +448,27 @@ def _allow_partial(value: Optional[str]) -> bool:
     raise _bad(f"allow_partial must be 0 or 1, got {value[:40]!r}")
 
 
+def _expand(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in ("", "none"):
+        return None
+    if v in ("hqe", "aqe"):
+        return v
+    raise _bad(f"expand must be none, hqe or aqe, got {value[:40]!r}")
+
+
 def parse_search(content_type: Optional[str], body: bytes, query: Mapping[str, str], *, dim: int,
                  default_k: int = 10, limits: Limits = Limits()) -> SearchQuery:
     """A ``POST /search`` request -> SearchQuery, or RequestError. content_type: the header (None or "" for
-    none); body: all of it; query: the URL's parameters (``k``, ``allow_partial``)."""
+    none); body: all of it; query: the URL's parameters (``k``, ``allow_partial``, ``expand``)."""
     if len(body) > limits.max_request_bytes:
         raise _too_big(len(body), limits)
     k = parse_k(query["k"], limits, where="k") if query.get("k") is not None else None
     partial = _allow_partial(query.get("allow_partial"))
     ct = (content_type or "").split(";")[0].strip().lower()
-    out = SearchQuery(k=default_k, allow_partial=partial)
+    out = SearchQuery(k=default_k, allow_partial=partial, expand=_expand(query.get("expand")))
     if ct == "multipart/form-data":
         form = parse_multipart(content_type or "", body)
         if "image" in form and "descriptors" in form:

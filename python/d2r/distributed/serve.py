@@ -160,13 +160,15 @@ class QueryService:
         else:
             x = q.descriptors
         out = {"k": q.k, "descriptors": int(x.shape[0]), "kernel": self.index.kernel}
+        if q.expand is not None:
+            out["expand"] = q.expand
         if self.sharded:
-            res = self.index.search(x, k=q.k, allow_partial=q.allow_partial)
+            res = self.index.search(x, k=q.k, allow_partial=q.allow_partial, expand=q.expand)
             scores, ids = res[0], res[1]
             if q.allow_partial:
                 out["shards"] = res[2]
         else:
-            scores, ids = self.index.search(x, k=q.k)
+            scores, ids = self.index.search(x, k=q.k, expand=q.expand)
         out["results"] = [{"rank": r + 1, "id": int(i), "score": float(s),
                            "name": self.names[int(i)] if int(i) < len(self.names) else None}
                           for r, (s, i) in enumerate(zip(scores, ids))]

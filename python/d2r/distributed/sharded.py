@@ -383,6 +383,15 @@ class _ShardActor:
     def contains(self, ids):
         return self._contains(np.asarray(ids, np.int64))
 
+    def entry_codes(self, ids, words):
+        """InvertedFile.entry_codes of those of `ids` this shard holds ("image" indexes `ids`), for
+        query expansion over the shards (d2r.core.expand)."""
+        ids = np.asarray(ids, np.int64)
+        pos = np.flatnonzero(self._contains(ids))
+        got = dict(self.index._ivf.entry_codes(np.ascontiguousarray(ids[pos]), words))
+        got["image"] = pos[np.asarray(got["image"], np.int64)]
+        return got
+
     def next_id(self):
         return self.index._next_id
 
@@ -453,12 +462,59 @@ def _merge_topk(parts, k):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def _no_expansion(expand) -> None:
-    from d2r.core.expand import as_expansion
+def _merge_entry_codes(parts: list, code_bytes_: int) -> dict:
+    """The shards' entry_codes answers as one (InvertedFile.entry_codes's layout), entries ordered by
+    the position of their image in the ids asked for (each shard keeps its own order within an image)."""
+    parts = [p for p in parts if len(p["image"])]
+    if not parts:
+        return {"image": np.zeros(0, np.int64), "word_counts": np.zeros(0, np.int32),
+                "offsets": np.zeros(1, np.int64), "words": np.zeros(0, np.int32),
+                "codes": np.zeros((0, code_bytes_), np.uint8)}
+    entries: list[tuple[int, int, int]] = []   # (image position, part, entry)
+    for pi, p in enumerate(parts):
+        entries.extend((int(img), pi, e) for e, img in enumerate(p["image"]))
+    entries.sort()
+    image: list[int] = []
+    counts: list[int] = []
+    offsets = [0]
+    words: list[Any] = []
+    codes: list[Any] = []
+    for img, pi, e in entries:
+        p = parts[pi]
+        b, t = int(p["offsets"][e]), int(p["offsets"][e + 1])
+        image.append(img)
+        counts.append(int(p["word_counts"][e]))
+        words.append(np.asarray(p["words"][b:t]))
+        codes.append(np.asarray(p["codes"][b:t]))
+        offsets.append(offsets[-1] + t - b)
+    return {"image": np.asarray(image, np.int64), "word_counts": np.asarray(counts, np.int32),
+            "offsets": np.asarray(offsets, np.int64), "words": np.concatenate(words).astype(np.int32),
+            "codes": np.concatenate(codes)}
 
-    if as_expansion(expand) is not None:
-        raise NotImplementedError("query expansion (expand=) is not supported on a sharded index yet: it needs the "
-                                  "stored codes of the top results from every shard; search a single index file")
+
+class _ShardedCodes:
+    """What d2r.core.expand.expand_query reads of an index (its inverted file's entry_codes, the spec,
+    codebook and kernel parameters), over the shards: `ask(ids, words)` returns the shards' answers."""
+
+    def __init__(self, proto, ask):
+        self._ivf = self
+        self._ask = ask
+        self.spec, self.codebook, self.alpha, self.tau = proto.spec, proto.codebook, proto.alpha, proto.tau
+        self.device = "cpu"
+        self._code_bytes = int(proto._ivf.code_bytes)
+
+    def entry_codes(self, ids, words=None):
+        return _merge_entry_codes(self._ask(np.asarray(ids, np.int64), words), self._code_bytes)
+
+
+def _expand_batch(proto, batch, first_ids, expansion, ask):
+    """The batch's queries expanded over a sharded index: first_ids (one row of top ids per query, the
+    first search's merged answer)."""
+    from d2r.core.expand import expand_query
+
+    view = _ShardedCodes(proto, ask)
+    return AggregatedBatch.from_list([expand_query(view, batch[i], np.asarray(first_ids[i]), expansion)
+                                      for i in range(len(batch))])
 
 
 class ShardedIndex:
@@ -556,18 +612,34 @@ class ShardedIndex:
         aggregated once here, each shard returns its top k, and the lists are merged (score
         descending, id ascending), exactly the single index's answer. allow_partial=True: a shard
         that does not answer is left out instead of raising, and the result gains a third element,
-        ``{"answered": [shards], "missing": [shards]}``. Query expansion (`expand`) is not supported
-        on a sharded index yet (NotImplementedError): search one index file."""
-        _no_expansion(expand)
+        ``{"answered": [shards], "missing": [shards]}``. `expand`: query expansion as in Index.search
+        (a first search over every shard, the top results' stored codes fetched from the shards that
+        hold them, then the expanded search): the same answer as the single index's."""
+        kk = check_k(k)
         batches, single = self._proto._query_batches(queries, progress, None)
-        return self._search(AggregatedBatch.concat(batches), check_k(k), single, allow_partial)
+        return self._search(self._expanded(AggregatedBatch.concat(batches), expand, allow_partial), kk, single,
+                            allow_partial)
 
     def search_aggregated(self, aggregated, k: int | None = 10, allow_partial: bool = False, expand=None):
-        """As Index.search_aggregated, over every shard (no query expansion: see `search`)."""
-        _no_expansion(expand)
+        """As Index.search_aggregated, over every shard (`expand` as in `search`)."""
+        kk = check_k(k)
         batch, single = self._proto._as_batch(aggregated)
         self._proto._check_aggregated(batch, "query")
-        return self._search(batch, check_k(k), single, allow_partial)
+        return self._search(self._expanded(batch, expand, allow_partial), kk, single, allow_partial)
+
+    def _expanded(self, batch, expand, allow_partial):
+        from d2r.core.expand import as_expansion
+
+        expansion = as_expansion(expand)
+        if expansion is None:
+            return batch
+        first = self._search(batch, expansion.top, False, allow_partial)
+
+        def ask(ids, words):
+            got = self._call("entry_codes", range(self.n_shards), ids, words, allow_partial=allow_partial)
+            return [got[s] for s in sorted(got)]
+
+        return _expand_batch(self._proto, batch, first[1], expansion, ask)
 
     def _search(self, batch, kk, single, allow_partial):
         ray = _ray()
@@ -723,18 +795,28 @@ class LocalShardedIndex:
         return f"LocalShardedIndex({self.manifest['folder']!r}, shards={self.n_shards}, kernel={self.kernel!r})"
 
     def search(self, queries, k: int | None = 10, progress=None, expand=None):
-        """As Index.search (one query: 1-D results; a list: 2-D), over every shard, merged exactly (no
-        query expansion: NotImplementedError, as ShardedIndex)."""
-        _no_expansion(expand)
+        """As Index.search (one query: 1-D results; a list: 2-D), over every shard, merged exactly;
+        `expand` as in ShardedIndex.search."""
+        kk = check_k(k)
         batches, single = self._proto._query_batches(queries, progress, None)
-        return self._search(AggregatedBatch.concat(batches), check_k(k), single)
+        return self._search(self._expanded(AggregatedBatch.concat(batches), expand), kk, single)
 
     def search_aggregated(self, aggregated, k: int | None = 10, expand=None):
-        """As Index.search_aggregated, over every shard (no query expansion)."""
-        _no_expansion(expand)
+        """As Index.search_aggregated, over every shard (`expand` as in `search`)."""
+        kk = check_k(k)
         batch, single = self._proto._as_batch(aggregated)
         self._proto._check_aggregated(batch, "query")
-        return self._search(batch, check_k(k), single)
+        return self._search(self._expanded(batch, expand), kk, single)
+
+    def _expanded(self, batch, expand):
+        from d2r.core.expand import as_expansion
+
+        expansion = as_expansion(expand)
+        if expansion is None:
+            return batch
+        first = self._search(batch, expansion.top, False)
+        return _expand_batch(self._proto, batch, first[1], expansion,
+                             lambda ids, words: [sh.entry_codes(ids, words) for sh in self.shards])
 
     def _search(self, batch, kk, single):
         payload = (batch.offsets, batch.words, batch.codes, batch.fingerprint)
