@@ -219,7 +219,8 @@ def test_sharded_equals_single_synthetic(cluster, world, store, tmp_path, kernel
         assert len(si) == len(single) == 53
         # query expansion: the top results' codes fetched from the shards holding them; the single
         # index's expanded answer, bit for bit (and expansion changes some answer here)
-        for expand in ("aqe", d2r.HQE(top=5, hamming=12, min_matches=1, min_images=1)):
+        for expand in ("aqe", d2r.HQE(top=5, hamming=12, min_matches=1, min_images=1),
+                       d2r.HQE(top=5, hamming=12, min_matches=1, min_images=1, fuse=0.5)):
             got = si.search(queries, k=10, expand=expand)
             _same(got, single.search(queries, k=10, expand=expand))
             assert not np.array_equal(got[0], single.search(queries, k=10)[0])
@@ -250,7 +251,7 @@ def test_sharded_equals_single_synthetic(cluster, world, store, tmp_path, kernel
             for k in (None, 1, 7):
                 _same(local.search(queries, k=k), single.search(queries, k=k))
             _same(local.search(queries[0], k=5), single.search(queries[0], k=5))
-            for expand in ("aqe", "hqe"):
+            for expand in ("aqe", "hqe", "hqe-fused"):
                 _same(local.search(queries, k=10, expand=expand), single.search(queries, k=10, expand=expand))
             assert len(local) == len(single) and local.n_shards == shards
             assert local.stats()["images"] == si.stats()["images"]

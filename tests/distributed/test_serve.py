@@ -147,7 +147,7 @@ def test_k_is_strict():
     assert _status("application/json", _desc_json(), {"k": "51"}, limits=lim)[0] == 400
     assert _status("application/json", _desc_json(), {"allow_partial": "maybe"})[0] == 400
     # ?expand=: none, hqe or aqe (query expansion), nothing else
-    for value, want in ((None, None), ("none", None), ("", None), ("hqe", "hqe"), ("AQE", "aqe")):
+    for value, want in ((None, None), ("none", None), ("", None), ("hqe", "hqe"), ("AQE", "aqe"), ("hqe-fused", "hqe-fused")):
         query = {} if value is None else {"expand": value}
         assert parse_search("application/json", _desc_json(), query, dim=DIM).expand == want
     for bad in ("qe", "hqe,aqe", "1", "x" * 500):

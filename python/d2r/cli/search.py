@@ -27,9 +27,10 @@ def register(sub) -> None:
     p.add_argument("--rerank-rule", default="fused", choices=["fused", "official"],
                    help="with --rerank: fused (only results with enough inliers move up, ordered by inliers; the "
                         "default) or official (every verified result sorted by inliers, as DELF does)")
-    p.add_argument("--expand", default="none", choices=["none", "hqe", "aqe"],
+    p.add_argument("--expand", default="none", choices=["none", "hqe", "hqe-fused", "aqe"],
                    help="query expansion: hqe (Hamming query expansion: the query's codes refined with those of "
-                        "reliable top results) or aqe (alpha-QE over the top results); a second search")
+                        "reliable top results), hqe-fused (its scores fused with the first search's: never lowered "
+                        "mAP where measured) or aqe (alpha-QE over the top results); a second search")
     p.add_argument("--features", default=None, metavar="STORE",
                    help="the feature store the index was built from (for --rerank)")
     p.add_argument("--delf", default=None, metavar="WEIGHTS", help="DELF weights, for an index of DELF features")

@@ -19,7 +19,7 @@ from d2r.core.checks import (as_descriptors, as_ids, as_image_id, as_offsets, ch
 from d2r.core.aggregate import (Aggregated, AggregatedBatch, Regions, aggregate_images, aggregate_regions_batch,
                               as_assignments, check_fingerprint, kernel_spec, _concat_images, RegionsLike)
 from d2r.core.codebook import Codebook
-from d2r.core.expand import Expansion, as_expansion, expand_query
+from d2r.core.expand import Expansion, as_expansion, expand_query, search_expanded
 from d2r.core.index_io import (FORMAT_VERSION, PAGE_BYTES, FormatWarning, IndexFileError, PathArg, check_structure,
                        read_index_file, validate_meta, write_index_file)
 
@@ -551,9 +551,12 @@ class Index(_IndexBase):
         kk = check_k(k)
         batches, single = self._query_batches(queries, progress, assignments, fingerprint)
         batches = self._backend.join(batches)  # the CPU: one call, one snapshot for every query
-        if as_expansion(expand) is not None:
-            batches = [self._expanded(b, expand) for b in batches]
-        parts = [self._search_batch(b, kk) for b in batches]
+        expansion = as_expansion(expand)
+        if expansion is not None:
+            parts = [search_expanded(self._search_batch, lambda b: self._expanded(b, expansion), b, kk, expansion)
+                     for b in batches]
+        else:
+            parts = [self._search_batch(b, kk) for b in batches]
         scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return (scores[0], ids[0]) if single else (scores, ids)
 
@@ -574,7 +577,11 @@ class Index(_IndexBase):
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
-        s, i = self._search_batch(self._expanded(batch, expand), kk)
+        expansion = as_expansion(expand)
+        if expansion is not None:
+            s, i = search_expanded(self._search_batch, lambda b: self._expanded(b, expansion), batch, kk, expansion)
+        else:
+            s, i = self._search_batch(batch, kk)
         return (s[0], i[0]) if single else (s, i)
 
     def score_all(self, queries: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -771,14 +778,22 @@ class RegionalSearchIndex(_IndexBase):
         image contributes its region most similar to the query, d2r.core.expand)."""
         kk = check_k(k)
         batches, single = self._query_batches(queries, progress, assignments, fingerprint)
-        return self._search_pooled(self._expanded(AggregatedBatch.concat(batches), expand), kk, single)
+        return self._search_pooled_expanded(AggregatedBatch.concat(batches), kk, single, expand)
 
     def search_aggregated(self, aggregated: AggregatedLike, k: int | None = 10,
                           expand: str | Expansion | None = None) -> SearchResult:
         kk = check_k(k)
         batch, single = self._as_batch(aggregated)
         self._check_aggregated(batch, "query")
-        return self._search_pooled(self._expanded(batch, expand), kk, single)
+        return self._search_pooled_expanded(batch, kk, single, expand)
+
+    def _search_pooled_expanded(self, batch: AggregatedBatch, kk: int, single: bool, expand: Any) -> SearchResult:
+        expansion = as_expansion(expand)
+        if expansion is None:
+            return self._search_pooled(batch, kk, single)
+        s, i = search_expanded(lambda b, k: self._search_pooled(b, k, False),
+                               lambda b: self._expanded(b, expansion), batch, kk, expansion)
+        return (s[0], i[0]) if single else (s, i)
 
     def _first_search(self, batch: AggregatedBatch, kk: int) -> SearchResult:
         found: SearchResult = self._ivf.search_pooled(batch.offsets, batch.words, batch.code_bytes,

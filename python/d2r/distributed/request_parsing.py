@@ -21,7 +21,7 @@ What it checks, each size limit configurable in :class:`Limits`:
   ``max_pixels_per_byte`` pixels per byte of file (a decompression bomb);
 * ``k`` (the URL's ``?k=``, a string of at most 9 digits, or the JSON body's): an integer from 1 to
   ``k_max``; descriptors per query at most ``max_descriptors``;
-* ``expand`` (the URL's ``?expand=``): ``none``, ``hqe`` or ``aqe`` (query expansion).
+* ``expand`` (the URL's ``?expand=``): ``none``, ``hqe``, ``hqe-fused`` or ``aqe`` (query expansion).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class Limits:
 class SearchQuery:
     """A validated ``POST /search``: either ``image`` (encoded bytes whose header passed the pixel limit;
     ``image_size`` its (width, height)) or ``descriptors`` ((n, dim) float32, finite); ``k``;
-    ``allow_partial``; ``expand`` (None, "hqe" or "aqe": query expansion, d2r.core.expand)."""
+    ``allow_partial``; ``expand`` (None, "hqe", "hqe-fused" or "aqe": query expansion, d2r.core.expand)."""
 
     k: int
     allow_partial: bool = False
@@ -454,9 +454,9 @@ def _expand(value: Optional[str]) -> Optional[str]:
     v = value.strip().lower()
     if v in ("", "none"):
         return None
-    if v in ("hqe", "aqe"):
+    if v in ("hqe", "hqe-fused", "aqe"):
         return v
-    raise _bad(f"expand must be none, hqe or aqe, got {value[:40]!r}")
+    raise _bad(f"expand must be none, hqe, hqe-fused or aqe, got {value[:40]!r}")
 
 
 def parse_search(content_type: Optional[str], body: bytes, query: Mapping[str, str], *, dim: int,

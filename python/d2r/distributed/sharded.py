@@ -617,29 +617,42 @@ class ShardedIndex:
         hold them, then the expanded search): the same answer as the single index's."""
         kk = check_k(k)
         batches, single = self._proto._query_batches(queries, progress, None)
-        return self._search(self._expanded(AggregatedBatch.concat(batches), expand, allow_partial), kk, single,
-                            allow_partial)
+        return self._search_maybe_expanded(AggregatedBatch.concat(batches), kk, single, allow_partial, expand)
 
     def search_aggregated(self, aggregated, k: int | None = 10, allow_partial: bool = False, expand=None):
         """As Index.search_aggregated, over every shard (`expand` as in `search`)."""
         kk = check_k(k)
         batch, single = self._proto._as_batch(aggregated)
         self._proto._check_aggregated(batch, "query")
-        return self._search(self._expanded(batch, expand, allow_partial), kk, single, allow_partial)
+        return self._search_maybe_expanded(batch, kk, single, allow_partial, expand)
 
-    def _expanded(self, batch, expand, allow_partial):
-        from d2r.core.expand import as_expansion
+    def _search_maybe_expanded(self, batch, kk, single, allow_partial, expand):
+        from d2r.core.expand import as_expansion, search_expanded
 
         expansion = as_expansion(expand)
         if expansion is None:
-            return batch
-        first = self._search(batch, expansion.top, False, allow_partial)
+            return self._search(batch, kk, single, allow_partial)
+        answered: set = set(range(self.n_shards))
+
+        def search(b, k):   # 2-D; the shards that answered every call so far
+            got = self._search(b, k, False, allow_partial)
+            if allow_partial:
+                answered.intersection_update(got[2]["answered"])
+            return got[0], got[1]
 
         def ask(ids, words):
             got = self._call("entry_codes", range(self.n_shards), ids, words, allow_partial=allow_partial)
+            answered.intersection_update(got)
             return [got[s] for s in sorted(got)]
 
-        return _expand_batch(self._proto, batch, first[1], expansion, ask)
+        def expanded(b):
+            return _expand_batch(self._proto, b, search(b, expansion.top)[1], expansion, ask)
+
+        s, i = search_expanded(search, expanded, batch, kk, expansion)
+        res = (s[0], i[0]) if single else (s, i)
+        if allow_partial:
+            return (*res, {"answered": sorted(answered), "missing": sorted(set(range(self.n_shards)) - answered)})
+        return res
 
     def _search(self, batch, kk, single, allow_partial):
         ray = _ray()
@@ -799,24 +812,31 @@ class LocalShardedIndex:
         `expand` as in ShardedIndex.search."""
         kk = check_k(k)
         batches, single = self._proto._query_batches(queries, progress, None)
-        return self._search(self._expanded(AggregatedBatch.concat(batches), expand), kk, single)
+        return self._search_maybe_expanded(AggregatedBatch.concat(batches), kk, single, expand)
 
     def search_aggregated(self, aggregated, k: int | None = 10, expand=None):
         """As Index.search_aggregated, over every shard (`expand` as in `search`)."""
         kk = check_k(k)
         batch, single = self._proto._as_batch(aggregated)
         self._proto._check_aggregated(batch, "query")
-        return self._search(self._expanded(batch, expand), kk, single)
+        return self._search_maybe_expanded(batch, kk, single, expand)
 
-    def _expanded(self, batch, expand):
-        from d2r.core.expand import as_expansion
+    def _search_maybe_expanded(self, batch, kk, single, expand):
+        from d2r.core.expand import as_expansion, search_expanded
 
         expansion = as_expansion(expand)
         if expansion is None:
-            return batch
-        first = self._search(batch, expansion.top, False)
-        return _expand_batch(self._proto, batch, first[1], expansion,
-                             lambda ids, words: [sh.entry_codes(ids, words) for sh in self.shards])
+            return self._search(batch, kk, single)
+
+        def search(b, k):
+            return self._search(b, k, False)
+
+        def expanded(b):
+            return _expand_batch(self._proto, b, search(b, expansion.top)[1], expansion,
+                                 lambda ids, words: [sh.entry_codes(ids, words) for sh in self.shards])
+
+        s, i = search_expanded(search, expanded, batch, kk, expansion)
+        return (s[0], i[0]) if single else (s, i)
 
     def _search(self, batch, kk, single):
         payload = (batch.offsets, batch.words, batch.codes, batch.fingerprint)

@@ -208,7 +208,7 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
     with the descriptor-match distance `match_distance` (default: the extractor's `match_distance`
     attribute, else the official 0.9 for DELF). `codebook`: a d2r.Codebook to use instead of training
     one on the database (e.g. the Paris codebook for Oxford, as the Revisited convention has it).
-    expand: query expansion of every search ("hqe", "aqe", d2r.HQE / d2r.AlphaQE; d2r.core.expand);
+    expand: query expansion of every search ("hqe", "hqe-fused", "aqe", d2r.HQE / d2r.AlphaQE; d2r.core.expand);
     None: none. With rerank=True the expansion images are the verified ones (`verified_expansion`). rerank_rule: how spatial verification re-orders the results (d2r.core.verify.RerankRule;
     None: DEFAULT_RULE, the fused rule; OFFICIAL_RULE: the official inlier order)."""
     from d2r.core.expand import as_expansion
@@ -324,9 +324,10 @@ def verified_expansion(index, query_features, db_features, expansion, top=100, r
     inliers (DEFAULT_RULE's by default) are the expansion images, best ASMK score first, and the
     expanded query ranks the whole database. Returns the second search's (scores, ids), k=None."""
     from d2r.core.aggregate import aggregate
-    from d2r.core.expand import expand_query
+    from d2r.core.expand import as_expansion, expand_query, fuse_rankings
     from d2r.core.verify import DEFAULT_RULE, rerank
 
+    expansion = as_expansion(expansion)
     rule = DEFAULT_RULE if rule is None else rule
     qa = aggregate(query_features.descriptors, index.codebook, index.spec.query_kernel)
     scores, ids = index.search_aggregated(qa, k=top)
@@ -334,7 +335,12 @@ def verified_expansion(index, query_features, db_features, expansion, top=100, r
                     max_distance=max_distance)
     chosen = ids[np.maximum(inl, 0) >= max(rule.min_inliers, 1)]
     expanded = expand_query(index, qa, chosen, expansion) if chosen.size else qa
-    return index.search_aggregated(expanded, k=None)
+    second = index.search_aggregated(expanded, k=None)
+    if expansion.fuse is None:
+        return second
+    first = index.search_aggregated(qa, k=None)   # fused with the first search's full ranking
+    s, i = fuse_rankings((first[0][None], first[1][None]), (second[0][None], second[1][None]), float(expansion.fuse), -1)
+    return s[0], i[0]
 
 
 def evaluate_index(index, names, dataset, extractor=None, progress=True) -> dict:
