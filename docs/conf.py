@@ -69,7 +69,7 @@ html_title = f"d2r {release}"
 # warning, so an error under -W): a new public name needs an entry in docs/api/.
 _COVERED_MODULES = ["d2r", "d2r.extract", "d2r.regions", "d2r.regions.detect", "d2r.core.verify", "d2r.core.evaluate",
                     "d2r.datasets", "d2r.cuda", "d2r.workflows.build", "d2r.distributed", "d2r.distributed.serve",
-                    "d2r.distributed.request_parsing", "d2r.regions.discover", "d2r.core.backend", "d2r.cuda.backend"]
+                    "d2r.distributed.request_parsing", "d2r.regions.discover", "d2r.regions.attention", "d2r.core.backend", "d2r.cuda.backend"]
 
 
 def _check_coverage(app, env):

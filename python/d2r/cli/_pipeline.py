@@ -45,7 +45,8 @@ def pipeline_options(p) -> None:
     p.add_argument("--words", type=int, default=1024, help="codebook size (k-means on the database features)")
     p.add_argument("--regions", default=None, metavar="SOURCE",
                    help="database regions: discovered (the default: verified neighbours in the database, "
-                        "d2r.discover), none, grid:L, mser, keypoints, ssd-coco, detector:MODEL_DIR, boxes:FILE, "
+                        "d2r.discover), none, grid:L, mser, keypoints, attention (trained on the database's own verified "
+                        "matches, d2r.regions.attention), attention:MODEL.npz, ssd-coco, detector:MODEL_DIR, boxes:FILE, "
                         "or dataset (the dataset's own boxes: an oracle). With a dataset that has boxes, the "
                         "oracle rows (\"..., oracle boxes\") are printed separately")
     p.add_argument("--proposals", default=None, choices=["dataset", "grid", "none"],
@@ -79,7 +80,7 @@ def run_pipeline(args, rerank: bool) -> int:
             raise UsageError(f"give one region source: --regions {spec} or --proposals {args.proposals} (its old name)")
         spec = {"grid": "grid:1"}.get(args.proposals, args.proposals)
         warnings.warn(f"--proposals {args.proposals} is deprecated: use --regions {spec}", DeprecationWarning)
-    if spec is not None and spec not in ("dataset", "discovered"):
+    if spec is not None and spec not in ("dataset", "discovered", "attention"):
         from d2r.regions.detect import region_source
 
         try:

@@ -25,7 +25,8 @@ def register(sub) -> None:
                         "grid), mser, keypoints (keypoint clusters), ssd-coco (COCO SSD-MobileNet-v2 through "
                         "OpenCV), detector:MODEL_DIR (an official D2R detector; needs TensorFlow), boxes:FILE "
                         "(JSON or CSV boxes), discovered (found from the collection itself: each image verified "
-                        "against its nearest neighbours in a first ASMK* index; no weights; see --codebook)")
+                        "against its nearest neighbours in a first ASMK* index; no weights; see --codebook), "
+                        "attention:MODEL.npz (boxes around high-attention features, d2r.regions.attention)")
     p.add_argument("--proposals", choices=["grid", "mser", "keypoints"], default=None,
                    help="deprecated: --regions grid:3 | mser | keypoints")
     p.add_argument("--detector", default=None, metavar="MODEL_DIR",
@@ -98,6 +99,10 @@ def run(args) -> int:
                                  "can be made on a cluster with `d2r extract --ray` into a store of its own, then "
                                  "`d2r.discover.discover_regions` in Python")
             return _run_discovered(args, paths, sift, workers)
+        if isinstance(detector, str) and detector == "attention":
+            raise UsageError("--regions attention trains its model on the whole collection: `d2r evaluate --regions "
+                             "attention` does; here give a trained model, --regions attention:MODEL.npz "
+                             "(d2r.regions.attention.AttentionModel.save)")
         if detector is None:
             spec = None
     on_error = "raise" if args.strict else "skip"

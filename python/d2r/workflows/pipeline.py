@@ -12,6 +12,7 @@ pixels) and `query_families` (a label per query, for per-family results).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -87,6 +88,10 @@ def database_regions(dataset, extractor, db_features, proposals="dataset", max_b
         if src is DISCOVERED:
             raise ValueError("discovered regions need the collection: compute them with d2r.discover.discover_regions "
                              "and pass the list of boxes (d2r.pipeline.run does)")
+        if isinstance(src, str) and src == "attention":
+            raise ValueError("attention regions need the collection: compute them with "
+                             "d2r.regions.attention.collection_attention and pass the list of boxes (d2r.pipeline.run "
+                             "does), or give a trained model as 'attention:MODEL.npz'")
         proposals = "none" if src is None else src
     listed = isinstance(proposals, (list, tuple))
     if listed and len(proposals) != len(dataset.imlist):
@@ -240,6 +245,18 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
 
         found = discover_regions(db_feat, codebook, max_regions=min(5, max_boxes), seed=seed, progress=progress)
         source = [b for b, _ in found]
+    attention_model = None
+    if isinstance(regions_spec, str) and regions_spec == "attention":
+        from d2r.extract.image import open_image_rgb
+        from d2r.regions.attention import collection_attention
+
+        sizes = [open_image_rgb(p).shape[:2] for p in db_paths]
+        attention_model, found = collection_attention(db_feat, codebook, image_sizes=sizes,
+                                                      max_boxes=min(5, max_boxes), seed=seed)
+        source = [b for b, _ in found]
+        if report_dir is not None:
+            os.makedirs(report_dir, exist_ok=True)
+            attention_model.save(os.path.join(report_dir, "attention.npz"))
     regions, boxes, region_feat = database_regions(dataset, extractor, db_feat, source, max_boxes, progress)
     t_regions = time.perf_counter() - t
     print(f"regions ({label}): {np.mean([len(r) - 1 for r in regions]):.1f} boxes/image ({t_regions:.1f} s, "
@@ -314,7 +331,7 @@ def run(dataset, extractor=None, n_words=1024, proposals=None, max_boxes=8, rera
     print(f"total {time.perf_counter() - t_start:.1f} s", file=out)
     return {"methods": results, "codebook": codebook, "query_features": q_feat, "db_features": db_feat,
             "expand": None if expansion is None else str(expansion),
-            "boxes": boxes, "report": report, "regions": label,
+            "boxes": boxes, "report": report, "regions": label, "attention": attention_model,
             "oracle_boxes": oracle[1] if oracle is not None else None}
 
 
