@@ -16,6 +16,19 @@ from d2r.core.aggregate import aggregate_images, aggregate_regions_batch
 needs_gpu = pytest.mark.gpu
 
 
+def _device_array_libs():
+    """(name, module) of torch and CuPy where they are installed and can make arrays on a CUDA device
+    (a CPU-only torch build, or either library on a machine without a GPU, is left out)."""
+    for mod in ("torch", "cupy"):
+        try:
+            lib = __import__(mod)
+            usable = lib.cuda.is_available() if mod == "torch" else lib.cuda.runtime.getDeviceCount() > 0
+        except Exception:   # noqa: BLE001 - not installed, or no driver / device
+            continue
+        if usable:
+            yield mod, lib
+
+
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
@@ -292,11 +305,7 @@ def test_gpu_inputs_from_torch_and_cupy_without_copies():
     cb = d2r.Codebook(_unit(rng.standard_normal((256, 128)).astype(np.float32)))
     x = _unit(rng.standard_normal((500, 128)).astype(np.float32))
     ref = cb.quantize(x, 2)
-    for mod in ("torch", "cupy"):
-        try:
-            lib = __import__(mod)
-        except ImportError:
-            continue
+    for mod, lib in _device_array_libs():
         xd = lib.as_tensor(x, device="cuda") if mod == "torch" else lib.asarray(x)
         ids, d = cb.quantize(xd, 2, device="cuda", output="device")
         assert type(ids).__module__.split(".")[0] == mod
@@ -604,11 +613,7 @@ def test_gpu_ivf_boundary_refuses_bad_input_and_keeps_the_index():
                         int(ex["image_ids"].max()))
     _assert_same_state(_ivf_state(f, q), before)
     # device words are checked on the device
-    for mod in ("torch", "cupy"):
-        try:
-            lib = __import__(mod)
-        except ImportError:
-            continue
+    for mod, lib in _device_array_libs():
         dw = lib.as_tensor(w[::-1].copy(), device="cuda") if mod == "torch" else lib.asarray(w[::-1].copy())
         with pytest.raises(ValueError, match="ascending"):
             f.add(off, dw, c)
