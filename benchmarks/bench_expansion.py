@@ -38,6 +38,9 @@ SETS = ("demo", "realmix", "composites")
 SOURCES = {"demo": ("none", "discovered", "dataset"), "realmix": ("none", "discovered", "keypoints"),
            "composites": ("none", "discovered", "mser", "oracle")}
 MAX_REGIONS = 5
+# the accurate CNN features cost 4-5 CPU s per Mpixel (7 scales): they are measured on whole images only
+# (re-extracting every region's crop took too long on the shared 2-core machine)
+SOURCES_CNN = {"cnn": ("none",), "cnn-fast": ("none", "discovered", "keypoints")}
 
 
 def cache_dir() -> Path:
@@ -55,10 +58,27 @@ def _feat(t):
     return Features(d, loc, np.ones(len(d), np.float32), np.ones(len(d), np.float32))
 
 
-def prepare_demo_realmix(name, progress=False):
-    from d2r.regions.discover import discover_regions
-    from d2r.workflows.pipeline import database_regions, extract_queries, train_codebook
+def prepare_demo_realmix(name, progress=False, features="rootsift"):
+    from d2r.workflows.pipeline import extract_queries
 
+    if features != "rootsift":   # the CNN features (realmix only): the pipeline's extractor, PCA on 20 images
+        if name != "realmix":
+            raise SystemExit(f"--features {features}: only the realmix set is prepared with the CNN features")
+        from d2r.cli import pipeline_extractor
+        from d2r.datasets import load_realmix
+
+        ds = load_realmix()
+        t = time.perf_counter()
+        ex = pipeline_extractor(features, ds, seed=0)
+        print(f"realmix {features}: PCA learned ({time.perf_counter() - t:.0f} s)", flush=True)
+        t, c = time.perf_counter(), time.process_time()
+        db = [ex(p) for p in ds.imlist]
+        q = extract_queries(ds, ex, progress=False)
+        n = len(ds.imlist) + len(ds.qimlist)
+        extract_s = {"wall_s_per_image": (time.perf_counter() - t) / n, "cpu_s_per_image": (time.process_time() - c) / n}
+        print(f"realmix {features}: {n} images extracted, {extract_s['wall_s_per_image']:.2f} s / image wall, "
+              f"{extract_s['cpu_s_per_image']:.2f} CPU s", flush=True)
+        return _finish_prepare(name, ds, ex, db, q, progress, extract_s, SOURCES_CNN[features])
     ex = RootSIFT(max_features=1000)
     if name == "demo":
         from d2r.datasets import make_demo_set
@@ -74,9 +94,16 @@ def prepare_demo_realmix(name, progress=False):
         from d2r.datasets import find_realmix
         root = find_realmix()
         ds.imlist = [str(root / p) for p in ds.imlist] if not Path(ds.imlist[0]).is_absolute() else ds.imlist
+    return _finish_prepare(name, ds, ex, db, q, progress)
+
+
+def _finish_prepare(name, ds, ex, db, q, progress, extract_s=None, sources=None):
+    from d2r.regions.discover import discover_regions
+    from d2r.workflows.pipeline import database_regions, train_codebook
+
     cb = train_codebook(db, 1024, 0, progress=False)
     regions = {}
-    for src in SOURCES[name]:
+    for src in sources or SOURCES[name]:
         t = time.perf_counter()
         if src == "discovered":
             found = discover_regions(db, cb, max_regions=MAX_REGIONS, seed=0, progress=False)
@@ -88,7 +115,8 @@ def prepare_demo_realmix(name, progress=False):
         print(f"{name}: regions {src}: {np.mean([len(r) - 1 for r in regs]):.1f}/image "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     gnd = [{k: list(g.get(k, [])) for k in ("easy", "hard", "junk")} for g in ds.gnd]
-    return {"db": _pack(db), "query": _pack(q), "centroids": cb.centroids, "regions": regions, "gnd": gnd}
+    return {"db": _pack(db), "query": _pack(q), "centroids": cb.centroids, "regions": regions, "gnd": gnd,
+            "match_distance": float(getattr(ex, "match_distance", 0.9)), "extract": extract_s}
 
 
 def prepare_composites(progress=False):
@@ -151,15 +179,23 @@ def inlier_matrix(data, match_distance=0.4):
     return out
 
 
-def load(name, rebuild=False):
-    path = cache_dir() / f"bench_expansion_{name}.pkl"
+def load(name, rebuild=False, features="rootsift"):
+    suffix = "" if features == "rootsift" else "_" + features.replace("-", "_")
+    path = cache_dir() / f"bench_expansion_{name}{suffix}.pkl"
     if path.exists() and not rebuild:
         with open(path, "rb") as f:
             return pickle.load(f)
     t = time.perf_counter()
-    data = prepare_composites() if name == "composites" else prepare_demo_realmix(name)
+    if name == "composites":
+        if features != "rootsift":
+            raise SystemExit(f"--features {features}: only the realmix set is prepared with the CNN features")
+        data = prepare_composites()
+    else:
+        data = prepare_demo_realmix(name, features=features)
     t_inl = time.perf_counter()
-    data["inliers"] = inlier_matrix(data)
+    # RootSIFT matches at distance 0.4 (this study's setting); the CNN features at the pipeline's distance
+    # for an extractor without its own (0.9)
+    data["inliers"] = inlier_matrix(data, 0.4 if features == "rootsift" else data.get("match_distance", 0.9))
     print(f"{name}: prepared in {time.perf_counter() - t:.0f} s (inliers {time.perf_counter() - t_inl:.0f} s)",
           flush=True)
     tmp = path.with_suffix(".tmp")
@@ -368,13 +404,15 @@ def main(argv=None):
     ap.add_argument("--verified", type=int, default=None, help="qe: expand over the results with this many inliers")
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--features", default="rootsift", choices=["rootsift", "cnn", "cnn-fast"],
+                    help="local features (cnn, cnn-fast: realmix only; cached apart, bench_expansion_realmix_cnn.pkl)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.what == "prepare":
         for s in args.sets:
-            load(s, args.rebuild)
+            load(s, args.rebuild, args.features)
         return
-    datas = {s: load(s) for s in args.sets}
+    datas = {s: load(s, features=args.features) for s in args.sets}
     if args.what == "rules":
         res = rules_study(datas)
     elif args.what == "qe":

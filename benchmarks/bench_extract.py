@@ -5,6 +5,12 @@ and the COCO SSD-MobileNet-v2 detector through OpenCV DNN. Seconds per image, on
 (PyTorch uses every core).
 
     python benchmarks/bench_extract.py [--images 6] [--sift-images 40] [--side 1024] [--json out.json]
+    python benchmarks/bench_extract.py --only cnn --megapixels 1.0 --images 8 --threads 1 2 --json out.json
+
+--only cnn: the EfficientNet-Lite0 extractor alone, accurate and fast presets and the former
+implementation (the package's modules, batch norms unfolded: the reference of the speed-up), each with
+torch.set_num_threads(T) for every T of --threads, alternating in one run. --megapixels resizes every
+image to that area (aspect kept) instead of capping its side. Wall and CPU (process) seconds per image.
 """
 from __future__ import annotations
 
@@ -51,6 +57,80 @@ def timed(fn, images):
     return (time.perf_counter() - t) / len(images), res
 
 
+def resize_to_area(img, megapixels):
+    import cv2
+
+    s = (megapixels * 1e6 / (img.shape[0] * img.shape[1])) ** 0.5
+    return cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)),
+                      interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+
+
+class UnfusedLite0:
+    """The former EfficientNet-Lite0 extraction (before the batch norms were folded: the package's
+    modules, torch.no_grad), kept here as the reference of the speed-up."""
+
+    def __init__(self, fast):
+        self.ex = fast
+
+    def feature_maps(self, image, scale):
+        import torch
+
+        from d2r.extract.cnn import _STAGE_ENDS
+        from d2r.extract.delf import scaled_size, tf_resize_bilinear
+
+        m = self.ex.model
+        img = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        h, w = scaled_size(image.shape[0], image.shape[1], scale)
+        with torch.no_grad():
+            x = (tf_resize_bilinear(img, h, w)[None] - 127.0) / 128.0
+            x = m._swish(m._bn0(m._conv_stem(x)))
+            outs = []
+            for i, block in enumerate(m._blocks[: _STAGE_ENDS[-1] + 1]):
+                x = block(x)
+                if i in _STAGE_ENDS:
+                    outs.append(x)
+            f = torch.cat(outs, 1)[0].permute(1, 2, 0).numpy()
+        return f, np.linalg.norm(f, axis=2)
+
+
+def cnn_speed(images, threads, repeats=1):
+    """Accurate / fast presets and the unfused reference, wall and CPU seconds per image, per thread count;
+    the variants alternate image by image so that the machine's load falls on all of them alike."""
+    import torch
+
+    from d2r.extract import EfficientNetLite0Features
+
+    acc = EfficientNetLite0Features(device="cpu")
+    fast = EfficientNetLite0Features(device="cpu", preset="fast")
+    ref = EfficientNetLite0Features(device="cpu")
+    ref.feature_maps = UnfusedLite0(ref).feature_maps
+    variants = {"accurate (7 scales)": acc, "fast (3 scales, side <= 1024)": fast,
+                "accurate, unfused (the former code)": ref}
+    out = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        for ex in variants.values():
+            ex(images[0])  # warm-up
+        wall = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
+        feats = {k: [] for k in variants}
+        for _ in range(repeats):
+            for img in images:
+                for k, ex in variants.items():
+                    c, w0 = time.process_time(), time.perf_counter()
+                    f = ex(img)
+                    wall[k].append(time.perf_counter() - w0)
+                    cpu[k].append(time.process_time() - c)
+                    feats[k].append(len(f.descriptors))
+        for k in variants:
+            row = {"threads": t, "wall_s_per_image": float(np.mean(wall[k])), "cpu_s_per_image": float(np.mean(cpu[k])),
+                   "wall_s_max": float(np.max(wall[k])), "features_per_image": float(np.mean(feats[k]))}
+            out[f"{k}, {t} thread{'s' if t > 1 else ''}"] = row
+            print(f"{k:40s} {t} threads: {row['wall_s_per_image']:.3f} s/image wall (max {row['wall_s_max']:.3f}), "
+                  f"{row['cpu_s_per_image']:.3f} CPU s/image, {row['features_per_image']:.0f} features", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=6, help="images for the deep extractors and the detector")
@@ -60,8 +140,27 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--image-dir", default=None, help="a folder of .jpg instead of realmix")
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for the deep extractors")
+    ap.add_argument("--only", choices=["cnn"], default=None, help="cnn: the EfficientNet-Lite0 presets alone")
+    ap.add_argument("--megapixels", type=float, default=None, help="resize every image to this area")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="--only cnn: PyTorch thread counts")
     args = ap.parse_args()
     images = load_images(args.images, args.side, args.image_dir)
+    if args.megapixels:
+        images = [resize_to_area(im, args.megapixels) for im in images]
+    if args.only == "cnn":
+        load = os.getloadavg()
+        res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "load_average_before": load, "images": len(images),
+               "mean_pixels": float(np.mean([im.shape[0] * im.shape[1] for im in images])),
+               "sizes": [list(im.shape[:2]) for im in images]}
+        print(f"{len(images)} images, {res['mean_pixels'] / 1e6:.2f} Mpixel on average; load average {load}", flush=True)
+        res["cnn"] = cnn_speed(images, args.threads)
+        res["load_average_after"] = os.getloadavg()
+        print(f"load average after: {res['load_average_after']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "device": args.device,
            "images": len(images),
            "mean_pixels": float(np.mean([im.shape[0] * im.shape[1] for im in images])), "extractors": {}}

@@ -89,3 +89,74 @@ def test_pipeline_runs_with_cnn_features(tmp_path):
     for m in res["methods"]:
         assert m.ranks.shape == (len(ds.qimlist), len(ds.imlist))
         assert m.results["medium"]["map"] >= 0.7, (m.name, m.results["medium"]["map"])
+
+
+def _module_maps(model, x):
+    """The reference: the package's own modules (unfolded batch norms, ZeroPad2d), blocks 0-10, the
+    outputs of blocks 7 and 10 concatenated."""
+    with torch.no_grad():
+        y = model._swish(model._bn0(model._conv_stem(x)))
+        outs = []
+        for i, block in enumerate(model._blocks[:11]):
+            y = block(y)
+            if i in (7, 10):
+                outs.append(y)
+        return torch.cat(outs, 1)
+
+
+def test_fused_trunk_equals_the_package_modules(extractor):
+    """FusedLite0Trunk (batch norms folded, 1x1 convolutions as matrix products, channels-last) computes
+    the package's function: on a real photo at two sizes (one odd, where the static padding is
+    asymmetric) the maps agree to 1e-5 of their range (measured: 1.1e-5 at most, float32 rounding)."""
+    img = skdata.astronaut()
+    x0 = torch.as_tensor(img, dtype=torch.float32).permute(2, 0, 1)
+    for h, w in ((224, 224), (301, 413)):
+        x = (cnn.tf_resize_bilinear(x0, h, w)[None] - 127.0) / 128.0
+        ref = _module_maps(extractor.model, x)
+        with torch.inference_mode():
+            got = extractor.trunk(x)
+        assert got.shape == ref.shape and got.shape[:2] == (1, 192), (got.shape, ref.shape)
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 5e-5, err
+    # and the extractor's maps are the trunk's: the norm is the feature norm
+    f, a = extractor.feature_maps(img, 0.5)
+    np.testing.assert_allclose(a, np.linalg.norm(f, axis=2), rtol=1e-5)
+
+
+def test_presets_the_cap_and_bad_arguments():
+    img = skdata.astronaut()   # 512 x 512
+    acc = cnn.EfficientNetLite0Features(device="cpu")
+    assert acc.preset == "accurate" and acc.scales == cnn.OFFICIAL_SCALES and acc.max_side is None
+    fast = cnn.EfficientNetLite0Features(device="cpu", preset="fast")
+    assert fast.scales == cnn.PRESETS["fast"]["scales"] and fast.max_side == cnn.PRESETS["fast"]["max_side"]
+    assert fast.pyramid_scales(512, 512) == fast.scales            # under the cap: unchanged
+    assert fast.pyramid_scales(1000, 2048) == tuple(s * 0.5 for s in fast.scales)
+    # a cap of 256 px on a 512-px image is the 0.5-scaled pyramid: the same cells, locations in the original
+    capped = cnn.EfficientNetLite0Features(device="cpu", scales=(1.0, 2.0), max_side=256, max_features=300)
+    half = cnn.EfficientNetLite0Features(device="cpu", scales=(0.5, 1.0), max_features=300)
+    a, b = capped(img), half(img)
+    np.testing.assert_array_equal(a.locations, b.locations)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-6)
+    assert (a.locations >= 0).all() and (a.locations < 512).all() and set(np.unique(a.scales)) <= {0.5, 1.0}
+    assert cnn.EfficientNetLite0Features(device="cpu", preset="fast", max_side=0).max_side is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        cnn.EfficientNetLite0Features(device="cpu", preset="quick")
+    with pytest.raises(ValueError, match="scales must be positive"):
+        cnn.EfficientNetLite0Features(device="cpu", scales=(1.0, -0.5))
+    with pytest.raises(ValueError, match="max_side"):
+        cnn.EfficientNetLite0Features(device="cpu", max_side=8)
+
+
+def test_pipeline_extractor_names_the_fast_preset():
+    from types import SimpleNamespace
+
+    from d2r.cli import pipeline_extractor
+    from d2r.cli._common import UsageError
+
+    ds = SimpleNamespace(imlist=[skdata.astronaut(), skdata.coffee(), skdata.chelsea()])
+    ex = pipeline_extractor("cnn-fast", ds, pca_images=3)
+    assert ex.preset == "fast" and ex.pca is not None and ex.pca["matrix"].shape == (192, 192)
+    assert ex(skdata.rocket()).descriptors.shape[1] == 128
+    with pytest.raises(UsageError, match="cnn-fast"):
+        pipeline_extractor("cnn-fast", None)

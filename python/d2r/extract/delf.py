@@ -297,8 +297,11 @@ def tf_resize_bilinear(img, out_h: int, out_w: int):
     x0, x1, fx = axis(w, out_w)
     dev = img.device
     y0, y1, fy, x0, x1, fx = (t.to(dev) for t in (y0, y1, fy, x0, x1, fx))
-    top = img[:, y0][:, :, x0] + (img[:, y0][:, :, x1] - img[:, y0][:, :, x0]) * fx
-    bot = img[:, y1][:, :, x0] + (img[:, y1][:, :, x1] - img[:, y1][:, :, x0]) * fx
+    r0, r1 = img[:, y0], img[:, y1]   # the two source rows of every output row, gathered once
+    a0 = r0[:, :, x0]
+    top = a0 + (r0[:, :, x1] - a0) * fx
+    b0 = r1[:, :, x0]
+    bot = b0 + (r1[:, :, x1] - b0) * fx
     return top + (bot - top) * fy[:, None]
 
 
