@@ -250,7 +250,7 @@ def test_cli_regions_dataset_needs_boxes():
 
 def test_cli_features_names_are_checked():
     r = run_cli("evaluate", "--dataset", "demo", "--features", "sift2", "-q")
-    assert r.returncode == 2 and "unknown --features 'sift2': use rootsift, cnn or delf:WEIGHTS" in r.stderr
+    assert r.returncode == 2 and "unknown --features 'sift2': use rootsift, cnn, cnn-fast or delf:WEIGHTS" in r.stderr
     r = run_cli("evaluate", "--dataset", "demo", "--features", "delf:/no/such.npz", "-q")
     assert r.returncode == 2 and "delf:WEIGHTS needs the weights file" in r.stderr
 
