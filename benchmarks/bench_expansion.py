@@ -11,6 +11,7 @@ time of the expanded search against the plain one (same run).
     python benchmarks/bench_expansion.py prepare            # features, regions, inliers (cached)
     python benchmarks/bench_expansion.py table --json benchmarks/results/expansion.json
     python benchmarks/bench_expansion.py rules              # the re-ranking rule study
+    python benchmarks/bench_expansion.py seeds --sets realmix --features cnn   # ASMK* per codebook seed
 
 The cache lives in $D2R_CACHE_DIR or ~/.cache/d2r (bench_expansion_<set>.pkl); it is rebuilt with
 --rebuild. The composites have one relevance level: their Easy = Medium figure is reported, Hard is
@@ -398,9 +399,35 @@ def rankings_one_by_one(idx, data, expand):
     return np.stack(scores), np.stack(ids), float(np.median(times))
 
 
+def seeds_study(datas, seeds):
+    """ASMK* (plain) mAP with the codebook trained with each k-means seed: how much of a difference
+    between two feature sets is the codebook's chance."""
+    from d2r.workflows.pipeline import train_codebook
+
+    out = {}
+    for name, data in datas.items():
+        db = [d for d, _ in data["db"]]
+        rows = []
+        for seed in seeds:
+            cb = train_codebook(db, len(data["centroids"]), seed, progress=False)
+            idx = d2r.Index(cb, "asmk*")
+            idx.add(db, progress=False)
+            _, i, _ = rankings(idx, data)
+            m = maps(i, data["gnd"])
+            rows.append({"seed": seed, **m})
+            print(f"{name} seed {seed}: ASMK* mAP E / M / H {m['easy']:.1f} / {m['medium']:.1f} / {m['hard']:.1f}",
+                  flush=True)
+        out[name] = rows
+        for p in ("easy", "medium", "hard"):
+            v = [r[p] for r in rows]
+            print(f"  {p}: mean {np.mean(v):.1f}, min {min(v):.1f}, max {max(v):.1f}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prepare", "table", "rules", "qe"])
+    ap.add_argument("what", choices=["prepare", "table", "rules", "qe", "seeds"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds: the k-means seeds")
     ap.add_argument("--verified", type=int, default=None, help="qe: expand over the results with this many inliers")
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--rebuild", action="store_true")
@@ -415,6 +442,8 @@ def main(argv=None):
     datas = {s: load(s, features=args.features) for s in args.sets}
     if args.what == "rules":
         res = rules_study(datas)
+    elif args.what == "seeds":
+        res = seeds_study(datas, args.seeds)
     elif args.what == "qe":
         from d2r.core.expand import HQE, AlphaQE
 
