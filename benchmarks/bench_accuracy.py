@@ -128,7 +128,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="*", default=["demo", "realmix"])
     ap.add_argument("--sources", nargs="*", default=[], help="region sources compared on realmix")
-    ap.add_argument("--features", nargs="*", default=[], help="extractors compared on realmix (rootsift, cnn)")
+    ap.add_argument("--features", nargs="*", default=[], help="extractors compared on realmix (rootsift, cnn, cnn-fast)")
     ap.add_argument("--words", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
