@@ -127,21 +127,12 @@ def run_set(name, args):
     # (b) region proposals
     images = images_of(name)
     ex = RootSIFT(max_features=2000 if name == "composites" else 1000)
-    from d2r.regions.select import regions_by_reextraction
-
     t = time.perf_counter()
     boxes = [attention_boxes(f.locations, model.score(f.descriptors), im.shape[:2], max_boxes=MAX_REGIONS,
                              top_fraction=args.top_fraction, grid=args.grid, cell_fraction=args.cell_fraction)[0]
              for f, im in zip(db, images)]
     t_prop = (time.perf_counter() - t) / len(db)
-    regs = []
-    for im, b, f in zip(images, boxes, db):
-        if len(b):
-            rr, _, _ = regions_by_reextraction(im, ex, b, None, whole_features=f, max_boxes=len(b),
-                                               score_threshold=None)
-        else:
-            rr = [f.descriptors]
-        regs.append(rr)
+    regs = be.crop_regions(images, boxes, db, ex)
     res["regions_per_image"] = float(np.mean([len(b) for b in boxes]))
     res["s_per_image_propose"] = t_prop
     res["regional"] = {"attention": regional_maps(data, regs)}

@@ -124,7 +124,6 @@ def prepare_composites(progress=False):
     import bench_region_gain as brg
     from d2r.regions.detect import region_source
     from d2r.regions.discover import discover_regions
-    from d2r.regions.select import regions_by_reextraction
 
     ds, queries, specs, images, gt_boxes, ids, relevance = brg.build(brg.SEED)
     ex = RootSIFT(max_features=brg.FEATURES)
@@ -153,19 +152,29 @@ def prepare_composites(progress=False):
         else:
             det = region_source(src, max_boxes=MAX_REGIONS)
             boxes = [det(im)[0][:MAX_REGIONS] for im in imgs]
-        regs = []
-        for im, b, f in zip(imgs, boxes, db):
-            if len(b):
-                rr, _, _ = regions_by_reextraction(im, ex, b, None, whole_features=f, max_boxes=len(b),
-                                                   score_threshold=None)
-            else:
-                rr = [f.descriptors]
-            regs.append(rr)
+        regs = crop_regions(imgs, boxes, db, ex)
         regions[src] = regs
         print(f"composites: regions {src}: {np.mean([len(r) - 1 for r in regs]):.1f}/image "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     gnd = [{"easy": sorted(pos), "hard": [], "junk": sorted(ign)} for pos, ign in relevance]
     return {"db": _pack(db), "query": _pack(qf), "centroids": cb.centroids, "regions": regions, "gnd": gnd}
+
+
+def crop_regions(images, boxes, feats, extractor):
+    """Per image: its region descriptor arrays, the whole image first, then each box's features
+    re-extracted on its crop (d2r.regions.select.regions_by_reextraction); an image without boxes keeps
+    its whole image alone."""
+    from d2r.regions.select import regions_by_reextraction
+
+    regs = []
+    for im, b, f in zip(images, boxes, feats):
+        if len(b):
+            rr, _, _ = regions_by_reextraction(im, extractor, b, None, whole_features=f, max_boxes=len(b),
+                                               score_threshold=None)
+        else:
+            rr = [f.descriptors]
+        regs.append(rr)
+    return regs
 
 
 def inlier_matrix(data, match_distance=0.4):
