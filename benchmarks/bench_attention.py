@@ -89,7 +89,6 @@ def run_set(name, args):
     model = train_attention(X, y, hidden=args.hidden, epochs=args.epochs, seed=0)
     t_train = time.perf_counter() - t
     s = model.score(X)
-    from d2r.core.evaluate import revisited  # noqa: F401  (import check)
     pos, neg = s[y == 1], s[y == 0]
     auc = float(np.mean(pos[:, None] > neg[None, np.random.default_rng(0).choice(len(neg), min(5000, len(neg)))]))
     res["training"] = {"pairs": len(pairs), "positives": int(y.sum()), "negatives": int(len(y) - y.sum()),

@@ -161,20 +161,10 @@ def prepare_composites(progress=False):
 
 
 def crop_regions(images, boxes, feats, extractor):
-    """Per image: its region descriptor arrays, the whole image first, then each box's features
-    re-extracted on its crop (d2r.regions.select.regions_by_reextraction); an image without boxes keeps
-    its whole image alone."""
-    from d2r.regions.select import regions_by_reextraction
+    """bench_region_gain.crop_regions (the regions of boxes, re-extracted on their crops)."""
+    import bench_region_gain as brg
 
-    regs = []
-    for im, b, f in zip(images, boxes, feats):
-        if len(b):
-            rr, _, _ = regions_by_reextraction(im, extractor, b, None, whole_features=f, max_boxes=len(b),
-                                               score_threshold=None)
-        else:
-            rr = [f.descriptors]
-        regs.append(rr)
-    return regs
+    return brg.crop_regions(images, boxes, feats, extractor)
 
 
 def inlier_matrix(data, match_distance=0.4):

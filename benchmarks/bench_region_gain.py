@@ -53,6 +53,21 @@ MAX_REGIONS = 5
 SOURCES = ["grid:3", "keypoints", "mser", "ssd-coco", "discovered"]
 
 
+def crop_regions(images, boxes, feats, extractor):
+    """Per image: its region descriptor arrays, the whole image first, then each box's features
+    re-extracted on its crop (d2r.regions.select.regions_by_reextraction); an image without boxes keeps
+    its whole image alone."""
+    regs = []
+    for im, b, f in zip(images, boxes, feats):
+        if len(b):
+            rr, _, _ = regions_by_reextraction(im, extractor, b, None, whole_features=f, max_boxes=len(b),
+                                               score_threshold=None)
+        else:
+            rr = [f.descriptors]
+        regs.append(rr)
+    return regs
+
+
 def _ap(ranks0, n_pos):
     ap, step = 0.0, 1.0 / n_pos
     for j, r in enumerate(ranks0):
@@ -153,14 +168,7 @@ def main(argv=None):
     for name in ["none", "oracle (true box)", *usable_region_sources(args.sources)]:
         boxes, s_prop = propose(name)
         t = time.perf_counter()
-        regions = []
-        for img, b, f in zip(images, boxes, whole):
-            if len(b):
-                regs, _, _ = regions_by_reextraction(img, ex, b, None, whole_features=f, max_boxes=len(b),
-                                                     score_threshold=None)
-            else:
-                regs = [f.descriptors]
-            regions.append(regs)
+        regions = crop_regions(images, boxes, whole, ex)
         s_crops = (time.perf_counter() - t) / len(images)
         idx = d2r.Index(cb, "rasmk*", normalize=False)
         idx.add_regions_many(regions, image_ids=ids, progress=False)
