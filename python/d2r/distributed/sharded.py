@@ -462,6 +462,18 @@ def _merge_topk(parts, k):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def _adopt_prototype(obj: Any, first: Index) -> None:
+    """obj's prototype (an empty index with the shards' codebook and parameters, which aggregates queries
+    and added images once, in this process) and its public codebook / kernel / normalize / extractor,
+    from the first shard's index."""
+    obj._proto = type(first)._from_meta(first._meta(), first.codebook)
+    obj._proto.extractor = first.extractor
+    obj.codebook = first.codebook
+    obj.kernel = first.kernel
+    obj.normalize = first.normalize
+    obj.extractor = first.extractor
+
+
 def _merge_entry_codes(parts: list, code_bytes_: int) -> dict:
     """The shards' entry_codes answers as one (InvertedFile.entry_codes's layout), entries ordered by
     the position of their image in the ids asked for (each shard keeps its own order within an image)."""
@@ -533,6 +545,13 @@ class ShardedIndex:
     time (a lock in this object). Open one ShardedIndex per manifest for writing: two writers would
     allocate the same new ids (a shard refuses a duplicate id, so nothing is silently overwritten)."""
 
+    # set by _adopt_prototype from the first shard
+    _proto: Index
+    codebook: Codebook
+    kernel: str
+    normalize: bool
+    extractor: Any
+
     def __init__(self, manifest, *, max_restarts: int = 3, retries: int = 3, retry_wait: float = 0.5,
                  cpus_per_shard: float = 0.25, max_concurrency: int = 2, threads_per_shard: int | None = None,
                  verify="lazy"):
@@ -547,12 +566,7 @@ class ShardedIndex:
         if first.codebook.fingerprint != m["codebook_fingerprint"]:
             raise ValueError(f"{m['paths'][0]}: its codebook ({first.codebook.fingerprint}) is not the manifest's "
                              f"({m['codebook_fingerprint']})")
-        self._proto = type(first)._from_meta(first._meta(), first.codebook)
-        self._proto.extractor = first.extractor
-        self.codebook = first.codebook
-        self.kernel = first.kernel
-        self.normalize = first.normalize
-        self.extractor = first.extractor
+        _adopt_prototype(self, first)
         del first
         actor_cls = ray.remote(_ShardActor).options(num_cpus=cpus_per_shard, max_restarts=int(max_restarts),
                                                     max_concurrency=int(max_concurrency))
@@ -783,6 +797,13 @@ class LocalShardedIndex:
     manifest: the folder of :func:`build_sharded_index` or its manifest.json. verify: as for
     :meth:`d2r.Index.load`."""
 
+    # set by _adopt_prototype from the first shard
+    _proto: Index
+    codebook: Codebook
+    kernel: str
+    normalize: bool
+    extractor: Any
+
     def __init__(self, manifest, *, verify="lazy"):
         self.manifest = read_manifest(manifest)
         m = self.manifest
@@ -792,12 +813,7 @@ class LocalShardedIndex:
             if sh.index.codebook.fingerprint != m["codebook_fingerprint"]:
                 raise ValueError(f"{m['paths'][s]}: its codebook ({sh.index.codebook.fingerprint}) is not the "
                                  f"manifest's ({m['codebook_fingerprint']})")
-        self._proto = type(first)._from_meta(first._meta(), first.codebook)
-        self._proto.extractor = first.extractor
-        self.codebook = first.codebook
-        self.kernel = first.kernel
-        self.normalize = first.normalize
-        self.extractor = first.extractor
+        _adopt_prototype(self, first)
         self.names = _manifest_names(m)
 
     @property
